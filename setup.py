@@ -1,0 +1,46 @@
+"""vit_jax: vision transformers in JAX/Flax, from a laptop CPU to a TPU pod."""
+
+import setuptools
+
+# Versions seen working together on Python 3.11 (jax 0.10.x) and 3.12 (jax 0.11.x).
+# Lower bounds only: we never pin to git URLs or nightlies.
+INSTALL_REQUIRES = [
+    "absl-py>=2.1",
+    "chex>=0.1.90",
+    "clu>=0.0.12",
+    "flax>=0.12",
+    "jax>=0.10",
+    "ml_collections>=1.0",
+    "numpy>=1.26",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.12",
+    "scikit-learn>=1.4",  # ships the offline digits dataset used by the demo
+    "tensorflow-cpu>=2.18",  # tf.data input pipelines and TFDS dataset building
+    "tensorflow-datasets>=4.9.8",
+    "importlib_resources",  # needed by TFDS at import time in some environments
+    "tensorboard>=2.18",
+]
+
+EXTRAS_REQUIRE = {
+    # timm (with the torch/torchvision pair pip resolves for it) is the numerical
+    # reference for model parity tests; it runs in a subprocess, never beside TF.
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "timm>=1.0.15",
+    ],
+}
+
+setuptools.setup(
+    name="vit_jax",
+    version="0.1.0",
+    description="Vision transformers in JAX/Flax: models, Pallas attention kernels, "
+    "supervised and contrastive trainers that scale from one CPU to a TPU pod.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)
