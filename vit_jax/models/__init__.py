@@ -1,0 +1,60 @@
+"""Vision transformer families, created by timm-style name.
+
+  model = vit_jax.models.create("vit_base_patch16_224", num_classes=10)
+  variables = model.init(jax.random.key(0), images)  # images: NHWC
+  logits = model.apply(variables, images, train=False)
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models.registry import create, list_models, model_info, register_model
+# Family files register their variants at import.
+from vit_jax.models import vit  # noqa: F401
+
+
+def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):
+  """The NHWC input shape a registered model takes by default."""
+  size = overrides.get("image_size", model_info(name).image_size)
+  height, width = (size, size) if isinstance(size, int) else size
+  return (batch, height, width, channels)
+
+
+def param_count(name: str, **overrides) -> int:
+  """Exact number of parameters, computed abstractly (nothing is allocated)."""
+  model = create(name, **overrides)
+  images = jax.ShapeDtypeStruct(input_shape(name, **overrides), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  params = variables["params"]
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def forward_intermediates(model, variables, images, *, train: bool = False,
+                          **apply_kwargs) -> tuple[Any, dict]:
+  """Runs the model and returns ``(output, intermediates)``.
+
+  ``intermediates`` is a flat dict of the features each family sows: per-block tokens
+  for plain ViTs, per-stage NHWC maps for hierarchical ones, and ``pre_logits``.
+  """
+  out, state = model.apply(variables, images, train=train, mutable=["intermediates"],
+                           **apply_kwargs)
+  flat = {}
+
+  def collect(prefix, tree):
+    for key, value in tree.items():
+      path = f"{prefix}/{key}" if prefix else key
+      if isinstance(value, Mapping):
+        collect(path, value)
+      else:  # sow keeps a tuple of every value sown under a name: take the last
+        flat[path] = value[-1]
+
+  collect("", state["intermediates"])
+  return out, flat
+
+
+__all__ = ["create", "list_models", "model_info", "register_model", "param_count",
+           "input_shape", "forward_intermediates"]

@@ -1,0 +1,184 @@
+"""Building blocks shared by the model families.
+
+Parameter names follow the vision_transformer layout (``query``/``key``/``value``/``out``,
+``Dense_0``/``Dense_1``) so that checkpoints of that layout load without renaming.
+Tensors are ``[batch, tokens, channels]`` unless a docstring says otherwise; attention
+inputs are ``[batch, tokens, heads, head_dim]`` (the layout of
+``jax.nn.dot_product_attention`` and of the kernels in ``vit_jax.kernels``).
+"""
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Array = jax.Array
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, *,
+                          bias: Optional[Array] = None, mask: Optional[Array] = None,
+                          dropout_fn: Optional[Callable[[Array], Array]] = None) -> Array:
+  """Softmax attention, the plain-XLA reference every fused path must match.
+
+  Args:
+    query: ``[batch, q_len, heads, head_dim]``.
+    key, value: ``[batch, kv_len, heads, head_dim]``.
+    bias: added to the logits, broadcastable to ``[batch, heads, q_len, kv_len]``.
+    mask: boolean, True where attention is allowed, same broadcasting as ``bias``.
+    dropout_fn: applied to the attention weights (training only).
+  """
+  scale = query.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query * scale, key)
+  if bias is not None:
+    logits = logits + bias.astype(logits.dtype)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  # Softmax in float32 even for bf16 compute: it is cheap and avoids overflow.
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+  if dropout_fn is not None:
+    weights = dropout_fn(weights)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with vision_transformer parameter names and shapes.
+
+  ``query``/``key``/``value`` kernels are ``[dim, heads, head_dim]``; ``out`` is
+  ``[heads, head_dim, dim]``. The attention core is swappable (``attention_fn``) so
+  that fused kernels can replace the reference without touching parameters.
+  """
+  num_heads: int
+  out_features: Optional[int] = None
+  qkv_features: Optional[int] = None
+  attention_dropout_rate: float = 0.0
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  attention_fn: Callable = dot_product_attention
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None, *,
+               bias: Optional[Array] = None, mask: Optional[Array] = None,
+               train: bool = False) -> Array:
+    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    features = self.out_features or inputs_q.shape[-1]
+    qkv_features = self.qkv_features or inputs_q.shape[-1]
+    if qkv_features % self.num_heads:
+      raise ValueError(f"attention width {qkv_features} is not divisible by "
+                       f"num_heads={self.num_heads}")
+    head_dim = qkv_features // self.num_heads
+
+    def projection(name):
+      return nn.DenseGeneral(features=(self.num_heads, head_dim), axis=-1,
+                             use_bias=self.use_bias, kernel_init=self.kernel_init,
+                             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    query = projection("query")(inputs_q)
+    key = projection("key")(inputs_kv)
+    value = projection("value")(inputs_kv)
+
+    dropout_fn = None
+    if train and self.attention_dropout_rate > 0.0:
+      dropout = nn.Dropout(rate=self.attention_dropout_rate)
+      dropout_fn = lambda w: dropout(w, deterministic=False)
+    if dropout_fn is None:
+      out = self.attention_fn(query, key, value, bias=bias, mask=mask)
+    else:  # Fused kernels cannot drop attention weights: use the reference.
+      out = dot_product_attention(query, key, value, bias=bias, mask=mask,
+                                  dropout_fn=dropout_fn)
+    return nn.DenseGeneral(features=features, axis=(-2, -1), use_bias=self.use_bias,
+                           kernel_init=self.kernel_init, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="out")(out)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout (names ``Dense_0``, ``Dense_1``)."""
+  mlp_dim: int
+  out_dim: Optional[int] = None
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array, *, train: bool = False) -> Array:
+    out_dim = self.out_dim or inputs.shape[-1]
+    dense = lambda features: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    x = dense(self.mlp_dim)(inputs)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    x = dense(out_dim)(x)
+    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example while training."""
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def stochastic_depth_rates(rate: float, depth: int) -> list[float]:
+  """Per-block drop-path rates rising linearly from 0 to ``rate`` (timm's schedule)."""
+  return [float(r) for r in np.linspace(0.0, rate, depth)] if depth else []
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens."""
+  num_heads: int
+  mlp_dim: Optional[int] = None
+  gelu_approximate: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    batch, _, dim = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, dim),
+                       self.param_dtype)
+    probe = jnp.tile(probe.astype(self.dtype), [batch, 1, 1])
+    x = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="MultiHeadDotProductAttention_0")(probe, x)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="LayerNorm_0")(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim or 4 * dim,
+                     gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="MlpBlock_0")(y)
+    return x[:, 0]
+
+
+def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.,
+                     dtype: Dtype = jnp.float32) -> Array:
+  """Fixed 2D sine-cosine position embedding, ``[1, height*width, dim]``.
+
+  The channels are split in four quarters: sin(x), cos(x), sin(y), cos(y), with
+  frequencies ``temperature ** -(i / (dim/4))`` as in MoCo v3 and big_vision.
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+  y, x = np.mgrid[:height, :width]
+  omega = 1.0 / (temperature ** (np.arange(dim // 4) / (dim // 4)))
+  y = np.einsum("m,d->md", y.flatten(), omega)
+  x = np.einsum("m,d->md", x.flatten(), omega)
+  emb = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(emb[None], dtype)
+
+
+def canonical_dtype(dtype: Any) -> Any:
+  """Accept dtype names from configs (``"bfloat16"``) as well as dtype objects."""
+  return jnp.dtype(dtype) if isinstance(dtype, str) else dtype
