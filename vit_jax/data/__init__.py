@@ -1,0 +1,3 @@
+"""Input pipelines: TFDS datasets by name, offline builders, preprocessing ops."""
+
+from vit_jax.data import digits  # noqa: F401  (registers the offline `digits` builder)

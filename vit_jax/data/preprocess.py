@@ -1,0 +1,206 @@
+"""Preprocessing written as a pipe of ops, the way big_vision users know it.
+
+  pp = preprocess.parse("decode|random_resized_crop(224)|flip_lr|value_range(-1, 1)")
+  example = pp({"image": encoded_jpeg, "label": 3, "_rng": seed})
+
+Each op is a registered constructor ``name(*args, **kwargs) -> fn(example) -> example``
+over TensorFlow tensors (it runs inside tf.data). Random ops draw from stateless
+generators keyed by the example's ``_rng`` (``[2]`` int64, set by the input pipeline
+from the run seed and the example's position in the stream), so the same seed gives
+the same images, with any parallelism and after a resume.
+"""
+
+import ast
+import difflib
+from typing import Callable
+
+import tensorflow as tf
+
+Example = dict
+Op = Callable[[Example], Example]
+_OPS: dict[str, Callable[..., Op]] = {}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def register(name: str):
+  def decorator(constructor):
+    _OPS[name] = constructor
+    return constructor
+  return decorator
+
+
+def available_ops() -> list[str]:
+  return sorted(_OPS)
+
+
+def _parse_op(text: str) -> Op:
+  try:
+    node = ast.parse(text.strip(), mode="eval").body
+  except SyntaxError as e:
+    raise ValueError(f"cannot parse preprocessing op {text!r}: {e.msg}") from None
+  if isinstance(node, ast.Name):
+    name, args, kwargs = node.id, [], {}
+  elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+    name = node.func.id
+    try:
+      args = [ast.literal_eval(a) for a in node.args]
+      kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    except ValueError:
+      raise ValueError(f"preprocessing op {text!r}: arguments must be literals") from None
+  else:
+    raise ValueError(f"cannot parse preprocessing op {text!r}; expected name(args)")
+  if name not in _OPS:
+    close = difflib.get_close_matches(name, _OPS, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown preprocessing op {name!r}.{hint} "
+                     f"Available: {', '.join(available_ops())}.")
+  try:
+    return _OPS[name](*args, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"preprocessing op {text!r}: {e}") from None
+
+
+def parse(spec: str) -> Op:
+  """Turns ``"op1|op2(args)|..."`` into one function over an example dict."""
+  ops = [_parse_op(part) for part in spec.split("|") if part.strip()]
+
+  def apply(example: Example) -> Example:
+    example = dict(example)
+    for i, op in enumerate(ops):
+      if "_rng" in example:  # each op gets its own stream
+        example["_op_rng"] = tf.random.experimental.stateless_fold_in(example["_rng"], i)
+      example = op(example)
+    example.pop("_op_rng", None)
+    example.pop("_rng", None)
+    return example
+
+  return apply
+
+
+def _seed(example: Example) -> tf.Tensor:
+  if "_op_rng" not in example:
+    raise ValueError("a random preprocessing op needs the input pipeline's per-example "
+                     "seed (_rng); it is set by vit_jax.data.input_pipeline")
+  return example["_op_rng"]
+
+
+def _size(size) -> tuple[int, int]:
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _image_op(fn):
+  """Wraps ``fn(image, example) -> image`` into an op on the ``image`` key."""
+  def op(example):
+    example = dict(example)
+    example["image"] = fn(example["image"], example)
+    return example
+  return op
+
+
+@register("decode")
+def decode(channels: int = 3):
+  """Decodes JPEG/PNG bytes to uint8 HWC; gray images are repeated to RGB."""
+  def fn(image, _):
+    if image.dtype == tf.string:
+      image = tf.io.decode_image(image, channels=0, expand_animations=False)
+    image = tf.cast(image, tf.uint8)
+    if channels == 3:
+      image = tf.cond(tf.shape(image)[-1] == 1,
+                      lambda: tf.image.grayscale_to_rgb(image), lambda: image[..., :3])
+    image.set_shape([None, None, channels])
+    return image
+  return _image_op(fn)
+
+
+@register("resize")
+def resize(size, method: str = "bilinear", antialias: bool = True):
+  """Resizes to ``size`` (int or (height, width)); returns float32."""
+  def fn(image, _):
+    return tf.image.resize(image, _size(size), method=method, antialias=antialias)
+  return _image_op(fn)
+
+
+@register("resize_small")
+def resize_small(smaller_side: int, method: str = "bilinear", antialias: bool = True):
+  """Resizes so the shorter side is ``smaller_side``, keeping the aspect ratio."""
+  def fn(image, _):
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = smaller_side / tf.reduce_min(shape)
+    new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+    return tf.image.resize(image, new_shape, method=method, antialias=antialias)
+  return _image_op(fn)
+
+
+@register("central_crop")
+def central_crop(size):
+  def fn(image, _):
+    h, w = _size(size)
+    top = (tf.shape(image)[0] - h) // 2
+    left = (tf.shape(image)[1] - w) // 2
+    return image[top:top + h, left:left + w]
+  return _image_op(fn)
+
+
+@register("random_crop")
+def random_crop(size, pad: int = 0):
+  """A random ``size`` crop, after zero-padding ``pad`` pixels on every side."""
+  def fn(image, example):
+    h, w = _size(size)
+    if pad:
+      image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    return tf.image.stateless_random_crop(image, [h, w, tf.shape(image)[-1]],
+                                          seed=_seed(example))
+  return _image_op(fn)
+
+
+@register("random_resized_crop")
+def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        method: str = "bilinear", antialias: bool = True):
+  """Inception-style crop: random area fraction and aspect ratio, then resize."""
+  def fn(image, example):
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+        seed=_seed(example), area_range=scale, aspect_ratio_range=ratio,
+        min_object_covered=0.0, max_attempts=10, use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, crop_size)
+    return tf.image.resize(crop, _size(size), method=method, antialias=antialias)
+  return _image_op(fn)
+
+
+@register("flip_lr")
+def flip_lr():
+  def fn(image, example):
+    return tf.image.stateless_random_flip_left_right(image, seed=_seed(example))
+  return _image_op(fn)
+
+
+@register("value_range")
+def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0,
+                in_max: float = 255.0, clip_values: bool = False):
+  """Maps pixel values from [in_min, in_max] linearly to [vmin, vmax] (float32)."""
+  def fn(image, _):
+    image = (tf.cast(image, tf.float32) - in_min) / (in_max - in_min)
+    image = vmin + image * (vmax - vmin)
+    return tf.clip_by_value(image, vmin, vmax) if clip_values else image
+  return _image_op(fn)
+
+
+@register("normalize")
+def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """``(image/255 - mean) / std``; mean and std are in [0, 1] units (timm's)."""
+  if mean == "imagenet":
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+  def fn(image, _):
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+  return _image_op(fn)
+
+
+@register("keep")
+def keep(*keys):
+  """Drops every key but ``keys`` (and the pipeline's internal ones)."""
+  def op(example):
+    return {k: v for k, v in example.items() if k in keys or k.startswith("_")}
+  return op
