@@ -1,0 +1,124 @@
+"""Train-state checkpoints with Orbax.
+
+A checkpoint is a step directory holding two items: ``state`` (the train state's
+arrays, saved shard by shard from every host) and ``meta`` (JSON: step, examples
+seen, the config). Orbax writes each step to a temporary directory and renames it
+when complete, so a run killed mid-save leaves the previous checkpoints intact; the
+leftover temporary directory is ignored and cleaned up on the next start.
+"""
+
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be restored into the requested state."""
+
+
+def _flatten(tree: Any) -> dict[str, Any]:
+  """``{"a": {"b": x}}`` -> ``{"a/b": x}`` for nested mappings (checkpoint trees)."""
+  flat = {}
+
+  def visit(prefix, node):
+    if isinstance(node, Mapping):
+      for key, value in node.items():
+        visit(f"{prefix}/{key}" if prefix else str(key), value)
+    else:
+      flat[prefix] = node
+
+  visit("", tree)
+  return flat
+
+
+def compare_trees(expected: Mapping[str, Any], found: Mapping[str, Any]
+                  ) -> tuple[list[str], list[str], list[str]]:
+  """Missing, unexpected and shape-mismatched names between two nested trees."""
+  expected, found = _flatten(expected), _flatten(found)
+  missing = sorted(set(expected) - set(found))
+  unexpected = sorted(set(found) - set(expected))
+  mismatched = sorted(
+      f"{k}: expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)}"
+      for k in set(expected) & set(found)
+      if hasattr(found[k], "shape") and tuple(expected[k].shape) != tuple(found[k].shape))
+  return missing, unexpected, mismatched
+
+
+def describe_mismatch(missing, unexpected, mismatched, limit: int = 10) -> str:
+  parts = []
+  for title, names in (("missing", missing), ("unexpected", unexpected),
+                       ("shape mismatch", mismatched)):
+    if names:
+      shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)"
+                                          if len(names) > limit else "")
+      parts.append(f"{title}: {shown}")
+  return "; ".join(parts)
+
+
+class Checkpointer:
+  """Saves and restores the train state under ``directory`` (keeps the last ``keep``)."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+    """Starts saving; arrays are copied off the devices before this returns."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores ``step`` into the structure, shapes and shardings of ``abstract_state``.
+
+    A checkpoint of another architecture, or a corrupt one, raises CheckpointError
+    naming the parameters that do not match.
+    """
+    path = self.directory / str(step)
+    try:
+      saved = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). "
+                            "Delete that step directory to resume from an earlier one, "
+                            "or use a new --workdir.") from e
+    saved_tree = getattr(saved, "tree", saved) or {}
+    expected = getattr(abstract_state, "params", None)
+    if expected is not None and "params" in saved_tree:
+      report = describe_mismatch(*compare_trees(expected, saved_tree["params"]))
+      if report:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({report}). It was written by a "
+            "different model or config; use a new --workdir.")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"cannot restore checkpoint {path}: {type(e).__name__}: {e}"
+                            ) from e
+    return restored.state, dict(restored.meta)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """Shape/dtype/sharding skeleton of a state, the target of a restore."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+

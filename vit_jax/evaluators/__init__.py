@@ -1,0 +1,1 @@
+"""Evaluators run during training and stand-alone."""

@@ -1,0 +1,99 @@
+r"""Entry point: ``python -m vit_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR``.
+
+Any config field can be overridden: ``--config.total_steps=100``. Rerunning the same
+command on the same workdir resumes from its latest checkpoint. On a multi-host TPU
+pod or SLURM cluster the same command runs on every host.
+"""
+
+import difflib
+import importlib
+import os
+import sys
+
+# Quiet TensorFlow's C++ start-up logging; TF only feeds data here.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file, optionally with ':arg'.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
+                               "TensorBoard logs and results; reused to resume.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+TRAINERS = ("classification",)
+
+
+def _unknown_override_message(argv: list[str]) -> str:
+  """Names the first ``--config.a.b=v`` whose key the config does not have."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg is None:
+    return ""
+  try:
+    config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+        "config", config_arg.split(":", 1)[0])
+    arg = config_arg.split(":", 1)[1] if ":" in config_arg else None
+    config = config.get_config(arg) if arg is not None else config.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return ""
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    path = a[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for depth, key in enumerate(path):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        parent = ".".join(path[:depth]) or "the config"
+        keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(key, keys, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        return (f"unknown config key {'.'.join(path)!r} in {a.split('=', 1)[0]}: "
+                f"{parent} has no field {key!r}.{hint}")
+      node = node[key]
+  return ""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    # config_flags reports an unknown override key as a bare AttributeError.
+    message = _unknown_override_message(argv) or str(e)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import common  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # the accelerators belong to JAX
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+  config = _CONFIG.value
+  if config.get("trainer") not in TRAINERS:
+    common.exit_with_error(f"config.trainer={config.get('trainer')!r}; expected one of "
+                           f"{', '.join(TRAINERS)}")
+  trainer = importlib.import_module(f"vit_jax.trainers.{config.trainer}")
+  try:
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+  except common.DivergenceError as e:
+    common.exit_with_error(str(e))
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    # Configuration, data and checkpoint problems get one clear line; pass
+    # --verbosity=0 (or higher) to see the traceback instead.
+    if flags.FLAGS["verbosity"].present:
+      raise
+    common.exit_with_error(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

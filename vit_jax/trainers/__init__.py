@@ -1,0 +1,1 @@
+"""One trainer per mode; ``config.trainer`` names the module ``main`` runs."""

@@ -1,0 +1,271 @@
+"""Supervised image classification: pretraining from scratch (and, later, fine-tuning).
+
+Read top to bottom: setup, mesh, data, model and optimizer, train state and its
+sharding, checkpoint restore, step functions, evaluators, loop. One process per host
+runs this same code; JAX's multi-controller runtime joins them into one program.
+"""
+
+import json
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from etils import epath
+
+from vit_jax import checkpoint as ckpt_lib
+from vit_jax import models, optim, sharding
+from vit_jax.data import input_pipeline, preprocess
+from vit_jax.evaluators import classification as classification_eval
+from vit_jax.trainers import common
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model_state: Any  # non-trainable collections, e.g. BatchNorm's batch_stats
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config.model_name`` on ``config.input.dataset``; returns final metrics."""
+  # ---------------------------------------------------------------- setup
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  common.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  writer = common.make_writer(workdir / "tensorboard")
+  base_key = jax.random.key(config.seed)
+  init_key, dropout_key = jax.random.split(base_key)
+
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  data_parallel = sharding.data_parallel_size(mesh)
+
+  # ---------------------------------------------------------------- data
+  builder = input_pipeline.get_builder(config.input.dataset, config.input.data_dir,
+                                       download=config.input.download)
+  global_batch = config.input.batch_size
+  accum = config.grad_accum_steps
+  if global_batch % (data_parallel * accum):
+    raise ValueError(f"input.batch_size={global_batch} must be divisible by the "
+                     f"data-parallel devices ({data_parallel}) times grad_accum_steps "
+                     f"({accum})")
+  local_batch = input_pipeline.local_batch_size(global_batch)
+  train_size = builder.info.splits[config.input.train_split].num_examples
+  steps_per_epoch = train_size / global_batch
+  total_steps = config.total_steps
+  if config.get("num_epochs"):
+    total_steps = int(round(config.num_epochs * steps_per_epoch))
+  if not total_steps or total_steps <= 0:
+    raise ValueError("set config.total_steps or config.num_epochs to a positive number")
+  pp_train = preprocess.parse(config.input.pp_train)
+  pp_eval = preprocess.parse(config.input.pp_eval)
+  num_classes = builder.info.features["label"].num_classes
+
+  # ---------------------------------------------------------------- model and optimizer
+  model_kwargs = {"num_classes": num_classes, **config.model.to_dict()}
+  model = models.create(config.model_name, **model_kwargs)
+  probe = input_pipeline.make_train_dataset(
+      builder, config.input.train_split, preprocess_fn=pp_train, batch_size=1,
+      seed=config.seed, shuffle_buffer=1)
+  image_shape = (1,) + tuple(probe.element_spec["image"].shape[1:])
+  schedule = optim.learning_rate_schedule(
+      config.optimizer.learning_rate, total_steps,
+      warmup_steps=config.schedule.warmup_steps, decay=config.schedule.decay,
+      end_factor=config.schedule.end_factor)
+
+  def init_variables(key):
+    return model.init({"params": key, "dropout": key},
+                      jnp.zeros(image_shape, jnp.float32), train=False)
+
+  abstract_params = jax.eval_shape(init_variables, init_key)["params"]
+  tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
+
+  # ---------------------------------------------------------------- train state, sharded
+  def init_state(key):
+    variables = init_variables(key)
+    params = variables.pop("params")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), model_state=dict(variables))
+
+  abstract_state = jax.eval_shape(init_state, init_key)
+  state_shardings = sharding.state_shardings(abstract_state, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  common.console(f"model {config.model_name}: {num_params:,} parameters; "
+                 f"mesh {dict(mesh.shape)}; {total_steps} steps of {global_batch} "
+                 f"images ({total_steps / steps_per_epoch:.1f} epochs of "
+                 f"{config.input.dataset}:{config.input.train_split})")
+
+  # ---------------------------------------------------------------- checkpoint restore
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"),
+                                       keep=config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, meta = checkpointer.restore(
+        latest, ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+    examples_seen = meta["examples_seen"]
+    common.console(f"resumed from {checkpointer.directory / str(latest)} (step {latest})")
+  else:
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+    examples_seen = 0
+  start_step = int(state.step)
+
+  # ---------------------------------------------------------------- step functions
+  def compute_grads(params, model_state, images, labels, rng):
+    mutable = list(model_state) or False
+
+    def loss_fn(params):
+      out = model.apply({"params": params, **model_state}, images, train=True,
+                        rngs={"dropout": rng}, mutable=mutable)
+      logits, new_model_state = out if mutable else (out, model_state)
+      loss = cross_entropy(logits, labels, num_classes, config.label_smoothing)
+      return loss, (logits, new_model_state)
+
+    (loss, (logits, new_model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return grads, loss, accuracy, new_model_state
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(dropout_key, state.step)
+    images, labels = batch["image"], batch["label"]
+    if accum == 1:
+      grads, loss, accuracy, model_state = compute_grads(
+          state.params, state.model_state, images, labels, rng)
+    else:
+      # Microbatch i takes every accum-th example, so each device keeps its rows.
+      split = lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+      images, labels = split(images), split(labels)
+
+      def microbatch(i, carry):
+        grads_sum, loss_sum, acc_sum, model_state = carry
+        grads, loss, accuracy, model_state = compute_grads(
+            state.params, model_state, images[:, i], labels[:, i],
+            jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
+                acc_sum + accuracy, model_state)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, loss, accuracy, model_state = jax.lax.fori_loop(
+          0, accum, microbatch, (zeros, 0.0, 0.0, state.model_state))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss, accuracy = loss / accum, accuracy / accum
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
+               "learning_rate": schedule(state.step),
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state)
+    return new_state, metrics
+
+  train_step = jax.jit(train_step, donate_argnums=0,
+                       in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+  # ---------------------------------------------------------------- evaluators
+  def predict(variables, images):
+    return model.apply(variables, images, train=False)
+
+  evaluator = classification_eval.ClassificationEvaluator(
+      predict, builder, config.input.eval_split, preprocess_fn=pp_eval,
+      batch_size=config.input.get("eval_batch_size") or global_batch,
+      sharding=batch_sharding, cache=config.input.cache)
+
+  # Fail now, not at the first eval, if the eval images do not fit the model.
+  eval_images = jax.ShapeDtypeStruct((1,) + evaluator.image_shape, jnp.float32)
+  jax.eval_shape(predict, {"params": abstract_state.params, **abstract_state.model_state},
+                 eval_images)
+
+  def evaluate(step: int) -> dict:
+    started = time.perf_counter()
+    result = evaluator.run({"params": state.params, **state.model_state})
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    common.console(f"eval {config.input.dataset}:{config.input.eval_split} at step "
+                   f"{step}: top-1 {100 * result['top1']:.2f}% | top-5 "
+                   f"{100 * result['top5']:.2f}% | loss {result['loss']:.4f} "
+                   f"({result['count']} images, {time.perf_counter() - started:.1f}s)")
+    return result
+
+  def save(step: int) -> None:
+    checkpointer.save(step, state, {"step": step, "examples_seen": examples_seen,
+                                    "model_name": config.model_name,
+                                    "model": model_kwargs})
+
+  # ---------------------------------------------------------------- loop
+  train_ds = input_pipeline.make_train_dataset(
+      builder, config.input.train_split, preprocess_fn=pp_train, batch_size=local_batch,
+      seed=config.seed, start_position=examples_seen // jax.process_count(),
+      shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache)
+  batches = input_pipeline.device_batches(train_ds, batch_sharding)
+  progress = common.ProgressLine(total_steps, start_step, global_batch)
+  guard = common.NonFiniteGuard()
+  pending = []  # per-step metrics on device, fetched at the next sync point
+  last_saved = latest
+  eval_result = None
+
+  with jax.set_mesh(mesh):
+    if start_step < total_steps:
+      common.console(f"compiling the train step (first step {start_step + 1})...")
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = train_step(state, next(batches))
+      examples_seen += global_batch
+      guard.add(step, metrics.pop("finite"))
+      pending.append(metrics)
+      if step == start_step + 1:
+        progress.start()
+
+      is_last = step == total_steps
+      do_log = step % config.log_every == 0 or is_last
+      do_eval = (config.eval_every and step % config.eval_every == 0) or is_last
+      do_save = step % config.checkpoint_every == 0 or is_last
+      if not (do_log or do_eval or do_save):
+        continue
+      # Sync point: nothing diverged may reach a checkpoint.
+      guard.check(str(checkpointer.directory / str(last_saved))
+                  if last_saved is not None else None)
+      if do_log:
+        fetched = jax.device_get(pending)
+        means = {k: float(sum(m[k] for m in fetched) / len(fetched)) for k in fetched[0]}
+        pending.clear()
+        rates = progress.update(step, {"loss": means["loss"],
+                                       "lr": means["learning_rate"]})
+        writer.write_scalars(step, {f"train/{k}": v for k, v in {**means, **rates}.items()})
+      if do_eval:
+        eval_result = evaluate(step)
+      if do_save:
+        save(step)
+        last_saved = step
+
+    if eval_result is None:  # resumed after the last step: report the final state
+      eval_result = evaluate(int(state.step))
+    checkpointer.wait()
+    saved_steps = checkpointer.all_steps()
+    checkpointer.close()
+  writer.flush()
+
+  result = {"step": int(state.step), "model_name": config.model_name,
+            "num_params": int(num_params),
+            **{f"eval_{k}": v for k, v in eval_result.items()}}
+  common.write_json(workdir / "results.json", result)
+  common.console(
+      f"\nfinal {config.input.dataset}:{config.input.eval_split} top-1 accuracy: "
+      f"{100 * eval_result['top1']:.2f}% ({eval_result['count']} images, step "
+      f"{int(state.step)})\n"
+      f"workdir:     {workdir}\n"
+      f"tensorboard: tensorboard --logdir {workdir / 'tensorboard'}\n"
+      f"checkpoints: {checkpointer.directory} (steps "
+      f"{', '.join(map(str, saved_steps))})")
+  return result

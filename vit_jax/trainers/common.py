@@ -1,0 +1,116 @@
+"""Pieces every trainer shares: console progress, divergence guard, metric writers."""
+
+import datetime
+import json
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from clu import metric_writers
+from etils import epath
+
+
+class DivergenceError(RuntimeError):
+  """The loss became NaN or infinite; training stopped before saving that state."""
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def console(message: str) -> None:
+  """One line on stdout from the main process (flushed: logs are often piped)."""
+  if is_main_process():
+    print(message, flush=True)
+
+
+def make_writer(logdir: epath.Path) -> metric_writers.MetricWriter:
+  """TensorBoard event files from the main process; the others write nothing."""
+  if not is_main_process():
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(logdir)))
+
+
+def write_json(path: epath.Path, data: Any) -> None:
+  if is_main_process():
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def format_duration(seconds: float) -> str:
+  return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class ProgressLine:
+  """``step 500/2000 (25%) | loss 0.41 | lr 1e-03 | 1,850 img/s | ETA 0:00:49``."""
+
+  def __init__(self, total_steps: int, start_step: int, examples_per_step: int):
+    self.total_steps = total_steps
+    self.examples_per_step = examples_per_step
+    self._last_step = start_step
+    self._last_time: Optional[float] = None
+    self._first_step = start_step
+    self._start_time: Optional[float] = None
+
+  def start(self) -> None:
+    """Call after the first step returned: timing excludes compilation."""
+    self._last_time = self._start_time = time.perf_counter()
+    self._first_step = self._last_step = self._last_step + 1
+
+  def update(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+    """Prints the line; returns throughput numbers for the metric writer."""
+    now = time.perf_counter()
+    rates = {}
+    if self._last_time is not None and step > self._last_step:
+      steps_per_sec = (step - self._last_step) / (now - self._last_time)
+      rates = {"steps_per_sec": steps_per_sec,
+               "images_per_sec": steps_per_sec * self.examples_per_step}
+      overall = (step - self._first_step) / max(now - self._start_time, 1e-9)
+      eta = (self.total_steps - step) / overall if overall > 0 else float("nan")
+    else:
+      eta = float("nan")
+    parts = [f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)"]
+    parts += [f"{k} {v:.4g}" for k, v in metrics.items()]
+    if rates:
+      parts.append(f"{rates['images_per_sec']:,.0f} img/s")
+    if np.isfinite(eta):
+      parts.append(f"ETA {format_duration(eta)}")
+    console(" | ".join(parts))
+    self._last_step, self._last_time = step, now
+    return rates
+
+
+class NonFiniteGuard:
+  """Collects per-step loss flags on device; checks them at the next sync point.
+
+  Checking every step would block the host on the device each step. Checking at
+  logging/eval/checkpoint steps costs nothing extra and still runs before any save,
+  so a diverged state is never written.
+  """
+
+  def __init__(self):
+    self._flags: list[tuple[int, Any]] = []
+
+  def add(self, step: int, finite_flag: Any) -> None:
+    self._flags.append((step, finite_flag))
+
+  def check(self, last_good_checkpoint: Optional[str]) -> None:
+    if not self._flags:
+      return
+    steps, flags = zip(*self._flags)
+    flags = np.asarray(jax.device_get(list(flags)))
+    self._flags.clear()
+    if not flags.all():
+      bad_step = steps[int(np.argmin(flags))]
+      kept = (f"The last good checkpoint is kept intact: {last_good_checkpoint}."
+              if last_good_checkpoint else "No checkpoint had been written yet.")
+      raise DivergenceError(
+          f"loss became NaN or infinite at step {bad_step}; training stopped without "
+          f"saving the diverged state. {kept} Lower the learning rate, add warmup or "
+          "gradient clipping, or check the input data.")
+
+
+def exit_with_error(message: str, code: int = 1) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
