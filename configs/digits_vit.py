@@ -37,9 +37,11 @@ def get_config(arg=None):
       image_size=16, patch_size=4, hidden_size=64, num_layers=4, num_heads=4,
       mlp_dim=128, dropout_rate=0.0, drop_path_rate=0.1))
 
+  # name: "adamw" or "sgd" (momentum, nesterov); weight decay applies to parameters
+  # whose name matches wd_pattern (Flax "kernel"s: no decay on biases and norms).
   config.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=3e-3, b1=0.9, b2=0.999, weight_decay=0.05,
-      grad_clip_norm=1.0))
+      name="adamw", learning_rate=3e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
+      nesterov=False, weight_decay=0.05, wd_pattern=r"(^|/)kernel$", grad_clip_norm=1.0))
   config.schedule = ml_collections.ConfigDict(dict(
       warmup_steps=100, decay="cosine", end_factor=0.01))
   config.label_smoothing = 0.1

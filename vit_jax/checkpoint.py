@@ -122,3 +122,35 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
 
+
+
+def latest_step_dir(workdir_or_checkpoints: str) -> epath.Path:
+  """The newest committed step directory under a workdir or its ``checkpoints``."""
+  root = epath.Path(workdir_or_checkpoints)
+  if (root / "checkpoints").exists():
+    root = root / "checkpoints"
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {workdir_or_checkpoints}")
+  return root / str(steps[-1])
+
+
+def load_state_arrays(step_dir: str, sharding: Optional[jax.sharding.Sharding] = None
+                      ) -> dict:
+  """Reads a checkpoint's ``state`` item as nested dicts of arrays on one device.
+
+  Works whatever mesh wrote the checkpoint (8 devices with FSDP, several hosts):
+  every array is assembled whole on ``sharding`` (default: the first local device).
+  """
+  path = epath.Path(step_dir) / "state"
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    metadata = checkpointer.metadata(path).item_metadata
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"checkpoint {step_dir} is unreadable: {e}") from e
+  tree = getattr(metadata, "tree", metadata)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree,
+      is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  return checkpointer.restore(path, target)

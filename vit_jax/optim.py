@@ -6,9 +6,11 @@ from typing import Any
 import jax
 import optax
 
-# Parameters that never get weight decay, besides every 0/1-d parameter (biases,
-# norm scales): position embeddings, class tokens and attention-pooling probes.
-DEFAULT_WD_EXCLUDE = r"(^|/)(pos_embedding|cls|probe|dist|relative_position_bias_table)$"
+# Weight decay applies to weight matrices and conv kernels, which Flax names
+# "kernel" (big_vision's rule). Biases (also the 2-d [heads, head_dim] attention
+# biases), norm scales, position embeddings, class tokens, probes and relative
+# position tables are left alone.
+DEFAULT_WD_PATTERN = r"(^|/)kernel$"
 
 
 def learning_rate_schedule(base_lr: float, total_steps: int, *, warmup_steps: int = 0,
@@ -36,17 +38,17 @@ def path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def weight_decay_mask(params: Any, exclude: str = DEFAULT_WD_EXCLUDE) -> Any:
-  """True for parameters that get weight decay: matrices and kernels only."""
-  pattern = re.compile(exclude)
+def weight_decay_mask(params: Any, pattern: str = DEFAULT_WD_PATTERN) -> Any:
+  """True for the parameters whose ``/``-joined name matches ``pattern``."""
+  regex = re.compile(pattern)
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim > 1 and not pattern.search(path_name(path)), params)
+      lambda path, _: bool(regex.search(path_name(path))), params)
 
 
 def make_optimizer(config: Any, schedule: optax.Schedule, params: Any
                    ) -> optax.GradientTransformation:
   """Builds the optimizer named by ``config.name`` ("adamw" or "sgd")."""
-  mask = weight_decay_mask(params, config.get("wd_exclude", DEFAULT_WD_EXCLUDE))
+  mask = weight_decay_mask(params, config.get("wd_pattern", DEFAULT_WD_PATTERN))
   parts = []
   if config.get("grad_clip_norm"):
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))

@@ -38,7 +38,8 @@ def forward_intermediates(model, variables, images, *, train: bool = False,
   """Runs the model and returns ``(output, intermediates)``.
 
   ``intermediates`` is a flat dict of the features each family sows: per-block tokens
-  for plain ViTs, per-stage NHWC maps for hierarchical ones, and ``pre_logits``.
+  for plain ViTs, per-stage NHWC maps for hierarchical ones, and ``features``
+  (the pooled input of the head).
   """
   out, state = model.apply(variables, images, train=train, mutable=["intermediates"],
                            **apply_kwargs)

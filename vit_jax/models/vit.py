@@ -15,7 +15,7 @@ big_vision hold)::
 
 ``num_classes=0`` drops the head: the model then returns the pooled features, as in
 timm. Per-block token features are sown into the ``intermediates`` collection
-(``vit_jax.models.forward_intermediates`` collects them).
+as ``Transformer/block_{i}`` (``vit_jax.models.forward_intermediates`` collects them).
 """
 
 from typing import Any, Optional, Sequence, Union
@@ -23,7 +23,10 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
+import numpy as np
+
 from vit_jax.models import layers
+from vit_jax.models.convert import StateDict, register_timm_converter
 from vit_jax.models.registry import register_model
 
 Array = Any
@@ -110,7 +113,7 @@ class Encoder(nn.Module):
           attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
           gelu_approximate=self.gelu_approximate, dtype=self.dtype,
           param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x, train=train)
-      self.sow("intermediates", f"encoderblock_{i}", x)
+      self.sow("intermediates", f"block_{i}", x)
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="encoder_norm")(x)
 
@@ -211,13 +214,73 @@ class VisionTransformer(nn.Module):
       x = nn.Dense(self.representation_size, dtype=dtype, param_dtype=param_dtype,
                    name="pre_logits")(x)
       x = jnp.tanh(x)
-    self.sow("intermediates", "pre_logits", x)
+    self.sow("intermediates", "features", x)
     if not self.num_classes:
       return x.astype(jnp.float32)
     head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
     x = nn.Dense(self.num_classes, kernel_init=head_init, dtype=dtype,
                  param_dtype=param_dtype, name="head")(x)
     return x.astype(jnp.float32)
+
+
+def _timm_attention(state: StateDict, prefix: str, num_heads: int, *,
+                    fused_qkv: bool = True) -> dict:
+  """timm attention (``qkv`` or ``q``+``kv`` Linear, ``proj``) -> query/key/value/out."""
+  if fused_qkv:
+    w, b = state.take(f"{prefix}.qkv.weight"), state.take(f"{prefix}.qkv.bias")
+    ws, bs = np.split(w, 3, axis=0), np.split(b, 3)
+  else:  # attention pooling: the query comes from the probe, key/value from tokens
+    wkv, bkv = state.take(f"{prefix}.kv.weight"), state.take(f"{prefix}.kv.bias")
+    ws = [state.take(f"{prefix}.q.weight")] + np.split(wkv, 2, axis=0)
+    bs = [state.take(f"{prefix}.q.bias")] + np.split(bkv, 2)
+  dim = ws[0].shape[1]
+  head_dim = ws[0].shape[0] // num_heads
+  out = {name: {"kernel": w.T.reshape(dim, num_heads, head_dim),
+                "bias": bias.reshape(num_heads, head_dim)}
+         for name, w, bias in zip(("query", "key", "value"), ws, bs)}
+  proj = state.take(f"{prefix}.proj.weight")
+  out["out"] = {"kernel": proj.T.reshape(num_heads, head_dim, proj.shape[0]),
+                "bias": state.take(f"{prefix}.proj.bias")}
+  return out
+
+
+def _timm_mlp(state: StateDict, prefix: str) -> dict:
+  return {"Dense_0": state.linear(f"{prefix}.fc1"), "Dense_1": state.linear(f"{prefix}.fc2")}
+
+
+@register_timm_converter("vit")
+def convert_timm_vit(state: StateDict, model: VisionTransformer) -> dict:
+  """timm ``VisionTransformer`` state dict -> vision_transformer-layout params.
+
+  Matches timm models with a class token or MAP pooling (``global_pool="map"``);
+  timm's average pooling applies its norm after pooling, which this layout does not.
+  """
+  encoder = {"encoder_norm": state.norm("norm")}
+  if model.posemb == "learn":
+    encoder["posembed_input"] = {"pos_embedding": state.take("pos_embed")}
+  for i in range(model.num_layers):
+    block = f"blocks.{i}"
+    encoder[f"encoderblock_{i}"] = {
+        "LayerNorm_0": state.norm(f"{block}.norm1"),
+        "MultiHeadDotProductAttention_1": _timm_attention(state, f"{block}.attn",
+                                                          model.num_heads),
+        "LayerNorm_2": state.norm(f"{block}.norm2"),
+        "MlpBlock_3": _timm_mlp(state, f"{block}.mlp"),
+    }
+  params = {"embedding": state.conv("patch_embed.proj"), "Transformer": encoder}
+  if model.classifier == "token":
+    params["cls"] = state.take("cls_token")
+  if model.classifier == "map":
+    params["MAPHead_0"] = {
+        "probe": state.take("attn_pool.latent"),
+        "MultiHeadDotProductAttention_0": _timm_attention(
+            state, "attn_pool", model.num_heads, fused_qkv=False),
+        "LayerNorm_0": state.norm("attn_pool.norm"),
+        "MlpBlock_0": _timm_mlp(state, "attn_pool.mlp"),
+    }
+  if model.num_classes:
+    params["head"] = state.linear("head")
+  return params
 
 
 def _register_variants():

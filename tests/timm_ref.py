@@ -1,0 +1,63 @@
+"""Runs timm models with random weights; writes state dicts and outputs to ``.npz``.
+
+PyTorch and TensorFlow abort when imported into one process, so tests run this file
+as a subprocess (see ``conftest.timm_reference``)::
+
+  python tests/timm_ref.py jobs.json
+
+Each job: ``{"model": timm name, "kwargs": {...}, "input": "x.npy" (NHWC float32),
+"out": "y.npz", "seed": 0, "randomize": 0.1 or null, "intermediates": false}``.
+The ``.npz`` holds ``state/<name>`` for every state-dict entry, ``logits``,
+``features`` (``forward_features``), ``intermediates/<i>`` (``forward_intermediates``,
+NCHW maps or NLC tokens as timm returns them) and ``num_params``.
+"""
+
+import json
+import sys
+
+import numpy as np
+import timm
+import torch
+
+
+def randomize(model: torch.nn.Module, scale: float, generator: torch.Generator) -> None:
+  """Replaces every weight, norm and BatchNorm statistic with random values.
+
+  timm's default init zeroes heads and biases and leaves norms at 1/0, which would
+  let a converter that mixes up those tensors pass a parity test.
+  """
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=generator) * scale
+      is_norm_scale = p.ndim == 1 and name.endswith("weight")
+      p.copy_(1.0 + noise if is_norm_scale else noise)
+    for name, b in model.named_buffers():
+      if name.endswith("running_mean"):
+        b.copy_(torch.randn(b.shape, generator=generator) * scale)
+      elif name.endswith("running_var"):
+        b.copy_(1.0 + torch.rand(b.shape, generator=generator) * scale)
+
+
+def run(job: dict) -> None:
+  torch.manual_seed(job.get("seed", 0))
+  model = timm.create_model(job["model"], pretrained=False, **job.get("kwargs", {}))
+  if job.get("randomize"):
+    randomize(model, job["randomize"], torch.Generator().manual_seed(job.get("seed", 0)))
+  model.eval()
+  images = torch.from_numpy(np.load(job["input"])).permute(0, 3, 1, 2).contiguous()
+  out = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}
+  with torch.no_grad():
+    out["logits"] = model(images).numpy()
+    out["features"] = model.forward_features(images).numpy()
+    if job.get("intermediates"):
+      feats = model.forward_intermediates(images, intermediates_only=True)
+      for i, f in enumerate(feats):
+        out[f"intermediates/{i}"] = f.numpy()
+  out["num_params"] = np.array(sum(p.numel() for p in model.parameters()))
+  np.savez(job["out"], **out)
+
+
+if __name__ == "__main__":
+  torch.set_num_threads(2)
+  for job in json.load(open(sys.argv[1])):
+    run(job)
