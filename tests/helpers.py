@@ -17,11 +17,14 @@ def subprocess_env(num_devices: int = 1, **extra) -> dict:
 
 
 def run_main(config: str, workdir, *overrides, num_devices: int = 1, timeout=600,
-             check: bool = True) -> subprocess.CompletedProcess:
-  """Runs ``python -m vit_jax.main`` as a user would; returns the finished process."""
-  cmd = [sys.executable, "-m", "vit_jax.main", f"--config={config}",
+             check: bool = True, cwd: str = REPO) -> subprocess.CompletedProcess:
+  """Runs ``python -m vit_jax.main`` as a user would; returns the finished process.
+
+  ``config`` is relative to the repository; ``workdir`` may be relative to ``cwd``.
+  """
+  cmd = [sys.executable, "-m", "vit_jax.main", f"--config={os.path.join(REPO, config)}",
          f"--workdir={workdir}", *overrides]
-  proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(num_devices),
+  proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(num_devices),
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"

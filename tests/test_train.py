@@ -182,7 +182,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tfds_dir, tmp_path):
 
 def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path):
   workdir = str(tmp_path / "ckpt")
-  run_main(CONFIG, workdir, *tiny(tfds_dir, "--config.total_steps=10"))
+  # A relative --workdir (as `make demo` passes) works like an absolute one.
+  run_main(CONFIG, "ckpt", *tiny(tfds_dir, "--config.total_steps=10"), cwd=str(tmp_path))
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
   proc = run_main(CONFIG, workdir, *tiny(tfds_dir, "--config.total_steps=20",
                                          "--config.model.hidden_size=48"), check=False)
   assert proc.returncode == 1

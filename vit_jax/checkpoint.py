@@ -7,6 +7,7 @@ when complete, so a run killed mid-save leaves the previous checkpoints intact; 
 leftover temporary directory is ignored and cleaned up on the next start.
 """
 
+import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -57,11 +58,17 @@ def describe_mismatch(missing, unexpected, mismatched, limit: int = 10) -> str:
   return "; ".join(parts)
 
 
+def absolute(path: str) -> epath.Path:
+  """Orbax needs absolute paths; cloud paths (gs://...) already are."""
+  path = str(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 class Checkpointer:
   """Saves and restores the train state under ``directory`` (keeps the last ``keep``)."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)

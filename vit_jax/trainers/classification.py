@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from etils import epath
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import models, optim, sharding
@@ -39,7 +38,7 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config.model_name`` on ``config.input.dataset``; returns final metrics."""
   # ---------------------------------------------------------------- setup
-  workdir = epath.Path(workdir)
+  workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   common.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   writer = common.make_writer(workdir / "tensorboard")
