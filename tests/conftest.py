@@ -1,19 +1,15 @@
 """Shared test fixtures: CPU-only JAX, one prepared TFDS dir, subprocess runners."""
 
-import json
 import os
-import subprocess
-import sys
 
 # Before JAX or TF are imported anywhere in the test process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from helpers import REPO, subprocess_env  # noqa: E402
+from helpers import run_timm_reference  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,22 +23,5 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture
 def timm_reference(tmp_path):
-  """Runs timm jobs in a subprocess (torch never meets TF); returns loaded ``.npz``s.
-
-  ``timm_reference([{"model": ..., "kwargs": ..., "images": array, ...}])``
-  """
-  def run(jobs: list[dict]) -> list[dict]:
-    specs = []
-    for i, job in enumerate(jobs):
-      job = dict(job)
-      np.save(tmp_path / f"in{i}.npy", np.asarray(job.pop("images"), np.float32))
-      specs.append({**job, "input": str(tmp_path / f"in{i}.npy"),
-                    "out": str(tmp_path / f"out{i}.npz")})
-    (tmp_path / "jobs.json").write_text(json.dumps(specs))
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "timm_ref.py"),
-                           str(tmp_path / "jobs.json")], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-      raise AssertionError(f"timm reference failed:\n{proc.stderr[-5000:]}")
-    return [dict(np.load(s["out"])) for s in specs]
-  return run
+  """``timm_reference(jobs)``: see ``helpers.run_timm_reference``."""
+  return lambda jobs: run_timm_reference(jobs, tmp_path)

@@ -1,8 +1,11 @@
 """Helpers shared by the tests (importable: ``tests`` is on pytest's pythonpath)."""
 
+import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +38,69 @@ def run_main(config: str, workdir, *overrides, num_devices: int = 1, timeout=600
 def state_dict_of(outputs: dict) -> dict:
   """The ``state/...`` entries of a timm reference output, as a state dict."""
   return {k[len("state/"):]: v for k, v in outputs.items() if k.startswith("state/")}
+
+
+def run_timm_reference(jobs: list[dict], directory) -> list[dict]:
+  """Runs timm models in a subprocess (torch never meets TF); returns loaded ``.npz``s.
+
+  Each job is a ``tests/timm_ref.py`` job with ``images`` (NHWC array) in place of
+  ``input``/``out``. Batch all the jobs of a test module into one call: starting
+  torch costs seconds. Use from a fixture of any scope.
+  """
+  directory = str(directory)
+  specs = []
+  for i, job in enumerate(jobs):
+    job = dict(job)
+    np.save(os.path.join(directory, f"timm_in{i}.npy"),
+            np.asarray(job.pop("images"), np.float32))
+    specs.append({**job, "input": os.path.join(directory, f"timm_in{i}.npy"),
+                  "out": os.path.join(directory, f"timm_out{i}.npz")})
+  jobs_file = os.path.join(directory, "timm_jobs.json")
+  with open(jobs_file, "w") as f:
+    json.dump(specs, f)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "timm_ref.py"),
+                         jobs_file], env=subprocess_env(), capture_output=True, text=True,
+                        timeout=900)
+  if proc.returncode:
+    raise AssertionError(f"timm reference failed:\n{proc.stderr[-5000:]}")
+  return [dict(np.load(s["out"])) for s in specs]
+
+
+def train_in_process(tfds_dir: str, workdir, model_name: str, *, steps: int = 20,
+                     input_size: int = 16, batch_size: int = 32, learning_rate=1e-3,
+                     config_overrides: dict | None = None, **model_overrides) -> dict:
+  """Trains a model through the real classification trainer on digits, in-process.
+
+  Cheaper than ``run_main`` (no interpreter and TF start-up) for checks such as "this
+  family trains and its loss goes down". Digits are resized to ``input_size``;
+  ``model_overrides`` go to ``models.create`` (pass the model's own ``image_size`` if
+  it has one). Returns the trainer's result dict, with
+  ``train_loss_history`` logged every 5 steps.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import digits_vit  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import classification  # pylint: disable=g-import-not-at-top
+  config = digits_vit.get_config()
+  config.input.data_dir = tfds_dir
+  config.input.batch_size = batch_size
+  config.input.pp_train = (f"decode|resize({input_size})|"
+                           f"random_crop({input_size}, pad={max(input_size // 8, 1)})|"
+                           "value_range(-1, 1)")
+  config.input.pp_eval = f"decode|resize({input_size})|value_range(-1, 1)"
+  config.model_name = model_name
+  config.model = ml_collections.ConfigDict(model_overrides)
+  config.optimizer.learning_rate = learning_rate
+  config.schedule.warmup_steps = min(5, steps - 1)
+  config.total_steps = steps
+  config.log_every = 5
+  config.eval_every = 0
+  config.checkpoint_every = steps
+  config.label_smoothing = 0.0
+  for key, value in (config_overrides or {}).items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return classification.train_and_evaluate(config, str(workdir))

@@ -245,3 +245,15 @@ def test_data_parallel_and_grad_accumulation_match_one_device(tfds_dir, tmp_path
       np.testing.assert_allclose(params[key], base_params[key], rtol=1e-5, atol=1e-6,
                                  err_msg=f"{name}: {key}")
     assert result["eval_loss"] == pytest.approx(base_results["eval_loss"], rel=1e-5)
+
+
+def test_train_in_process_helper_reports_loss_history(tfds_dir, tmp_path):
+  from helpers import train_in_process
+  result = train_in_process(tfds_dir, tmp_path / "inproc", "vit_tiny_patch16_224",
+                            steps=20, learning_rate=3e-3, input_size=16, image_size=16, patch_size=4,
+                            hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+  steps = [s for s, _ in result["train_loss_history"]]
+  assert steps == [5, 10, 15, 20]
+  losses = [l for _, l in result["train_loss_history"]]
+  assert losses[-1] < losses[0]
+  assert result["step"] == 20 and result["eval_count"] == 360

@@ -36,7 +36,11 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains ``config.model_name`` on ``config.input.dataset``; returns final metrics."""
+  """Trains ``config.model_name`` on ``config.input.dataset``.
+
+  Returns the final metrics (also written to ``workdir/results.json``) and, under
+  ``train_loss_history``, the (step, mean loss) pairs of this run's log lines.
+  """
   # ---------------------------------------------------------------- setup
   workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending = []  # per-step metrics on device, fetched at the next sync point
   last_saved = latest
   eval_result = None
+  loss_history = []  # (step, mean train loss since the previous log line)
 
   with jax.set_mesh(mesh):
     if start_step < total_steps:
@@ -239,6 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         fetched = jax.device_get(pending)
         means = {k: float(sum(m[k] for m in fetched) / len(fetched)) for k in fetched[0]}
         pending.clear()
+        loss_history.append((step, means["loss"]))
         rates = progress.update(step, {"loss": means["loss"],
                                        "lr": means["learning_rate"]})
         writer.write_scalars(step, {f"train/{k}": v for k, v in {**means, **rates}.items()})
@@ -259,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "num_params": int(num_params),
             **{f"eval_{k}": v for k, v in eval_result.items()}}
   common.write_json(workdir / "results.json", result)
+  result["train_loss_history"] = loss_history
   common.console(
       f"\nfinal {config.input.dataset}:{config.input.eval_split} top-1 accuracy: "
       f"{100 * eval_result['top1']:.2f}% ({eval_result['count']} images, step "
