@@ -13,8 +13,8 @@ attention) and each implementation, forward and forward+backward:
   reading o, do and writing dq, dk, dv) / time. Window attention is memory-bound:
   this column is its figure of merit;
 - peak memory: XLA's compiled memory analysis, arguments + outputs + temporaries
-  (``temp`` alone in its own column). A configuration whose temporaries would exceed
-  ``--max_gib`` is compiled and reported but not run.
+  (``temp`` alone in its own column). A configuration whose peak would exceed
+  ``--max_gib`` (default 2) is compiled and reported but not run.
 
 On CPU, Pallas kernels only run in interpret mode (a reference interpreter, orders
 of magnitude slower than compiled code): their rows are skipped unless
@@ -124,9 +124,9 @@ def _run(op: str, shape: str, impl: str, passes: str, fn: Callable, args: tuple,
   compiled = f.lower(*call_args).compile()
   peak, temp = _memory(compiled)
   note = "interpret mode, not a speed measurement" if interpret else ""
-  if temp is not None and temp > cfg.max_gib * 2**30:
+  if peak is not None and peak * 2**20 > cfg.max_gib * 2**30:  # peak is in MiB
     return Row(op, shape, impl, passes, None, None, None, peak, temp,
-               f"not run: temporaries exceed --max_gib={cfg.max_gib}")
+               f"not run: peak memory exceeds --max_gib={cfg.max_gib}")
   seconds = _median_time(compiled, call_args, cfg.repeats)
   return Row(op, shape, impl, passes, seconds * 1e3, total_flops / seconds / 1e12,
              total_bytes / seconds / 1e9, peak, temp, note)

@@ -360,7 +360,10 @@ class _Stage(nn.Module):
 
 
 class _Head(nn.Module):
-  """1x1 conv (BatchNorm eps 1e-5 in both layouts, as timm) -> pool -> MLP."""
+  """1x1 conv (BatchNorm eps 1e-5 in both layouts, as timm) -> pool -> MLP.
+
+  Returns ``(pre-logits features, logits)`` (features twice when headless).
+  """
   widths: Sequence[int]
   num_classes: int
   act: str
@@ -377,12 +380,11 @@ class _Head(nn.Module):
     x = nn.Dense(self.widths[1], use_bias=False, name="classifier_0", **kw)(x)
     x = nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, name="classifier_1",
                      **kw)(x)
-    x = _activation(self.act)(x)
-    self.sow("intermediates", "features", x)
+    features = _activation(self.act)(x)
     if not self.num_classes:
-      return x
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    return nn.Dense(self.num_classes, name="classifier_4", **kw)(x)
+      return features, features
+    x = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
+    return features, nn.Dense(self.num_classes, name="classifier_4", **kw)(x)
 
 
 class EfficientViT(nn.Module):
@@ -439,8 +441,9 @@ class EfficientViT(nn.Module):
                      x, train=train)
       used += stage_blocks[i]
       self.sow("intermediates", f"stage_{i}", x)
-    x = _Head(self.head_widths, self.num_classes, act, eps, self.dropout_rate,
-              name="head", **kw)(x, train=train)
+    features, x = _Head(self.head_widths, self.num_classes, act, eps, self.dropout_rate,
+                        name="head", **kw)(x, train=train)
+    self.sow("intermediates", "features", features)
     return x.astype(jnp.float32)
 
 
