@@ -33,8 +33,8 @@ TIMM_PARAM_COUNTS = {
 REDUCED = dict(depths=(1, 1, 1, 1, 1))
 PARITY = ["efficientvit_b0", "efficientvit_l1"]
 IMAGES = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
-# A tiny B-layout model (attention in stages 3-4) for wiring and training tests.
-TINY = dict(widths=(8, 16, 16, 32, 32), depths=(1, 2, 1, 1, 1), head_dim=8,
+# A tiny B-layout model (one attention block in each of stages 3 and 4).
+TINY = dict(widths=(8, 16, 16, 32, 32), depths=(0, 1, 1, 1, 1), head_dim=8,
             head_widths=(32, 32), num_classes=10, image_size=32)
 
 

@@ -17,7 +17,7 @@ Every implementation matches the reference in forward and gradient (tests in
 """
 
 import functools
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
