@@ -18,13 +18,14 @@ timm. Per-block token features are sown into the ``intermediates`` collection
 as ``Transformer/block_{i}`` (``vit_jax.models.forward_intermediates`` collects them).
 """
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 import numpy as np
 
+from vit_jax import kernels
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
 from vit_jax.models.registry import register_model
@@ -65,6 +66,7 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   gelu_approximate: bool = False
+  attention_fn: Callable = layers.dot_product_attention
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -75,7 +77,7 @@ class Encoder1DBlock(nn.Module):
     y = norm("LayerNorm_0")(x)
     y = layers.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        dtype=self.dtype, param_dtype=self.param_dtype,
+        attention_fn=self.attention_fn, dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadDotProductAttention_1")(y, train=train)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
     x = x + layers.DropPath(self.drop_path_rate)(y, train=train)
@@ -97,6 +99,7 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   gelu_approximate: bool = False
+  attention_fn: Callable = layers.dot_product_attention
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -111,8 +114,9 @@ class Encoder(nn.Module):
           mlp_dim=self.mlp_dim, num_heads=self.num_heads,
           dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
-          gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x, train=train)
+          gelu_approximate=self.gelu_approximate, attention_fn=self.attention_fn,
+          dtype=self.dtype, param_dtype=self.param_dtype,
+          name=f"encoderblock_{i}")(x, train=train)
       self.sow("intermediates", f"block_{i}", x)
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="encoder_norm")(x)
@@ -129,6 +133,11 @@ class VisionTransformer(nn.Module):
     posemb: "learn" or "sincos2d" (fixed, no parameters).
     representation_size: width of the optional tanh pre-logits layer.
     drop_path_rate: stochastic depth at the last block; rises linearly from 0.
+    attention: "softmax" (the ViT) or "linear" (non-causal linear attention with
+      feature map ``linear_feature_map``, Katharopoulos et al. 2020; same parameters).
+    attention_impl: "xla" (reference), "pallas" (fused kernels) or "auto"; see
+      ``vit_jax.kernels``. Switching it never changes the outputs beyond float
+      tolerance. "cudnn" is accepted for softmax attention on GPU.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
   """
   num_classes: int = 1000
@@ -146,8 +155,24 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   head_zeroinit: bool = True
   gelu_approximate: bool = False
+  attention: str = "softmax"
+  attention_impl: str = "xla"
+  linear_feature_map: str = "elu+1"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _attention_fn(self) -> Callable:
+    if self.attention not in ("softmax", "linear"):
+      raise ValueError(f"attention must be 'softmax' or 'linear', got {self.attention!r}")
+    if self.attention == "linear":
+      if self.attention_dropout_rate:
+        raise ValueError("attention='linear' has no attention weights to drop: set "
+                         "attention_dropout_rate=0")
+      return kernels.linear_attention_fn(self.attention_impl,
+                                         feature_map=self.linear_feature_map)
+    if self.attention_impl == "xla":
+      return layers.dot_product_attention  # exactly the original model
+    return kernels.attention_fn(self.attention_impl)
 
   def _check_config(self):
     if self.classifier not in ("token", "gap", "map"):
@@ -198,7 +223,8 @@ class VisionTransformer(nn.Module):
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 drop_path_rate=self.drop_path_rate,
-                gelu_approximate=self.gelu_approximate, dtype=dtype,
+                gelu_approximate=self.gelu_approximate,
+                attention_fn=self._attention_fn(), dtype=dtype,
                 param_dtype=param_dtype, name="Transformer")(x, train=train)
 
     if self.classifier == "token":
