@@ -70,7 +70,8 @@ case "$command" in
       echo "launch/tpu_pod.sh run: give the vit_jax.main arguments after --" >&2
       exit 2
     fi
-    on_all_hosts "cd $(printf '%q' "$remote_dir") && python3 -m vit_jax.main $(printf '%q ' "$@")"
+    args="$(printf '%q ' "$@")"
+    on_all_hosts "cd $(printf '%q' "$remote_dir") && python3 -m vit_jax.main ${args% }"
     ;;
   ssh)
     on_all_hosts "$*"

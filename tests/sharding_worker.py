@@ -3,7 +3,8 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py JOBS
 
 ``JOBS`` is a JSON file: ``{"tfds_dir", "out", "runs": [{"name", "workdir",
-"copy_from" (optional: a workdir to start from), "kwargs"}]}``; each run calls
+"copy_from" (optional: a workdir to start from), "wait_for" (optional: a file to wait
+for first), "kwargs"}]}``; each run calls
 ``helpers.train_in_process(tfds_dir, workdir, **kwargs)``. The results (the trainer's
 result dicts) go to ``out``, together with the per-device bytes of ViT-B/16's train
 state under FSDP (abstract: nothing is allocated). One interpreter start for all the
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +52,12 @@ def main(jobs_file: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   out = {"runs": {}}
   for run in jobs["runs"]:
+    if run.get("wait_for"):  # a file the test process writes when the input is ready
+      deadline = time.time() + 1200
+      while not os.path.exists(run["wait_for"]):
+        if time.time() > deadline:
+          raise TimeoutError(f"{run['wait_for']} never appeared")
+        time.sleep(0.2)
     if run.get("copy_from"):
       shutil.copytree(run["copy_from"], run["workdir"])
     result = train_in_process(jobs["tfds_dir"], run["workdir"], **run["kwargs"])
