@@ -7,12 +7,15 @@
 for first), "kwargs"}]}``; each run calls
 ``helpers.train_in_process(tfds_dir, workdir, **kwargs)``. The results (the trainer's
 result dicts) go to ``out``, together with the per-device bytes of ViT-B/16's train
-state under FSDP (abstract: nothing is allocated). One interpreter start for all the
+state under FSDP (abstract: nothing is allocated) and the collectives in the compiled
+forward pass of ``collectives_model`` under tensor parallelism and FSDP. One interpreter start for all the
 meshes keeps the test time down (see tests/test_sharding.py).
 """
 
+import collections
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -46,6 +49,26 @@ def vit_b16_state_bytes(mesh_config: dict) -> dict:
   return {"per_device": per_device, "total": total, "small_replicated": small}
 
 
+def forward_collectives(mesh_config: dict, **model_overrides) -> dict:
+  """Counts of each collective in the compiled forward pass of a sharded ViT."""
+  from vit_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  model = models.create("vit_tiny_patch16_224", **model_overrides)
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                          jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))["params"]
+  mesh = sharding.make_mesh(mesh_config)
+  shardings = sharding.state_shardings(params, mesh, {"fsdp_min_size": 0})
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        params, shardings)
+  images = jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.float32,
+                                sharding=sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(
+        params, images).compile().as_text()
+  ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|"
+                   r"collective-permute)(?:-start)?\(", hlo)
+  return dict(collections.Counter(ops))
+
+
 def main(jobs_file: str) -> None:
   with open(jobs_file) as f:
     jobs = json.load(f)
@@ -63,6 +86,10 @@ def main(jobs_file: str) -> None:
     result = train_in_process(jobs["tfds_dir"], run["workdir"], **run["kwargs"])
     out["runs"][run["name"]] = result
   out["vit_b16_fsdp8"] = vit_b16_state_bytes({"data": 1, "fsdp": 8, "tensor": 1})
+  tiny = jobs["collectives_model"]
+  out["collectives"] = {
+      "data2_tensor4": forward_collectives({"data": 2, "fsdp": 1, "tensor": 4}, **tiny),
+      "fsdp8": forward_collectives({"data": 1, "fsdp": 8, "tensor": 1}, **tiny)}
   with open(jobs["out"], "w") as f:
     json.dump(out, f)
 

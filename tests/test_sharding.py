@@ -116,8 +116,9 @@ def runs(tfds_dir, tmp_path_factory, cache_env):
                "copy_from": str(root / "single"), "wait_for": str(root / "single.done"),
                "kwargs": run_kwargs(MESHES["fsdp8"])})
   jobs_file = root / "jobs.json"
-  jobs_file.write_text(json.dumps({"tfds_dir": tfds_dir, "out": str(root / "out.json"),
-                                   "runs": jobs}))
+  jobs_file.write_text(json.dumps({
+      "tfds_dir": tfds_dir, "out": str(root / "out.json"), "runs": jobs,
+      "collectives_model": dict(TINY, num_classes=10, mlp_dim=256)}))
   proc = subprocess.Popen(
       [sys.executable, os.path.join(REPO, "tests", "sharding_worker.py"), str(jobs_file)],
       env=subprocess_env(8, **cache_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -446,6 +447,19 @@ def test_mesh_layouts_train_like_one_device(runs):
   # Training moved the parameters: the comparison is not between initial values.
   initial_gap = max(np.abs(v).max() for v in flat(reference["opt_state"]).values())
   assert initial_gap > 1e-3
+
+
+def test_tensor_parallel_is_megatron_and_fsdp_gathers_weights(runs):
+  """Collectives in the compiled forward pass (2 blocks, 4 heads, 256 MLP units).
+
+  Tensor parallelism (tensor=4): each device computes whole heads and a quarter of
+  the MLP units, so the only communication is one all-reduce after each attention
+  and each MLP: 2 per block. FSDP (fsdp=8): the weights are gathered, activations
+  stay split by batch, nothing is reduced.
+  """
+  collectives = runs.worker()["collectives"]
+  assert collectives["data2_tensor4"] == {"all-reduce": 2 * TINY["num_layers"]}
+  assert set(collectives["fsdp8"]) == {"all-gather"}
 
 
 def test_fsdp_shards_parameters_and_optimizer_state(runs):
