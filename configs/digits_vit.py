@@ -56,11 +56,14 @@ def get_config(arg=None):
   config.grad_accum_steps = 1
 
   # Device mesh (-1: the remaining devices) and how the train state is laid out on
-  # it: rules map logical axes to mesh axes; FSDP shards every array of at least
-  # fsdp_min_size elements over "fsdp" (see vit_jax/sharding.py and the README).
+  # it: rules map the parameters' logical axes to mesh axes ("tensor", "fsdp,tensor"
+  # or "none"; e.g. --config.sharding.rules.heads=none); FSDP shards every array of
+  # at least fsdp_min_size elements over "fsdp" (see vit_jax/sharding.py, README).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding = ml_collections.ConfigDict(dict(
-      rules=(("heads", "tensor"), ("mlp", "tensor")), fsdp_min_size=2**14))
+      rules=dict(embed="none", heads="tensor", head_dim="none", mlp="tensor",
+                 layers="none"),
+      fsdp_min_size=2**14))
   config.log_every = 100
   config.eval_every = 500
   config.checkpoint_every = 500

@@ -17,7 +17,7 @@
 # The workdir and the TFDS data_dir must be visible to every host: use gs:// paths.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 
 if (( $# < 1 )); then
   usage >&2

@@ -190,15 +190,18 @@ def test_rules_min_size_divisibility_and_config():
   assert spec == sharding.P("fsdp", None, None)
   assert report == ["a/MultiHeadDotProductAttention_1/query/kernel dim 1 (heads=3) "
                     "over tensor=2"]
-  # Config rules replace the defaults: here MLP units over fsdp x tensor, heads whole.
-  rules = (("mlp", ("fsdp", "tensor")),)
+  # Config rules replace the defaults: here MLP units over fsdp x tensor, heads whole
+  # (the config's string form; pairs with tuples work too).
+  rules = {"embed": "none", "heads": "", "mlp": "fsdp,tensor"}
+  assert sharding.partition_spec(name, big, SIZES, rules=[("mlp", ("fsdp", "tensor"))],
+                                 fsdp_min_size=0) == sharding.P(None, ("fsdp", "tensor"))
   assert sharding.partition_spec(name, big, SIZES, rules=rules, fsdp_min_size=0
                                  ) == sharding.P(None, ("fsdp", "tensor"))
   assert sharding.partition_spec(
       "a/MultiHeadDotProductAttention_1/query/kernel", (768, 12, 64), SIZES,
       rules=rules, fsdp_min_size=0) == sharding.P("fsdp", None, None)
   with pytest.raises(ValueError, match=r"unknown mesh axes \['model'\]"):
-    sharding.partition_spec(name, big, SIZES, rules=(("mlp", "model"),))
+    sharding.partition_spec(name, big, SIZES, rules={"mlp": "model"})
   with pytest.raises(ValueError, match="needs 16 devices, but 8 are available"):
     sharding.mesh_shape({"data": 2, "fsdp": 8}, 8)
   assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
@@ -370,6 +373,27 @@ def test_launchers_are_shellcheck_clean():
     for cmd in (["bash", "-n", path], [shellcheck, "--shell=bash", path]):
       proc = subprocess.run(cmd, capture_output=True, text=True)
       assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}{proc.stderr}"
+
+
+def test_local_launcher_passes_flags_and_stops_all_on_a_failure(tmp_path):
+  """A stand-in python: process 1 fails at once, process 0 would run for a minute."""
+  fake = tmp_path / "python"
+  fake.write_text('#!/usr/bin/env bash\necho "args: $*"\n'
+                  'if [[ "$*" == *--process_id=1* ]]; then exit 3; fi\nexec sleep 60\n')
+  fake.chmod(0o755)
+  started = time.time()
+  proc = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "local.sh"), "-n", "3", "-p", "12345", "-l",
+       str(tmp_path / "logs"), "--", "--config=c.py", "--workdir=w"],
+      env=dict(os.environ, PYTHON=str(fake)), capture_output=True, text=True, timeout=50)
+  assert proc.returncode == 3
+  assert time.time() - started < 30  # process 0 was stopped, not waited for
+  assert "a process exited with status 3; stopping the others" in proc.stderr
+  assert ("args: -m vit_jax.main --config=c.py --workdir=w "
+          "--coordinator_address=127.0.0.1:12345 --num_processes=3 --process_id=0"
+          ) in proc.stdout
+  for i in (1, 2):
+    assert f"--process_id={i}" in (tmp_path / "logs" / f"process_{i}.log").read_text()
 
 
 def fake_tools(tmp_path, *names):

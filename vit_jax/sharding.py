@@ -17,8 +17,9 @@ How a train-state array is sharded, in three steps (``partition_spec``):
    ``register_param_axes``); a parameter no rule names has unnamed dimensions. Model
    files need no annotations: the rules key on the vision_transformer names that the
    shared layers use (``query``/``key``/``value``/``out``, ``MlpBlock*/Dense_{0,1}``).
-2. ``config.sharding.rules`` maps logical axes to mesh axes; the default splits
-   ``heads`` and ``mlp`` over ``tensor``.
+2. ``config.sharding.rules`` maps logical axes to mesh axes (``"tensor"``,
+   ``"fsdp,tensor"``, or ``"none"``); the default splits ``heads`` and ``mlp``
+   over ``tensor``.
 3. FSDP: if ``fsdp`` is still unused, the largest dimension divisible by the ``fsdp``
    size is split over it (arrays smaller than ``config.sharding.fsdp_min_size``
    elements stay replicated: gathering them costs more than storing them).
@@ -30,7 +31,7 @@ same rules give the same specs. ``state_shardings`` is the one place rules apply
 
 import math
 import re
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -56,8 +57,9 @@ PARAM_AXES: list[tuple[str, tuple[str, ...]]] = [
     (r"(?i)mlp[^/]*/Dense_1/kernel$", ("mlp", "embed")),
 ]
 
-# Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (("heads", "tensor"), ("mlp", "tensor"))
+# Logical axis -> mesh axes: "tensor", "fsdp,tensor" (several), "none" (not split).
+# A mapping or a sequence of (logical, mesh) pairs.
+DEFAULT_RULES: dict[str, str] = {"heads": "tensor", "mlp": "tensor"}
 DEFAULT_FSDP_MIN_SIZE = 2**14  # elements: 64 KiB in float32
 
 
@@ -151,13 +153,26 @@ def logical_axes(name: str, shape: Sequence[int]) -> tuple[Optional[str], ...]:
 
 
 def _mesh_axes(entry: Any) -> tuple[str, ...]:
+  """``None``/``"none"``/``""``, ``"tensor"``, ``"fsdp,tensor"`` or a tuple of axes."""
   if entry is None:
     return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
+  if isinstance(entry, str):
+    entry = entry.split(",")
+  return tuple(a.strip() for a in entry if a and a.strip().lower() != "none")
+
+
+def _rule_map(rules: Any) -> dict[str, tuple[str, ...]]:
+  pairs = rules.items() if hasattr(rules, "items") else rules
+  rule_map = {str(k): _mesh_axes(v) for k, v in pairs}
+  unknown = {a for axes in rule_map.values() for a in axes} - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"sharding rules name unknown mesh axes {sorted(unknown)}; "
+                     f"the mesh axes are {MESH_AXES}")
+  return rule_map
 
 
 def partition_spec(name: str, shape: Sequence[int], mesh_sizes: Mapping[str, int], *,
-                   rules: Iterable[tuple[str, Any]] = DEFAULT_RULES,
+                   rules: Union[Mapping[str, Any], Iterable[tuple[str, Any]]] = DEFAULT_RULES,
                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
                    not_divisible: Optional[list[str]] = None) -> P:
   """The ``PartitionSpec`` of one train-state array (see the module docstring).
@@ -165,16 +180,11 @@ def partition_spec(name: str, shape: Sequence[int], mesh_sizes: Mapping[str, int
   A logical axis whose size the mesh axes do not divide stays replicated; its name
   is appended to ``not_divisible`` when a list is given.
   """
-  rule_map = dict(rules)
-  unknown = {a for entry in rule_map.values() for a in _mesh_axes(entry)} - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"sharding rules name unknown mesh axes {sorted(unknown)}; "
-                     f"the mesh axes are {MESH_AXES}")
+  rule_map = _rule_map(rules)
   dims: list[tuple[str, ...]] = []  # mesh axes of each dimension
   for dim, (size, axis) in enumerate(zip(shape, logical_axes(name, shape))):
     # Axes of size 1 split nothing: leaving them out frees the dimension for FSDP.
-    mesh_axes = tuple(a for a in (_mesh_axes(rule_map.get(axis)) if axis else ())
-                      if mesh_sizes.get(a, 1) > 1)
+    mesh_axes = tuple(a for a in rule_map.get(axis, ()) if mesh_sizes.get(a, 1) > 1)
     devices = math.prod(mesh_sizes[a] for a in mesh_axes)
     if mesh_axes and size % devices:
       if not_divisible is not None:
@@ -206,7 +216,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
   """
   sharding_config = sharding_config or {}
   rules = sharding_config.get("rules")
-  rules = DEFAULT_RULES if rules is None else tuple(tuple(r) for r in rules)
+  rules = _rule_map(DEFAULT_RULES if rules is None else rules)
   min_size = sharding_config.get("fsdp_min_size")
   min_size = DEFAULT_FSDP_MIN_SIZE if min_size is None else int(min_size)
   sizes = dict(mesh.shape)
