@@ -295,7 +295,7 @@ def test_remat_and_scan_reduce_vit_b16_memory():
   assert temp["default"] - temp["scan + remat full"] > 0.5 * saved, (temp, saved)
 
 
-def tiny_timm_state_dict(depth=2, dim=32, heads=4, mlp=64, classes=10, patch=4, size=16):
+def tiny_timm_state_dict(depth=2, dim=32, mlp=64, classes=10, patch=4, size=16):
   """Random weights under timm's ViT names (no torch needed for the converter).
 
   Scaled like a trained network (std 0.1, norm scales near 1), so that float32
@@ -356,6 +356,23 @@ def test_scan_and_remat_keep_outputs_gradients_and_converters():
                                  err_msg=f"{variant}: {name}")
   with pytest.raises(ValueError, match="remat_policy must be 'none' or one of"):
     loss_and_grads({"remat_policy": "dots"}, params)
+
+
+def test_scan_layout_mismatch_names_the_conversion(tmp_path):
+  from vit_jax.trainers.classification import TrainState  # pylint: disable=g-import-not-at-top
+  block = {"LayerNorm_0": {"scale": np.ones(4, np.float32)}}
+  unrolled = {"Transformer": {"encoderblock_0": block, "encoderblock_1": block}}
+  state = lambda params: TrainState(step=np.zeros((), np.int32), params=params,
+                                    opt_state={}, model_state={})
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  checkpointer.save(1, state(unrolled), {"step": 1})
+  stacked = state(vit.stack_block_params(unrolled))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stacked)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"missing: Transformer/encoderblock/LayerNorm_0/scale.*"
+                           r"convert the checkpoint with vit_jax.models.vit.stack_block"):
+    checkpointer.restore(1, abstract)
+  checkpointer.close()
 
 
 # ---------------------------------------------------------------- launchers
@@ -435,23 +452,6 @@ def test_tpu_and_slurm_launchers_issue_the_documented_commands(tmp_path):
   missing = subprocess.run(["bash", tpu, "create"], capture_output=True, text=True,
                            env=dict(env, TPU_NAME=""))
   assert missing.returncode != 0 and "set TPU_NAME" in missing.stderr
-
-
-def test_scan_layout_mismatch_names_the_conversion(tmp_path):
-  from vit_jax.trainers.classification import TrainState  # pylint: disable=g-import-not-at-top
-  block = {"LayerNorm_0": {"scale": np.ones(4, np.float32)}}
-  unrolled = {"Transformer": {"encoderblock_0": block, "encoderblock_1": block}}
-  state = lambda params: TrainState(step=np.zeros((), np.int32), params=params,
-                                    opt_state={}, model_state={})
-  checkpointer = checkpoint.Checkpointer(str(tmp_path), async_save=False)
-  checkpointer.save(1, state(unrolled), {"step": 1})
-  stacked = state(vit.stack_block_params(unrolled))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stacked)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r"missing: Transformer/encoderblock/LayerNorm_0/scale.*"
-                           r"convert the checkpoint with vit_jax.models.vit.stack_block"):
-    checkpointer.restore(1, abstract)
-  checkpointer.close()
 
 
 # ---------------------------------------------------------------- 8 virtual devices
