@@ -409,8 +409,8 @@ def test_local_launcher_passes_flags_and_stops_all_on_a_failure(tmp_path):
   assert ("args: -m vit_jax.main --config=c.py --workdir=w "
           "--coordinator_address=127.0.0.1:12345 --num_processes=3 --process_id=0"
           ) in proc.stdout
-  for i in (1, 2):
-    assert f"--process_id={i}" in (tmp_path / "logs" / f"process_{i}.log").read_text()
+  # Processes 1.. log to files (process 2 may be stopped before it writes anything).
+  assert "--process_id=1" in (tmp_path / "logs" / "process_1.log").read_text()
 
 
 def fake_tools(tmp_path, *names):
