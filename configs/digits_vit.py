@@ -27,6 +27,9 @@ def get_config(arg=None):
   config.input.eval_batch_size = 360
   config.input.shuffle_buffer = 2_000
   config.input.cache = True
+  # The training stream is read as this many shards (default: one per process); fix
+  # it to reproduce a multi-host run on one process, or to resume on other hosts.
+  config.input.data_shards = config_dict.placeholder(int)
   # 8x8 digits upsampled to 16x16; shifts of up to 2 pixels as augmentation.
   config.input.pp_train = "decode|resize(16)|random_crop(16, pad=2)|value_range(-1, 1)"
   config.input.pp_eval = "decode|resize(16)|value_range(-1, 1)"
@@ -35,7 +38,10 @@ def get_config(arg=None):
   config.model_name = "vit_tiny_patch16_224"
   config.model = ml_collections.ConfigDict(dict(
       image_size=16, patch_size=4, hidden_size=64, num_layers=4, num_heads=4,
-      mlp_dim=128, dropout_rate=0.0, drop_path_rate=0.1))
+      mlp_dim=128, dropout_rate=0.0, drop_path_rate=0.1,
+      # Memory options: remat_policy "none" | "full" | "dots_saveable" | ...;
+      # scan_layers stacks the blocks' parameters (see vit_jax/models/vit.py).
+      remat_policy="none", scan_layers=False))
 
   # name: "adamw" or "sgd" (momentum, nesterov); weight decay applies to parameters
   # whose name matches wd_pattern (Flax "kernel"s: no decay on biases and norms).
@@ -49,7 +55,15 @@ def get_config(arg=None):
   config.num_epochs = config_dict.placeholder(float)  # alternative to total_steps
   config.grad_accum_steps = 1
 
+  # Device mesh (-1: the remaining devices) and how the train state is laid out on
+  # it: rules map the parameters' logical axes to mesh axes ("tensor", "fsdp,tensor"
+  # or "none"; e.g. --config.sharding.rules.heads=none); FSDP shards every array of
+  # at least fsdp_min_size elements over "fsdp" (see vit_jax/sharding.py, README).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding = ml_collections.ConfigDict(dict(
+      rules=dict(embed="none", heads="tensor", head_dim="none", mlp="tensor",
+                 layers="none"),
+      fsdp_min_size=2**14))
   config.log_every = 100
   config.eval_every = 500
   config.checkpoint_every = 500

@@ -104,11 +104,18 @@ class Checkpointer:
     saved_tree = getattr(saved, "tree", saved) or {}
     expected = getattr(abstract_state, "params", None)
     if expected is not None and "params" in saved_tree:
-      report = describe_mismatch(*compare_trees(expected, saved_tree["params"]))
+      missing, unexpected, mismatched = compare_trees(expected, saved_tree["params"])
+      report = describe_mismatch(missing, unexpected, mismatched)
       if report:
+        hint = ""
+        scanned = lambda names: any("/encoderblock/" in n for n in names)
+        if scanned(missing) != scanned(unexpected):
+          hint = (" The ViT block layouts differ (scan_layers): convert the checkpoint "
+                  "with vit_jax.models.vit.stack_block_params / unstack_block_params "
+                  "(README, \"Memory options\"), or keep the run's scan_layers.")
         raise CheckpointError(
             f"checkpoint {path} does not fit this model ({report}). It was written by a "
-            "different model or config; use a new --workdir.")
+            f"different model or config; use a new --workdir.{hint}")
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

@@ -1,8 +1,13 @@
 r"""Entry point: ``python -m vit_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR``.
 
 Any config field can be overridden: ``--config.total_steps=100``. Rerunning the same
-command on the same workdir resumes from its latest checkpoint. On a multi-host TPU
-pod or SLURM cluster the same command runs on every host.
+command on the same workdir resumes from its latest checkpoint.
+
+Multi-host: the same command runs on every host (one process per host, or per GPU).
+On TPU pods, SLURM (``srun``) and Open MPI the processes find each other by
+themselves (``jax.distributed.initialize()``); elsewhere pass
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (what
+``launch/local.sh`` does for several processes on one machine). See launch/.
 """
 
 import difflib
@@ -24,6 +29,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
                                "TensorBoard logs and results; reused to resume.")
 flags.mark_flags_as_required(["config", "workdir"])
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run "
+    "without a cluster manager (TPU pods and SLURM need no flags).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run "
+                                      "(with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in "
+                                   "[0, num_processes) (with --coordinator_address).")
 
 TRAINERS = ("classification",)
 
@@ -68,9 +80,34 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def initialize_distributed() -> None:
+  """Joins the other processes of a multi-host run; a no-op for a single process.
+
+  Must run before anything touches a JAX device.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  # Cross-process collectives on CPU go through gloo (GPUs/TPUs have their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  explicit = {"--coordinator_address": _COORDINATOR.value,
+              "--num_processes": _NUM_PROCESSES.value, "--process_id": _PROCESS_ID.value}
+  if any(v is not None for v in explicit.values()):
+    missing = [k for k, v in explicit.items() if v is None]
+    if missing:
+      raise app.UsageError(f"{', '.join(missing)} missing: a multi-process run without "
+                           "a cluster manager needs all of " + ", ".join(explicit))
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+    return
+  try:  # TPU pods, SLURM and Open MPI are detected from the environment
+    jax.distributed.initialize()
+  except ValueError:  # none of them: one process on its own
+    pass
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax.trainers import common  # pylint: disable=g-import-not-at-top

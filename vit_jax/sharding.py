@@ -1,24 +1,74 @@
-"""Device meshes and the shardings of batches and train state.
+"""Device meshes, and the shardings of batches, activations and train state.
 
-The mesh has three named axes, sized from the config (``-1`` takes the rest):
+The mesh has three named axes, sized from ``config.mesh`` (``-1`` takes the rest):
 
   data    pure data parallelism: the batch is split, parameters replicated
-  fsdp    the batch is split too, and parameters/optimizer state may be sharded
-  tensor  model parallelism inside layers (attention heads, MLP hidden units)
+  fsdp    the batch is split too, and parameters/optimizer state are sharded
+          (fully sharded data parallelism: gathered for use, one layer at a time)
+  tensor  Megatron-style model parallelism inside layers: attention heads and MLP
+          hidden units are split, activations between blocks are not
 
-Batches are split over ``("data", "fsdp")``. Train state is replicated by default;
-``state_shardings`` is the one place where parameter sharding rules apply.
+Batches (and, inside the models, activations) are split over ``("data", "fsdp")``.
+
+How a train-state array is sharded, in three steps (``partition_spec``):
+
+1. Its name gives each dimension a *logical axis* (``embed``, ``heads``, ``mlp``...)
+   through small regex rules (``PARAM_AXES``, extendable with
+   ``register_param_axes``); a parameter no rule names has unnamed dimensions. Model
+   files need no annotations: the rules key on the vision_transformer names that the
+   shared layers use (``query``/``key``/``value``/``out``, ``MlpBlock*/Dense_{0,1}``).
+2. ``config.sharding.rules`` maps logical axes to mesh axes (``"tensor"``,
+   ``"fsdp,tensor"``, or ``"none"``); the default splits ``heads`` and ``mlp``
+   over ``tensor``.
+3. FSDP: if ``fsdp`` is still unused, the largest dimension divisible by the ``fsdp``
+   size is split over it (arrays smaller than ``config.sharding.fsdp_min_size``
+   elements stay replicated: gathering them costs more than storing them).
+
+Optimizer state is sharded like its parameters for free: its leaves carry the
+parameter names (``opt_state/.../mu/Transformer/.../query/kernel``) and shapes, so the
+same rules give the same specs. ``state_shardings`` is the one place rules apply.
 """
 
-from typing import Any, Mapping
+import math
+import re
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
+# Logical axes by parameter name (searched in the "/"-joined path; first match whose
+# rank fits wins). A parameter with one more dimension than its rule has a stacked
+# leading "layers" axis (``scan_layers=True``).
+PARAM_AXES: list[tuple[str, tuple[str, ...]]] = [
+    # Attention, vision_transformer layout: q/k/v [embed, heads, head_dim] are split
+    # by heads (each device computes whole heads), out [heads, head_dim, embed] too,
+    # so the only communication is one all-reduce after ``out``.
+    (r"(^|/)(query|key|value)/kernel$", ("embed", "heads", "head_dim")),
+    (r"(^|/)(query|key|value)/bias$", ("heads", "head_dim")),
+    (r"(^|/)out/kernel$", ("heads", "head_dim", "embed")),
+    # MLP: the first layer split on its output units, the second on its inputs.
+    (r"(?i)mlp[^/]*/Dense_0/kernel$", ("embed", "mlp")),
+    (r"(?i)mlp[^/]*/Dense_0/bias$", ("mlp",)),
+    (r"(?i)mlp[^/]*/Dense_1/kernel$", ("mlp", "embed")),
+]
+
+# Logical axis -> mesh axes: "tensor", "fsdp,tensor" (several), "none" (not split).
+# A mapping or a sequence of (logical, mesh) pairs.
+DEFAULT_RULES: dict[str, str] = {"heads": "tensor", "mlp": "tensor"}
+DEFAULT_FSDP_MIN_SIZE = 2**14  # elements: 64 KiB in float32
+
+
+def register_param_axes(pattern: str, axes: Sequence[str]) -> None:
+  """Adds a name rule ahead of the built-in ones (for a family's own layers)."""
+  PARAM_AXES.insert(0, (pattern, tuple(axes)))
+
+
+# ---------------------------------------------------------------- meshes and batches
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """Resolves ``{"data": -1, "fsdp": 1, "tensor": 1}`` against a device count."""
@@ -41,6 +91,7 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
+  """The ``(data, fsdp, tensor)`` mesh over all devices of all processes."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
@@ -60,6 +111,150 @@ def data_parallel_size(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-  """Shardings for every leaf of the train state (replicated: pure data parallel)."""
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) dimension to ``("data", "fsdp")``.
+
+  Models call this on the tokens between blocks, so that with FSDP the compiler
+  gathers the weights rather than splitting activations along their features. A
+  no-op outside a mesh context (``jax.set_mesh``), e.g. in a plain ``model.apply``.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+# ---------------------------------------------------------------- train-state rules
+
+def path_name(path) -> str:
+  """A tree path as ``"params/Transformer/encoderblock_0/..."``."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def logical_axes(name: str, shape: Sequence[int]) -> tuple[Optional[str], ...]:
+  """Logical axis names of an array from its name; ``None`` for unnamed dimensions."""
+  for pattern, axes in PARAM_AXES:
+    if re.search(pattern, name):
+      if len(shape) == len(axes):
+        return axes
+      if len(shape) == len(axes) + 1:  # stacked by nn.scan over blocks
+        return ("layers",) + axes
+  return (None,) * len(shape)
+
+
+def _mesh_axes(entry: Any) -> tuple[str, ...]:
+  """``None``/``"none"``/``""``, ``"tensor"``, ``"fsdp,tensor"`` or a tuple of axes."""
+  if entry is None:
+    return ()
+  if isinstance(entry, str):
+    entry = entry.split(",")
+  return tuple(a.strip() for a in entry if a and a.strip().lower() != "none")
+
+
+def _rule_map(rules: Any) -> dict[str, tuple[str, ...]]:
+  pairs = rules.items() if hasattr(rules, "items") else rules
+  rule_map = {str(k): _mesh_axes(v) for k, v in pairs}
+  unknown = {a for axes in rule_map.values() for a in axes} - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"sharding rules name unknown mesh axes {sorted(unknown)}; "
+                     f"the mesh axes are {MESH_AXES}")
+  return rule_map
+
+
+def partition_spec(name: str, shape: Sequence[int], mesh_sizes: Mapping[str, int], *,
+                   rules: Union[Mapping[str, Any], Iterable[tuple[str, Any]]] = DEFAULT_RULES,
+                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
+                   not_divisible: Optional[list[str]] = None) -> P:
+  """The ``PartitionSpec`` of one train-state array (see the module docstring).
+
+  A logical axis whose size the mesh axes do not divide stays replicated; its name
+  is appended to ``not_divisible`` when a list is given.
+  """
+  rule_map = _rule_map(rules)
+  dims: list[tuple[str, ...]] = []  # mesh axes of each dimension
+  for dim, (size, axis) in enumerate(zip(shape, logical_axes(name, shape))):
+    # Axes of size 1 split nothing: leaving them out frees the dimension for FSDP.
+    mesh_axes = tuple(a for a in rule_map.get(axis, ()) if mesh_sizes.get(a, 1) > 1)
+    devices = math.prod(mesh_sizes[a] for a in mesh_axes)
+    if mesh_axes and size % devices:
+      if not_divisible is not None:
+        not_divisible.append(f"{name} dim {dim} ({axis}={size}) over "
+                             f"{'x'.join(mesh_axes)}={devices}")
+      mesh_axes = ()
+    dims.append(mesh_axes)
+  fsdp = mesh_sizes.get("fsdp", 1)
+  if (fsdp > 1 and not any("fsdp" in d for d in dims)
+      and math.prod(shape) >= fsdp_min_size):
+    # The largest dimension FSDP can split, preferring one no rule split already.
+    split = lambda d: math.prod(mesh_sizes[a] for a in dims[d])
+    fits = [d for d, size in enumerate(shape) if size % (split(d) * fsdp) == 0]
+    if fits:
+      best = max(fits, key=lambda d: (not dims[d], shape[d], -d))
+      dims[best] = dims[best] + ("fsdp",)
+  return P(*(None if not d else d[0] if len(d) == 1 else d for d in dims))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh,
+                    sharding_config: Optional[Mapping[str, Any]] = None) -> Any:
+  """``NamedSharding`` for every leaf of a train state (params, optimizer state...).
+
+  Args:
+    abstract_state: the state's tree of shapes (``jax.eval_shape`` of its init).
+    mesh: the device mesh.
+    sharding_config: ``config.sharding`` (``rules``, ``fsdp_min_size``); None (or
+      missing keys) for the defaults.
+  """
+  sharding_config = sharding_config or {}
+  rules = sharding_config.get("rules")
+  rules = _rule_map(DEFAULT_RULES if rules is None else rules)
+  min_size = sharding_config.get("fsdp_min_size")
+  min_size = DEFAULT_FSDP_MIN_SIZE if min_size is None else int(min_size)
+  sizes = dict(mesh.shape)
+  not_divisible: list[str] = []
+
+  def leaf_sharding(path, leaf):
+    spec = partition_spec(path_name(path), tuple(leaf.shape), sizes, rules=rules,
+                          fsdp_min_size=min_size, not_divisible=not_divisible)
+    return NamedSharding(mesh, spec)
+
+  shardings = jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+  if not_divisible:
+    logging.warning("sharding rules left %d arrays replicated along a dimension the "
+                    "mesh does not divide: %s", len(not_divisible),
+                    "; ".join(not_divisible[:8]))
+  return shardings
+
+
+def bytes_per_device(tree: Any) -> tuple[int, int]:
+  """``(bytes on the first local device, bytes of the whole arrays)`` of a tree.
+
+  Reads the arrays' addressable shards when given arrays, or their shardings when
+  given ``jax.ShapeDtypeStruct``s with a ``sharding`` (nothing is allocated).
+  """
+  device = jax.local_devices()[0]
+  local = total = 0
+  for x in jax.tree.leaves(tree):
+    itemsize = np.dtype(x.dtype).itemsize
+    total += math.prod(x.shape) * itemsize
+    if isinstance(x, jax.Array):
+      local += sum(s.data.nbytes for s in x.addressable_shards if s.device == device)
+    else:
+      local += math.prod(x.sharding.shard_shape(x.shape)) * itemsize
+  return local, total
+
+
+def describe(shardings: Any, limit: Optional[int] = None) -> str:
+  """``name: PartitionSpec`` lines, for logs and for checking the rules."""
+  lines = [f"{path_name(p)}: {s.spec}" for p, s in
+           jax.tree_util.tree_flatten_with_path(shardings)[0]]
+  return "\n".join(lines[:limit])

@@ -1,15 +1,20 @@
 """TFDS input pipelines: a deterministic, resumable training stream and padded eval.
 
-Training stream, per process::
+Training stream: the split is read as ``S`` equal shards (``num_shards``, by default
+one per process), and each shard is a stream of its own::
 
-  epoch e = this process's slice of the split, shuffled with a seed made from (seed, e)
+  epoch e = the shard, shuffled with a seed made from (seed, e)
   stream  = epoch 0, epoch 1, ...          (encoded images: skipping them is cheap)
-  example k of the stream gets the preprocessing seed (seed, k * processes + process)
+  example k of shard s gets the preprocessing seed (seed, k * S + s)
 
-so the stream is a pure function of the seed and the position. Resuming at position
-``n`` starts at epoch ``n // len(slice)`` and skips ``n % len(slice)`` encoded records,
-then continues exactly as an uninterrupted run would. Every process reads only its
-own slice (``tfds.split_for_jax_process``).
+so each stream is a pure function of the seed and the position. Resuming at position
+``n`` starts at epoch ``n // len(shard)`` and skips ``n % len(shard)`` encoded records,
+then continues exactly as an uninterrupted run would. Each process reads only its own
+contiguous share of the shards (one shard, by default: ``tfds.split_for_jax_process``),
+and a global batch is the concatenation of equal parts of every shard, in order. The
+global batches therefore depend on ``S``, not on the number of processes: with the same
+``num_shards``, one process reproduces a multi-host run and a run resumes on another
+number of hosts.
 
 Evaluation reads each process's slice once, in order, padded with masked examples to
 the same number of batches on every process, so every example counts exactly once.
@@ -106,38 +111,59 @@ def train_split_size(builder, split: str) -> int:
 
 def make_train_dataset(builder, split: str, *, preprocess_fn: Callable, batch_size: int,
                        seed: int, start_position: int = 0, shuffle_buffer: int = 50_000,
-                       cache: bool = False) -> tf.data.Dataset:
-  """Infinite batches of this process's slice, starting at example ``start_position``.
+                       cache: bool = False, num_shards: Optional[int] = None
+                       ) -> tf.data.Dataset:
+  """Infinite batches of this process's shards, starting at example ``start_position``.
 
   Args:
     batch_size: the per-process batch.
     start_position: examples this process consumed before (resume point).
     cache: keep the encoded records in memory (small datasets).
+    num_shards: shards the split is read as (a multiple of the process count;
+      default: the process count). See the module docstring.
   """
-  local_split = tfds.split_for_jax_process(split, drop_remainder=True)
-  size = train_split_size(builder, split)
-  if size == 0:
-    raise DatasetError(f"split {split!r} of {builder.name!r} is empty on this process")
-  base = _as_dataset(builder, local_split)
-  if cache:
-    base = base.cache()
-  start_epoch, offset = divmod(start_position, size)
   process_index, process_count = jax.process_index(), jax.process_count()
+  num_shards = num_shards or process_count
+  if num_shards % process_count or batch_size % (num_shards // process_count):
+    raise DatasetError(f"num_shards={num_shards} must be a multiple of the {process_count} "
+                       f"processes, and the per-process batch {batch_size} a multiple of "
+                       "the shards per process")
+  per_process = num_shards // process_count
+  _check_split(builder, split)
+  shard_splits = tfds.even_splits(split, n=num_shards, drop_remainder=True)
 
-  def epoch(e):
-    return base.shuffle(shuffle_buffer, seed=seed * 1_000_003 + e,
-                        reshuffle_each_iteration=False)
+  def shard_stream(shard: int) -> tf.data.Dataset:
+    size = builder.info.splits[shard_splits[shard]].num_examples
+    if size == 0:
+      raise DatasetError(f"split {split!r} of {builder.name!r} is too small for "
+                         f"{num_shards} shards")
+    base = _as_dataset(builder, shard_splits[shard])
+    if cache:
+      base = base.cache()
+    start = start_position // per_process  # examples this shard gave before
+    start_epoch, offset = divmod(start, size)
 
-  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
-  ds = ds.enumerate(start=start_position)
+    def epoch(e):
+      return base.shuffle(shuffle_buffer, seed=seed * 1_000_003 + e,
+                          reshuffle_each_iteration=False)
 
-  def process(position, example):
-    rng = tf.stack([tf.constant(seed, tf.int64),
-                    position * process_count + process_index])
-    return _model_keys(preprocess_fn({**example, "_rng": rng}))
+    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+    ds = ds.enumerate(start=start)
 
-  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=True)
+    def process(position, example):
+      rng = tf.stack([tf.constant(seed, tf.int64), position * num_shards + shard])
+      return _model_keys(preprocess_fn({**example, "_rng": rng}))
+
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size // per_process, drop_remainder=True)
+
+  streams = [shard_stream(s) for s in range(process_index * per_process,
+                                            (process_index + 1) * per_process)]
+  if len(streams) == 1:
+    ds = streams[0]
+  else:  # this process's part of the global batch: its shards' parts, in order
+    ds = tf.data.Dataset.zip(tuple(streams)).map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 

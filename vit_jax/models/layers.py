@@ -119,12 +119,16 @@ class MlpBlock(nn.Module):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example while training."""
-  rate: float = 0.0
+  """Stochastic depth: drops the whole residual branch per example while training.
+
+  ``rate`` may be a traced scalar (blocks scanned with ``nn.scan`` get theirs as a
+  per-layer input).
+  """
+  rate: Any = 0.0
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
-    if not train or self.rate == 0.0:
+    if not train or (isinstance(self.rate, (int, float)) and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)

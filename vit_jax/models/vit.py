@@ -16,16 +16,32 @@ big_vision hold)::
 ``num_classes=0`` drops the head: the model then returns the pooled features, as in
 timm. Per-block token features are sown into the ``intermediates`` collection
 as ``Transformer/block_{i}`` (``vit_jax.models.forward_intermediates`` collects them).
+
+Memory options (``config.model.*`` in the trainer):
+
+* ``remat_policy``: recompute block activations in the backward pass instead of
+  storing them. ``"none"`` (default), ``"full"`` (keep only each block's input), or a
+  ``jax.checkpoint_policies`` name such as ``"dots_saveable"`` (keep matmul outputs,
+  recompute the cheap elementwise ops) or ``"dots_with_no_batch_dims_saveable"``.
+* ``scan_layers``: run the blocks as one ``nn.scan`` loop (compiles one block instead
+  of ``num_layers``). The block parameters are then stacked on a leading axis under
+  ``Transformer/encoderblock/...`` instead of ``Transformer/encoderblock_{i}/...``;
+  ``stack_block_params`` and ``unstack_block_params`` convert whole trees (parameters,
+  optimizer state, checkpoints) between the two layouts, and the timm converter
+  produces whichever the model uses.
 """
 
-from typing import Any, Callable, Optional, Sequence, Union
+import re
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 import numpy as np
 
 from vit_jax import kernels
+from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
 from vit_jax.models.registry import register_model
@@ -41,6 +57,14 @@ VARIANTS = {
     "huge": dict(hidden_size=1280, num_layers=32, mlp_dim=5120, num_heads=16),
 }
 PATCH_SIZES = (8, 14, 16, 32)
+
+# Rematerialisation policies by config name; "none" switches remat off.
+REMAT_POLICIES = {
+    "full": None,  # jax.checkpoint's default: save nothing but the block input
+    **{name: getattr(jax.checkpoint_policies, name) for name in (
+        "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+        "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")},
+}
 
 
 def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -71,7 +95,10 @@ class Encoder1DBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> Array:
+  def __call__(self, x: Array, *, train: bool = False,
+               drop_path_rate: Optional[Array] = None) -> Array:
+    """``drop_path_rate`` (traced, per layer) replaces the field when scanned."""
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     y = norm("LayerNorm_0")(x)
@@ -80,13 +107,13 @@ class Encoder1DBlock(nn.Module):
         attention_fn=self.attention_fn, dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadDotProductAttention_1")(y, train=train)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
-    x = x + layers.DropPath(self.drop_path_rate)(y, train=train)
+    x = x + layers.DropPath(rate)(y, train=train)
 
     y = norm("LayerNorm_2")(x)
     y = layers.MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                         gelu_approximate=self.gelu_approximate, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="MlpBlock_3")(y, train=train)
-    return x + layers.DropPath(self.drop_path_rate)(y, train=train)
+    return x + layers.DropPath(rate)(y, train=train)
 
 
 class Encoder(nn.Module):
@@ -100,6 +127,8 @@ class Encoder(nn.Module):
   drop_path_rate: float = 0.0
   gelu_approximate: bool = False
   attention_fn: Callable = layers.dot_product_attention
+  remat_policy: str = "none"
+  scan_layers: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -108,16 +137,34 @@ class Encoder(nn.Module):
     if self.learned_posemb:
       x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    for i, rate in enumerate(layers.stochastic_depth_rates(self.drop_path_rate,
-                                                           self.num_layers)):
-      x = Encoder1DBlock(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-          dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
-          gelu_approximate=self.gelu_approximate, attention_fn=self.attention_fn,
-          dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f"encoderblock_{i}")(x, train=train)
-      self.sow("intermediates", f"block_{i}", x)
+    x = sharding.constrain_batch(x)
+    rates = layers.stochastic_depth_rates(self.drop_path_rate, self.num_layers)
+    block = lambda name, rate=0.0: Encoder1DBlock(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
+        gelu_approximate=self.gelu_approximate, attention_fn=self.attention_fn,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    collect = self.is_mutable_collection("intermediates")
+
+    def apply_block(module, x, rate):
+      x = sharding.constrain_batch(module(x, train=train, drop_path_rate=rate))
+      return x, (x if collect and self.scan_layers else None)
+
+    if self.remat_policy != "none":
+      apply_block = nn.remat(apply_block, policy=REMAT_POLICIES[self.remat_policy],
+                             prevent_cse=not self.scan_layers)  # scan already does
+    if self.scan_layers:
+      scan = nn.scan(apply_block, variable_axes={"params": 0},
+                     split_rngs={"params": True, "dropout": True}, length=self.num_layers)
+      # Rates become a per-layer input (None, i.e. the field's 0.0, without drop path).
+      x, stacked = scan(block("encoderblock"),
+                        x, jnp.asarray(rates) if self.drop_path_rate else None)
+      for i in range(self.num_layers if collect else 0):
+        self.sow("intermediates", f"block_{i}", stacked[i])
+    else:
+      for i, rate in enumerate(rates):
+        x, _ = apply_block(block(f"encoderblock_{i}", rate), x, None)
+        self.sow("intermediates", f"block_{i}", x)
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="encoder_norm")(x)
 
@@ -138,6 +185,8 @@ class VisionTransformer(nn.Module):
     attention_impl: "xla" (reference), "pallas" (fused kernels) or "auto"; see
       ``vit_jax.kernels``. Switching it never changes the outputs beyond float
       tolerance. "cudnn" is accepted for softmax attention on GPU.
+    remat_policy: "none", "full" or a ``jax.checkpoint_policies`` name (see above).
+    scan_layers: run the blocks as one ``nn.scan`` (stacked block parameters).
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
   """
   num_classes: int = 1000
@@ -158,6 +207,8 @@ class VisionTransformer(nn.Module):
   attention: str = "softmax"
   attention_impl: str = "xla"
   linear_feature_map: str = "elu+1"
+  remat_policy: str = "none"
+  scan_layers: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -175,6 +226,9 @@ class VisionTransformer(nn.Module):
     return kernels.attention_fn(self.attention_impl)
 
   def _check_config(self):
+    if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be 'none' or one of {sorted(REMAT_POLICIES)}, "
+                       f"got {self.remat_policy!r}")
     if self.classifier not in ("token", "gap", "map"):
       raise ValueError(f"classifier must be 'token', 'gap' or 'map', got {self.classifier!r}")
     if self.posemb not in ("learn", "sincos2d"):
@@ -224,8 +278,8 @@ class VisionTransformer(nn.Module):
                 attention_dropout_rate=self.attention_dropout_rate,
                 drop_path_rate=self.drop_path_rate,
                 gelu_approximate=self.gelu_approximate,
-                attention_fn=self._attention_fn(), dtype=dtype,
-                param_dtype=param_dtype, name="Transformer")(x, train=train)
+                attention_fn=self._attention_fn(), remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                dtype=dtype, param_dtype=param_dtype, name="Transformer")(x, train=train)
 
     if self.classifier == "token":
       x = x[:, 0]
@@ -306,7 +360,47 @@ def convert_timm_vit(state: StateDict, model: VisionTransformer) -> dict:
     }
   if model.num_classes:
     params["head"] = state.linear("head")
-  return params
+  return stack_block_params(params) if model.scan_layers else params
+
+
+_BLOCK = re.compile(r"^encoderblock_(\d+)$")
+
+
+def stack_block_params(tree: Mapping[str, Any]) -> dict:
+  """``encoderblock_{i}/...`` subtrees -> one ``encoderblock/...`` stacked on axis 0.
+
+  Works on any nested dict holding ViT block trees: parameters, the optimizer state
+  (``mu``/``nu``/``trace`` mirror the parameters) or a whole checkpoint read with
+  ``vit_jax.checkpoint.load_state_arrays``. Use it to load an unscanned checkpoint
+  or converted weights into a ``scan_layers=True`` model.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  blocks = {int(m.group(1)): k for k in tree if (m := _BLOCK.match(str(k)))}
+  out = {k: stack_block_params(v) for k, v in tree.items() if k not in blocks.values()}
+  if blocks:
+    if sorted(blocks) != list(range(len(blocks))):
+      raise ValueError(f"encoder blocks are not numbered 0..{len(blocks) - 1}: "
+                       f"{sorted(blocks)}")
+    layers_ = [stack_block_params(tree[blocks[i]]) for i in range(len(blocks))]
+    out["encoderblock"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                       *layers_)
+  return out
+
+
+def unstack_block_params(tree: Mapping[str, Any]) -> dict:
+  """The inverse of ``stack_block_params``: ``encoderblock`` -> ``encoderblock_{i}``."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: unstack_block_params(v) for k, v in tree.items() if k != "encoderblock"}
+  if "encoderblock" in tree:
+    stacked = tree["encoderblock"]
+    depth = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
+    if len(depth) != 1:
+      raise ValueError(f"stacked encoder block arrays disagree on depth: {sorted(depth)}")
+    for i in range(depth.pop()):
+      out[f"encoderblock_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked)
+  return out
 
 
 def _register_variants():

@@ -102,11 +102,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       opt_state=tx.init(params), model_state=dict(variables))
 
   abstract_state = jax.eval_shape(init_state, init_key)
-  state_shardings = sharding.state_shardings(abstract_state, mesh)
+  # Parameters and optimizer state by config.sharding's rules (FSDP over "fsdp",
+  # heads and MLP units over "tensor"); see vit_jax/sharding.py.
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.get("sharding"))
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   common.console(f"model {config.model_name}: {num_params:,} parameters; "
-                 f"mesh {dict(mesh.shape)}; {total_steps} steps of {global_batch} "
-                 f"images ({total_steps / steps_per_epoch:.1f} epochs of "
+                 f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es); "
+                 f"{total_steps} steps of {global_batch} images "
+                 f"({total_steps / steps_per_epoch:.1f} epochs of "
                  f"{config.input.dataset}:{config.input.train_split})")
 
   # ---------------------------------------------------------------- checkpoint restore
@@ -114,14 +117,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is not None:
+    # Restored straight into this run's shardings, whatever mesh wrote it.
     state, meta = checkpointer.restore(
         latest, ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
     examples_seen = meta["examples_seen"]
     common.console(f"resumed from {checkpointer.directory / str(latest)} (step {latest})")
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
-    examples_seen = 0
+    meta, examples_seen = {}, 0
   start_step = int(state.step)
+  # The data stream is fixed by its shard count (default: one shard per process, or
+  # what the checkpoint used), so a run resumes identically on another process count.
+  data_shards = (config.input.get("data_shards") or meta.get("data_shards")
+                 or jax.process_count())
+  state_bytes, state_bytes_total = sharding.bytes_per_device(state)
+  common.console(f"train state: {state_bytes / 2**20:,.2f} MiB per device "
+                 f"({state_bytes_total / 2**20:,.2f} MiB in all)")
 
   # ---------------------------------------------------------------- step functions
   def compute_grads(params, model_state, images, labels, rng):
@@ -204,6 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def save(step: int) -> None:
     checkpointer.save(step, state, {"step": step, "examples_seen": examples_seen,
+                                    "data_shards": data_shards,
                                     "model_name": config.model_name,
                                     "model": model_kwargs})
 
@@ -211,7 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_ds = input_pipeline.make_train_dataset(
       builder, config.input.train_split, preprocess_fn=pp_train, batch_size=local_batch,
       seed=config.seed, start_position=examples_seen // jax.process_count(),
-      shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache)
+      shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache,
+      num_shards=data_shards)
   batches = input_pipeline.device_batches(train_ds, batch_sharding)
   progress = common.ProgressLine(total_steps, start_step, global_batch)
   guard = common.NonFiniteGuard()
@@ -262,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.flush()
 
   result = {"step": int(state.step), "model_name": config.model_name,
-            "num_params": int(num_params),
+            "num_params": int(num_params), "state_bytes_per_device": state_bytes,
             **{f"eval_{k}": v for k, v in eval_result.items()}}
   common.write_json(workdir / "results.json", result)
   result["train_loss_history"] = loss_history
