@@ -8,7 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_WORKDIR ?= workdirs/digits_demo
-PYTEST_ARGS ?=
+# Two workers, one test file each: a file's shared fixtures (one compiled model, one
+# batched timm subprocess) are built once. `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo test install clean
 
