@@ -104,8 +104,8 @@ def test_timm_conversion_names_bad_keys(timm_outputs):
     convert.from_timm(name, state, **kwargs)
   # The bias tables are sized for 224x224: another size is a named mismatch.
   with pytest.raises(convert.ConversionError,
-                     match=r"stages_0_blocks_0/mixer/attn/attention_biases: expected "
-                           r"\(4, 16\), found \(4, 49\)"):
+                     match=r"params/stages_0_blocks_0/mixer/attn/attention_biases: "
+                           r"expected \(4, 16\), found \(4, 49\)"):
     convert.variables_from_timm(name, state, **{**kwargs, "image_size": 64})
   state["head.bn.extra"] = np.zeros(3)
   with pytest.raises(convert.ConversionError, match="unexpected: head.bn.extra"):
