@@ -104,3 +104,43 @@ def train_in_process(tfds_dir: str, workdir, model_name: str, *, steps: int = 20
       node = node[parent]
     node[leaf] = value
   return classification.train_and_evaluate(config, str(workdir))
+
+
+def check_trained_batch_stats(tfds_dir: str, workdir, result: dict, model, *,
+                              input_size: int) -> dict:
+  """For a BatchNorm model trained with ``train_in_process``: checks that training
+  moved the running statistics away from their initial values and that the trainer's
+  evaluation used them (its reported eval loss is reproduced with the trained
+  statistics, and differs with the initial ones). Returns the trained state.
+  """
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint, sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import input_pipeline, preprocess  # pylint: disable=g-import-not-at-top
+  from vit_jax.evaluators import classification as classification_eval  # pylint: disable=g-import-not-at-top
+  state = checkpoint.load_state_arrays(
+      os.path.join(str(workdir), "checkpoints", str(result["step"])))
+  trained = state["model_state"]["batch_stats"]
+  # BatchNorm starts from mean 0 and variance 1 (nn.BatchNorm's initial statistics).
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, input_size, input_size, 3)))["batch_stats"]
+  initial = flax.traverse_util.unflatten_dict({
+      path: np.zeros(s.shape, s.dtype) if path[-1] == "mean" else np.ones(s.shape, s.dtype)
+      for path, s in flax.traverse_util.flatten_dict(shapes).items()})
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.abs(np.asarray(a) - b) > 1e-4)),
+                       trained, initial)
+  assert all(jax.tree.leaves(moved)), "some BatchNorm statistics never changed"
+
+  mesh = sharding.make_mesh({"data": -1})
+  evaluator = classification_eval.ClassificationEvaluator(
+      lambda v, x: model.apply(v, x, train=False),
+      input_pipeline.get_builder("digits", tfds_dir), "test",
+      preprocess_fn=preprocess.parse(
+          f"decode|resize({input_size})|value_range(-1, 1)"),
+      batch_size=360, sharding=sharding.batch_sharding(mesh))
+  with_trained = evaluator.run({"params": state["params"], "batch_stats": trained})
+  with_initial = evaluator.run({"params": state["params"], "batch_stats": initial})
+  np.testing.assert_allclose(with_trained["loss"], result["eval_loss"], rtol=1e-5)
+  assert abs(with_initial["loss"] - with_trained["loss"]) > 1e-3
+  return state

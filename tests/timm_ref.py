@@ -6,7 +6,12 @@ as a subprocess (see ``conftest.timm_reference``)::
   python tests/timm_ref.py jobs.json
 
 Each job: ``{"model": timm name, "kwargs": {...}, "input": "x.npy" (NHWC float32),
-"out": "y.npz", "seed": 0, "randomize": 0.1 or null, "intermediates": false}``.
+"out": "y.npz", "seed": 0, "randomize": 0.1 or null, "intermediates": false,
+"stage_depths": null or [n0, n1, ...]}``. ``stage_depths`` keeps the first ``n_i``
+blocks of ``model.stages[i].blocks``: a shallower model with the real widths, for
+timm constructors that take no depth argument (e.g. the MetaFormers). Such a model is
+built on the meta device (no full-size initialisation) and needs ``randomize``, which
+then fills every tensor it has.
 The ``.npz`` holds ``state/<name>`` for every state-dict entry, ``logits``,
 ``features`` (``forward_features``), ``intermediates/<i>`` (``forward_intermediates``,
 NCHW maps or NLC tokens as timm returns them) and ``num_params``.
@@ -38,9 +43,32 @@ def randomize(model: torch.nn.Module, scale: float, generator: torch.Generator) 
         b.copy_(1.0 + torch.rand(b.shape, generator=generator) * scale)
 
 
+def create_shallow(job: dict) -> torch.nn.Module:
+  """The job's model with only the first ``stage_depths[i]`` blocks of each stage."""
+  if not job.get("randomize"):
+    raise ValueError("stage_depths needs randomize: the model is built uninitialised")
+  with torch.device("meta"):  # the full-size model is never initialised
+    model = timm.create_model(job["model"], pretrained=False, **job.get("kwargs", {}))
+  for stage, depth in zip(model.stages, job["stage_depths"]):
+    stage.blocks = stage.blocks[:depth]
+  kept = [n for n, _ in model.named_buffers()
+          if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+  if kept:
+    raise ValueError(f"stage_depths cannot rebuild the buffers {kept[:3]} of "
+                     f"{job['model']}; pass a depth argument in kwargs instead")
+  model = model.to_empty(device="cpu")
+  for name, buffer in model.named_buffers():
+    if name.endswith("num_batches_tracked"):
+      buffer.zero_()
+  return model
+
+
 def run(job: dict) -> None:
   torch.manual_seed(job.get("seed", 0))
-  model = timm.create_model(job["model"], pretrained=False, **job.get("kwargs", {}))
+  if job.get("stage_depths"):
+    model = create_shallow(job)
+  else:
+    model = timm.create_model(job["model"], pretrained=False, **job.get("kwargs", {}))
   if job.get("randomize"):
     randomize(model, job["randomize"], torch.Generator().manual_seed(job.get("seed", 0)))
   model.eval()

@@ -16,6 +16,9 @@ from vit_jax.models.registry import create, list_models, model_info, register_mo
 # Family files register their variants at import.
 from vit_jax.models import vit  # noqa: F401
 from vit_jax.models import efficientvit_mit  # noqa: F401
+from vit_jax.models import metaformer  # noqa: F401
+from vit_jax.models import efficientvit_msra  # noqa: F401
+from vit_jax.models import shvit  # noqa: F401
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):

@@ -186,3 +186,92 @@ def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_
 def canonical_dtype(dtype: Any) -> Any:
   """Accept dtype names from configs (``"bfloat16"``) as well as dtype objects."""
   return jnp.dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def batch_norm(train: bool, *, scale_init: float = 1.0, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5) over the last axis.
+
+  Running statistics live in the ``batch_stats`` collection: updated from the batch
+  when ``train`` (pass ``mutable=["batch_stats"]``), used as they are otherwise. Under
+  ``jax.jit`` with the batch sharded over devices the batch mean and variance are
+  taken over the global batch (XLA inserts the cross-device reduction), so
+  data-parallel training needs no ``axis_name``. One difference from PyTorch: the
+  running variance is updated with the biased batch variance (PyTorch uses n - 1).
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      scale_init=nn.initializers.constant(scale_init),
+                      use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
+                      name=name)
+
+
+class ConvBN(nn.Module):
+  """Bias-free conv followed by BatchNorm (timm's ``ConvNorm``/``Conv2d_BN``), NHWC.
+
+  Kept as two separate operations in eval as well: folding the BatchNorm into the
+  conv would change the numerics (and the parameters) relative to the reference.
+  ``bn_scale_init=0`` starts a residual branch at zero, as the references do.
+  """
+  features: int
+  kernel_size: int = 1
+  strides: int = 1
+  groups: int = 1
+  bn_scale_init: float = 1.0
+  # PyTorch's default conv init (uniform, bound 1/sqrt(fan_in)), which the references keep.
+  kernel_init: Callable = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    pad = self.kernel_size // 2
+    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
+                strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
+                feature_group_count=self.groups, use_bias=False,
+                kernel_init=self.kernel_init, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="conv")(x)
+    return batch_norm(train, scale_init=self.bn_scale_init, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="bn")(x)
+
+
+def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+  """timm's channel rounding: nearest multiple of ``divisor``, not below ``round_limit``."""
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  return rounded + divisor if rounded < round_limit * value else rounded
+
+
+class SqueezeExcite(nn.Module):
+  """Squeeze-and-excitation on NHWC maps: mean -> fc1 -> ReLU -> fc2 -> sigmoid gate.
+
+  ``fc1``/``fc2`` are Dense layers (timm's 1x1 convs); the reduced width is
+  ``make_divisible(channels * rd_ratio, 8, round_limit=0)`` unless given.
+  """
+  rd_ratio: float = 1 / 16
+  rd_channels: Optional[int] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    channels = x.shape[-1]
+    rd = self.rd_channels or make_divisible(channels * self.rd_ratio, 8, round_limit=0.0)
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.relu(nn.Dense(rd, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="fc1")(s))
+    s = nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(s)
+    return x * jax.nn.sigmoid(s)
+
+
+class NormLinear(nn.Module):
+  """BatchNorm -> dropout -> Dense: the classifier of LeViT-style models."""
+  features: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    x = batch_norm(train, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    return nn.Dense(self.features, kernel_init=nn.initializers.truncated_normal(0.02),
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(x)
