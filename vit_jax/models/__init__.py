@@ -16,6 +16,7 @@ from vit_jax.models.registry import create, list_models, model_info, register_mo
 # Family files register their variants at import.
 from vit_jax.models import vit  # noqa: F401
 from vit_jax.models import pvt_v2  # noqa: F401
+from vit_jax.models import pvt  # noqa: F401
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):
