@@ -17,6 +17,7 @@ from vit_jax.models.registry import create, list_models, model_info, register_mo
 from vit_jax.models import vit  # noqa: F401
 from vit_jax.models import pvt_v2  # noqa: F401
 from vit_jax.models import pvt  # noqa: F401
+from vit_jax.models import cswin  # noqa: F401
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):
