@@ -185,7 +185,9 @@ class CSWinTransformer(nn.Module):
     depths, num_heads, split_sizes: per stage (split_sizes: stripe widths; the last
       stage attends globally, its entry is not used).
     mlp_ratio: MLP width / model width.
-    dropout_rate: after the attention projection and in the MLP.
+    dropout_rate: after the attention projection and in the MLP. (No dropout of the
+      attention weights: the official models train without it, and the stripes run
+      through the window-attention kernel, which has none.)
     drop_path_rate: stochastic depth of the last block, rising linearly from 0.
     attention_impl: backend of ``vit_jax.kernels.window_attention`` for the stripes.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.

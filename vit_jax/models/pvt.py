@@ -45,7 +45,8 @@ import numpy as np
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict
 from vit_jax.models.official import register_official_converter
-from vit_jax.models.pvt_v2 import conv_init, dense_init, spatial_reduction_attention, timm_sra
+from vit_jax.models.pvt_v2 import (conv_init, dense_init, spatial_reduction_attention,
+                                   timm_sra)
 from vit_jax.models.registry import register_model
 
 Array = Any
@@ -220,10 +221,12 @@ class PyramidVisionTransformer(nn.Module):
   def check_size(self, height: int, width: int) -> None:
     """A ValueError naming the constraint unless both sides are multiples of 32."""
     s = self.stride()
+    strides = [self.patch_size] + [2] * (len(self.depths) - 1)
     if height % s or width % s or height < s or width < s:
       raise ValueError(
           f"PVT needs image sides that are positive multiples of {s} (patch embeddings "
-          f"of stride {self.patch_size}, 2, 2, 2 without padding); got {height}x{width}. "
+          f"of strides {', '.join(map(str, strides))} without padding); got "
+          f"{height}x{width}. "
           f"Resize or pad the input, e.g. to {max(s, height // s * s)}x"
           f"{max(s, width // s * s)}.")
 
@@ -240,7 +243,8 @@ class PyramidVisionTransformer(nn.Module):
       raise ValueError(f"expected NHWC images, got shape {images.shape}")
     learned = _pair(self.image_size)
     if learned[0] % self.stride() or learned[1] % self.stride():
-      raise ValueError(f"image_size={self.image_size} is not a multiple of {self.stride()}")
+      raise ValueError(
+          f"image_size={self.image_size} is not a multiple of {self.stride()}")
     self.check_size(images.shape[1], images.shape[2])
 
     x = images.astype(dtype)
