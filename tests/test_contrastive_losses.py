@@ -97,3 +97,11 @@ def test_loss_dispatch_errors():
   with pytest.raises(ValueError, match="chunk_size=3 must divide the per-device batch 4"):
     losses.sharded_siglip_loss(jnp.ones((4, 2)), jnp.ones((4, 2)), 0.0, 0.0, mesh=mesh,
                                axes=("data",), chunk_size=3)
+  # Eager calls on plain arrays work, on Explicit (JAX's default) and Auto meshes.
+  zimg = jnp.eye(4, 3)
+  auto = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  for m in (mesh, auto):
+    for kind, bias in (("clip", None), ("siglip", -1.0)):
+      sharded = losses.contrastive_loss(kind, zimg, zimg, 1.0, bias, mesh=m, axes=("data",))
+      reference = losses.contrastive_loss(kind, zimg, zimg, 1.0, bias)
+      np.testing.assert_allclose(sharded[0], reference[0], rtol=1e-6)

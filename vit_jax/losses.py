@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from vit_jax import sharding as sharding_lib
 
@@ -71,6 +71,33 @@ def _axes(axes: Sequence[str]):
   return tuple(axes) if len(axes) > 1 else axes[0]
 
 
+def _sharded(fn, mesh: Mesh, in_specs, out_specs):
+  """``shard_map`` that also takes arrays not yet laid out as ``in_specs`` say.
+
+  Under ``jit`` over an Auto mesh XLA moves the inputs itself; an Explicit mesh wants
+  them resharded first. The jit is inlined when the caller is already under jit.
+  """
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+  explicit = any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+  def call(*args):
+    if explicit:
+      args = [jax.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, in_specs)]
+    return mapped(*args)
+
+  return jax.jit(call)
+
+
+def _local_batch(batch: int, mesh: Mesh, axes: Sequence[str]) -> int:
+  devices = 1
+  for axis in axes:
+    devices *= mesh.shape[axis]
+  if batch % devices:
+    raise ValueError(f"batch of {batch} cannot be split over the {devices} devices of "
+                     f"mesh axes {tuple(axes)}")
+  return batch // devices
+
+
 def sharded_clip_loss(zimg: Array, ztxt: Array, logit_scale: Array,
                       logit_bias: Optional[Array] = None, *, mesh: Mesh,
                       axes: Sequence[str] = sharding_lib.BATCH_AXES) -> tuple[Array, dict]:
@@ -95,10 +122,10 @@ def sharded_clip_loss(zimg: Array, ztxt: Array, logit_scale: Array,
     loss = jax.lax.psum(total, axis) / (2 * global_batch)
     return loss, {"batch_accuracy": jax.lax.psum(hits, axis) / global_batch}
 
+  _local_batch(zimg.shape[0], mesh, axes)
   args = (zimg, ztxt, logit_scale) + ((logit_bias,) if has_bias else ())
   specs = (P(axis), P(axis), P()) + ((P(),) if has_bias else ())
-  return jax.shard_map(local, mesh=mesh, in_specs=specs,
-                       out_specs=(P(), {"batch_accuracy": P()}))(*args)
+  return _sharded(local, mesh, specs, (P(), {"batch_accuracy": P()}))(*args)
 
 
 def sharded_siglip_loss(zimg: Array, ztxt: Array, logit_scale: Array, logit_bias: Array,
@@ -110,14 +137,14 @@ def sharded_siglip_loss(zimg: Array, ztxt: Array, logit_scale: Array, logit_bias
   ``local_batch x chunk_size``; each chunk is recomputed in the backward pass.
   """
   axis = _axes(axes)
+  n = _local_batch(zimg.shape[0], mesh, axes)
+  chunk = chunk_size or n
+  if n % chunk:
+    raise ValueError(f"siglip chunk_size={chunk} must divide the per-device batch {n}")
 
   def local(zimg, ztxt, logit_scale, logit_bias):
-    n = zimg.shape[0]
     num_devices = jax.lax.axis_size(axis)
     me = jax.lax.axis_index(axis)
-    chunk = chunk_size or n
-    if n % chunk:
-      raise ValueError(f"siglip chunk_size={chunk} must divide the per-device batch {n}")
 
     @jax.checkpoint
     def chunk_terms(txt_chunk, positive_rows):
@@ -154,9 +181,8 @@ def sharded_siglip_loss(zimg: Array, ztxt: Array, logit_scale: Array, logit_bias
     hits = jax.lax.stop_gradient(jnp.sum(positive >= row_max))
     return loss, {"batch_accuracy": jax.lax.psum(hits, axis) / global_batch}
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(axis), P(), P()),
-                       out_specs=(P(), {"batch_accuracy": P()}))(
-                           zimg, ztxt, logit_scale, logit_bias)
+  return _sharded(local, mesh, (P(axis), P(axis), P(), P()),
+                  (P(), {"batch_accuracy": P()}))(zimg, ztxt, logit_scale, logit_bias)
 
 
 def contrastive_loss(kind: str, zimg: Array, ztxt: Array, logit_scale: Array,
