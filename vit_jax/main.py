@@ -25,7 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
                                "TensorBoard logs and results; reused to resume.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-TRAINERS = ("classification",)
+TRAINERS = ("classification", "contrastive")
 
 
 def _unknown_override_message(argv: list[str]) -> str:
