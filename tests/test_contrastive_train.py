@@ -256,3 +256,55 @@ def test_configuration_errors_are_clear(pool, tmp_path):
                                    str(tmp_path / "b"))
   with pytest.raises(ValueError, match="siglip loss needs config.model.logit_bias_init"):
     contrastive.train_and_evaluate(tiny_config(pool, loss="siglip"), str(tmp_path / "c"))
+
+
+def test_datacomp_configs_follow_the_scale_table():
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import clip_datacomp  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  expected = {  # DataComp's scale_configs.py: model, samples, batch, lr, warmup, beta2
+      "small": ("clip_vit_base_patch32_224", 12_800_000, 4096, 5e-4, 500, 0.98),
+      "medium": ("clip_vit_base_patch32_224", 128_000_000, 4096, 5e-4, 500, 0.98),
+      "large": ("clip_vit_base_patch16_224", 1_280_000_000, 8192, 5e-4, 500, 0.98),
+      "xlarge": ("clip_vit_large_patch14_224", 12_800_000_000, 90_112, 1e-3, 10_000, 0.95),
+  }
+  for scale, (model, samples, batch, lr, warmup, beta2) in expected.items():
+    config = clip_datacomp.get_config(scale)
+    assert (config.model_name, config.total_samples, config.input.batch_size,
+            config.optimizer.learning_rate, config.schedule.warmup_steps,
+            config.optimizer.b2) == (model, samples, batch, lr, warmup, beta2)
+    assert (config.optimizer.weight_decay, config.optimizer.eps, config.loss) == (
+        0.2, 1e-6, "clip")
+    assert model in models.list_models(family="two_tower")
+  siglip = clip_datacomp.get_config("large,siglip")
+  assert siglip.loss == "siglip" and siglip.model.logit_bias_init == -10.0
+  with pytest.raises(ValueError, match="unknown DataComp scale 'huge'"):
+    clip_datacomp.get_config("huge")
+
+
+def test_datacomp_siglip_config_trains_a_few_steps(pool, tmp_path, capsys):
+  """The DataComp config's path (bf16, SigLIP ring loss in chunks), shrunk."""
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import clip_datacomp  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
+  config = clip_datacomp.get_config("small,siglip")
+  config.input.train_shards = os.path.join(pool, "train")
+  config.tokenizer.path = os.path.join(pool, "tokenizer.json")
+  config.tokenizer.context_length = 24
+  config.input.pp_train = "decode|random_resized_crop(32, scale=(0.9, 1.0))"
+  config.input.batch_size, config.siglip_chunk_size = 16, 8
+  config.model.image_model = "vit_tiny_patch16_224"
+  config.model.image = dict(image_size=32, patch_size=16, hidden_size=32, num_layers=1,
+                            num_heads=2, mlp_dim=64)
+  config.model.text = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+  config.model.embed_dim = 16
+  config.total_samples, config.schedule.warmup_steps = 4 * 16, 1
+  config.log_every = config.checkpoint_every = 2
+  result = contrastive.train_and_evaluate(config, str(tmp_path / "siglip"))
+  output = capsys.readouterr().out
+  assert result["step"] == 4 and "(siglip loss)" in output
+  assert all(np.isfinite(loss) for _, loss in result["train_loss_history"])
+  assert "zero-shot eval 'imagenet' skipped" in output
+  assert "retrieval eval 'heldout' skipped" in output
+  info = json.load(open(tmp_path / "siglip" / "model.json"))
+  assert info["model"]["dtype"] == "bfloat16" and info["model"]["logit_bias_init"] == -10.0

@@ -245,6 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluators[f"zero_shot/{name}"] = zero_shot_eval.from_config(
         entry, model, tokenizer, sharding=batch_sharding, batch_size=eval_batch)
   for name, entry in (config.evals.get("retrieval") or {}).items():
+    if entry.get("shards") is None:
+      common.console(f"retrieval eval {name!r} skipped: set "
+                     f"--config.evals.retrieval.{name}.shards=SHARDS")
+      continue
     evaluators[f"retrieval/{name}"] = retrieval_eval.from_config(
         entry, model, tokenizer, sharding=batch_sharding, batch_size=eval_batch)
 
