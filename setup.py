@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.8",
     "importlib_resources",  # needed by TFDS at import time in some environments
     "tensorboard>=2.18",
+    "tokenizers>=0.19",  # BPE caption tokenizers for contrastive training
+    "Pillow>=10",  # decoding and writing the images of image-text shards
 ]
 
 EXTRAS_REQUIRE = {
@@ -29,6 +31,9 @@ EXTRAS_REQUIRE = {
         "pytest>=8",
         "pytest-xdist>=3.5",
         "timm>=1.0.15",
+        # open_clip is the reference for the two-tower (CLIP) parity test, also run in
+        # a subprocess.
+        "open_clip_torch>=2.24",
     ],
 }
 

@@ -76,7 +76,7 @@ class Trained:
 
 def load_trained(workdir: str, step: Optional[int] = None) -> Trained:
   """Rebuilds the model, tokenizer and parameters of a contrastive training workdir."""
-  workdir = str(workdir)
+  workdir = str(ckpt_lib.absolute(workdir))  # Orbax reads absolute paths only
   info_path = os.path.join(workdir, MODEL_FILE)
   if not os.path.exists(info_path):
     raise FileNotFoundError(f"{workdir} is not a contrastive training workdir (no "
@@ -348,6 +348,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save(step)
         last_saved = step
 
+    # Release the input pipeline now: its Python generator thread must finish while
+    # the interpreter is still up.
+    batches.close()
     if eval_result is None and evaluators:
       eval_result = evaluate(int(state.step))
     checkpointer.wait()
