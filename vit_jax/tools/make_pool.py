@@ -46,32 +46,36 @@ BACKGROUNDS = {"black": (10, 10, 10), "gray": (110, 110, 110), "navy": (20, 30, 
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 
 # Caption templates of the training pool. Slots: {digit} (the word), {numeral},
-# {color}, {bg}, {size}, {where} ("in the top left corner" / "in the middle").
+# {color}, {bg}, {size}, {where} ("in the top left corner" / "in the middle"). Three in
+# four name only the digit: when most captions also name the colours, a small CLIP
+# learns the colours (easy) and leaves the digits' shapes (hard) unlearned for long.
 TRAIN_TEMPLATES = (
-    "a {color} {digit} on a {bg} background",
-    "the digit {digit} written in {color}",
-    "a {size} {color} {digit}",
+    # the digit only
     "a handwritten {digit}",
-    "handwritten number {digit} {where}",
+    "the digit {digit}",
     "{digit}",
     "the number {numeral}",
-    "a {size} handwritten {numeral} in {color}",
-    "{color} ink, digit {digit}, {bg} paper",
-    "a {size} {digit} {where}",
-    "the {digit} is {color} and the background is {bg}",
     "digit: {digit}",
-    "a drawing of a {color} {numeral} on {bg}",
-    "someone wrote a {digit} {where}",
-    "{bg} background with a {size} {color} {digit}",
-    "a {digit} drawn with a {color} pen",
-    "the {size} number {digit}",
+    "a {digit} written by hand",
+    "handwriting showing the number {digit}",
     "the handwritten digit {numeral} ({digit})",
-    "a {color} {digit} {where} on a {bg} background",
-    "a {digit} in {color}",
-    "{size} {digit}",
-    "number {digit} on a {bg} card",
-    "a sketch of {digit} {where}",
-    "a {color} numeral {numeral} {where}",
+    "a sketch of {digit}",
+    "someone wrote a {digit}",
+    "number {digit}",
+    "a drawn {numeral}",
+    "{numeral}, also known as {digit}",
+    "a quickly written {digit}",
+    "the numeral {digit}",
+    "an example of the digit {numeral}",
+    "one handwritten digit: {digit}",
+    "a neat {digit}",
+    # the digit and some of its attributes
+    "a {color} {digit} on a {bg} background",
+    "a {size} {color} {digit} {where}",
+    "{color} ink, digit {digit}, {bg} paper",
+    "the {digit} is {color} and the background is {bg}",
+    "a {size} {digit} {where}",
+    "a {digit} drawn with a {color} pen",
 )
 
 
@@ -83,8 +87,8 @@ def render(digit: np.ndarray, rng: np.random.Generator, image_size: int) -> tupl
   size = "small" if rng.random() < 0.5 else "large"
   fg = np.array(FOREGROUNDS[color], np.float32) + rng.normal(0, 8, 3)
   bg = np.array(BACKGROUNDS[background], np.float32) + rng.normal(0, 8, 3)
-  side = int(round(image_size * (rng.uniform(0.42, 0.52) if size == "small"
-                                 else rng.uniform(0.75, 0.95))))
+  side = int(round(image_size * (rng.uniform(0.55, 0.65) if size == "small"
+                                 else rng.uniform(0.8, 0.95))))
   glyph = Image.fromarray(np.uint8(digit * (255 / 16))).resize((side, side),
                                                                Image.BILINEAR)
   alpha = np.asarray(glyph, np.float32)[..., None] / 255.0
