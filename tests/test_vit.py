@@ -44,6 +44,10 @@ TIMM_PARAM_COUNTS = {
     "vit_huge_patch16_384": 632_685_800,
     "vit_huge_patch32_224": 634_960_360,
     "vit_huge_patch32_384": 635_081_960,
+    # CLIP image towers (timm's own registrations: pre-norm, no patch bias).
+    "vit_base_patch32_clip_224": 88_225_000,
+    "vit_base_patch16_clip_224": 86_568_424,
+    "vit_large_patch14_clip_224": 304_204_776,
 }
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4,

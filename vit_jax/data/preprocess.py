@@ -101,12 +101,19 @@ def _image_op(fn):
 
 @register("decode")
 def decode(channels: int = 3):
-  """Decodes JPEG/PNG bytes to uint8 HWC; gray images are repeated to RGB."""
+  """Decodes JPEG/PNG bytes to uint8 HWC; gray images are repeated to RGB.
+
+  Already-decoded images (uint8 arrays, e.g. from the image-text shard reader) pass
+  through with the same channel handling.
+  """
   def fn(image, _):
     if image.dtype == tf.string:
       image = tf.io.decode_image(image, channels=0, expand_animations=False)
     image = tf.cast(image, tf.uint8)
-    if channels == 3:
+    known = image.shape[-1] if image.shape.rank else None
+    if channels == 3 and known is not None:  # static channels: no cond needed
+      image = tf.image.grayscale_to_rgb(image) if known == 1 else image[..., :3]
+    elif channels == 3:
       image = tf.cond(tf.shape(image)[-1] == 1,
                       lambda: tf.image.grayscale_to_rgb(image), lambda: image[..., :3])
     image.set_shape([None, None, channels])

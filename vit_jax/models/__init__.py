@@ -22,6 +22,8 @@ from vit_jax.models import shvit  # noqa: F401
 from vit_jax.models import pvt_v2  # noqa: F401
 from vit_jax.models import pvt  # noqa: F401
 from vit_jax.models import cswin  # noqa: F401
+from vit_jax.models import text  # noqa: F401
+from vit_jax.models import two_tower  # noqa: F401
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):

@@ -150,14 +150,17 @@ class MAPHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    """``mask``: optional ``[batch, tokens]`` booleans, False for tokens to ignore."""
     batch, _, dim = x.shape
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, dim),
                        self.param_dtype)
     probe = jnp.tile(probe.astype(self.dtype), [batch, 1, 1])
+    if mask is not None:
+      mask = mask[:, None, None, :]
     x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="MultiHeadDotProductAttention_0")(probe, x)
+        name="MultiHeadDotProductAttention_0")(probe, x, mask=mask)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm_0")(x)
     x = x + MlpBlock(mlp_dim=self.mlp_dim or 4 * dim,

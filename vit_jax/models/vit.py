@@ -14,8 +14,11 @@ big_vision hold)::
   head/{kernel,bias}                             (num_classes > 0)
 
 ``num_classes=0`` drops the head: the model then returns the pooled features, as in
-timm. Per-block token features are sown into the ``intermediates`` collection
-as ``Transformer/block_{i}`` (``vit_jax.models.forward_intermediates`` collects them).
+timm. CLIP image towers (``vit_*_clip_224``, timm's names) add a LayerNorm before the
+blocks (``Transformer/norm_pre``), have no patch-embedding bias and use LayerNorm
+epsilon 1e-5, as OpenAI's CLIP and open_clip do. Per-block token features are sown
+into the ``intermediates`` collection as ``Transformer/block_{i}``
+(``vit_jax.models.forward_intermediates`` collects them).
 
 Memory options (``config.model.*`` in the trainer):
 
@@ -83,7 +86,11 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)).
+
+  ``mask`` (boolean, broadcastable to ``[batch, heads, q, k]``, True where attention is
+  allowed) serves the text towers: causal and padding masks.
+  """
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
@@ -91,21 +98,22 @@ class Encoder1DBlock(nn.Module):
   drop_path_rate: float = 0.0
   gelu_approximate: bool = False
   attention_fn: Callable = layers.dot_product_attention
+  norm_epsilon: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False,
+  def __call__(self, x: Array, *, mask: Optional[Array] = None, train: bool = False,
                drop_path_rate: Optional[Array] = None) -> Array:
     """``drop_path_rate`` (traced, per layer) replaces the field when scanned."""
     rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
+    norm = lambda name: nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     y = norm("LayerNorm_0")(x)
     y = layers.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
         attention_fn=self.attention_fn, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="MultiHeadDotProductAttention_1")(y, train=train)
+        name="MultiHeadDotProductAttention_1")(y, mask=mask, train=train)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
     x = x + layers.DropPath(rate)(y, train=train)
 
@@ -117,11 +125,16 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """The ``Transformer`` scope: position embedding, blocks and the final norm."""
+  """The ``Transformer`` scope: position embedding, blocks and the final norm.
+
+  ``pre_norm`` adds a LayerNorm (``norm_pre``) after the position embedding, before
+  the blocks (CLIP's ``ln_pre``).
+  """
   num_layers: int
   mlp_dim: int
   num_heads: int
   learned_posemb: bool = True
+  pre_norm: bool = False
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
@@ -129,13 +142,18 @@ class Encoder(nn.Module):
   attention_fn: Callable = layers.dot_product_attention
   remat_policy: str = "none"
   scan_layers: bool = False
+  norm_epsilon: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> Array:
+  def __call__(self, x: Array, *, mask: Optional[Array] = None,
+               train: bool = False) -> Array:
     if self.learned_posemb:
       x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="norm_pre")(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     x = sharding.constrain_batch(x)
     rates = layers.stochastic_depth_rates(self.drop_path_rate, self.num_layers)
@@ -143,11 +161,12 @@ class Encoder(nn.Module):
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
         gelu_approximate=self.gelu_approximate, attention_fn=self.attention_fn,
+        norm_epsilon=self.norm_epsilon,
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     collect = self.is_mutable_collection("intermediates")
 
     def apply_block(module, x, rate):
-      x = sharding.constrain_batch(module(x, train=train, drop_path_rate=rate))
+      x = sharding.constrain_batch(module(x, mask=mask, train=train, drop_path_rate=rate))
       return x, (x if collect and self.scan_layers else None)
 
     if self.remat_policy != "none":
@@ -165,8 +184,8 @@ class Encoder(nn.Module):
       for i, rate in enumerate(rates):
         x, _ = apply_block(block(f"encoderblock_{i}", rate), x, None)
         self.sow("intermediates", f"block_{i}", x)
-    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="encoder_norm")(x)
+    return nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="encoder_norm")(x)
 
 
 class VisionTransformer(nn.Module):
@@ -187,6 +206,9 @@ class VisionTransformer(nn.Module):
       tolerance. "cudnn" is accepted for softmax attention on GPU.
     remat_policy: "none", "full" or a ``jax.checkpoint_policies`` name (see above).
     scan_layers: run the blocks as one ``nn.scan`` (stacked block parameters).
+    pre_norm: LayerNorm before the blocks (CLIP image towers).
+    patch_bias: whether the patch embedding has a bias (CLIP's has none).
+    norm_epsilon: epsilon of every LayerNorm in the encoder (1e-6; CLIP uses 1e-5).
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
   """
   num_classes: int = 1000
@@ -209,6 +231,9 @@ class VisionTransformer(nn.Module):
   linear_feature_map: str = "elu+1"
   remat_policy: str = "none"
   scan_layers: bool = False
+  pre_norm: bool = False
+  patch_bias: bool = True
+  norm_epsilon: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -261,7 +286,8 @@ class VisionTransformer(nn.Module):
 
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
-                dtype=dtype, param_dtype=param_dtype, name="embedding")(
+                use_bias=self.patch_bias, dtype=dtype, param_dtype=param_dtype,
+                name="embedding")(
                     images.astype(dtype))
     batch = x.shape[0]
     x = x.reshape(batch, gh * gw, self.hidden_size)
@@ -274,11 +300,12 @@ class VisionTransformer(nn.Module):
 
     x = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim,
                 num_heads=self.num_heads, learned_posemb=self.posemb == "learn",
-                dropout_rate=self.dropout_rate,
+                pre_norm=self.pre_norm, dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 drop_path_rate=self.drop_path_rate,
                 gelu_approximate=self.gelu_approximate,
-                attention_fn=self._attention_fn(), remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                attention_fn=self._attention_fn(), remat_policy=self.remat_policy,
+                scan_layers=self.scan_layers, norm_epsilon=self.norm_epsilon,
                 dtype=dtype, param_dtype=param_dtype, name="Transformer")(x, train=train)
 
     if self.classifier == "token":
@@ -338,6 +365,8 @@ def convert_timm_vit(state: StateDict, model: VisionTransformer) -> dict:
   encoder = {"encoder_norm": state.norm("norm")}
   if model.posemb == "learn":
     encoder["posembed_input"] = {"pos_embedding": state.take("pos_embed")}
+  if model.pre_norm:
+    encoder["norm_pre"] = state.norm("norm_pre")
   for i in range(model.num_layers):
     block = f"blocks.{i}"
     encoder[f"encoderblock_{i}"] = {
@@ -347,7 +376,8 @@ def convert_timm_vit(state: StateDict, model: VisionTransformer) -> dict:
         "LayerNorm_2": state.norm(f"{block}.norm2"),
         "MlpBlock_3": _timm_mlp(state, f"{block}.mlp"),
     }
-  params = {"embedding": state.conv("patch_embed.proj"), "Transformer": encoder}
+  params = {"embedding": state.conv("patch_embed.proj", bias=model.patch_bias),
+            "Transformer": encoder}
   if model.classifier == "token":
     params["cls"] = state.take("cls_token")
   if model.classifier == "map":
@@ -419,4 +449,26 @@ def _register_variants():
         register_model(name, family="vit", image_size=res)(factory)
 
 
+# CLIP image towers under timm's names (OpenAI CLIP / open_clip layout: pre-norm, no
+# patch bias, LayerNorm epsilon 1e-5); the two-tower models in two_tower.py use them.
+CLIP_VARIANTS = {
+    "vit_base_patch32_clip_224": dict(VARIANTS["base"], patch_size=32),
+    "vit_base_patch16_clip_224": dict(VARIANTS["base"], patch_size=16),
+    "vit_large_patch14_clip_224": dict(VARIANTS["large"], patch_size=14),
+}
+
+
+def _register_clip_variants():
+  for name, dims in CLIP_VARIANTS.items():
+    defaults = dict(dims, image_size=224, pre_norm=True, patch_bias=False,
+                    norm_epsilon=1e-5)
+
+    def factory(defaults=defaults, **overrides):
+      return VisionTransformer(**{**defaults, **overrides})
+
+    factory.__doc__ = f"CLIP image tower {name} (pre-norm, no patch bias)."
+    register_model(name, family="vit", image_size=224)(factory)
+
+
 _register_variants()
+_register_clip_variants()

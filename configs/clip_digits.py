@@ -1,0 +1,87 @@
+r"""A small CLIP on the offline digits pool: the whole contrastive loop on a CPU.
+
+  python -m vit_jax.tools.make_pool --output_dir=workdirs/digits_pool
+  python -m vit_jax.main --config=configs/clip_digits.py --workdir=workdirs/clip_digits
+
+Measured (README, "Contrastive pretraining"): zero-shot top-1 52.8% (top-5 91.9%) on
+the 1,080 held-out renderings of the 360 held-out digits after 2,000 steps, with prompt
+templates that no training caption uses; about 50 minutes on a busy 2-core CPU. The
+issue's target is 85%: not reached yet. ``:siglip`` trains with the sigmoid
+loss instead. ``--config.input.pool=DIR`` points at another pool (e.g. a noisy or a
+filtered one: see the README's filtering experiment).
+"""
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  loss = arg or "clip"
+  if loss not in ("clip", "siglip"):
+    raise ValueError(f"configs/clip_digits.py takes 'clip' or 'siglip', got {arg!r}")
+  config = ml_collections.ConfigDict()
+  config.trainer = "contrastive"
+  config.seed = 0
+  config.loss = loss
+  config.siglip_chunk_size = config_dict.placeholder(int)  # per-device rows per chunk
+
+  config.input = ml_collections.ConfigDict()
+  # The pool directory (make_pool's output); the shard and tokenizer paths follow it
+  # unless overridden one by one.
+  config.input.pool = "workdirs/digits_pool"
+  pool = config.input.get_ref("pool")
+  config.input.train_shards = pool + "/train"
+  config.input.batch_size = 128
+  config.input.eval_batch_size = 360
+  config.input.shards_per_window = 8
+  config.input.decode_threads = 2
+  config.input.record_keys = False  # write the keys of every step's samples
+  # Small shifts and crops; no flips (they would turn digits into other shapes).
+  config.input.pp_train = "decode|resize(16)|random_crop(16, pad=1)|value_range(-1, 1)"
+  config.input.pp_eval = "decode|resize(16)|value_range(-1, 1)"
+
+  config.tokenizer = ml_collections.ConfigDict()
+  config.tokenizer.path = pool + "/tokenizer.json"
+  config.tokenizer.context_length = 24  # captions take <= 15 tokens, prompts <= 21
+
+  # The ViT-B/32 CLIP layout, shrunk to CPU size: a 4-layer ViT on the scenes resized
+  # to 16x16 (16 patches of 4x4; the digits are 8x8 scans, so nothing is lost) and a
+  # 2-layer causal text transformer, both 64 wide.
+  config.model_name = "clip_vit_base_patch32_224"
+  config.model = ml_collections.ConfigDict(dict(
+      image_model="vit_tiny_patch16_224",
+      image=dict(image_size=16, patch_size=4, hidden_size=64, num_layers=4, num_heads=4,
+                 mlp_dim=256),
+      text=dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=256),
+      embed_dim=64))
+  if loss == "siglip":
+    config.model.logit_scale_init = math.log(10.0)
+    config.model.logit_bias_init = -10.0
+  config.max_logit_scale = 100.0
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+      wd_pattern=r"(^|/)kernel$", grad_clip_norm=1.0))
+  config.schedule = ml_collections.ConfigDict(dict(
+      warmup_steps=100, decay="cosine", end_factor=0.0))
+  config.total_steps = 2000
+  config.total_samples = config_dict.placeholder(int)  # alternative to total_steps
+
+  eval_shards = pool + "/eval"
+  config.evals = ml_collections.ConfigDict()
+  config.evals.zero_shot = ml_collections.ConfigDict()
+  config.evals.zero_shot.digits = ml_collections.ConfigDict(dict(
+      shards=eval_shards, label_key="label", classnames="digits",
+      templates="digits_heldout", pp=config.input.get_ref("pp_eval"), cache=True))
+  config.evals.retrieval = ml_collections.ConfigDict()
+  config.evals.retrieval.digits = ml_collections.ConfigDict(dict(
+      shards=eval_shards, pp=config.input.get_ref("pp_eval"), cache=True))
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.log_every = 100
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  return config

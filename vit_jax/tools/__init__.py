@@ -1,0 +1,1 @@
+"""Command-line tools: offline image-text pool generation, DataComp-style filtering."""

@@ -1,0 +1,210 @@
+r"""DataComp-style filtering: turn a pool of image-text shards into a filtered subset.
+
+  python -m vit_jax.tools.filter_pool --shards=workdirs/noisy_pool/train \
+      --output_dir=workdirs/noisy_pool_filtered \
+      --min_caption_words=1 --clip_workdir=workdirs/clip_noisy --keep_fraction=0.6
+
+Filters, applied in this order (DataComp's baselines):
+
+  basic     caption length in words (``--min_caption_words``), image size
+            (``--min_image_size``: the shorter side, in pixels) and aspect ratio
+            (``--max_aspect_ratio``: longer side over shorter side)
+  CLIP score  cosine similarity of the image and caption embeddings under a trained
+            two-tower model (``--clip_workdir``, any contrastive training workdir);
+            keep the top ``--keep_fraction`` of the samples that passed the basic
+            filters, or those scoring at least ``--clip_threshold``
+
+Writes to ``--output_dir``:
+
+  kept_ids.txt        the kept samples' keys, in pool order
+  scores.tsv          key, CLIP score (if computed), kept (0/1) for every sample
+  shards/filtered-00000.tar ...   the kept samples, re-sharded (all their files)
+  summary.json        counts per filter, the threshold used, and, with
+                      ``--ground_truth_key`` (a JSON field that is true for bad pairs,
+                      such as the offline pool's "mismatched"), precision and recall
+                      of the kept set
+
+Samples that cannot be used at all (corrupt image, no caption) are dropped and
+counted like the trainer does.
+"""
+
+import argparse
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vit_jax.data import image_text
+
+
+def basic_filter(sample: dict, *, min_caption_words: int, min_image_size: int,
+                 max_aspect_ratio: float) -> Optional[str]:
+  """The reason a sample fails the basic filters, or None if it passes."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  if len(sample["caption"].split()) < min_caption_words:
+    return "caption_too_short"
+  if min_image_size or max_aspect_ratio:
+    try:
+      with Image.open(io.BytesIO(sample["image_bytes"])) as image:  # header only
+        width, height = image.size
+    except Exception:  # pylint: disable=broad-except
+      return "corrupt_image"
+    if min(width, height) < min_image_size:
+      return "image_too_small"
+    if max_aspect_ratio and max(width, height) / max(min(width, height), 1) > max_aspect_ratio:
+      return "aspect_ratio"
+  return None
+
+
+def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
+                stats: image_text.SkipStats) -> dict[str, float]:
+  """Image-caption cosine similarity of every usable sample, by key."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from vit_jax.evaluators import common  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
+  trained = contrastive.load_trained(workdir)
+  mesh = sharding.make_mesh({"data": -1})
+  batch_sharding = sharding.batch_sharding(mesh)
+  encode_images, encode_texts = common.embedding_fns(trained.model)
+  score = jax.jit(lambda v, images, texts: jax.numpy.sum(
+      encode_images(v, images) * encode_texts(v, texts), axis=-1))
+  batches = image_text.make_eval_batches(
+      shards, preprocess_fn=preprocess.parse(trained.pp_eval), batch_size=batch_size,
+      tokenizer=trained.tokenizer, stats=stats)
+  scores = {}
+  with jax.set_mesh(mesh):
+    for batch in batches:
+      put = lambda x: jax.device_put(x, batch_sharding)
+      values = np.asarray(score(trained.variables, put(batch["image"]), put(batch["text"])))
+      for key, value, real in zip(batch["_key"], values, batch["_mask"]):
+        if real:
+          scores[key.decode()] = float(value)
+  return scores
+
+
+def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: int = 0,
+                min_image_size: int = 0, max_aspect_ratio: float = 0.0,
+                clip_workdir: Optional[str] = None, keep_fraction: Optional[float] = None,
+                clip_threshold: Optional[float] = None, samples_per_shard: int = 1000,
+                ground_truth_key: Optional[str] = None, batch_size: int = 256) -> dict:
+  if clip_workdir and (keep_fraction is None) == (clip_threshold is None):
+    raise ValueError("CLIP-score filtering needs exactly one of keep_fraction and "
+                     "clip_threshold")
+  if not clip_workdir and (keep_fraction is not None or clip_threshold is not None):
+    raise ValueError("keep_fraction/clip_threshold need clip_workdir (the model that "
+                     "scores the pairs)")
+  if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
+    raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
+  os.makedirs(output_dir, exist_ok=True)
+  stats = image_text.SkipStats()
+
+  # Pass 1: basic filters from captions and image headers (no decoding).
+  order, rejected, bad_pairs = [], {}, {}
+  for sample in image_text.iterate_samples(shards, stats=stats, decode_image=False):
+    key = sample["key"]
+    order.append(key)
+    if ground_truth_key is not None:
+      bad_pairs[key] = bool(sample["meta"].get(ground_truth_key, False))
+    reason = basic_filter(sample, min_caption_words=min_caption_words,
+                          min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio)
+    if reason:
+      rejected[key] = reason
+  candidates = [k for k in order if k not in rejected]
+
+  # Pass 2: CLIP scores, then the top fraction or a threshold.
+  scores, threshold = {}, None
+  if clip_workdir:
+    scores = clip_scores(shards, clip_workdir, batch_size=batch_size, stats=stats)
+    for key in candidates:
+      if key not in scores:  # its image did not decode
+        rejected[key] = "corrupt_image"
+    candidates = [k for k in candidates if k in scores]
+    if keep_fraction is not None:
+      count = math.ceil(keep_fraction * len(candidates))
+      ranked = sorted(candidates, key=lambda k: -scores[k])
+      threshold = scores[ranked[count - 1]] if count else float("inf")
+      kept_set = set(ranked[:count])
+    else:
+      threshold = clip_threshold
+      kept_set = {k for k in candidates if scores[k] >= threshold}
+    for key in candidates:
+      if key not in kept_set:
+        rejected[key] = "clip_score"
+  kept = [k for k in order if k not in rejected]
+
+  # Pass 3: re-shard the kept samples with all their files.
+  kept_set = set(kept)
+  pattern = os.path.join(output_dir, "shards", "filtered-{:05d}.tar")
+  with image_text.ShardWriter(pattern, samples_per_shard) as writer:
+    for shard in shards:
+      for raw in image_text.read_shard(shard):
+        if raw.key in kept_set:
+          writer.write(raw.key, raw.files)
+  with open(os.path.join(output_dir, "kept_ids.txt"), "w") as f:
+    f.writelines(k + "\n" for k in kept)
+  with open(os.path.join(output_dir, "scores.tsv"), "w") as f:
+    f.write("key\tclip_score\tkept\n")
+    for key in order:
+      value = f"{scores[key]:.6f}" if key in scores else ""
+      f.write(f"{key}\t{value}\t{int(key in kept_set)}\n")
+
+  reasons = {}
+  for reason in rejected.values():
+    reasons[reason] = reasons.get(reason, 0) + 1
+  summary = {"pool_samples": len(order), "kept": len(kept),
+             "kept_fraction": len(kept) / max(len(order), 1), "rejected": reasons,
+             "unusable": stats.as_dict(), "clip_threshold": threshold,
+             "shards": writer.paths}
+  if ground_truth_key is not None:
+    # Pairs whose image does not decode are no one's to keep: they count nowhere.
+    good = {k for k in order if not bad_pairs[k] and rejected.get(k) != "corrupt_image"}
+    true_kept = len(good & kept_set)
+    summary["ground_truth"] = {
+        "key": ground_truth_key, "good_pairs": len(good),
+        "precision": true_kept / max(len(kept), 1),
+        "recall": true_kept / max(len(good), 1)}
+  with open(os.path.join(output_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--shards", required=True,
+                      help="pool shards: glob, brace range, directory or comma list")
+  parser.add_argument("--output_dir", required=True)
+  parser.add_argument("--min_caption_words", type=int, default=0)
+  parser.add_argument("--min_image_size", type=int, default=0)
+  parser.add_argument("--max_aspect_ratio", type=float, default=0.0)
+  parser.add_argument("--clip_workdir", help="contrastive training workdir that scores")
+  parser.add_argument("--keep_fraction", type=float)
+  parser.add_argument("--clip_threshold", type=float)
+  parser.add_argument("--samples_per_shard", type=int, default=1000)
+  parser.add_argument("--ground_truth_key",
+                      help="JSON field marking bad pairs (reports precision/recall)")
+  parser.add_argument("--batch_size", type=int, default=256)
+  args = parser.parse_args(argv)
+  summary = filter_pool(
+      image_text.expand_shards(args.shards), args.output_dir,
+      min_caption_words=args.min_caption_words, min_image_size=args.min_image_size,
+      max_aspect_ratio=args.max_aspect_ratio, clip_workdir=args.clip_workdir,
+      keep_fraction=args.keep_fraction, clip_threshold=args.clip_threshold,
+      samples_per_shard=args.samples_per_shard, ground_truth_key=args.ground_truth_key,
+      batch_size=args.batch_size)
+  line = (f"kept {summary['kept']} of {summary['pool_samples']} samples "
+          f"({100 * summary['kept_fraction']:.1f}%) in {len(summary['shards'])} shards "
+          f"under {args.output_dir}/shards; rejected: {summary['rejected']}")
+  if "ground_truth" in summary:
+    truth = summary["ground_truth"]
+    line += (f"; against {truth['key']!r}: precision {truth['precision']:.3f}, "
+             f"recall {truth['recall']:.3f}")
+  print(line)
+
+
+if __name__ == "__main__":
+  main()
