@@ -7,6 +7,10 @@ not use is reported as unexpected, and the result is checked name by name and sh
 by shape against the model's own parameters before anything is returned.
 
   params = convert.from_timm("vit_base_patch16_224", "vit_b16.safetensors")
+
+Models with state besides parameters (BatchNorm statistics in ``batch_stats``) are
+converted with ``variables_from_timm``, which returns every collection; their
+converters return ``{"params": ..., "batch_stats": ...}``.
 """
 
 import os
@@ -106,9 +110,13 @@ def load_state_dict(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
           for k, v in state.items()}
 
 
-def abstract_params(model, image_shape) -> Any:
+def abstract_variables(model, image_shape) -> dict:
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
+  return dict(jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images))
+
+
+def abstract_params(model, image_shape) -> Any:
+  return abstract_variables(model, image_shape)["params"]
 
 
 def check_against(params: Mapping[str, Any], expected: Mapping[str, Any],
@@ -117,6 +125,37 @@ def check_against(params: Mapping[str, Any], expected: Mapping[str, Any],
   problems = checkpoint.describe_mismatch(missing, unexpected + unused, mismatched)
   if problems and strict:
     raise ConversionError(f"{what} do not fit the model: {problems}")
+
+
+def variables_from_timm(model_name: str,
+                        state_dict: Union[Mapping[str, Any], str, os.PathLike], *,
+                        strict: bool = True, model: Optional[Any] = None,
+                        **overrides) -> dict:
+  """Converts a timm state dict into every variable collection of ``model_name``.
+
+  Returns ``{"params": ..., "batch_stats": ...}`` (whatever collections the model
+  has), ready for ``model.apply``. Arguments as for ``from_timm``.
+  """
+  if not isinstance(state_dict, Mapping):
+    state_dict = load_state_dict(state_dict)
+  info = model_info(model_name)
+  if info.family not in _TIMM_CONVERTERS:
+    raise ConversionError(f"no timm converter for the {info.family!r} family")
+  model = model if model is not None else create(model_name, **overrides)
+  state = StateDict(state_dict)
+  converted = _TIMM_CONVERTERS[info.family](state, model)
+  size = getattr(model, "image_size", info.image_size)
+  size = (size, size) if isinstance(size, int) else tuple(size)
+  expected = abstract_variables(model, (1,) + size + (3,))
+  what = f"timm weights for {model_name}"
+  if set(expected) == {"params"}:
+    variables = {"params": converted}
+    check_against(converted, expected["params"], state.unused(), strict=strict,
+                  what=what)
+  else:  # names in messages carry their collection: batch_stats/stem/norm1/mean
+    variables = dict(converted)
+    check_against(variables, expected, state.unused(), strict=strict, what=what)
+  return jax.tree.map(jnp.asarray, variables)
 
 
 def from_timm(model_name: str, state_dict: Union[Mapping[str, Any], str, os.PathLike], *,
@@ -128,18 +167,14 @@ def from_timm(model_name: str, state_dict: Union[Mapping[str, Any], str, os.Path
       ``num_classes``) unless ``model`` is given directly.
     strict: raise ConversionError naming every missing, unexpected or
       shape-mismatched key (the default); with False, convert what fits.
+
+  Models that also carry BatchNorm statistics need ``variables_from_timm``.
   """
-  if not isinstance(state_dict, Mapping):
-    state_dict = load_state_dict(state_dict)
-  info = model_info(model_name)
-  if info.family not in _TIMM_CONVERTERS:
-    raise ConversionError(f"no timm converter for the {info.family!r} family")
-  model = model if model is not None else create(model_name, **overrides)
-  state = StateDict(state_dict)
-  params = _TIMM_CONVERTERS[info.family](state, model)
-  size = getattr(model, "image_size", info.image_size)
-  size = (size, size) if isinstance(size, int) else tuple(size)
-  expected = abstract_params(model, (1,) + size + (3,))
-  check_against(params, expected, state.unused(), strict=strict,
-                what=f"timm weights for {model_name}")
-  return jax.tree.map(jnp.asarray, params)
+  variables = variables_from_timm(model_name, state_dict, strict=strict, model=model,
+                                  **overrides)
+  others = sorted(set(variables) - {"params"})
+  if others:
+    raise ConversionError(
+        f"{model_name} also has {', '.join(others)} (e.g. BatchNorm statistics); use "
+        "convert.variables_from_timm, which returns every collection")
+  return variables["params"]
