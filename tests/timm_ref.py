@@ -6,12 +6,15 @@ as a subprocess (see ``conftest.timm_reference``)::
   python tests/timm_ref.py jobs.json
 
 Each job: ``{"model": timm name, "kwargs": {...}, "input": "x.npy" (NHWC float32),
-"out": "y.npz", "seed": 0, "randomize": 0.1 or null, "intermediates": false}``.
+"out": "y.npz", "seed": 0, "randomize": 0.1 or null, "intermediates": false}``, and
+optionally ``"class": "timm.models.gcvit.GlobalContextVit"`` to build that class with
+``kwargs`` directly (for models whose registered names fix settings such as depths).
 The ``.npz`` holds ``state/<name>`` for every state-dict entry, ``logits``,
 ``features`` (``forward_features``), ``intermediates/<i>`` (``forward_intermediates``,
 NCHW maps or NLC tokens as timm returns them) and ``num_params``.
 """
 
+import importlib
 import json
 import sys
 
@@ -40,7 +43,11 @@ def randomize(model: torch.nn.Module, scale: float, generator: torch.Generator) 
 
 def run(job: dict) -> None:
   torch.manual_seed(job.get("seed", 0))
-  model = timm.create_model(job["model"], pretrained=False, **job.get("kwargs", {}))
+  if job.get("class"):
+    module, name = job["class"].rsplit(".", 1)
+    model = getattr(importlib.import_module(module), name)(**job.get("kwargs", {}))
+  else:
+    model = timm.create_model(job["model"], pretrained=False, **job.get("kwargs", {}))
   if job.get("randomize"):
     randomize(model, job["randomize"], torch.Generator().manual_seed(job.get("seed", 0)))
   model.eval()
