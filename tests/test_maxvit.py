@@ -60,7 +60,8 @@ def timm_outputs(tmp_path_factory):
   """Every timm run of this module, in one subprocess (random weights and BatchNorm
   statistics, scale 0.05)."""
   jobs = [{"model": job["name"], "kwargs": job["timm"], "images": job["images"],
-           "randomize": 0.05, "intermediates": True} for job in JOBS.values()]
+           "randomize": 0.05, "intermediates": True,
+           "one_pass": True} for job in JOBS.values()]
   outputs = run_timm_reference(jobs, tmp_path_factory.mktemp("timm_maxvit"))
   return dict(zip(JOBS, outputs))
 
@@ -75,9 +76,11 @@ def test_matches_timm_logits_and_stage_maps(timm_outputs, key):
   logits, inter = jax.jit(lambda v, x: models.forward_intermediates(model, v, x))(
       variables, job["images"])
   assert 0.3 < np.abs(ref["logits"]).mean() < 3  # logits of order 1
+  print(f"{key}: max |logit diff| {np.abs(logits - ref['logits']).max():.2e}")
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
   for i in range(4):  # timm's index 0 is the stem
     expected = ref[f"intermediates/{i + 1}"].transpose(0, 2, 3, 1)
+    print(f"  stage_{i}: max |diff| {np.abs(inter[f'stage_{i}'] - expected).max():.2e}")
     np.testing.assert_allclose(inter[f"stage_{i}"], expected, atol=1e-4, rtol=1e-4,
                                err_msg=f"stage_{i}")
 
@@ -148,6 +151,19 @@ def test_training_mode_drop_path_and_batch_stats(tiny):
   bad = models.create("maxvit_tiny_tf_224", **TINY, attention_impl="nope")
   with pytest.raises(ValueError, match="unknown attention implementation 'nope'"):
     bad.apply(variables, images)
+
+
+def test_compute_and_param_dtypes(tiny):
+  """bfloat16 compute keeps float32 parameters and logits; param_dtype sets storage
+  (checked abstractly: shapes and dtypes only, nothing compiled)."""
+  _, variables, images = tiny
+  model = models.create("maxvit_tiny_tf_224", **TINY, dtype="bfloat16")
+  logits, inter = jax.eval_shape(
+      lambda v, x: models.forward_intermediates(model, v, x), variables, images)
+  assert logits.dtype == jnp.float32 and inter["stage_1"].dtype == jnp.bfloat16
+  stored = models.create("maxvit_tiny_tf_224", **TINY, param_dtype="bfloat16")
+  shapes = jax.eval_shape(stored.init, jax.random.key(0), images)
+  assert {x.dtype for x in jax.tree.leaves(shapes["params"])} == {jnp.dtype("bfloat16")}
 
 
 def test_trains(tfds_dir, tmp_path):

@@ -62,7 +62,8 @@ JOBS = {
 def timm_outputs(tmp_path_factory):
   """Every timm run of this module, in one subprocess (random weights, scale 0.05)."""
   jobs = [{"model": job["name"], "kwargs": job["timm"], "images": job["images"],
-           "randomize": 0.05, "intermediates": True} for job in JOBS.values()]
+           "randomize": 0.05, "intermediates": True,
+           "one_pass": True} for job in JOBS.values()]
   outputs = run_timm_reference(jobs, tmp_path_factory.mktemp("timm_swin"))
   return dict(zip(JOBS, outputs))
 
@@ -76,9 +77,11 @@ def test_matches_timm_logits_and_stage_maps(timm_outputs, key):
   logits, inter = jax.jit(lambda p, x: models.forward_intermediates(
       model, {"params": p}, x))(params, job["images"])
   assert 0.3 < np.abs(ref["logits"]).mean() < 3  # logits of order 1
+  print(f"{key}: max |logit diff| {np.abs(logits - ref['logits']).max():.2e}")
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
   for i in range(4):
     expected = ref[f"intermediates/{i}"].transpose(0, 2, 3, 1)  # timm gives NCHW
+    print(f"  stage_{i}: max |diff| {np.abs(inter[f'stage_{i}'] - expected).max():.2e}")
     np.testing.assert_allclose(inter[f"stage_{i}"], expected, atol=1e-4, rtol=1e-4,
                                err_msg=f"stage_{i}")
   # forward_features is the normed last map; our features are its spatial mean.
@@ -179,6 +182,19 @@ def test_drop_path_in_training_and_attention_impl_reaches_the_kernel(tiny):
   bad = models.create("swin_tiny_patch4_window7_224", **TINY, attention_impl="nope")
   with pytest.raises(ValueError, match="unknown attention implementation 'nope'"):
     bad.apply(variables, images)
+
+
+def test_compute_and_param_dtypes(tiny):
+  """bfloat16 compute keeps float32 parameters and logits; param_dtype sets storage
+  (checked abstractly: shapes and dtypes only, nothing compiled)."""
+  _, variables, images = tiny
+  model = models.create("swin_tiny_patch4_window7_224", **TINY, dtype="bfloat16")
+  logits, inter = jax.eval_shape(
+      lambda v, x: models.forward_intermediates(model, v, x), variables, images)
+  assert logits.dtype == jnp.float32 and inter["stage_1"].dtype == jnp.bfloat16
+  stored = models.create("swin_tiny_patch4_window7_224", **TINY, param_dtype="bfloat16")
+  shapes = jax.eval_shape(stored.init, jax.random.key(0), images)
+  assert {x.dtype for x in jax.tree.leaves(shapes["params"])} == {jnp.dtype("bfloat16")}
 
 
 def test_trains(tfds_dir, tmp_path):

@@ -8,7 +8,9 @@ as a subprocess (see ``conftest.timm_reference``)::
 Each job: ``{"model": timm name, "kwargs": {...}, "input": "x.npy" (NHWC float32),
 "out": "y.npz", "seed": 0, "randomize": 0.1 or null, "intermediates": false}``, and
 optionally ``"class": "timm.models.gcvit.GlobalContextVit"`` to build that class with
-``kwargs`` directly (for models whose registered names fix settings such as depths).
+``kwargs`` directly (for models whose registered names fix settings such as depths),
+and ``"one_pass": true`` (with ``intermediates``) to take logits and features from
+the single ``forward_intermediates`` pass (check that this holds for the model).
 The ``.npz`` holds ``state/<name>`` for every state-dict entry, ``logits``,
 ``features`` (``forward_features``), ``intermediates/<i>`` (``forward_intermediates``,
 NCHW maps or NLC tokens as timm returns them) and ``num_params``.
@@ -54,12 +56,19 @@ def run(job: dict) -> None:
   images = torch.from_numpy(np.load(job["input"])).permute(0, 3, 1, 2).contiguous()
   out = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}
   with torch.no_grad():
-    out["logits"] = model(images).numpy()
-    out["features"] = model.forward_features(images).numpy()
-    if job.get("intermediates"):
-      feats = model.forward_intermediates(images, intermediates_only=True)
-      for i, f in enumerate(feats):
-        out[f"intermediates/{i}"] = f.numpy()
+    if job.get("intermediates") and job.get("one_pass"):
+      # One forward instead of three: the final output of forward_intermediates is
+      # forward_features' for the hierarchical models that ask for this.
+      final, feats = model.forward_intermediates(images)
+      out["logits"] = model.forward_head(final).numpy()
+      out["features"] = final.numpy()
+    else:
+      out["logits"] = model(images).numpy()
+      out["features"] = model.forward_features(images).numpy()
+      feats = (model.forward_intermediates(images, intermediates_only=True)
+               if job.get("intermediates") else [])
+    for i, f in enumerate(feats):
+      out[f"intermediates/{i}"] = f.numpy()
   out["num_params"] = np.array(sum(p.numel() for p in model.parameters()))
   np.savez(job["out"], **out)
 
