@@ -89,7 +89,7 @@ def test_conversion_names_bad_keys_and_needs_batch_stats(timm_outputs):
   job = JOBS["base_96"]
   state = state_dict_of(timm_outputs["base_96"])
   with pytest.raises(convert.ConversionError,
-                     match=r"has batch_stats .*use convert\.variables_from_timm"):
+                     match=r"also keeps batch_stats: use convert\.variables_from_timm"):
     convert.from_timm(job["name"], state, **job["ours"])
   del state["stages.1.blocks.1.conv.norm2.running_var"]
   with pytest.raises(convert.ConversionError,

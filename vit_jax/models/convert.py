@@ -1,16 +1,15 @@
 """Bringing foreign weights into vit_jax parameters, with missing/unexpected keys named.
 
 Each family registers ``@register_timm_converter(family)``, a function
-``(state: StateDict, model) -> params`` that reads timm's names through ``state``.
+``(state: StateDict, model) -> params`` that reads timm's names through ``state``
+(or ``-> Variables({"params": ..., "batch_stats": ...})`` for models that keep
+BatchNorm statistics).
 ``StateDict`` remembers which entries were read, so that whatever the converter did
 not use is reported as unexpected, and the result is checked name by name and shape
 by shape against the model's own parameters before anything is returned.
 
   params = convert.from_timm("vit_base_patch16_224", "vit_b16.safetensors")
-
-Models with state besides parameters (BatchNorm statistics in ``batch_stats``) are
-converted with ``variables_from_timm``, which returns every collection; their
-converters return ``{"params": ..., "batch_stats": ...}``.
+  variables = convert.variables_from_timm("efficientvit_b0", "b0.safetensors")
 """
 
 import os
@@ -71,7 +70,15 @@ class StateDict:
     return {"scale": self.take(f"{prefix}.weight"), "bias": self.take(f"{prefix}.bias")}
 
 
-_TIMM_CONVERTERS: dict[str, Callable[[StateDict, Any], dict]] = {}
+class Variables(dict):
+  """A converter's result holding several variable collections by name.
+
+  Returned by converters of models with non-parameter state (BatchNorm's
+  ``batch_stats``); a plain dict returned by a converter is the ``params`` alone.
+  """
+
+
+_TIMM_CONVERTERS: dict[str, Callable[[StateDict, Any], Union[dict, Variables]]] = {}
 
 
 def register_timm_converter(family: str):
@@ -110,13 +117,15 @@ def load_state_dict(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
           for k, v in state.items()}
 
 
-def abstract_variables(model, image_shape) -> dict:
-  images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  return dict(jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images))
-
-
 def abstract_params(model, image_shape) -> Any:
   return abstract_variables(model, image_shape)["params"]
+
+
+def abstract_variables(model, image_shape) -> dict:
+  """Shapes of every variable collection the model keeps (not ``intermediates``)."""
+  images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  return {k: v for k, v in variables.items() if k != "intermediates"}
 
 
 def check_against(params: Mapping[str, Any], expected: Mapping[str, Any],
@@ -134,7 +143,7 @@ def variables_from_timm(model_name: str,
   """Converts a timm state dict into every variable collection of ``model_name``.
 
   Returns ``{"params": ..., "batch_stats": ...}`` (whatever collections the model
-  has), ready for ``model.apply``. Arguments as for ``from_timm``.
+  keeps), checked name by name and shape by shape like ``from_timm``.
   """
   if not isinstance(state_dict, Mapping):
     state_dict = load_state_dict(state_dict)
@@ -143,18 +152,17 @@ def variables_from_timm(model_name: str,
     raise ConversionError(f"no timm converter for the {info.family!r} family")
   model = model if model is not None else create(model_name, **overrides)
   state = StateDict(state_dict)
-  converted = _TIMM_CONVERTERS[info.family](state, model)
+  result = _TIMM_CONVERTERS[info.family](state, model)
+  variables = dict(result) if isinstance(result, Variables) else {"params": result}
   size = getattr(model, "image_size", info.image_size)
   size = (size, size) if isinstance(size, int) else tuple(size)
   expected = abstract_variables(model, (1,) + size + (3,))
-  what = f"timm weights for {model_name}"
-  if set(expected) == {"params"}:
-    variables = {"params": converted}
-    check_against(converted, expected["params"], state.unused(), strict=strict,
-                  what=what)
-  else:  # names in messages carry their collection: batch_stats/stem/norm1/mean
-    variables = dict(converted)
-    check_against(variables, expected, state.unused(), strict=strict, what=what)
+  if set(expected) == set(variables) == {"params"}:  # name params as before: head/bias
+    check_against(variables["params"], expected["params"], state.unused(),
+                  strict=strict, what=f"timm weights for {model_name}")
+  else:  # params/..., batch_stats/...
+    check_against(variables, expected, state.unused(), strict=strict,
+                  what=f"timm weights for {model_name}")
   return jax.tree.map(jnp.asarray, variables)
 
 
@@ -168,13 +176,13 @@ def from_timm(model_name: str, state_dict: Union[Mapping[str, Any], str, os.Path
     strict: raise ConversionError naming every missing, unexpected or
       shape-mismatched key (the default); with False, convert what fits.
 
-  Models that also carry BatchNorm statistics need ``variables_from_timm``.
+  Models with BatchNorm statistics need ``variables_from_timm`` (params alone
+  would lose the statistics); asking this function for them is an error.
   """
   variables = variables_from_timm(model_name, state_dict, strict=strict, model=model,
                                   **overrides)
   others = sorted(set(variables) - {"params"})
   if others:
-    raise ConversionError(
-        f"{model_name} also has {', '.join(others)} (e.g. BatchNorm statistics); use "
-        "convert.variables_from_timm, which returns every collection")
+    raise ConversionError(f"{model_name} also keeps {', '.join(others)}: use "
+                          "convert.variables_from_timm to get every collection")
   return variables["params"]

@@ -50,7 +50,7 @@ import numpy as np
 
 from vit_jax import kernels
 from vit_jax.models import layers
-from vit_jax.models.convert import StateDict, register_timm_converter
+from vit_jax.models.convert import StateDict, Variables, register_timm_converter
 from vit_jax.models.registry import register_model
 from vit_jax.models.vit import _timm_attention, _timm_mlp
 
@@ -370,7 +370,7 @@ def convert_timm_maxvit(state: StateDict, model: MaxViT) -> dict:
   params["pre_logits"] = state.linear("head.pre_logits.fc")
   if model.num_classes:
     params["head"] = state.linear("head.fc")
-  return {"params": params, "batch_stats": stats}
+  return Variables(params=params, batch_stats=stats)
 
 
 # timm's maxvit_*_tf_224 (the official TF configurations):
