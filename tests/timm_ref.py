@@ -11,12 +11,17 @@ Each job: ``{"model": timm name, "kwargs": {...}, "input": "x.npy" (NHWC float32
 blocks of ``model.stages[i].blocks``: a shallower model with the real widths, for
 timm constructors that take no depth argument (e.g. the MetaFormers). Such a model is
 built on the meta device (no full-size initialisation) and needs ``randomize``, which
-then fills every tensor it has.
+then fills every tensor it has. Optionally ``"class": "timm.models.gcvit.GlobalContextVit"``
+builds that class with ``kwargs`` directly (for models whose registered names fix
+settings such as depths), and ``"one_pass": true`` (with ``intermediates``) takes logits
+and features from the single ``forward_intermediates`` pass (check that this holds for
+the model).
 The ``.npz`` holds ``state/<name>`` for every state-dict entry, ``logits``,
 ``features`` (``forward_features``), ``intermediates/<i>`` (``forward_intermediates``,
 NCHW maps or NLC tokens as timm returns them) and ``num_params``.
 """
 
+import importlib
 import json
 import sys
 
@@ -67,6 +72,9 @@ def run(job: dict) -> None:
   torch.manual_seed(job.get("seed", 0))
   if job.get("stage_depths"):
     model = create_shallow(job)
+  elif job.get("class"):
+    module, name = job["class"].rsplit(".", 1)
+    model = getattr(importlib.import_module(module), name)(**job.get("kwargs", {}))
   else:
     model = timm.create_model(job["model"], pretrained=False, **job.get("kwargs", {}))
   if job.get("randomize"):
@@ -75,12 +83,19 @@ def run(job: dict) -> None:
   images = torch.from_numpy(np.load(job["input"])).permute(0, 3, 1, 2).contiguous()
   out = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}
   with torch.no_grad():
-    out["logits"] = model(images).numpy()
-    out["features"] = model.forward_features(images).numpy()
-    if job.get("intermediates"):
-      feats = model.forward_intermediates(images, intermediates_only=True)
-      for i, f in enumerate(feats):
-        out[f"intermediates/{i}"] = f.numpy()
+    if job.get("intermediates") and job.get("one_pass"):
+      # One forward instead of three: the final output of forward_intermediates is
+      # forward_features' for the hierarchical models that ask for this.
+      final, feats = model.forward_intermediates(images)
+      out["logits"] = model.forward_head(final).numpy()
+      out["features"] = final.numpy()
+    else:
+      out["logits"] = model(images).numpy()
+      out["features"] = model.forward_features(images).numpy()
+      feats = (model.forward_intermediates(images, intermediates_only=True)
+               if job.get("intermediates") else [])
+    for i, f in enumerate(feats):
+      out[f"intermediates/{i}"] = f.numpy()
   out["num_params"] = np.array(sum(p.numel() for p in model.parameters()))
   np.savez(job["out"], **out)
 

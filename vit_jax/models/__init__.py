@@ -24,6 +24,9 @@ from vit_jax.models import pvt  # noqa: F401
 from vit_jax.models import cswin  # noqa: F401
 from vit_jax.models import text  # noqa: F401
 from vit_jax.models import two_tower  # noqa: F401
+from vit_jax.models import swin  # noqa: F401
+from vit_jax.models import maxvit  # noqa: F401
+from vit_jax.models import gcvit  # noqa: F401
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):
