@@ -8,7 +8,8 @@ as a subprocess (see ``conftest.timm_reference``)::
 Each job: ``{"model": timm name, "kwargs": {...}, "input": "x.npy" (NHWC float32),
 "out": "y.npz", "seed": 0, "randomize": 0.1 or null, "intermediates": false}``.
 The ``.npz`` holds ``state/<name>`` for every state-dict entry, ``logits``,
-``features`` (``forward_features``), ``intermediates/<i>`` (``forward_intermediates``,
+``features`` (``forward_features``; ``features/<i>`` per branch when it returns a list),
+``intermediates/<i>`` (``forward_intermediates``,
 NCHW maps or NLC tokens as timm returns them) and ``num_params``.
 """
 
@@ -48,7 +49,12 @@ def run(job: dict) -> None:
   out = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}
   with torch.no_grad():
     out["logits"] = model(images).numpy()
-    out["features"] = model.forward_features(images).numpy()
+    features = model.forward_features(images)
+    if isinstance(features, (list, tuple)):  # multi-branch models (CrossViT)
+      for i, f in enumerate(features):
+        out[f"features/{i}"] = f.numpy()
+    else:
+      out["features"] = features.numpy()
     if job.get("intermediates"):
       feats = model.forward_intermediates(images, intermediates_only=True)
       for i, f in enumerate(feats):

@@ -15,6 +15,11 @@ import numpy as np
 from vit_jax.models.registry import create, list_models, model_info, register_model
 # Family files register their variants at import.
 from vit_jax.models import vit  # noqa: F401
+from vit_jax.models import deit  # noqa: F401
+from vit_jax.models import crossvit  # noqa: F401
+from vit_jax.models import cvt  # noqa: F401
+from vit_jax.models import t2t_vit  # noqa: F401
+from vit_jax.models import tnt  # noqa: F401
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):

@@ -58,24 +58,30 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)).
+
+  Other families reuse it: ``layer_norm_epsilon`` (PyTorch's default is 1e-5) and
+  ``qkv_bias`` (timm's ``qkv_bias=False``) cover the usual differences.
+  """
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   gelu_approximate: bool = False
+  layer_norm_epsilon: float = 1e-6
+  qkv_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     y = norm("LayerNorm_0")(x)
     y = layers.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        dtype=self.dtype, param_dtype=self.param_dtype,
+        qkv_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadDotProductAttention_1")(y, train=train)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
     x = x + layers.DropPath(self.drop_path_rate)(y, train=train)

@@ -1,0 +1,127 @@
+"""DeiT family: exact parameter counts, the distilled model's two heads, timm parity.
+
+Training through the real trainer (with and without a teacher) is in
+``test_distillation.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import run_timm_reference, state_dict_of
+from vit_jax import models
+from vit_jax.models import convert
+
+# timm 1.0.31: sum(p.numel() for p in timm.create_model(name).parameters()), models built
+# on the meta device in a one-off script (1000-class heads, default resolution).
+TIMM_PARAM_COUNTS = {
+    "deit_tiny_patch16_224": 5_717_416,
+    "deit_small_patch16_224": 22_050_664,
+    "deit_base_patch16_224": 86_567_656,
+    "deit_base_patch16_384": 86_859_496,
+    "deit_tiny_distilled_patch16_224": 5_910_800,
+    "deit_small_distilled_patch16_224": 22_436_432,
+    "deit_base_distilled_patch16_224": 87_338_192,
+    "deit_base_distilled_patch16_384": 87_630_032,
+}
+
+TINY = dict(image_size=32, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
+            num_classes=10, head_zeroinit=False)
+
+
+def test_every_registered_deit_has_an_exact_count():
+  assert sorted(models.list_models(family="deit")) == sorted(TIMM_PARAM_COUNTS)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_PARAM_COUNTS))
+def test_param_count(name):
+  assert models.param_count(name) == TIMM_PARAM_COUNTS[name]
+
+
+def test_distilled_model_returns_both_heads_in_training_and_their_mean_at_eval():
+  model = models.create("deit_tiny_distilled_patch16_224", **TINY)
+  images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images)
+  assert variables["params"]["dist"].shape == (1, 1, 32)
+  assert variables["params"]["Transformer"]["posembed_input"]["pos_embedding"].shape == (
+      1, 4 + 2, 32)
+  logits, logits_dist = model.apply(variables, images, train=True)
+  assert logits.shape == logits_dist.shape == (3, 10) and logits.dtype == jnp.float32
+  assert not np.allclose(logits, logits_dist, atol=1e-3)  # two different heads
+  averaged = model.apply(variables, images, train=False)
+  np.testing.assert_allclose(averaged, (logits + logits_dist) / 2, atol=1e-6)
+  # distilled_training=False: the average in training too (fine-tuning without a teacher).
+  plain = models.create("deit_tiny_distilled_patch16_224", distilled_training=False, **TINY)
+  np.testing.assert_allclose(plain.apply(variables, images, train=True), averaged,
+                             atol=1e-6)
+  # Without heads: the mean of the two tokens' features (timm's pre-logits).
+  _, inter = models.forward_intermediates(model, variables, images)
+  headless = models.create("deit_tiny_distilled_patch16_224", **{**TINY, "num_classes": 0})
+  pooled = headless.apply({"params": {k: v for k, v in variables["params"].items()
+                                      if k not in ("head", "head_dist")}}, images)
+  np.testing.assert_allclose(pooled, inter["features"], atol=1e-6)
+
+
+def test_distilled_model_errors():
+  with pytest.raises(ValueError, match="needs classifier='token', posemb='learn'"):
+    model = models.create("deit_tiny_distilled_patch16_224", classifier="gap", **TINY)
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  model = models.create("deit_tiny_distilled_patch16_224", **TINY)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match=r"built for 32x32 images \(2x2 patches\); got 48x48"):
+    model.apply(variables, jnp.zeros((1, 48, 48, 3)))
+
+
+# Parity jobs: real widths and heads, fewer blocks and a 32x32 input (2x2 patches) so
+# that the JAX compiles stay cheap on CPU.
+PARITY = [
+    ("deit_tiny_patch16_224", dict(depth=2)),
+    ("deit_small_distilled_patch16_224", dict(depth=2)),
+    ("deit_base_distilled_patch16_224", dict(depth=1)),
+]
+
+
+@pytest.fixture(scope="module")
+def timm_outputs(tmp_path_factory):
+  images = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
+  jobs = [{"model": name, "kwargs": dict(kw, img_size=32, num_classes=10),
+           "images": images, "randomize": 0.1, "intermediates": True}
+          for name, kw in PARITY]
+  jobs.append({"model": "deit_tiny_distilled_patch16_224",
+               "kwargs": dict(depth=1, img_size=32, num_classes=10), "images": images})
+  return images, run_timm_reference(jobs, tmp_path_factory.mktemp("timm_deit"))
+
+
+@pytest.mark.parametrize("index", range(len(PARITY)))
+def test_matches_timm_with_random_weights(timm_outputs, index):
+  images, outputs = timm_outputs
+  name, kw = PARITY[index]
+  ref = outputs[index]
+  overrides = dict(image_size=32, num_layers=kw["depth"], num_classes=10)
+  model = models.create(name, **overrides)
+  params = convert.from_timm(name, state_dict_of(ref), model=model)
+  logits, inter = models.forward_intermediates(model, {"params": params}, images)
+  assert np.abs(ref["logits"]).mean() > 0.3  # logits of order 1
+  np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
+  prefix = 2 if "distilled" in name else 1
+  for i in range(kw["depth"]):  # timm: patch tokens only, as NCHW maps
+    # The residual stream reaches |x| ~ 30 at base width: float32 round-off is relative.
+    ours = inter[f"Transformer/block_{i}"][:, prefix:].reshape(2, 2, 2, -1)
+    np.testing.assert_allclose(ours.transpose(0, 3, 1, 2), ref[f"intermediates/{i}"],
+                               atol=1e-4, rtol=1e-5)
+  expected = ref["features"][:, :prefix].mean(axis=1)
+  np.testing.assert_allclose(inter["features"], expected, atol=1e-4, rtol=0)
+  assert models.param_count(name, **overrides) == int(ref["num_params"])
+
+
+def test_timm_conversion_names_bad_keys(timm_outputs):
+  _, outputs = timm_outputs
+  state = state_dict_of(outputs[-1])
+  overrides = dict(image_size=32, num_layers=1, num_classes=10)
+  convert.from_timm("deit_tiny_distilled_patch16_224", state, **overrides)  # fits
+  with pytest.raises(convert.ConversionError, match="unexpected: dist_token"):
+    convert.from_timm("deit_tiny_patch16_224", state, **overrides)
+  del state["head_dist.bias"]
+  with pytest.raises(convert.ConversionError, match="no entry 'head_dist.bias'"):
+    convert.from_timm("deit_tiny_distilled_patch16_224", state, **overrides)
