@@ -92,16 +92,16 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int,
                        f"images of shape {image_shape}: {e}") from e
 
   step_dir = _step_dir(config.teacher_checkpoint)
-  state = ckpt_lib.load_state_arrays(str(step_dir))
-  found = {"params": state.get("params", {}), **(state.get("model_state") or {})}
-  report = ckpt_lib.describe_mismatch(*ckpt_lib.compare_trees(expected, found))
+  # Read straight into replicated arrays (every host restores what its devices hold).
+  state = ckpt_lib.load_state_arrays(str(step_dir), sharding=sharding.replicated(mesh))
+  variables = {"params": state.get("params", {}), **(state.get("model_state") or {})}
+  report = ckpt_lib.describe_mismatch(*ckpt_lib.compare_trees(expected, variables))
   if report:
     raise TeacherError(
         f"teacher checkpoint {step_dir} does not fit teacher {config.teacher_model} "
         f"with {overrides} ({report}). Set config.distillation.teacher_model and "
         ".teacher to the model and settings of the run that wrote it.")
-  variables = jax.device_put(found, sharding.replicated(mesh))
-  count = sum(x.size for x in jax.tree.leaves(found["params"]))
+  count = sum(x.size for x in jax.tree.leaves(variables["params"]))
   common.console(f"distillation: teacher {config.teacher_model} ({count:,} parameters) "
                  f"from {step_dir}; {config.type} targets, alpha {config.alpha}, "
                  f"tau {config.tau}")
