@@ -14,7 +14,11 @@ parameters), whose distillation head learns the teacher's hard predictions:
   python -m vit_jax.main --config=configs/digits_deit_distilled.py:baseline \
       --workdir=workdirs/digits_deit_baseline
 
-Measured (2-core CPU, 1,500 steps each; see README): RESULTS_PLACEHOLDER
+Measured (2-core CPU, 1,500 steps each, seeds 0 / 1): teacher 99.17% test top-1;
+distilled student 98.89% / 98.33%; baseline student 98.89% / 98.61%. Distillation does
+not raise the final accuracy on this easy task (1-2 of 360 digits apart); the distilled
+student learns faster (95.3% / 94.2% at step 500 vs 90.3% / 93.1%). About 3 minutes per
+run on a loaded 2-core machine.
 """
 
 import importlib.util
