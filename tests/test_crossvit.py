@@ -26,6 +26,13 @@ TIMM_PARAM_COUNTS = {
 }
 
 
+def assert_features_close(ours, ref):
+  """Block features: float32 round-off grows with the residual stream's scale (|x| ~ 30
+  at base width with random weights), so the 1e-4 bound is relative to the largest."""
+  ref = np.asarray(ref)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=max(1e-4, 1e-5 * np.abs(ref).max()))
+
+
 def test_every_registered_crossvit_has_an_exact_count():
   assert sorted(models.list_models(family="crossvit")) == sorted(TIMM_PARAM_COUNTS)
 
@@ -88,11 +95,10 @@ def test_matches_timm_with_random_weights(timm_outputs, index):
     grid = side // patch
     for i in range(num_blocks):
       ours = inter[f"block_{i}/branch_{b}"][:, 1:].reshape(2, grid, grid, -1)
-      np.testing.assert_allclose(ours.transpose(0, 3, 1, 2),
-                                 ref[f"intermediates/{b * num_blocks + i}"],
-                                 atol=1e-4, rtol=1e-5)
+      assert_features_close(ours.transpose(0, 3, 1, 2),
+                            ref[f"intermediates/{b * num_blocks + i}"])
   expected = np.concatenate([ref["features/0"][:, 0], ref["features/1"][:, 0]], axis=-1)
-  np.testing.assert_allclose(inter["features"], expected, atol=1e-4, rtol=1e-5)
+  assert_features_close(inter["features"], expected)
   assert models.param_count(name, **_overrides(kw)) == int(ref["num_params"])
 
 

@@ -105,13 +105,12 @@ def test_sinusoid_table():
 
 
 @pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
-def test_tokens_and_frozen_features(tokens_type):
+def test_token_grid_and_layer_shapes(tokens_type):
   model = models.create("t2t_vit_14", tokens_type=tokens_type, **TINY)
-  images = jax.random.normal(jax.random.key(1), (2, 48, 32, 3))
-  variables = jax.jit(model.init)(jax.random.key(0), images)
-  logits, inter = jax.jit(lambda v, x: models.forward_intermediates(model, v, x))(
-      variables, images)
-  assert logits.shape == (2, 10)
+  variables, (_, inter) = jax.eval_shape(
+      lambda x: (model.init(jax.random.key(0), x),
+                 models.forward_intermediates(model, model.init(jax.random.key(0), x), x)),
+      jax.ShapeDtypeStruct((2, 48, 32, 3), jnp.float32))
   assert inter["block_0"].shape == (2, 1 + 3 * 2, 32)  # side / 16 tokens, plus cls
   t2t = variables["params"]["tokens_to_token"]
   first = "kqv" if tokens_type == "performer" else "qkv"
@@ -119,16 +118,25 @@ def test_tokens_and_frozen_features(tokens_type):
   assert t2t["attention2"][first]["kernel"].shape == (16 * 3 * 3, 3 * 16)
   assert t2t["project"]["kernel"].shape == (16 * 3 * 3, 32)
   if tokens_type == "performer":
-    omega = variables["constants"]["tokens_to_token"]["attention1"]["random_features"]
-    assert omega.shape == (8, 16)  # m = token_dim / 2 features
-    # Orthogonal rows scaled by sqrt(m), as the official init.
-    np.testing.assert_allclose(omega @ omega.T, 8 * np.eye(8), atol=1e-4)
-    # The Performer layers' own dropout (0.1, as the official code) acts in training.
-    train = jax.jit(lambda v, x: model.apply(v, x, train=True,
-                                             rngs={"dropout": jax.random.key(2)}))
-    assert not np.allclose(train(variables, images), logits, atol=1e-5)
+    constants = variables["constants"]["tokens_to_token"]
+    assert constants["attention1"]["random_features"].shape == (8, 16)  # m = 16 / 2
   else:
-    assert "constants" not in variables
+    assert "constants" not in variables and "bias" not in t2t["attention1"]["qkv"]
+
+
+def test_performer_features_are_frozen_orthogonal_and_dropout_trains_only():
+  model = models.create("t2t_vit_14", **TINY)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), images)
+  omega = variables["constants"]["tokens_to_token"]["attention1"]["random_features"]
+  # Orthogonal rows scaled by sqrt(m), as the official init.
+  np.testing.assert_allclose(omega @ omega.T, 8 * np.eye(8), atol=1e-4)
+  apply = jax.jit(lambda v, x, key: (
+      model.apply(v, x), model.apply(v, x, train=True, rngs={"dropout": key})))
+  logits, train = apply(variables, images, jax.random.key(2))
+  assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
+  # The Performer layers' own dropout (0.1, as the official code) acts in training.
+  assert not np.allclose(train, logits, atol=1e-5)
 
 
 def test_performer_attention_is_a_normalised_average_of_values():

@@ -17,6 +17,13 @@ TIMM_PARAM_COUNTS = {
 }
 
 
+def assert_features_close(ours, ref):
+  """Block features: float32 round-off grows with the residual stream's scale (|x| ~ 30
+  at base width with random weights), so the 1e-4 bound is relative to the largest."""
+  ref = np.asarray(ref)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=max(1e-4, 1e-5 * np.abs(ref).max()))
+
+
 def test_every_registered_tnt_has_an_exact_count():
   assert sorted(models.list_models(family="tnt")) == sorted(TIMM_PARAM_COUNTS)
 
@@ -54,9 +61,8 @@ def test_matches_timm_with_random_weights(timm_outputs, index):
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
   for i in range(depth):  # timm: patch tokens (no class token) as NCHW maps
     ours = inter[f"block_{i}"][:, 1:].reshape(2, 2, 2, -1).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(ours, ref[f"intermediates/{i}"], atol=1e-4, rtol=1e-5)
-  np.testing.assert_allclose(inter["features"], ref["features"][:, 0], atol=1e-4,
-                             rtol=1e-5)
+    assert_features_close(ours, ref[f"intermediates/{i}"])
+  assert_features_close(inter["features"], ref["features"][:, 0])
   assert models.param_count(name, **overrides) == int(ref["num_params"])
 
 
