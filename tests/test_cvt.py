@@ -59,7 +59,8 @@ def test_conv_attention_matches_the_official_computation():
   layer = cvt.ConvAttention(num_heads=heads, with_cls_token=True)
   rs = np.random.RandomState(0)
   x = rs.randn(2, 1 + height * width, dim).astype(np.float32)
-  variables = layer.init(jax.random.key(0), x, height, width)
+  variables = jax.jit(layer.init, static_argnums=(2, 3))(
+      jax.random.key(0), x, height, width)
   # Random weights and biases, and non-trivial BatchNorm statistics (variances > 0).
   randomize = lambda tree, scale, offset: jax.tree.map(
       lambda a: jnp.asarray(offset + scale * rs.randn(*a.shape), jnp.float32), tree)
@@ -69,7 +70,7 @@ def test_conv_attention_matches_the_official_computation():
                    "mean": randomize(stats[name]["bn"]["mean"], 0.3, 0.0),
                    "var": jnp.asarray(rs.rand(dim) + 0.5, jnp.float32)}}
                                for name in stats}}
-  ours = layer.apply(variables, x, height, width)
+  ours = jax.jit(layer.apply, static_argnums=(2, 3))(variables, x, height, width)
 
   p, s = jax.tree.map(np.asarray, variables["params"]), variables["batch_stats"]
   cls, spatial = x[:, :1], x[:, 1:].reshape(2, height, width, dim)

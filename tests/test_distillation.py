@@ -129,6 +129,9 @@ def test_teacher_errors_are_clear(shifted_teacher, tmp_path):
   with pytest.raises(distillation.TeacherError, match="cannot take the student's input "
                                                       r"images of shape \(1, 32, 32, 3\)"):
     load(distill_config(teacher_dir), shape=(1, 32, 32, 3))
+  with pytest.raises(distillation.TeacherError,
+                     match="predicts 10 classes, the dataset has 7"):
+    distillation.load_teacher(distill_config(teacher_dir), 7, (1, 16, 16, 3), mesh)
   with pytest.raises(distillation.TeacherError, match="type must be one of"):
     load(distill_config(teacher_dir, type="medium"))
   with pytest.raises(distillation.TeacherError, match=r"alpha must be in \[0, 1\]"):

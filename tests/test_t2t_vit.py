@@ -143,7 +143,7 @@ def test_performer_attention_is_a_normalised_average_of_values():
   """FAVOR+ weights are positive and sum to one: constant values pass through unchanged."""
   layer = t2t_vit.TokenPerformer(features=8, dropout_rate=0.0)
   x = jax.random.normal(jax.random.key(0), (1, 5, 12))
-  variables = layer.init(jax.random.key(1), x)
+  variables = jax.jit(layer.init)(jax.random.key(1), x)
   params = jax.tree.map(lambda p: p, variables["params"])
   # Values: the same vector c for every token (zero kernel, bias c); identity proj;
   # the MLP's output layer zeroed. Then y = v + attention(v) = 2c for every token.
@@ -152,7 +152,7 @@ def test_performer_attention_is_a_normalised_average_of_values():
   kqv["bias"] = kqv["bias"].at[16:].set(jnp.arange(8.0))
   params["proj"] = {"kernel": jnp.eye(8), "bias": jnp.zeros(8)}
   params["mlp"]["Dense_1"] = jax.tree.map(jnp.zeros_like, params["mlp"]["Dense_1"])
-  out = layer.apply({**variables, "params": params}, x)
+  out = jax.jit(layer.apply)({**variables, "params": params}, x)
   # rtol: the official 1e-8 added to the normaliser shows at ~1e-6 relative.
   np.testing.assert_allclose(out, jnp.broadcast_to(2 * jnp.arange(8.0), (1, 5, 8)),
                              rtol=1e-5, atol=1e-6)

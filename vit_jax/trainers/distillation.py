@@ -87,9 +87,13 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int,
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
   try:
     expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x), expected, images)
   except ValueError as e:
     raise TeacherError(f"teacher {config.teacher_model} cannot take the student's input "
                        f"images of shape {image_shape}: {e}") from e
+  if logits.shape[-1] != num_classes:
+    raise TeacherError(f"teacher {config.teacher_model} predicts {logits.shape[-1]} "
+                       f"classes, the dataset has {num_classes}")
 
   step_dir = _step_dir(config.teacher_checkpoint)
   # Read straight into replicated arrays (every host restores what its devices hold).
