@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
 from helpers import train_in_process
 from vit_jax import models
 from vit_jax.models import cvt
@@ -16,11 +17,13 @@ from vit_jax.models import cvt
 # Parameter counts of the official models (microsoft/CvT, lib/models/cls_cvt.py with the
 # CvT-13/21/W24 specs: patch 7/3/3, stride 4/2/2, widths 64/192/384 (W24: 192/768/1024),
 # depths 1/2/10, 1/4/16, 2/2/20, MLP ratio 4, qkv_bias, class token in stage 3,
-# dw_bn projections), counted layer by layer from its constructors with a 1000-class
-# head (every official parameter is trainable; BatchNorm running statistics are
-# buffers). CvT-13 = 61,696 (stage 1) + 1,013,568 (stage 2) + 18,536,448 (stage 3)
-# + 768 (norm) + 385,000 (head) = 19,997,480, the paper's 20M; CvT-21 is 32M; the
-# CvT-21 and W24 numbers also equal those printed by an independent port (lucid).
+# dw_bn projections), counted with a 1000-class head by hand from its constructors and
+# with sum(p.numel()) over a torch re-build of the constructors' parameter-owning
+# modules in a one-off script (both agree; every official parameter is trainable;
+# BatchNorm running statistics are buffers). CvT-13 = 61,696 (stage 1) + 1,013,568
+# (stage 2) + 18,536,448 (stage 3) + 768 (norm) + 385,000 (head) = 19,997,480, the
+# paper's 20M; CvT-21 is 32M; the CvT-21 and W24 numbers also equal those printed by
+# an independent port (lucid).
 OFFICIAL_PARAM_COUNTS = {
     "cvt_13": 19_997_480,
     "cvt_21": 31_622_696,

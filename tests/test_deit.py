@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
 from helpers import run_timm_reference, state_dict_of
 from vit_jax import models
 from vit_jax.models import convert

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 
+from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
 from helpers import REPO, train_in_process
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import models, sharding

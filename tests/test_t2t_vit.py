@@ -10,13 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
 from helpers import train_in_process
 from vit_jax import models
 from vit_jax.models import t2t_vit
 
 # Parameter counts of the official models (yitu-opensource/T2T-ViT, models/t2t_vit.py:
 # T2T_ViT(embed_dim, depth, num_heads, mlp_ratio=3, token_dim=64), qkv_bias=False),
-# counted layer by layer from its constructors with a 1000-class head:
+# counted with a 1000-class head, twice: by hand, layer by layer, from its constructors,
+# and with sum(p.numel()) over a torch re-build of those constructors' parameter-owning
+# modules (models/t2t_vit.py, token_performer.py, token_transformer.py,
+# transformer_block.py) in a one-off script on the meta device; both agree:
 #   T2T layer 1: LayerNorm(147) + Linear(147, 192) [performer: with bias; transformer
 #     "qkv": without] + Linear(64, 64) + LayerNorm(64) + MLP 64->64->64
 #   T2T layer 2: the same from 576 = 64 * 3 * 3 input features

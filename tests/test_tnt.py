@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
 from helpers import run_timm_reference, state_dict_of, train_in_process
 from vit_jax import models
 from vit_jax.models import convert

@@ -58,30 +58,28 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)).
-
-  Other families reuse it: ``layer_norm_epsilon`` (PyTorch's default is 1e-5) and
-  ``qkv_bias`` (timm's ``qkv_bias=False``) cover the usual differences.
-  """
+  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   gelu_approximate: bool = False
-  layer_norm_epsilon: float = 1e-6
-  qkv_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # For other families that reuse the block: PyTorch's LayerNorm default is 1e-5, and
+  # timm's qkv_bias=False drops only the query/key/value biases.
+  layer_norm_epsilon: float = 1e-6
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     y = norm("LayerNorm_0")(x)
-    y = layers.MultiHeadDotProductAttention(
+    y = layers.MultiHeadDotProductAttention(qkv_bias=self.qkv_bias,
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        qkv_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadDotProductAttention_1")(y, train=train)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
     x = x + layers.DropPath(self.drop_path_rate)(y, train=train)
