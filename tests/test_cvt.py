@@ -103,8 +103,10 @@ def test_stages_batch_stats_and_features():
   images = jax.random.normal(jax.random.key(1), (4, 64, 48, 3))
   variables = jax.jit(model.init)(jax.random.key(0), images)
   assert set(variables) == {"params", "batch_stats"}
-  forward = jax.jit(lambda v, x: models.forward_intermediates(model, v, x))
-  logits, inter = forward(variables, images)
+  # One compile for eval (with intermediates) and a training forward of the same inputs.
+  run = jax.jit(lambda v, x: (models.forward_intermediates(model, v, x),
+                              model.apply(v, x, train=True, mutable=["batch_stats"])))
+  (logits, inter), (out, updated) = run(variables, images)
   assert logits.shape == (4, 10)
   # Strides 4, 2, 2 with padding: 64x48 -> 16x12 -> 8x6 -> 4x3.
   assert [inter[f"stage_{s}"].shape for s in range(3)] == [
@@ -114,13 +116,11 @@ def test_stages_batch_stats_and_features():
 
   # Training normalises with batch statistics and updates the running ones (momentum
   # 0.1 as PyTorch); eval uses the running statistics.
-  train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
-  out, updated = train(variables, images)
   bn = lambda v: v["batch_stats"]["stage0"]["block_0"]["attention"]["conv_proj_k"]["bn"]
   assert np.all(np.asarray(bn(variables)["mean"]) == 0)
   assert not np.allclose(bn(updated)["mean"], 0)
   assert not np.allclose(out, logits, atol=1e-4)
-  shifted, _ = forward({**variables, "batch_stats": updated["batch_stats"]}, images)
+  (shifted, _), _ = run({**variables, "batch_stats": updated["batch_stats"]}, images)
   assert not np.allclose(shifted, logits, atol=1e-5)
 
 

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 
 from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
-from helpers import run_timm_reference, state_dict_of
+from helpers import state_dict_of
 from vit_jax import models
 from vit_jax.models import convert
+
+# plain_timm_outputs: one timm subprocess for DeiT, CrossViT and TNT (a plugin, so
+# that the session fixture is shared by the three modules).
+pytest_plugins = ["plain_timm"]
 
 # timm 1.0.31: sum(p.numel() for p in timm.create_model(name).parameters()), models built
 # on the meta device in a one-off script (1000-class heads, default resolution).
@@ -94,15 +98,20 @@ PARITY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def timm_outputs(tmp_path_factory):
+def timm_jobs():
+  """Input images and timm jobs (run with CrossViT's and TNT's, see plain_timm.py)."""
   images = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
   jobs = [{"model": name, "kwargs": dict(kw, img_size=32, num_classes=10),
            "images": images, "randomize": 0.1, "intermediates": True}
           for name, kw in PARITY]
   jobs.append({"model": "deit_tiny_distilled_patch16_224",
                "kwargs": dict(depth=1, img_size=32, num_classes=10), "images": images})
-  return images, run_timm_reference(jobs, tmp_path_factory.mktemp("timm_deit"))
+  return images, jobs
+
+
+@pytest.fixture(scope="module")
+def timm_outputs(plain_timm_outputs):
+  return plain_timm_outputs["deit"]
 
 
 @pytest.mark.parametrize("index", range(len(PARITY)))

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 
 from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
-from helpers import run_timm_reference, state_dict_of, train_in_process
+from helpers import state_dict_of, train_in_process
 from vit_jax import models
 from vit_jax.models import convert
+
+# plain_timm_outputs: one timm subprocess for DeiT, CrossViT and TNT (a plugin, so
+# that the session fixture is shared by the three modules).
+pytest_plugins = ["plain_timm"]
 
 # timm 1.0.31: sum(p.numel() for p in timm.create_model(name).parameters()), models built
 # on the meta device in a one-off script (1000-class heads).
@@ -39,13 +43,18 @@ def test_param_count(name):
 PARITY = [("tnt_s_patch16_224", 2), ("tnt_b_patch16_224", 1)]
 
 
-@pytest.fixture(scope="module")
-def timm_outputs(tmp_path_factory):
+def timm_jobs():
+  """Input images and timm jobs (run with DeiT's and CrossViT's, see plain_timm.py)."""
   images = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
   jobs = [{"model": name, "kwargs": dict(depth=depth, img_size=32, num_classes=10),
            "images": images, "randomize": 0.1, "intermediates": True}
           for name, depth in PARITY]
-  return images, run_timm_reference(jobs, tmp_path_factory.mktemp("timm_tnt"))
+  return images, jobs
+
+
+@pytest.fixture(scope="module")
+def timm_outputs(plain_timm_outputs):
+  return plain_timm_outputs["tnt"]
 
 
 @pytest.mark.parametrize("index", range(len(PARITY)))
