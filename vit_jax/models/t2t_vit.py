@@ -227,7 +227,7 @@ class T2TViT(nn.Module):
           mlp_dim=int(self.hidden_size * self.mlp_ratio), num_heads=self.num_heads,
           dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
-          layer_norm_epsilon=LN_EPS, qkv_bias=self.qkv_bias, dtype=dtype,
+          norm_epsilon=LN_EPS, qkv_bias=self.qkv_bias, dtype=dtype,
           param_dtype=param_dtype, name=f"encoderblock_{i}")(x, train=train)
       self.sow("intermediates", f"block_{i}", x)
 

@@ -55,7 +55,7 @@ class TNTBlock(nn.Module):
     block = lambda dim, heads, ratio, name: vit.Encoder1DBlock(
         mlp_dim=int(dim * ratio), num_heads=heads, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
-        drop_path_rate=self.drop_path_rate, layer_norm_epsilon=LN_EPS,
+        drop_path_rate=self.drop_path_rate, norm_epsilon=LN_EPS,
         qkv_bias=self.qkv_bias, name=name, **kw)
     inner_dim, outer_dim = pixels.shape[-1], patches.shape[-1]
     pixels = block(inner_dim, self.inner_heads, 4.0, "inner")(pixels, train=train)

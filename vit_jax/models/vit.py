@@ -65,16 +65,14 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   gelu_approximate: bool = False
+  norm_epsilon: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  # For other families that reuse the block: PyTorch's LayerNorm default is 1e-5, and
-  # timm's qkv_bias=False drops only the query/key/value biases.
-  layer_norm_epsilon: float = 1e-6
-  qkv_bias: bool = True
+  qkv_bias: bool = True  # timm's qkv_bias=False drops only the query/key/value biases
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
-    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+    norm = lambda name: nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     y = norm("LayerNorm_0")(x)
     y = layers.MultiHeadDotProductAttention(qkv_bias=self.qkv_bias,
