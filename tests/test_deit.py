@@ -12,7 +12,7 @@ import pytest
 from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
 from helpers import state_dict_of
 from vit_jax import models
-from vit_jax.models import convert
+from vit_jax.models import convert, deit
 
 # plain_timm_outputs: one timm subprocess for DeiT, CrossViT and TNT (a plugin, so
 # that the session fixture is shared by the three modules).
@@ -87,6 +87,18 @@ def test_distilled_model_errors():
     init(models.create("deit_tiny_distilled_patch16_224", classifier="gap", **TINY), 32)
   with pytest.raises(ValueError, match=r"built for 32x32 images \(2x2 patches\); got 48x48"):
     init(models.create("deit_tiny_distilled_patch16_224", **TINY), 48)
+
+
+def test_distilled_model_rejects_vit_settings_it_does_not_implement(monkeypatch):
+  """A ViT setting outside deit.SUPPORTED_VIT_FIELDS (here one taken out) is an error."""
+  model = models.create("deit_tiny_distilled_patch16_224", gelu_approximate=True, **TINY)
+  shape = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  jax.eval_shape(lambda x: model.init(jax.random.key(0), x), shape)  # supported: fine
+  monkeypatch.setattr(deit, "SUPPORTED_VIT_FIELDS",
+                      deit.SUPPORTED_VIT_FIELDS - {"gelu_approximate"})
+  with pytest.raises(ValueError, match="does not implement the ViT setting "
+                                       "gelu_approximate=True; leave it at False"):
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), shape)
 
 
 # Parity jobs: real widths and heads, fewer blocks and a 32x32 input (2x2 patches) so

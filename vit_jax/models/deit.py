@@ -19,6 +19,7 @@ two tokens' features. Parameter tree: the ViT layout plus ``dist`` (the distilla
 token, beside ``cls``) and ``head_dist``; the position embedding covers both tokens.
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +30,14 @@ from vit_jax.models.convert import StateDict, register_timm_converter
 from vit_jax.models.registry import register_model
 
 Array = Any
+
+
+# The VisionTransformer settings DistilledVisionTransformer.__call__ implements.
+SUPPORTED_VIT_FIELDS = frozenset((
+    "num_classes", "image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
+    "mlp_dim", "classifier", "posemb", "representation_size", "dropout_rate",
+    "attention_dropout_rate", "drop_path_rate", "head_zeroinit", "gelu_approximate",
+    "dtype", "param_dtype", "parent", "name"))
 
 
 class DistilledVisionTransformer(vit.VisionTransformer):
@@ -45,6 +54,14 @@ class DistilledVisionTransformer(vit.VisionTransformer):
                        "classifier='token', posemb='learn' and no representation_size; got "
                        f"classifier={self.classifier!r}, posemb={self.posemb!r}, "
                        f"representation_size={self.representation_size!r}")
+    # Settings the ViT has that this forward pass does not implement (e.g. ones the ViT
+    # gains later) must keep their defaults: an error, never silently ignored.
+    for field in dataclasses.fields(vit.VisionTransformer):
+      if (field.name not in SUPPORTED_VIT_FIELDS and field.default is not dataclasses.MISSING
+          and getattr(self, field.name) != field.default):
+        raise ValueError(f"the distilled DeiT does not implement the ViT setting "
+                         f"{field.name}={getattr(self, field.name)!r}; leave it at "
+                         f"{field.default!r}")
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Any:
