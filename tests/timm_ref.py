@@ -17,7 +17,8 @@ settings such as depths), and ``"one_pass": true`` (with ``intermediates``) take
 and features from the single ``forward_intermediates`` pass (check that this holds for
 the model).
 The ``.npz`` holds ``state/<name>`` for every state-dict entry, ``logits``,
-``features`` (``forward_features``), ``intermediates/<i>`` (``forward_intermediates``,
+``features`` (``forward_features``; ``features/<i>`` per branch when it returns a list),
+``intermediates/<i>`` (``forward_intermediates``,
 NCHW maps or NLC tokens as timm returns them) and ``num_params``.
 """
 
@@ -91,7 +92,12 @@ def run(job: dict) -> None:
       out["features"] = final.numpy()
     else:
       out["logits"] = model(images).numpy()
-      out["features"] = model.forward_features(images).numpy()
+      features = model.forward_features(images)
+      if isinstance(features, (list, tuple)):  # multi-branch models (CrossViT)
+        for i, f in enumerate(features):
+          out[f"features/{i}"] = f.numpy()
+      else:
+        out["features"] = features.numpy()
       feats = (model.forward_intermediates(images, intermediates_only=True)
                if job.get("intermediates") else [])
     for i, f in enumerate(feats):

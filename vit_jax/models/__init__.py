@@ -27,6 +27,11 @@ from vit_jax.models import two_tower  # noqa: F401
 from vit_jax.models import swin  # noqa: F401
 from vit_jax.models import maxvit  # noqa: F401
 from vit_jax.models import gcvit  # noqa: F401
+from vit_jax.models import deit  # noqa: F401
+from vit_jax.models import crossvit  # noqa: F401
+from vit_jax.models import cvt  # noqa: F401
+from vit_jax.models import t2t_vit  # noqa: F401
+from vit_jax.models import tnt  # noqa: F401
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):

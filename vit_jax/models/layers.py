@@ -49,12 +49,15 @@ class MultiHeadDotProductAttention(nn.Module):
   ``query``/``key``/``value`` kernels are ``[dim, heads, head_dim]``; ``out`` is
   ``[heads, head_dim, dim]``. The attention core is swappable (``attention_fn``) so
   that fused kernels can replace the reference without touching parameters.
+  ``qkv_bias`` (default: ``use_bias``) drops only the query/key/value biases, as in
+  the many timm models built with ``qkv_bias=False`` and a biased output projection.
   """
   num_heads: int
   out_features: Optional[int] = None
   qkv_features: Optional[int] = None
   attention_dropout_rate: float = 0.0
   use_bias: bool = True
+  qkv_bias: Optional[bool] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
@@ -72,9 +75,11 @@ class MultiHeadDotProductAttention(nn.Module):
                        f"num_heads={self.num_heads}")
     head_dim = qkv_features // self.num_heads
 
+    qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
+
     def projection(name):
       return nn.DenseGeneral(features=(self.num_heads, head_dim), axis=-1,
-                             use_bias=self.use_bias, kernel_init=self.kernel_init,
+                             use_bias=qkv_bias, kernel_init=self.kernel_init,
                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     query = projection("query")(inputs_q)

@@ -99,6 +99,7 @@ class Encoder1DBlock(nn.Module):
   gelu_approximate: bool = False
   attention_fn: Callable = layers.dot_product_attention
   norm_epsilon: float = 1e-6
+  qkv_bias: bool = True  # timm's qkv_bias=False drops only the query/key/value biases
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -112,7 +113,7 @@ class Encoder1DBlock(nn.Module):
     y = norm("LayerNorm_0")(x)
     y = layers.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        attention_fn=self.attention_fn, dtype=self.dtype, param_dtype=self.param_dtype,
+        qkv_bias=self.qkv_bias, attention_fn=self.attention_fn, dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadDotProductAttention_1")(y, mask=mask, train=train)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
     x = x + layers.DropPath(rate)(y, train=train)

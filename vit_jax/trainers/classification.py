@@ -1,8 +1,9 @@
 """Supervised image classification: pretraining from scratch (and, later, fine-tuning).
 
-Read top to bottom: setup, mesh, data, model and optimizer, train state and its
-sharding, checkpoint restore, step functions, evaluators, loop. One process per host
-runs this same code; JAX's multi-controller runtime joins them into one program.
+Read top to bottom: setup, mesh, data, model and optimizer, distillation teacher
+(optional), train state and its sharding, checkpoint restore, step functions,
+evaluators, loop. One process per host runs this same code; JAX's multi-controller
+runtime joins them into one program.
 """
 
 import json
@@ -19,7 +20,7 @@ from vit_jax import checkpoint as ckpt_lib
 from vit_jax import models, optim, sharding
 from vit_jax.data import input_pipeline, preprocess
 from vit_jax.evaluators import classification as classification_eval
-from vit_jax.trainers import common
+from vit_jax.trainers import common, distillation
 
 
 @flax.struct.dataclass
@@ -94,6 +95,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract_params = jax.eval_shape(init_variables, init_key)["params"]
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
 
+  # ---------------------------------------------------------------- distillation teacher
+  # DeiT-style (see trainers/distillation.py): a frozen teacher from another run's
+  # checkpoint labels each batch in eval mode; it is not trained and not checkpointed.
+  distill = config.get("distillation")
+  teacher, teacher_variables = None, None
+  if distill:
+    teacher, teacher_variables = distillation.load_teacher(distill, num_classes,
+                                                           image_shape, mesh)
+
   # ---------------------------------------------------------------- train state, sharded
   def init_state(key):
     variables = init_variables(key)
@@ -135,14 +145,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"({state_bytes_total / 2**20:,.2f} MiB in all)")
 
   # ---------------------------------------------------------------- step functions
-  def compute_grads(params, model_state, images, labels, rng):
+  def compute_grads(params, model_state, images, labels, rng, teacher_variables):
     mutable = list(model_state) or False
+    teacher_logits = (None if teacher is None else
+                      teacher.apply(teacher_variables, images, train=False))
 
     def loss_fn(params):
       out = model.apply({"params": params, **model_state}, images, train=True,
                         rngs={"dropout": rng}, mutable=mutable)
-      logits, new_model_state = out if mutable else (out, model_state)
+      outputs, new_model_state = out if mutable else (out, model_state)
+      # A distilled model (DeiT) returns (class head, distillation head) in training.
+      logits, logits_dist = distillation.split_heads(outputs)
       loss = cross_entropy(logits, labels, num_classes, config.label_smoothing)
+      if teacher is not None:  # the distillation head (or the only head) learns the teacher
+        distill_loss = distillation.distillation_loss(
+            logits if logits_dist is None else logits_dist, teacher_logits,
+            distill.type, distill.tau)
+        loss = (1 - distill.alpha) * loss + distill.alpha * distill_loss
+      elif logits_dist is not None:  # no teacher: both heads learn the labels
+        loss = (loss + cross_entropy(logits_dist, labels, num_classes,
+                                     config.label_smoothing)) / 2
+      if logits_dist is not None:  # what the model predicts at eval
+        logits = (logits + logits_dist) / 2
       return loss, (logits, new_model_state)
 
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(
@@ -150,12 +174,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return grads, loss, accuracy, new_model_state
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, teacher_variables):
     rng = jax.random.fold_in(dropout_key, state.step)
     images, labels = batch["image"], batch["label"]
     if accum == 1:
       grads, loss, accuracy, model_state = compute_grads(
-          state.params, state.model_state, images, labels, rng)
+          state.params, state.model_state, images, labels, rng, teacher_variables)
     else:
       # Microbatch i takes every accum-th example, so each device keeps its rows.
       split = lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
@@ -165,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         grads_sum, loss_sum, acc_sum, model_state = carry
         grads, loss, accuracy, model_state = compute_grads(
             state.params, model_state, images[:, i], labels[:, i],
-            jax.random.fold_in(rng, i))
+            jax.random.fold_in(rng, i), teacher_variables)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
                 acc_sum + accuracy, model_state)
 
@@ -186,7 +210,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return new_state, metrics
 
   train_step = jax.jit(train_step, donate_argnums=0,
-                       in_shardings=(state_shardings, batch_sharding),
+                       in_shardings=(state_shardings, batch_sharding,
+                                     sharding.replicated(mesh)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)))
 
   # ---------------------------------------------------------------- evaluators
@@ -237,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step < total_steps:
       common.console(f"compiling the train step (first step {start_step + 1})...")
     for step in range(start_step + 1, total_steps + 1):
-      state, metrics = train_step(state, next(batches))
+      state, metrics = train_step(state, next(batches), teacher_variables)
       examples_seen += global_batch
       guard.add(step, metrics.pop("finite"))
       pending.append(metrics)
