@@ -62,35 +62,7 @@ from typing import Any, Optional
 
 from absl import app, flags
 
-_MODEL = flags.DEFINE_list("model", [], "Registered model name(s), comma-separated.")
-_ALL = flags.DEFINE_bool("all", False, "Benchmark every registered model.")
-_MODE = flags.DEFINE_list("mode", ["infer"], "infer, train, or both (infer,train).")
-_BATCH = flags.DEFINE_integer("batch", 8, "Batch size (global, one device).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Compute dtype (parameters stay float32).")
-_ATTENTION_IMPL = flags.DEFINE_string(
-    "attention_impl", None, "Model override attention_impl (xla|pallas|auto|cudnn) "
-    "for models that have it.")
-_SET = flags.DEFINE_multi_string(
-    "set", [], "Model override KEY=VALUE (Python literal), e.g. --set=num_layers=2. "
-    "Rows with overrides are not compared with timm.")
-_COMPARE = flags.DEFINE_enum("compare", None, ["timm"], "Also run timm and print ratios.")
-_TIMM_IMPLS = flags.DEFINE_list("timm_impls", ["eager", "compile"],
-                                "timm variants for --compare: eager, compile.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Steps after compilation, not timed.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Steps per timed repeat.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
-_THREADS = flags.DEFINE_integer(
-    "threads", None, "CPU threads for both sides (default: the CPUs this process may "
-    "use). JAX: this process is pinned to that many CPUs; PyTorch: set_num_threads.")
-_PEAK_TFLOPS = flags.DEFINE_float(
-    "peak_tflops", None, "Peak dense TFLOP/s of the device for the chosen dtype "
-    "(overrides the built-in table) for MFU.")
-_CSV = flags.DEFINE_string("csv", None, "Write the rows to this CSV file.")
-_MARKDOWN = flags.DEFINE_string(
-    "markdown", None, "Write a Markdown table here (replacing the marked table if "
-    "the file has one).")
-_JSON = flags.DEFINE_string("json", None, "Write the rows (and the machine) as JSON.")
+FLAGS = flags.FLAGS
 
 # Peak dense TFLOP/s per chip from the vendors' data sheets (no sparsity), matched
 # against jax.Device.device_kind in order (first match wins). "float32" on NVIDIA
@@ -466,10 +438,44 @@ def write_markdown(path: str, rows: list[Row], command: str) -> None:
     f.write(text)
 
 
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so that importing
+  this module never clashes with other absl programs' flags such as ``--model``)."""
+  flags.DEFINE_list("model", [], "Registered model name(s), comma-separated.")
+  flags.DEFINE_bool("all", False, "Benchmark every registered model.")
+  flags.DEFINE_list("mode", ["infer"], "infer, train, or both (infer,train).")
+  flags.DEFINE_integer("batch", 8, "Batch size (global, one device).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "Compute dtype (parameters stay float32).")
+  flags.DEFINE_string(
+      "attention_impl", None, "Model override attention_impl (xla|pallas|auto|cudnn) "
+      "for models that have it.")
+  flags.DEFINE_multi_string(
+      "set", [], "Model override KEY=VALUE (Python literal), e.g. --set=num_layers=2. "
+      "Rows with overrides are not compared with timm.")
+  flags.DEFINE_enum("compare", None, ["timm"], "Also run timm and print ratios.")
+  flags.DEFINE_list("timm_impls", ["eager", "compile"],
+                    "timm variants for --compare: eager, compile.")
+  flags.DEFINE_integer("warmup", 2, "Steps after compilation, not timed.")
+  flags.DEFINE_integer("steps", 3, "Steps per timed repeat.")
+  flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
+  flags.DEFINE_integer(
+      "threads", None, "CPU threads for both sides (default: the CPUs this process may "
+      "use). JAX: this process is pinned to that many CPUs; PyTorch: set_num_threads.")
+  flags.DEFINE_float(
+      "peak_tflops", None, "Peak dense TFLOP/s of the device for the chosen dtype "
+      "(overrides the built-in table) for MFU.")
+  flags.DEFINE_string("csv", None, "Write the rows to this CSV file.")
+  flags.DEFINE_string(
+      "markdown", None, "Write a Markdown table here (replacing the marked table if "
+      "the file has one).")
+  flags.DEFINE_string("json", None, "Write the rows (and the machine) as JSON.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  threads = _THREADS.value
+  threads = FLAGS.threads
   if threads:
     # Pin before JAX starts its thread pool: XLA:CPU sizes it by the usable CPUs.
     cpus = sorted(os.sched_getaffinity(0))
@@ -478,34 +484,34 @@ def main(argv):
     os.sched_setaffinity(0, cpus[:threads])
   from vit_jax import models  # pylint: disable=g-import-not-at-top
 
-  modes = _MODE.value
+  modes = FLAGS.mode
   for mode in modes:
     if mode not in ("infer", "train"):
       raise app.UsageError(f"--mode must be infer, train or both; got {mode!r}")
-  names = models.list_models() if _ALL.value else _MODEL.value
+  names = models.list_models() if FLAGS.all else FLAGS.model
   if not names:
     raise app.UsageError("give --model=NAME[,NAME...] or --all")
-  overrides = _parse_overrides(_SET.value)
+  overrides = _parse_overrides(FLAGS.set)
   rows = []
   for name in names:
     for mode in modes:
       try:
         models.model_info(name)
       except ValueError:
-        row = Row(name, mode, _BATCH.value, _DTYPE.value,
+        row = Row(name, mode, FLAGS.batch, FLAGS.dtype,
                   note="skipped: not registered in this checkout")
       else:
         try:
-          row = benchmark(name, mode, batch=_BATCH.value, dtype=_DTYPE.value,
-                          attention_impl=_ATTENTION_IMPL.value, overrides=overrides,
-                          compare=_COMPARE.value, timm_impls=_TIMM_IMPLS.value,
-                          warmup=_WARMUP.value, steps=_STEPS.value,
-                          repeats=_REPEATS.value, threads=threads,
-                          peak=_PEAK_TFLOPS.value)
+          row = benchmark(name, mode, batch=FLAGS.batch, dtype=FLAGS.dtype,
+                          attention_impl=FLAGS.attention_impl, overrides=overrides,
+                          compare=FLAGS.compare, timm_impls=FLAGS.timm_impls,
+                          warmup=FLAGS.warmup, steps=FLAGS.steps,
+                          repeats=FLAGS.repeats, threads=threads,
+                          peak=FLAGS.peak_tflops)
         except Exception as e:  # pylint: disable=broad-except
-          if not (_ALL.value or len(names) > 1):
+          if not (FLAGS.all or len(names) > 1):
             raise
-          row = Row(name, mode, _BATCH.value, _DTYPE.value,
+          row = Row(name, mode, FLAGS.batch, FLAGS.dtype,
                     note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
       rows.append(row)
       print_row(row)
@@ -513,19 +519,20 @@ def main(argv):
 
   command = "python -m vit_jax.benchmark " + " ".join(
       a for a in sys.argv[1:] if not a.startswith(("--markdown", "--csv", "--json")))
-  if _CSV.value:
-    with open(_CSV.value, "w", newline="") as f:
+  if FLAGS.csv:
+    with open(FLAGS.csv, "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Row)])
       writer.writeheader()
       for row in rows:
         writer.writerow(dataclasses.asdict(row))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump({"command": command, "machine": _machine(),
                  "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
-  if _MARKDOWN.value:
-    write_markdown(_MARKDOWN.value, rows, command)
+  if FLAGS.markdown:
+    write_markdown(FLAGS.markdown, rows, command)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
