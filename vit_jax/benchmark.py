@@ -122,6 +122,8 @@ class Row:
   timm_compile_images_per_s: Optional[float] = None
   ratio_vs_timm_eager: Optional[float] = None
   ratio_vs_timm_compile: Optional[float] = None
+  timm_eager_ms_repeats: str = ""
+  timm_compile_ms_repeats: str = ""
   timm_params: Optional[int] = None
   note: str = ""
 
@@ -343,6 +345,7 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
   if worker is not None:
     for impl, times in theirs.items():
       ips = batch / statistics.median(times)
+      setattr(row, f"timm_{impl}_ms_repeats", " ".join(f"{t * 1e3:.1f}" for t in times))
       setattr(row, f"timm_{impl}_images_per_s", ips)
       setattr(row, f"ratio_vs_timm_{impl}", row.images_per_s / ips)
 
@@ -379,7 +382,7 @@ def print_row(row: Row) -> None:
   if row.images_per_s is None:
     print(f"  {row.note}")
     return
-  print(f"  images/s            {_fmt(row.images_per_s)}")
+  print(f"  images/s            {_fmt(row.images_per_s, 2)}")
   print(f"  step time           {_fmt(row.step_ms, 2)} ms  (median of repeats: "
         f"{row.step_ms_repeats} ms)")
   print(f"  GFLOPs/image (fwd)  {_fmt(row.fwd_gflops_per_image, 3)}  (XLA cost analysis)")
@@ -395,7 +398,8 @@ def print_row(row: Row) -> None:
     ips = getattr(row, f"timm_{impl}_images_per_s")
     if ips is not None:
       ratio = getattr(row, f"ratio_vs_timm_{impl}")
-      print(f"  timm {impl:<8}       {_fmt(ips)} images/s  -> ours/timm = {ratio:.2f}x")
+      print(f"  timm {impl:<8}       {_fmt(ips, 2)} images/s  -> ours/timm = {ratio:.2f}x  "
+            f"(repeats: {getattr(row, f'timm_{impl}_ms_repeats')} ms)")
   if row.note:
     print(f"  note: {row.note}")
 
