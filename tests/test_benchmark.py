@@ -62,3 +62,10 @@ def test_peak_table():
   assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
   assert benchmark.peak_tflops("TPU v5 lite", "bfloat16") == 197.0
   assert benchmark.peak_tflops("cpu", "float32") is None
+
+
+def test_vit_b16_forward_flops_match_published():
+  """ViT-B/16 at 224: 17.58 GMACs forward (timm/fvcore), i.e. 35.16 GFLOPs; XLA's
+  count (which also includes softmax, GELU and LayerNorm) must agree within 5%."""
+  gflops = benchmark.forward_gflops_per_image("vit_base_patch16_224")
+  assert abs(gflops / (2 * 17.58) - 1) < 0.05, gflops

@@ -196,6 +196,22 @@ def _flops(compiled) -> Optional[float]:
   return float(flops) if flops and flops > 0 else None
 
 
+def forward_gflops_per_image(name: str, batch: int = 1, **overrides) -> float:
+  """XLA's compiled cost analysis of the forward pass, per image (compiled from
+  abstract shapes: nothing is allocated, so any model size is cheap to check)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+
+  model = models.create(name, **overrides)
+  images = jax.ShapeDtypeStruct(models.input_shape(name, batch=batch, **overrides),
+                                jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+      variables, images).compile()
+  return _flops(compiled) / batch / 1e9
+
+
 def build_programs(name: str, mode: str, batch: int, overrides: dict):
   """Compiles the timed program of ``mode`` and the forward pass (for FLOPs).
 
