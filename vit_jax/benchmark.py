@@ -324,6 +324,8 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
   if compare == "timm":
     if user_overrides:
       row.note = "timm not compared: model overrides have no timm equivalent"
+    elif row.backend not in ("cpu", "gpu"):
+      row.note = f"timm not compared: PyTorch does not run on {row.backend}"
     else:
       image_size = models.input_shape(name)[1]
       worker = TimmWorker(dict(
@@ -502,6 +504,9 @@ def main(argv):
     if threads > len(cpus):
       raise app.UsageError(f"--threads={threads} but only {len(cpus)} CPUs are usable")
     os.sched_setaffinity(0, cpus[:threads])
+  if FLAGS.compare:
+    # timm shares the GPU with this process: JAX must not preallocate most of it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from vit_jax import models  # pylint: disable=g-import-not-at-top
 
   modes = FLAGS.mode
