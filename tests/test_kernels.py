@@ -292,6 +292,53 @@ def test_vit_logits_and_gradients_do_not_depend_on_the_implementation(attention)
     np.testing.assert_allclose(gp, gx, atol=1e-4 * scale, err_msg=str(path))
 
 
+# The hierarchical families route every window through kernels.window_attention.
+# Swin: 8x8 patch map in 4x4 windows, second block shifted (the mask); MaxViT: block
+# and grid partitions of 2 with relative-position biases.
+WINDOWED = {
+    "swin_tiny_patch4_window7_224": dict(
+        image_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+        window_size=4, num_classes=10, head_zeroinit=False),
+    "maxvit_tiny_tf_224": dict(
+        image_size=32, window_size=2, stem_width=8, embed_dims=(16, 32), depths=(1, 1),
+        dim_head=8, head_hidden_size=16, num_classes=10, head_zeroinit=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWED))
+def test_windowed_models_do_not_depend_on_the_implementation(name):
+  images = _normal(12, (2, 32, 32, 3))
+  model = models.create(name, **WINDOWED[name])
+  abstract = jax.eval_shape(model.init, jax.random.key(0), images)
+  rng = np.random.RandomState(0)
+
+  def draw(path, leaf):
+    values = 0.3 * rng.randn(*leaf.shape)
+    if "var" in jax.tree_util.keystr(path):  # BatchNorm running variances stay positive
+      values = 1.0 + np.abs(values)
+    return jnp.asarray(values, jnp.float32)
+
+  variables = jax.tree_util.tree_map_with_path(draw, abstract)
+  probe = _normal(13, (2, 10))
+  results = {}
+  for impl in ("xla", "pallas"):
+    m = models.create(name, attention_impl=impl, **WINDOWED[name])
+
+    def loss(params, m=m):
+      logits = m.apply({**variables, "params": params}, images)
+      return jnp.sum(logits * probe), logits
+
+    results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  (_, logits_x), grads_x = results["xla"]
+  (_, logits_p), grads_p = results["pallas"]
+  assert np.abs(logits_x).mean() > 0.1
+  np.testing.assert_allclose(logits_p, logits_x, atol=1e-4)
+  for (path, gx), gp in zip(jax.tree_util.tree_flatten_with_path(grads_x)[0],
+                            jax.tree.leaves(grads_p)):
+    scale = max(1.0, float(np.abs(gx).max()))
+    np.testing.assert_allclose(gp, gx, atol=1e-4 * scale, err_msg=str(path))
+
+
 def test_vit_attention_options():
   base = models.create("vit_tiny_patch16_224", **VIT_TINY)
   linear = models.create("vit_tiny_patch16_224", attention="linear", **VIT_TINY)
