@@ -19,26 +19,14 @@ from vit_jax import init_from
 from vit_jax.trainers import classification
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
-import digits_vit  # noqa: E402  pylint: disable=g-import-not-at-top
 import finetune as finetune_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 FT_STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def pretrained(tfds_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("pretrain")
-  config = digits_vit.get_config()
-  config.input.data_dir = tfds_dir
-  config.input.batch_size = 64
-  config.model.drop_path_rate = 0.0
-  config.total_steps = 150
-  config.schedule.warmup_steps = 15
-  config.log_every = 50
-  config.eval_every = 0
-  config.checkpoint_every = 150
-  result = classification.train_and_evaluate(config, str(workdir))
-  return str(workdir), result
+def pretrained(digits_pretrained):
+  return digits_pretrained
 
 
 def finetune_run(tfds_dir, workdir, init, *, res=24, steps=FT_STEPS, **overrides):
