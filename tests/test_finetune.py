@@ -60,7 +60,7 @@ def test_finetune_beats_scratch(pretrained, tfds_dir, tmp_path):
         f"from scratch {scratch['eval_top1']:.4f}")
   assert ft["eval_count"] == scratch["eval_count"] == 180  # digits 0-4 of the test split
   assert ft["eval_top1"] > scratch["eval_top1"] + 0.15
-  assert ft["eval_top1"] > 0.8
+  assert ft["eval_top1"] > 0.7  # measured 0.83 (scratch 0.44), README "Fine-tuning"
 
 
 def test_lora_trains_only_adapters_and_head(pretrained, tfds_dir, tmp_path, capsys):
