@@ -87,7 +87,7 @@ def get_config(arg: str = "digits_vit,digits,24"):
   config.num_epochs = config_dict.placeholder(float)
   config.grad_accum_steps = 1
 
-  config.freeze = config_dict.placeholder(str)  # e.g. "^(embedding|Transformer)/"
+  config.freeze = config_dict.placeholder(str)  # e.g. "^(embedding|cls|Transformer)(/|$)"
   config.train_only = config_dict.placeholder(str)
   config.ema_decay = config_dict.placeholder(float)  # e.g. 0.999
   config.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0,

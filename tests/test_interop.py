@@ -225,6 +225,10 @@ def test_wrong_timm_architecture_and_truncated_files(ref, tmp_path):
   save_file(state, path)
   with pytest.raises(init_from.LoadError, match=r"unexpected: .*timm:extra.weight"):
     init_from.load(path, model, fresh, model_name=NAME)
+  save_file({"visual.conv1.weight": np.zeros((2, 3, 4, 4), np.float32),
+             "token_embedding.weight": np.zeros((5, 2), np.float32)}, path)
+  with pytest.raises(init_from.LoadError, match="open_clip"):
+    init_from.load(path, model, fresh, model_name=NAME)
   for name in ("ours.npz", "ours.safetensors"):
     data = open(ref["dir"] / name, "rb").read()
     cut = tmp_path / ("cut_" + name)

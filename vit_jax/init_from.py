@@ -151,6 +151,11 @@ def _read_timm(path: str, model: Any, model_name: str) -> dict[str, np.ndarray]:
     state_dict = convert.load_state_dict(path)
   except convert.ConversionError as e:
     raise LoadError(str(e)) from e
+  if "token_embedding.weight" in state_dict and any(k.startswith("visual.")
+                                                     for k in state_dict):
+    raise LoadError(f"{path} is an open_clip (two-tower) checkpoint: load it with "
+                    "vit_jax.models.two_tower.from_open_clip, then pass its image tower's "
+                    "parameters on")
   family = registry.model_info(model_name).family
   head = [k for k in state_dict if re.search(r"(^|\.)head(\.fc)?\.weight$", k)]
   num_classes = int(np.shape(state_dict[head[0]])[0]) if head else 0
