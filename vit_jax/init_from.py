@@ -75,6 +75,10 @@ class LoadReport:
                          ("unexpected (dropped)", self.unexpected),
                          ("shape mismatch (fresh init)", self.mismatched)):
       if names:
+        lora_names = [n for n in names if n.startswith("lora__")]
+        if lora_names:  # fresh LoRA adapters by design: count them, do not list them
+          names = [n for n in names if not n.startswith("lora__")] + [
+              f"{len(lora_names)} LoRA adapter arrays"]
         parts.append(f"{title}: {', '.join(names)}")
     return "; ".join(parts)
 
