@@ -35,6 +35,11 @@ EXTRAS_REQUIRE = {
         # open_clip is the reference for the two-tower (CLIP) parity test, also run in
         # a subprocess.
         "open_clip_torch>=2.24",
+        # colabs/ notebooks are executed by the tests; the quickstart draws with PIL.
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+        "pillow>=10",
     ],
 }
 

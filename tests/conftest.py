@@ -30,3 +30,28 @@ def tfds_dir(tmp_path_factory):
 def timm_reference(tmp_path):
   """``timm_reference(jobs)``: see ``helpers.run_timm_reference``."""
   return lambda jobs: run_timm_reference(jobs, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def digits_pretrained(tfds_dir, tmp_path_factory):
+  """A short digits pretraining (16x16, ten classes, 150 steps): ``(workdir, result)``.
+
+  Stands in for the demo checkpoint in the fine-tuning tests and colabs.
+  """
+  import os  # pylint: disable=g-import-not-at-top,reimported
+  import sys  # pylint: disable=g-import-not-at-top
+  from helpers import REPO  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import classification  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import digits_vit  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("digits_pretrained")
+  config = digits_vit.get_config()
+  config.input.data_dir = tfds_dir
+  config.input.batch_size = 64
+  config.model.drop_path_rate = 0.0
+  config.total_steps = 150
+  config.schedule.warmup_steps = 15
+  config.log_every = 50
+  config.eval_every = 0
+  config.checkpoint_every = 150
+  return str(workdir), classification.train_and_evaluate(config, str(workdir))

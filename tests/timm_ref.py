@@ -20,6 +20,13 @@ The ``.npz`` holds ``state/<name>`` for every state-dict entry, ``logits``,
 ``features`` (``forward_features``; ``features/<i>`` per branch when it returns a list),
 ``intermediates/<i>`` (``forward_intermediates``,
 NCHW maps or NLC tokens as timm returns them) and ``num_params``.
+
+Optional: ``"load": path`` loads weights after the random init (``.npz`` through
+timm's own vision_transformer ``.npz`` loader, ``model.load_pretrained``; anything
+else through ``timm.models.load_checkpoint``). A job with ``"function"`` instead of
+``"model"`` calls a timm helper on the input array (not permuted) and writes
+``output``: ``resample_abs_pos_embed`` or ``resize_rel_pos_bias_table_simple``
+with ``kwargs``.
 """
 
 import importlib
@@ -67,9 +74,22 @@ def create_shallow(job: dict) -> torch.nn.Module:
     if name.endswith("num_batches_tracked"):
       buffer.zero_()
   return model
+FUNCTIONS = ("resample_abs_pos_embed", "resize_rel_pos_bias_table_simple")
+
+
+def run_function(job: dict) -> None:
+  from timm import layers  # pylint: disable=g-import-not-at-top
+  if job["function"] not in FUNCTIONS:
+    raise ValueError(f"unknown function {job['function']!r}")
+  x = torch.from_numpy(np.load(job["input"]))
+  out = getattr(layers, job["function"])(x, **job.get("kwargs", {}))
+  np.savez(job["out"], output=out.numpy())
 
 
 def run(job: dict) -> None:
+  if "function" in job:
+    run_function(job)
+    return
   torch.manual_seed(job.get("seed", 0))
   if job.get("stage_depths"):
     model = create_shallow(job)
@@ -80,6 +100,11 @@ def run(job: dict) -> None:
     model = timm.create_model(job["model"], pretrained=False, **job.get("kwargs", {}))
   if job.get("randomize"):
     randomize(model, job["randomize"], torch.Generator().manual_seed(job.get("seed", 0)))
+  if job.get("load"):
+    if job["load"].endswith(".npz"):
+      model.load_pretrained(job["load"])
+    else:
+      timm.models.load_checkpoint(model, job["load"], strict=True)
   model.eval()
   images = torch.from_numpy(np.load(job["input"])).permute(0, 3, 1, 2).contiguous()
   out = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}

@@ -87,6 +87,25 @@ def _as_dataset(builder, split: str) -> tf.data.Dataset:
                             read_config=read_config)
 
 
+def _label_table(keep_labels) -> tf.Tensor:
+  """Old label -> index in ``keep_labels`` (-1: not kept), as a lookup vector."""
+  keep_labels = [int(c) for c in keep_labels]
+  if len(set(keep_labels)) != len(keep_labels) or min(keep_labels) < 0:
+    raise DatasetError(f"keep_labels must be distinct non-negative labels, got "
+                       f"{keep_labels}")
+  table = np.full(max(keep_labels) + 1, -1, np.int64)
+  table[keep_labels] = np.arange(len(keep_labels))
+  return tf.constant(table)
+
+
+def _remap_label(example: dict, table: tf.Tensor) -> dict:
+  label = tf.cast(example["label"], tf.int64)
+  size = tf.shape(table, out_type=tf.int64)[0]
+  new = tf.where(label < size, tf.gather(table, tf.minimum(label, size - 1)),
+                 tf.constant(-1, tf.int64))
+  return {**example, "label": tf.cast(new, example["label"].dtype)}
+
+
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
@@ -111,8 +130,8 @@ def train_split_size(builder, split: str) -> int:
 
 def make_train_dataset(builder, split: str, *, preprocess_fn: Callable, batch_size: int,
                        seed: int, start_position: int = 0, shuffle_buffer: int = 50_000,
-                       cache: bool = False, num_shards: Optional[int] = None
-                       ) -> tf.data.Dataset:
+                       cache: bool = False, num_shards: Optional[int] = None,
+                       keep_labels: Optional[list[int]] = None) -> tf.data.Dataset:
   """Infinite batches of this process's shards, starting at example ``start_position``.
 
   Args:
@@ -121,6 +140,9 @@ def make_train_dataset(builder, split: str, *, preprocess_fn: Callable, batch_si
     cache: keep the encoded records in memory (small datasets).
     num_shards: shards the split is read as (a multiple of the process count;
       default: the process count). See the module docstring.
+    keep_labels: train on these classes only, relabelled 0..len-1 in this order
+      (fine-tuning on a class subset). Each shard is counted once to keep the
+      stream positions, and so the resume point, exact.
   """
   process_index, process_count = jax.process_index(), jax.process_count()
   num_shards = num_shards or process_count
@@ -138,6 +160,14 @@ def make_train_dataset(builder, split: str, *, preprocess_fn: Callable, batch_si
       raise DatasetError(f"split {split!r} of {builder.name!r} is too small for "
                          f"{num_shards} shards")
     base = _as_dataset(builder, shard_splits[shard])
+    if keep_labels is not None:
+      table = _label_table(keep_labels)
+      base = base.map(lambda ex: _remap_label(ex, table)).filter(
+          lambda ex: ex["label"] >= 0)
+      size = int(base.reduce(np.int64(0), lambda n, _: n + 1))
+      if size == 0:
+        raise DatasetError(f"shard {shard} of split {split!r} holds none of the labels "
+                           f"{keep_labels}")
     if cache:
       base = base.cache()
     start = start_position // per_process  # examples this shard gave before
@@ -168,8 +198,12 @@ def make_train_dataset(builder, split: str, *, preprocess_fn: Callable, batch_si
 
 
 def make_eval_dataset(builder, split: str, *, preprocess_fn: Callable, batch_size: int,
-                      cache: bool = True) -> tuple[tf.data.Dataset, int]:
+                      cache: bool = True, keep_labels: Optional[list[int]] = None
+                      ) -> tuple[tf.data.Dataset, int]:
   """Batches of this process's slice in order, padded; ``_mask`` marks real examples.
+
+  With ``keep_labels``, examples of other classes are masked out (so the batch count
+  stays equal on every process) and labels are renumbered as in training.
 
   Returns the dataset and the number of batches (equal on every process).
   """
@@ -179,8 +213,18 @@ def make_eval_dataset(builder, split: str, *, preprocess_fn: Callable, batch_siz
   sizes = [builder.info.splits[s].num_examples for s in slices]
   num_batches = math.ceil(max(sizes) / batch_size)
   ds = _as_dataset(builder, slices[jax.process_index()])
-  ds = ds.map(lambda ex: {**_model_keys(preprocess_fn(ex)), "_mask": tf.constant(True)},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if keep_labels is None:
+    ds = ds.map(lambda ex: {**_model_keys(preprocess_fn(ex)), "_mask": tf.constant(True)},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    table = _label_table(keep_labels)
+
+    def subset(ex):
+      ex = _model_keys(preprocess_fn(_remap_label(ex, table)))
+      kept = ex["label"] >= 0
+      return {**ex, "label": tf.maximum(ex["label"], 0), "_mask": kept}
+
+    ds = ds.map(subset, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.from_tensors(
       jax.tree.map(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec))
   ds = ds.concatenate(padding.repeat()).take(num_batches * batch_size)

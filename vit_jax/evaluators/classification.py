@@ -29,11 +29,13 @@ class ClassificationEvaluator:
   """Runs ``predict_fn(variables, images) -> logits`` over a TFDS split."""
 
   def __init__(self, predict_fn: Callable, builder, split: str, *,
-               preprocess_fn: Callable, batch_size: int, sharding, cache: bool = True):
+               preprocess_fn: Callable, batch_size: int, sharding, cache: bool = True,
+               keep_labels=None):
     self.split = split
     self._dataset, self.num_batches = input_pipeline.make_eval_dataset(
         builder, split, preprocess_fn=preprocess_fn,
-        batch_size=input_pipeline.local_batch_size(batch_size), cache=cache)
+        batch_size=input_pipeline.local_batch_size(batch_size), cache=cache,
+        keep_labels=keep_labels)
     self._sharding = sharding
     self.image_shape = tuple(self._dataset.element_spec["image"].shape[1:])
 

@@ -1,4 +1,10 @@
-"""Supervised image classification: pretraining from scratch (and, later, fine-tuning).
+"""Supervised image classification: pretraining from scratch and fine-tuning.
+
+Fine-tuning (``configs/finetune.py``) adds, each off unless configured: ``init``
+(pretrained weights in any format, new head, resampled position embedding),
+``input.classes`` (a class subset), ``freeze``/``train_only`` regexes,
+``optimizer.layer_decay``, ``ema_decay`` (the EMA is what gets evaluated),
+``mixup`` (mixup/cutmix) and ``lora``; see ``vit_jax/finetune.py``.
 
 Read top to bottom: setup, mesh, data, model and optimizer, distillation teacher
 (optional), train state and its sharding, checkpoint restore, step functions,
@@ -17,7 +23,7 @@ import ml_collections
 import optax
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import models, optim, sharding
+from vit_jax import finetune, lora, models, optim, sharding
 from vit_jax.data import input_pipeline, preprocess
 from vit_jax.evaluators import classification as classification_eval
 from vit_jax.trainers import common, distillation
@@ -32,6 +38,9 @@ class TrainState:
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  """Integer labels, or soft targets ``[batch, classes]`` (mixup) used as given."""
+  if labels.ndim == 2:
+    return optax.softmax_cross_entropy(logits, labels).mean()
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
   return optax.softmax_cross_entropy(logits, targets).mean()
 
@@ -75,13 +84,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pp_train = preprocess.parse(config.input.pp_train)
   pp_eval = preprocess.parse(config.input.pp_eval)
   num_classes = builder.info.features["label"].num_classes
+  keep_labels = config.input.get("classes") or None  # fine-tune on a class subset
+  if keep_labels:
+    if isinstance(keep_labels, str):  # "0,1,2" from the command line
+      keep_labels = keep_labels.split(",")
+    keep_labels = [int(c) for c in keep_labels]
+    num_classes = len(keep_labels)
 
   # ---------------------------------------------------------------- model and optimizer
   model_kwargs = {"num_classes": num_classes, **config.model.to_dict()}
   model = models.create(config.model_name, **model_kwargs)
+  lora_config = config.get("lora")
+  if lora_config and lora_config.get("rank"):
+    model = lora.LoRA(base=model, rank=lora_config.rank, alpha=lora_config.alpha,
+                      targets=lora_config.get("targets") or lora.VIT_ATTENTION_MLP)
   probe = input_pipeline.make_train_dataset(
       builder, config.input.train_split, preprocess_fn=pp_train, batch_size=1,
-      seed=config.seed, shuffle_buffer=1)
+      seed=config.seed, shuffle_buffer=1, keep_labels=keep_labels)
   image_shape = (1,) + tuple(probe.element_spec["image"].shape[1:])
   schedule = optim.learning_rate_schedule(
       config.optimizer.learning_rate, total_steps,
@@ -94,6 +113,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   abstract_params = jax.eval_shape(init_variables, init_key)["params"]
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
+  train_only = config.get("train_only")
+  if lora_config and lora_config.get("rank") and not train_only:
+    train_only = r"^lora__|^head/"  # LoRA trains the adapters and the head only
+  ema_decay = config.get("ema_decay")
+  if config.optimizer.get("layer_decay") or config.get("freeze") or train_only or ema_decay:
+    tx = finetune.wrap_optimizer(tx, abstract_params,
+                                 layer_decay=config.optimizer.get("layer_decay"),
+                                 freeze=config.get("freeze"), train_only=train_only,
+                                 ema_decay=ema_decay)
+    if config.get("freeze") or train_only:
+      common.console(finetune.describe_trainable(abstract_params, finetune.trainable_mask(
+          abstract_params, freeze=config.get("freeze"), train_only=train_only)))
 
   # ---------------------------------------------------------------- distillation teacher
   # DeiT-style (see trainers/distillation.py): a frozen teacher from another run's
@@ -135,6 +166,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
     meta, examples_seen = {}, 0
+    if config.get("init"):  # fine-tuning: pretrained weights, fresh optimizer state
+      reinit = config.get("init_reinit") or r"^head/"
+      if lora_config and lora_config.get("rank"):
+        reinit += r"|^lora__"
+      params, model_state, _ = finetune.init_from_checkpoint(
+          config.init, model, config.model_name, state.params, state.model_state,
+          reinit=reinit, allow_partial=bool(config.get("init_allow_partial")))
+      state = jax.jit(lambda p, ms: TrainState(
+          step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), model_state=ms),
+          out_shardings=state_shardings)(params, model_state)
   start_step = int(state.step)
   # The data stream is fixed by its shard count (default: one shard per process, or
   # what the checkpoint used), so a run resumes identically on another process count.
@@ -171,12 +212,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    hard = jnp.argmax(labels, -1) if labels.ndim == 2 else labels
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == hard)
     return grads, loss, accuracy, new_model_state
+
+  mix_config = config.get("mixup")
+  mixing = bool(mix_config and (mix_config.get("mixup_alpha") or
+                                mix_config.get("cutmix_alpha")))
+
+  if mixing and distill:
+    raise ValueError("distillation with mixup/cutmix is not supported: the distillation "
+                     "loss takes hard labels")
 
   def train_step(state: TrainState, batch, teacher_variables):
     rng = jax.random.fold_in(dropout_key, state.step)
     images, labels = batch["image"], batch["label"]
+    if mixing:  # soft targets (label smoothing folded in)
+      images, labels = finetune.mix(
+          jax.random.fold_in(rng, 1 << 20), images, labels, num_classes,
+          mixup_alpha=mix_config.get("mixup_alpha", 0.0),
+          cutmix_alpha=mix_config.get("cutmix_alpha", 0.0),
+          switch_prob=mix_config.get("switch_prob", 0.5),
+          label_smoothing=config.label_smoothing)
     if accum == 1:
       grads, loss, accuracy, model_state = compute_grads(
           state.params, state.model_state, images, labels, rng, teacher_variables)
@@ -221,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluator = classification_eval.ClassificationEvaluator(
       predict, builder, config.input.eval_split, preprocess_fn=pp_eval,
       batch_size=config.input.get("eval_batch_size") or global_batch,
-      sharding=batch_sharding, cache=config.input.cache)
+      sharding=batch_sharding, cache=config.input.cache, keep_labels=keep_labels)
 
   # Fail now, not at the first eval, if the eval images do not fit the model.
   eval_images = jax.ShapeDtypeStruct((1,) + evaluator.image_shape, jnp.float32)
@@ -230,7 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def evaluate(step: int) -> dict:
     started = time.perf_counter()
-    result = evaluator.run({"params": state.params, **state.model_state})
+    params = state.params
+    if ema_decay:  # evaluate the moving average (what a fine-tune keeps)
+      params = finetune.ema_params(state.opt_state, state.params)
+    result = evaluator.run({"params": params, **state.model_state})
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
     common.console(f"eval {config.input.dataset}:{config.input.eval_split} at step "
                    f"{step}: top-1 {100 * result['top1']:.2f}% | top-5 "
@@ -249,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       builder, config.input.train_split, preprocess_fn=pp_train, batch_size=local_batch,
       seed=config.seed, start_position=examples_seen // jax.process_count(),
       shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache,
-      num_shards=data_shards)
+      num_shards=data_shards, keep_labels=keep_labels)
   batches = input_pipeline.device_batches(train_ds, batch_sharding)
   progress = common.ProgressLine(total_steps, start_step, global_batch)
   guard = common.NonFiniteGuard()

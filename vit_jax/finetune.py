@@ -1,0 +1,200 @@
+"""Fine-tuning controls for the classification trainer; each is off by default.
+
+* ``init_from_checkpoint``: the run starts from pretrained weights (``config.init``,
+  any format ``vit_jax.init_from`` reads), with the key report on the console.
+* ``wrap_optimizer``: freezing by regular expression (``config.freeze``: matching
+  parameters get no update and no optimizer state, LiT-style locked towers; or
+  ``config.train_only``: everything else is frozen, e.g. LoRA's adapters and the
+  head) and layer-wise learning-rate decay (``config.optimizer.layer_decay``: block
+  ``i`` of ``L`` trains at ``decay ** (L + 1 - (i + 1))`` times the rate, the stem at
+  ``decay ** (L + 1)``, the head and final norm at 1; timm/BEiT's rule).
+* ``ema``: an exponential moving average of the parameters, kept in the optimizer
+  state (so it is checkpointed, sharded and resumed with it); ``ema_params`` finds
+  it for evaluation.
+* ``mix``: mixup / cutmix on a batch, with soft targets.
+"""
+
+import re
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vit_jax import init_from, lora, optim
+from vit_jax.trainers import common
+
+_BLOCK = re.compile(r"(^|/|__)encoderblock_(\d+)(/|__|$)")  # "__": LoRA names
+_STEM = re.compile(r"^(embedding|cls|Transformer/posembed_input)(/|$)")
+
+
+# ------------------------------------------------------------------ init
+
+def init_from_checkpoint(path: str, model: Any, model_name: str, params: Any,
+                         model_state: Any, *, reinit: str, allow_partial: bool = False
+                         ) -> tuple[Any, Any, init_from.LoadReport]:
+  """Pretrained (params, model_state) for a fresh train state's (params, model_state)."""
+  fresh = {"params": jax.device_get(params), **jax.device_get(dict(model_state))}
+  variables, report = init_from.load(path, model, fresh, model_name=model_name,
+                                     reinit=reinit, allow_partial=allow_partial)
+  common.console(f"init: {report.summary()}")
+  new_params = variables.pop("params")
+  return new_params, {k: variables[k] for k in model_state}, report
+
+
+# ------------------------------------------------------------------ optimizer
+
+def layer_ids(params: Any) -> tuple[Any, int]:
+  """Per-parameter layer index (stem 0, block i -> i + 1, rest L + 1) and L."""
+  names = [optim.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  blocks = {int(m.group(2)) for n in names if (m := _BLOCK.search(n))}
+  if not blocks:
+    raise ValueError("layer_decay needs blocks named encoderblock_{i} (ViT layout, "
+                     "scan_layers=False)")
+  depth = max(blocks) + 1
+
+  def layer(path, _):
+    name = optim.path_name(path)
+    if m := _BLOCK.search(name):
+      return int(m.group(2)) + 1
+    if _STEM.search(name):
+      return 0
+    return depth + 1
+
+  return jax.tree_util.tree_map_with_path(layer, params), depth
+
+
+def layer_decay_scales(params: Any, decay: float) -> Any:
+  ids, depth = layer_ids(params)
+  return jax.tree.map(lambda i: float(decay) ** (depth + 1 - i), ids)
+
+
+def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def trainable_mask(params: Any, *, freeze: Optional[str] = None,
+                   train_only: Optional[str] = None) -> Any:
+  """True for trained parameters: not matching ``freeze``, and matching ``train_only``."""
+  freeze_re = re.compile(freeze) if freeze else None
+  only_re = re.compile(train_only) if train_only else None
+
+  def trained(path, _):
+    name = optim.path_name(path)
+    if freeze_re and freeze_re.search(name):
+      return False
+    return not only_re or bool(only_re.search(name))
+
+  mask = jax.tree_util.tree_map_with_path(trained, params)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError(f"freeze={freeze!r} / train_only={train_only!r} leave no parameter "
+                     "to train")
+  return mask
+
+
+def wrap_optimizer(tx: optax.GradientTransformation, params: Any, *,
+                   layer_decay: Optional[float] = None, freeze: Optional[str] = None,
+                   train_only: Optional[str] = None, ema_decay: Optional[float] = None
+                   ) -> optax.GradientTransformation:
+  """``tx`` with layer-wise decay, frozen parameters and EMA (each if set)."""
+  if freeze or train_only:
+    mask = trainable_mask(params, freeze=freeze, train_only=train_only)
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  if layer_decay:  # scales the final updates: the rate and decoupled weight decay
+    tx = optax.chain(tx, _scale_by_tree(layer_decay_scales(params, layer_decay)))
+  if ema_decay:
+    tx = optax.chain(tx, ema(ema_decay))
+  return tx
+
+
+# ------------------------------------------------------------------ EMA
+
+class EmaState(NamedTuple):
+  count: jax.Array
+  params: Any
+
+
+def ema(decay: float, warmup: bool = True) -> optax.GradientTransformation:
+  """Tracks ``decay * ema + (1 - decay) * new_params``; passes updates through.
+
+  Must come last in a chain: it sees the final updates, so ``params + updates`` is
+  the new parameters. With ``warmup`` the decay is ``min(decay, (1+n)/(10+n))``, so
+  early averages do not stay near the initial weights.
+  """
+  def init(params):
+    return EmaState(count=jnp.zeros((), jnp.int32),
+                    params=jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params))
+
+  def update(updates, state, params):
+    if params is None:
+      raise ValueError("ema needs params in update()")
+    n = state.count.astype(jnp.float32)
+    d = jnp.minimum(decay, (1 + n) / (10 + n)) if warmup else jnp.asarray(decay)
+    new = jax.tree.map(lambda e, p, u: d * e + (1 - d) * (p + u).astype(jnp.float32),
+                       state.params, params, updates)
+    return updates, EmaState(count=state.count + 1, params=new)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any, like: Any) -> Optional[Any]:
+  """The EMA parameters inside an optimizer state (cast like ``like``), or None."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+           if isinstance(s, EmaState)]
+  if not found:
+    return None
+  return jax.tree.map(lambda e, p: e.astype(p.dtype), found[0].params, like)
+
+
+# ------------------------------------------------------------------ mixup / cutmix
+
+def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int, *,
+        mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, switch_prob: float = 0.5,
+        label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Mixes each image with the batch reversed (timm's 'batch' mode); soft targets.
+
+  With both alphas set, each batch uses cutmix with probability ``switch_prob``.
+  Cutmix pastes a box whose area fraction is ``1 - lam`` and corrects ``lam`` to
+  the box actually pasted (clipped at the border).
+  """
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  if not (mixup_alpha or cutmix_alpha):
+    return images, targets
+  k_lam, k_cut, k_switch, k_y, k_x = jax.random.split(rng, 5)
+  h, w = images.shape[1], images.shape[2]
+
+  def do_mixup(_):
+    lam = jax.random.beta(k_lam, mixup_alpha, mixup_alpha)
+    return lam * images + (1 - lam) * images[::-1], lam
+
+  def do_cutmix(_):
+    lam = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha)
+    cut = jnp.sqrt(1 - lam)
+    ch, cw = (cut * h).astype(jnp.int32), (cut * w).astype(jnp.int32)
+    cy = jax.random.randint(k_y, (), 0, h)
+    cx = jax.random.randint(k_x, (), 0, w)
+    y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + ch // 2, 0, h)
+    x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + cw // 2, 0, w)
+    ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1))[None, :, :, None]
+    mixed = jnp.where(box, images[::-1], images)
+    lam = 1 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w)
+    return mixed, lam
+
+  if mixup_alpha and cutmix_alpha:
+    use_cut = jax.random.uniform(k_switch) < switch_prob
+    mixed, lam = jax.lax.cond(use_cut, do_cutmix, do_mixup, None)
+  elif cutmix_alpha:
+    mixed, lam = do_cutmix(None)
+  else:
+    mixed, lam = do_mixup(None)
+  return mixed.astype(images.dtype), lam * targets + (1 - lam) * targets[::-1]
+
+
+def describe_trainable(params: Any, mask: Any) -> str:
+  trained, total = lora.trainable_fraction(params, mask)
+  return f"training {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"
