@@ -210,7 +210,7 @@ def test_compute_and_param_dtypes(tiny):
 def test_trains(tfds_dir, tmp_path):
   # 16x16 digits, one stage: a 4x4 map, 2x2 windows, a local and a global block whose
   # query is pooled once. (Compiling init dominates: one stage keeps it affordable.)
-  result = train_in_process(tfds_dir, tmp_path / "gcvit", "gcvit_xxtiny", steps=40,
+  result = train_in_process(tfds_dir, tmp_path / "gcvit", "gcvit_xxtiny", steps=60,
                             learning_rate=3e-3, input_size=16, image_size=16,
                             embed_dim=32, depths=(2,), num_heads=(2,), window_ratios=(8,),
                             drop_path_rate=0.1)

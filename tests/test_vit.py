@@ -184,7 +184,7 @@ def test_registry_names_errors_and_overrides():
   assert "vit_base_patch16_224" in models.list_models()
   assert models.list_models("vit_*_patch14_*") == [
       "vit_base_patch14_224", "vit_huge_patch14_224", "vit_large_patch14_224",
-      "vit_small_patch14_224", "vit_tiny_patch14_224"]
+      "vit_large_patch14_clip_224", "vit_small_patch14_224", "vit_tiny_patch14_224"]
   with pytest.raises(ValueError, match="Close matches: vit_base_patch16_224"):
     models.create("vit_base_patch61_224")
   with pytest.raises(ValueError, match=r"no setting 'num_clases' \(did you mean num_classes"):
