@@ -393,10 +393,11 @@ def test_launchers_are_shellcheck_clean():
 
 
 def test_local_launcher_passes_flags_and_stops_all_on_a_failure(tmp_path):
-  """A stand-in python: process 1 fails at once, process 0 would run for a minute."""
+  """A stand-in python: process 1 fails after 2 s (the others have started and logged
+  their arguments by then), process 0 would run for a minute."""
   fake = tmp_path / "python"
   fake.write_text('#!/usr/bin/env bash\necho "args: $*"\n'
-                  'if [[ "$*" == *--process_id=1* ]]; then exit 3; fi\nexec sleep 60\n')
+                  'if [[ "$*" == *--process_id=1* ]]; then sleep 2; exit 3; fi\nexec sleep 60\n')
   fake.chmod(0o755)
   started = time.time()
   proc = subprocess.run(
