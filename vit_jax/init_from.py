@@ -13,8 +13,9 @@ Formats (by path):
 * timm ``.safetensors`` / ``.pth`` / ``.bin``, through the model family's registered
   timm converter (``vit_jax.models.convert``).
 
-open_clip checkpoints are two-tower models: they load through
-``vit_jax.models.two_tower.from_open_clip`` (the contrastive code), not here.
+open_clip checkpoints (``.safetensors``/``.pt``/``.bin``) give their image tower: the
+registered two-tower model with that tower converts them
+(``vit_jax.models.two_tower.from_open_clip``), e.g. into ``vit_base_patch32_clip_224``.
 
 What is adapted to the target model, and reported:
 
@@ -149,17 +150,18 @@ def _read_orbax(path: str) -> dict[str, np.ndarray]:
   return flat
 
 
-def _read_timm(path: str, model: Any, model_name: str) -> dict[str, np.ndarray]:
-  """timm weights through the family converter, at the checkpoint's own shapes."""
+def _read_state_dict(path: str, model: Any, model_name: str
+                     ) -> tuple[dict[str, np.ndarray], str]:
+  """timm weights through the family converter, at the checkpoint's own shapes (or an
+  open_clip checkpoint's image tower); returns (arrays, format)."""
   try:
     state_dict = convert.load_state_dict(path)
   except convert.ConversionError as e:
     raise LoadError(str(e)) from e
   if "token_embedding.weight" in state_dict and any(k.startswith("visual.")
                                                      for k in state_dict):
-    raise LoadError(f"{path} is an open_clip (two-tower) checkpoint: load it with "
-                    "vit_jax.models.two_tower.from_open_clip, then pass its image tower's "
-                    "parameters on")
+    return (_read_open_clip(state_dict, path, model_name),
+            "open_clip state dict (image tower)")
   family = registry.model_info(model_name).family
   head = [k for k in state_dict if re.search(r"(^|\.)head(\.fc)?\.weight$", k)]
   num_classes = int(np.shape(state_dict[head[0]])[0]) if head else 0
@@ -180,7 +182,29 @@ def _read_timm(path: str, model: Any, model_name: str) -> dict[str, np.ndarray]:
   else:
     flat = {k: np.asarray(v) for k, v in flatten(result).items()}
   flat.update({f"timm:{k}": np.asarray(state_dict[k]) for k in unused})
-  return flat
+  return flat, "timm state dict"
+
+
+def _read_open_clip(state_dict: Mapping[str, Any], path: str,
+                    model_name: str) -> dict[str, np.ndarray]:
+  """The image tower of an open_clip CLIP checkpoint, for the registered tower model.
+
+  The two-tower model whose image tower is ``model_name`` converts the whole state dict
+  (every key checked); its text tower and projections are not part of an image model.
+  """
+  from vit_jax.models import two_tower  # pylint: disable=g-import-not-at-top
+  towers = [name for name in registry.list_models(family="two_tower")
+            if registry.create(name).image_model == model_name]
+  if not towers:
+    image_models = sorted({registry.create(n).image_model
+                           for n in registry.list_models(family="two_tower")})
+    raise LoadError(f"{path} is an open_clip checkpoint; its image tower loads into "
+                    f"one of {image_models}, not {model_name!r}")
+  try:
+    _, params = two_tower.from_open_clip(dict(state_dict), towers[0])
+  except convert.ConversionError as e:
+    raise LoadError(f"{path} does not fit {towers[0]}: {e}") from e
+  return {k: np.asarray(v) for k, v in flatten(params["img"]).items()}
 
 
 def read(path: str, model: Any = None, model_name: Optional[str] = None
@@ -196,7 +220,7 @@ def read(path: str, model: Any = None, model_name: Optional[str] = None
   if path.endswith((".safetensors", ".pth", ".pt", ".bin")):
     if model is None or model_name is None:
       raise ValueError("reading timm weights needs the model and its registered name")
-    return _read_timm(path, model, model_name), "timm state dict"
+    return _read_state_dict(path, model, model_name)
   raise LoadError(f"unknown checkpoint format: {path} (expected an Orbax checkpoint "
                   "directory, .npz, .safetensors, .pth or .bin)")
 
