@@ -232,10 +232,7 @@ class CSWinTransformer(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     num_stages = len(self.depths)
-    for field in ("num_heads", "split_sizes"):
-      if len(getattr(self, field)) != num_stages:
-        raise ValueError(f"{field} has {len(getattr(self, field))} entries for "
-                         f"{num_stages} stages")
+    layers.check_per_stage(self, ("num_heads", "split_sizes"), num_stages)
     for i, heads in enumerate(self.num_heads[:-1]):
       if heads % 2:
         raise ValueError(f"CSWin stage {i} splits its heads between two stripe "

@@ -275,10 +275,7 @@ class EfficientVitMsra(nn.Module):
           f"{images.shape[1]}x{images.shape[2]}. Create it with "
           f"image_size=({images.shape[1]}, {images.shape[2]}).")
     stages = len(self.embed_dims)
-    for field in ("key_dims", "depths", "num_heads", "window_sizes"):
-      if len(getattr(self, field)) != stages:
-        raise ValueError(f"{field}={tuple(getattr(self, field))} needs {stages} entries, "
-                         f"one per stage of embed_dims={tuple(self.embed_dims)}")
+    layers.check_per_stage(self, ("key_dims", "depths", "num_heads", "window_sizes"), stages)
     windows = self.stage_windows()
 
     dim = self.embed_dims[0]

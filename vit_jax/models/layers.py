@@ -7,7 +7,7 @@ inputs are ``[batch, tokens, heads, head_dim]`` (the layout of
 ``jax.nn.dot_product_attention`` and of the kernels in ``vit_jax.kernels``).
 """
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -189,6 +189,15 @@ def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_
   x = np.einsum("m,d->md", x.flatten(), omega)
   emb = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
   return jnp.asarray(emb[None], dtype)
+
+
+def check_per_stage(module: Any, fields: Sequence[str], num_stages: int) -> None:
+  """Hierarchical models: each per-stage setting needs one entry per stage."""
+  for field in fields:
+    value = tuple(getattr(module, field))
+    if len(value) != num_stages:
+      raise ValueError(f"{type(module).__name__}.{field}={value} has {len(value)} entries; "
+                       f"the model has {num_stages} stages")
 
 
 def canonical_dtype(dtype: Any) -> Any:

@@ -294,10 +294,8 @@ class PyramidVisionTransformerV2(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     num_stages = len(self.depths)
-    for field in ("embed_dims", "num_heads", "mlp_ratios", "sr_ratios"):
-      if len(getattr(self, field)) != num_stages:
-        raise ValueError(f"{field} has {len(getattr(self, field))} entries for "
-                         f"{num_stages} stages")
+    layers.check_per_stage(self, ("embed_dims", "num_heads", "mlp_ratios", "sr_ratios"),
+                           num_stages)
     if images.ndim != 4:
       raise ValueError(f"expected NHWC images, got shape {images.shape}")
     self.stage_sizes(images.shape[1], images.shape[2])

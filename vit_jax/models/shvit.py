@@ -122,10 +122,7 @@ class SHViT(nn.Module):
     if images.ndim != 4:
       raise ValueError(f"expected NHWC images, got shape {images.shape}")
     stages = len(self.embed_dims)
-    for field in ("partial_dims", "qk_dims", "depths", "mixers"):
-      if len(getattr(self, field)) != stages:
-        raise ValueError(f"{field}={tuple(getattr(self, field))} needs {stages} entries, "
-                         f"one per stage of embed_dims={tuple(self.embed_dims)}")
+    layers.check_per_stage(self, ("partial_dims", "qk_dims", "depths", "mixers"), stages)
     unknown = [m for m in self.mixers if m not in ("s", "i")]
     if unknown:
       raise ValueError(f"SHViT mixers are 's' (attention) or 'i' (none), got {unknown}")
