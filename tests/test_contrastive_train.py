@@ -212,6 +212,8 @@ def test_clip_score_filtering_with_a_trained_workdir(trained, pool, tmp_path):
   truth = summary["ground_truth"]
   assert 0 <= truth["precision"] <= 1 and truth["good_pairs"] == 120 - sum(
       s["meta"]["mismatched"] for s in image_text.iterate_samples(shards))
+  at_half = [row for row in truth["by_keep_fraction"] if row["keep_fraction"] == 0.5]
+  assert at_half[0]["precision"] == pytest.approx(truth["precision"])  # same 60 kept
   # Threshold mode keeps everything at or above it.
   threshold = float(np.median(list(scores.values())))
   summary = filter_pool.filter_pool(shards, str(tmp_path / "threshold"),

@@ -238,6 +238,35 @@ def test_make_pool_is_deterministic_and_marks_mismatches(tmp_path):
   assert tok.vocab_size > 50
 
 
+def test_make_pool_attribute_fraction_sets_which_captions_name_attributes(tmp_path):
+  def captions(fraction, split):
+    directory = tmp_path / str(fraction)
+    if not directory.exists():
+      make_pool.make_pool(str(directory), num_samples=40, eval_renders=1,
+                          attribute_fraction=fraction)
+    return [s["caption"] for s in image_text.iterate_samples(
+        image_text.expand_shards(directory / split), decode_image=False)]
+
+  words = {w for name in (*make_pool.FOREGROUNDS, *make_pool.BACKGROUNDS)
+           for w in name.split()} | {"small", "large", "corner", "middle"}
+  names_attribute = lambda text: bool(words & set(text.replace(",", " ").split()))
+  assert not any(names_attribute(c) for c in captions(0.0, "train"))
+  assert all(names_attribute(c) for c in captions(1.0, "train"))
+  # Held-out captions always name attributes: retrieval has to find the scene.
+  assert all(names_attribute(c) for c in captions(0.0, "eval"))
+  with pytest.raises(ValueError, match="attribute_fraction"):
+    make_pool.make_pool(str(tmp_path / "bad"), num_samples=4, attribute_fraction=1.5)
+
+
+def test_precision_recall_by_fraction_ranks_by_score():
+  scores = {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.2, "e": 0.1}
+  bad = {"a": False, "b": True, "c": False, "d": False, "e": True}
+  curve = filter_pool.precision_recall_by_fraction(scores, bad, fractions=(0.2, 0.6, 1.0))
+  assert [row["kept"] for row in curve] == [1, 3, 5]
+  assert [row["precision"] for row in curve] == pytest.approx([1.0, 2 / 3, 3 / 5])
+  assert [row["recall"] for row in curve] == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
 def test_filter_basic_filters_and_resharding(tmp_path):
   path = str(tmp_path / "pool.tar")
   with image_text.ShardWriter(path, 100) as writer:

@@ -22,7 +22,7 @@ Writes to ``--output_dir``:
   summary.json        counts per filter, the threshold used, and, with
                       ``--ground_truth_key`` (a JSON field that is true for bad pairs,
                       such as the offline pool's "mismatched"), precision and recall
-                      of the kept set
+                      of the kept set, and of the top 30%, 40%, ... 80% by score
 
 Samples that cannot be used at all (corrupt image, no caption) are dropped and
 counted like the trainer does.
@@ -57,6 +57,26 @@ def basic_filter(sample: dict, *, min_caption_words: int, min_image_size: int,
     if max_aspect_ratio and max(width, height) / max(min(width, height), 1) > max_aspect_ratio:
       return "aspect_ratio"
   return None
+
+
+def precision_recall_by_fraction(scores: dict[str, float], bad_pairs: dict[str, bool],
+                                 fractions: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7,
+                                                               0.8)) -> list[dict]:
+  """Precision and recall of keeping the top ``f`` of the scored pairs, per fraction.
+
+  The trade-off of the score alone (basic filters aside): a good pair is one that
+  ``bad_pairs`` does not mark; recall is over the good pairs that have a score.
+  """
+  ranked = sorted(scores, key=lambda k: -scores[k])
+  good_total = sum(not bad_pairs[k] for k in ranked)
+  curve = []
+  for fraction in fractions:
+    kept = ranked[:math.ceil(fraction * len(ranked))]
+    good_kept = sum(not bad_pairs[k] for k in kept)
+    curve.append({"keep_fraction": fraction, "kept": len(kept),
+                  "precision": good_kept / max(len(kept), 1),
+                  "recall": good_kept / max(good_total, 1)})
+  return curve
 
 
 def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
@@ -168,6 +188,9 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
         "key": ground_truth_key, "good_pairs": len(good),
         "precision": true_kept / max(len(kept), 1),
         "recall": true_kept / max(len(good), 1)}
+    if scores:
+      summary["ground_truth"]["by_keep_fraction"] = precision_recall_by_fraction(
+          scores, bad_pairs)
   with open(os.path.join(output_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary

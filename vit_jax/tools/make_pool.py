@@ -5,8 +5,9 @@ r"""An offline image-text pool: scikit-learn's digits rendered as captioned scen
 
 Each sample is one handwritten digit (the 8x8 images inside scikit-learn) drawn in a
 colour on a background, small in a corner or large in the centre, on an
-``image_size`` canvas, with a caption from one of many templates that mention some of
-those attributes ("a small red seven in the top left corner on a navy background").
+``image_size`` canvas, with a caption from one of many templates. Most name only the
+digit ("a handwritten seven"); ``attribute_fraction`` of them also name some of the
+attributes ("a small red seven in the top left corner").
 A ``mismatch_fraction`` of the training samples get the caption of another scene
 showing a different digit (noise, as in web-scraped pools); the JSON metadata records
 which (``"mismatched"``), so filtering can be scored.
@@ -15,7 +16,9 @@ Output::
 
   train/pool-00000.tar ...     from the 1,437 training digits (``num_samples``)
   eval/heldout-00000.tar ...   the 360 held-out digits, each drawn ``eval_renders``
-                               times, clean captions, JSON ``label``
+                               times, clean captions that always name attributes too
+                               (so retrieval must find the scene, not just the
+                               digit), JSON ``label``
   tokenizer.json               BPE vocabulary trained on the training captions
   pool.json                    settings and counts
 
@@ -46,11 +49,8 @@ BACKGROUNDS = {"black": (10, 10, 10), "gray": (110, 110, 110), "navy": (20, 30, 
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 
 # Caption templates of the training pool. Slots: {digit} (the word), {numeral},
-# {color}, {bg}, {size}, {where} ("in the top left corner" / "in the middle"). Three in
-# four name only the digit: when most captions also name the colours, a small CLIP
-# learns the colours (easy) and leaves the digits' shapes (hard) unlearned for long.
-TRAIN_TEMPLATES = (
-    # the digit only
+# {color}, {bg}, {size}, {where} ("in the top left corner" / "in the middle").
+DIGIT_TEMPLATES = (
     "a handwritten {digit}",
     "the digit {digit}",
     "{digit}",
@@ -69,7 +69,12 @@ TRAIN_TEMPLATES = (
     "an example of the digit {numeral}",
     "one handwritten digit: {digit}",
     "a neat {digit}",
-    # the digit and some of its attributes
+)
+# The digit and some of its attributes. Only ``attribute_fraction`` of the captions
+# (default 1 in 10) use these: a small CLIP learns colours (easy) long before the
+# digits' shapes (hard), and captions that let it tell same-digit pairs apart by
+# colour pull its capacity away from the shapes.
+ATTRIBUTE_TEMPLATES = (
     "a {color} {digit} on a {bg} background",
     "a {size} {color} {digit} {where}",
     "{color} ink, digit {digit}, {bg} paper",
@@ -77,6 +82,7 @@ TRAIN_TEMPLATES = (
     "a {size} {digit} {where}",
     "a {digit} drawn with a {color} pen",
 )
+TRAIN_TEMPLATES = DIGIT_TEMPLATES + ATTRIBUTE_TEMPLATES
 
 
 def render(digit: np.ndarray, rng: np.random.Generator, image_size: int) -> tuple:
@@ -115,8 +121,11 @@ def render(digit: np.ndarray, rng: np.random.Generator, image_size: int) -> tupl
 
 
 def caption(label: int, attributes: dict, rng: np.random.Generator,
-            templates: Sequence[str] = TRAIN_TEMPLATES) -> str:
-  template = str(rng.choice(list(templates)))
+            attribute_fraction: float = 0.1) -> str:
+  """A training caption: an attribute template with ``attribute_fraction`` odds."""
+  with_attributes = rng.random() < attribute_fraction
+  template = str(rng.choice(list(ATTRIBUTE_TEMPLATES if with_attributes
+                                 else DIGIT_TEMPLATES)))
   return template.format(digit=CLASS_NAMES[label], numeral=str(label), **{
       k: attributes[k] for k in ("color", "bg", "size", "where")})
 
@@ -148,7 +157,7 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def write_samples(writer, images, labels, *, count: int, seed: int, image_size: int,
                   image_format: str, mismatch_fraction: float, prefix: str,
-                  sequential: bool) -> dict:
+                  sequential: bool, attribute_fraction: float) -> dict:
   """Renders ``count`` samples into ``writer``; returns counts for pool.json."""
   mismatched_total = 0
   captions = []
@@ -160,12 +169,12 @@ def write_samples(writer, images, labels, *, count: int, seed: int, image_size: 
     index = i % len(images) if sequential else int(rng.integers(len(images)))
     label = int(labels[index])
     image, attributes = render(images[index], rng, image_size)
-    text = caption(label, attributes, rng)
+    text = caption(label, attributes, rng, attribute_fraction)
     mismatched = bool(noise_rng.random() < mismatch_fraction)
     if mismatched:  # the caption of another scene, showing a different digit
       other = int((label + noise_rng.integers(1, 10)) % 10)
       _, other_attributes = render(images[0], noise_rng, image_size)
-      text = caption(other, other_attributes, noise_rng)
+      text = caption(other, other_attributes, noise_rng, attribute_fraction)
       mismatched_total += 1
     key = f"{prefix}{i:08d}"
     meta = {"uid": key, "label": label, "class_name": CLASS_NAMES[label],
@@ -181,10 +190,12 @@ def write_samples(writer, images, labels, *, count: int, seed: int, image_size: 
 def make_pool(output_dir: str, *, num_samples: int = 30000, mismatch_fraction: float = 0.0,
               image_size: int = 32, samples_per_shard: int = 1000, eval_renders: int = 3,
               seed: int = 0, vocab_size: int = 1000, context_length: int = 24,
-              image_format: str = "jpg") -> dict:
+              image_format: str = "jpg", attribute_fraction: float = 0.1) -> dict:
   from vit_jax.data import image_text, tokenizer  # pylint: disable=g-import-not-at-top
   if not 0.0 <= mismatch_fraction < 1.0:
     raise ValueError(f"mismatch_fraction={mismatch_fraction} must be in [0, 1)")
+  if not 0.0 <= attribute_fraction <= 1.0:
+    raise ValueError(f"attribute_fraction={attribute_fraction} must be in [0, 1]")
   if image_format not in ("jpg", "png"):
     raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
   train_images, train_labels, test_images, test_labels = digits_split()
@@ -193,13 +204,14 @@ def make_pool(output_dir: str, *, num_samples: int = 30000, mismatch_fraction: f
     train = write_samples(writer, train_images, train_labels, count=num_samples,
                           seed=seed, image_size=image_size, image_format=image_format,
                           mismatch_fraction=mismatch_fraction, prefix="",
-                          sequential=False)
+                          sequential=False, attribute_fraction=attribute_fraction)
   with image_text.ShardWriter(os.path.join(output_dir, "eval", "heldout-{:05d}.tar"),
                               samples_per_shard) as eval_writer:
     held_out = write_samples(eval_writer, test_images, test_labels,
                              count=len(test_images) * eval_renders, seed=seed + 1_000_003,
                              image_size=image_size, image_format=image_format,
-                             mismatch_fraction=0.0, prefix="eval", sequential=True)
+                             mismatch_fraction=0.0, prefix="eval", sequential=True,
+                             attribute_fraction=1.0)
   tok = tokenizer.train_bpe(train.pop("captions"), vocab_size=vocab_size,
                             context_length=context_length)
   tok.save(os.path.join(output_dir, "tokenizer.json"))
@@ -207,6 +219,7 @@ def make_pool(output_dir: str, *, num_samples: int = 30000, mismatch_fraction: f
   info = {"train": {**train, "shards": len(writer.paths)},
           "eval": {**held_out, "shards": len(eval_writer.paths)},
           "image_size": image_size, "mismatch_fraction": mismatch_fraction, "seed": seed,
+          "attribute_fraction": attribute_fraction,
           "tokenizer_vocab_size": tok.vocab_size, "class_names": list(CLASS_NAMES),
           "image_format": image_format}
   with open(os.path.join(output_dir, "pool.json"), "w") as f:
@@ -225,12 +238,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--vocab_size", type=int, default=1000)
   parser.add_argument("--image_format", default="jpg", choices=("jpg", "png"))
+  parser.add_argument("--attribute_fraction", type=float, default=0.1,
+                      help="share of captions that also name colours, size, position")
   args = parser.parse_args(argv)
   info = make_pool(args.output_dir, num_samples=args.num_samples,
                    mismatch_fraction=args.mismatch_fraction, image_size=args.image_size,
                    samples_per_shard=args.samples_per_shard,
                    eval_renders=args.eval_renders, seed=args.seed,
-                   vocab_size=args.vocab_size, image_format=args.image_format)
+                   vocab_size=args.vocab_size, image_format=args.image_format,
+                   attribute_fraction=args.attribute_fraction)
   print(f"wrote {info['train']['samples']} training samples ({info['train']['mismatched']} "
         f"with mismatched captions) in {info['train']['shards']} shards and "
         f"{info['eval']['samples']} held-out samples to {args.output_dir}")
