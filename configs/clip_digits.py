@@ -3,12 +3,12 @@ r"""A small CLIP on the offline digits pool: the whole contrastive loop on a CPU
   python -m vit_jax.tools.make_pool --output_dir=workdirs/digits_pool
   python -m vit_jax.main --config=configs/clip_digits.py --workdir=workdirs/clip_digits
 
-Measured (README, "Contrastive pretraining"): zero-shot top-1 52.8% (top-5 91.9%) on
-the 1,080 held-out renderings of the 360 held-out digits after 2,000 steps, with prompt
-templates that no training caption uses; about 50 minutes on a busy 2-core CPU. The
-issue's target is 85%: not reached yet. ``:siglip`` trains with the sigmoid
-loss instead. ``--config.input.pool=DIR`` points at another pool (e.g. a noisy or a
-filtered one: see the README's filtering experiment).
+Measured (README, "Contrastive pretraining"; 2-core CPU, ~850 pairs/s when alone):
+zero-shot top-1 92.7% (top-5 99.7%) on the 1,080 held-out renderings of the 360
+held-out digits after 4,000 steps, with prompt templates that no training caption
+uses. ``:siglip`` trains with the sigmoid loss instead. ``--config.input.pool=DIR``
+points at another pool (e.g. a noisy or a filtered one: see the README's filtering
+experiment).
 """
 
 import math
@@ -66,7 +66,7 @@ def get_config(arg=None):
       wd_pattern=r"(^|/)kernel$", grad_clip_norm=1.0))
   config.schedule = ml_collections.ConfigDict(dict(
       warmup_steps=100, decay="cosine", end_factor=0.0))
-  config.total_steps = 2000
+  config.total_steps = 4000
   config.total_samples = config_dict.placeholder(int)  # alternative to total_steps
 
   eval_shards = pool + "/eval"
@@ -81,7 +81,7 @@ def get_config(arg=None):
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.log_every = 100
-  config.eval_every = 500
-  config.checkpoint_every = 500
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
   config.keep_checkpoints = 2
   return config
