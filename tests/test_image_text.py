@@ -265,6 +265,9 @@ def test_precision_recall_by_fraction_ranks_by_score():
   assert [row["kept"] for row in curve] == [1, 3, 5]
   assert [row["precision"] for row in curve] == pytest.approx([1.0, 2 / 3, 3 / 5])
   assert [row["recall"] for row in curve] == pytest.approx([1 / 3, 2 / 3, 1.0])
+  point = filter_pool.precision_at_recall(scores, bad, 0.6)  # needs 2 of the 3 good
+  assert point["precision"] == pytest.approx(2 / 3) and point["threshold"] == 0.7
+  assert point["keep_fraction"] == pytest.approx(3 / 5)
 
 
 def test_filter_basic_filters_and_resharding(tmp_path):

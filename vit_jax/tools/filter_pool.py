@@ -22,7 +22,8 @@ Writes to ``--output_dir``:
   summary.json        counts per filter, the threshold used, and, with
                       ``--ground_truth_key`` (a JSON field that is true for bad pairs,
                       such as the offline pool's "mismatched"), precision and recall
-                      of the kept set, and of the top 30%, 40%, ... 80% by score
+                      of the kept set, of the top 30%, 40%, ... 80% by score, and
+                      the precision where the score's recall reaches 0.8
 
 Samples that cannot be used at all (corrupt image, no caption) are dropped and
 counted like the trainer does.
@@ -77,6 +78,24 @@ def precision_recall_by_fraction(scores: dict[str, float], bad_pairs: dict[str, 
                   "precision": good_kept / max(len(kept), 1),
                   "recall": good_kept / max(good_total, 1)})
   return curve
+
+
+def precision_at_recall(scores: dict[str, float], bad_pairs: dict[str, bool],
+                        recall: float) -> dict:
+  """The precision of the smallest top-by-score set whose recall reaches ``recall``.
+
+  One point of the precision-recall curve: the operating point a threshold on the
+  score would pick for that recall.
+  """
+  ranked = sorted(scores, key=lambda k: -scores[k])
+  good_total = sum(not bad_pairs[k] for k in ranked)
+  good = 0
+  for kept, key in enumerate(ranked, 1):
+    good += not bad_pairs[key]
+    if good >= recall * good_total:
+      return {"recall": good / max(good_total, 1), "precision": good / kept,
+              "keep_fraction": kept / len(ranked), "threshold": scores[key]}
+  raise ValueError(f"recall {recall} is not reachable: no good pairs are scored")
 
 
 def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
@@ -191,6 +210,8 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
     if scores:
       summary["ground_truth"]["by_keep_fraction"] = precision_recall_by_fraction(
           scores, bad_pairs)
+      summary["ground_truth"]["at_recall_0.8"] = precision_at_recall(scores, bad_pairs,
+                                                                     0.8)
   with open(os.path.join(output_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
