@@ -268,6 +268,7 @@ def test_precision_recall_by_fraction_ranks_by_score():
   point = filter_pool.precision_at_recall(scores, bad, 0.6)  # needs 2 of the 3 good
   assert point["precision"] == pytest.approx(2 / 3) and point["threshold"] == 0.7
   assert point["keep_fraction"] == pytest.approx(3 / 5)
+  assert filter_pool.precision_at_recall({"b": 0.8}, {"b": True}, 0.8) is None  # no good pair
 
 
 def test_filter_basic_filters_and_resharding(tmp_path):

@@ -81,21 +81,23 @@ def precision_recall_by_fraction(scores: dict[str, float], bad_pairs: dict[str, 
 
 
 def precision_at_recall(scores: dict[str, float], bad_pairs: dict[str, bool],
-                        recall: float) -> dict:
+                        recall: float) -> Optional[dict]:
   """The precision of the smallest top-by-score set whose recall reaches ``recall``.
 
   One point of the precision-recall curve: the operating point a threshold on the
-  score would pick for that recall.
+  score would pick for that recall. None when no scored pair is good.
   """
   ranked = sorted(scores, key=lambda k: -scores[k])
   good_total = sum(not bad_pairs[k] for k in ranked)
+  if not good_total:
+    return None
   good = 0
   for kept, key in enumerate(ranked, 1):
     good += not bad_pairs[key]
     if good >= recall * good_total:
-      return {"recall": good / max(good_total, 1), "precision": good / kept,
+      return {"recall": good / good_total, "precision": good / kept,
               "keep_fraction": kept / len(ranked), "threshold": scores[key]}
-  raise ValueError(f"recall {recall} is not reachable: no good pairs are scored")
+  return None  # unreachable: recall <= 1 is always met by the whole ranking
 
 
 def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
