@@ -60,6 +60,13 @@ def basic_filter(sample: dict, *, min_caption_words: int, min_image_size: int,
   return None
 
 
+def _ranked_good(scores: dict[str, float], bad_pairs: dict[str, bool]
+                 ) -> tuple[list[str], np.ndarray]:
+  """Keys by falling score, and how many good pairs are among the top 1, 2, ... n."""
+  ranked = sorted(scores, key=lambda k: -scores[k])
+  return ranked, np.cumsum([not bad_pairs[k] for k in ranked])
+
+
 def precision_recall_by_fraction(scores: dict[str, float], bad_pairs: dict[str, bool],
                                  fractions: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7,
                                                                0.8)) -> list[dict]:
@@ -68,15 +75,14 @@ def precision_recall_by_fraction(scores: dict[str, float], bad_pairs: dict[str, 
   The trade-off of the score alone (basic filters aside): a good pair is one that
   ``bad_pairs`` does not mark; recall is over the good pairs that have a score.
   """
-  ranked = sorted(scores, key=lambda k: -scores[k])
-  good_total = sum(not bad_pairs[k] for k in ranked)
+  ranked, good = _ranked_good(scores, bad_pairs)
   curve = []
   for fraction in fractions:
-    kept = ranked[:math.ceil(fraction * len(ranked))]
-    good_kept = sum(not bad_pairs[k] for k in kept)
-    curve.append({"keep_fraction": fraction, "kept": len(kept),
-                  "precision": good_kept / max(len(kept), 1),
-                  "recall": good_kept / max(good_total, 1)})
+    kept = math.ceil(fraction * len(ranked))
+    good_kept = int(good[kept - 1]) if kept else 0
+    curve.append({"keep_fraction": fraction, "kept": kept,
+                  "precision": good_kept / max(kept, 1),
+                  "recall": good_kept / max(int(good[-1]), 1)})
   return curve
 
 
@@ -87,17 +93,13 @@ def precision_at_recall(scores: dict[str, float], bad_pairs: dict[str, bool],
   One point of the precision-recall curve: the operating point a threshold on the
   score would pick for that recall. None when no scored pair is good.
   """
-  ranked = sorted(scores, key=lambda k: -scores[k])
-  good_total = sum(not bad_pairs[k] for k in ranked)
-  if not good_total:
+  ranked, good = _ranked_good(scores, bad_pairs)
+  if not len(ranked) or not good[-1]:
     return None
-  good = 0
-  for kept, key in enumerate(ranked, 1):
-    good += not bad_pairs[key]
-    if good >= recall * good_total:
-      return {"recall": good / good_total, "precision": good / kept,
-              "keep_fraction": kept / len(ranked), "threshold": scores[key]}
-  return None  # unreachable: recall <= 1 is always met by the whole ranking
+  kept = int(np.searchsorted(good, recall * good[-1])) + 1  # first prefix reaching it
+  good_kept = int(good[kept - 1])
+  return {"recall": good_kept / int(good[-1]), "precision": good_kept / kept,
+          "keep_fraction": kept / len(ranked), "threshold": scores[ranked[kept - 1]]}
 
 
 def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,

@@ -47,6 +47,7 @@ BACKGROUNDS = {"black": (10, 10, 10), "gray": (110, 110, 110), "navy": (20, 30, 
                "brown": (100, 60, 30), "dark green": (20, 70, 35),
                "purple": (80, 30, 100)}
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
+DEFAULT_ATTRIBUTE_FRACTION = 0.1  # see ATTRIBUTE_TEMPLATES
 
 # Caption templates of the training pool. Slots: {digit} (the word), {numeral},
 # {color}, {bg}, {size}, {where} ("in the top left corner" / "in the middle").
@@ -71,9 +72,9 @@ DIGIT_TEMPLATES = (
     "a neat {digit}",
 )
 # The digit and some of its attributes. Only ``attribute_fraction`` of the captions
-# (default 1 in 10) use these: a small CLIP learns colours (easy) long before the
-# digits' shapes (hard), and captions that let it tell same-digit pairs apart by
-# colour pull its capacity away from the shapes.
+# (DEFAULT_ATTRIBUTE_FRACTION) use these: a small CLIP learns colours (easy) long
+# before the digits' shapes (hard), and captions that let it tell same-digit pairs
+# apart by colour pull its capacity away from the shapes.
 ATTRIBUTE_TEMPLATES = (
     "a {color} {digit} on a {bg} background",
     "a {size} {color} {digit} {where}",
@@ -82,7 +83,6 @@ ATTRIBUTE_TEMPLATES = (
     "a {size} {digit} {where}",
     "a {digit} drawn with a {color} pen",
 )
-TRAIN_TEMPLATES = DIGIT_TEMPLATES + ATTRIBUTE_TEMPLATES
 
 
 def render(digit: np.ndarray, rng: np.random.Generator, image_size: int) -> tuple:
@@ -121,7 +121,7 @@ def render(digit: np.ndarray, rng: np.random.Generator, image_size: int) -> tupl
 
 
 def caption(label: int, attributes: dict, rng: np.random.Generator,
-            attribute_fraction: float = 0.1) -> str:
+            attribute_fraction: float = DEFAULT_ATTRIBUTE_FRACTION) -> str:
   """A training caption: an attribute template with ``attribute_fraction`` odds."""
   with_attributes = rng.random() < attribute_fraction
   template = str(rng.choice(list(ATTRIBUTE_TEMPLATES if with_attributes
@@ -190,7 +190,8 @@ def write_samples(writer, images, labels, *, count: int, seed: int, image_size: 
 def make_pool(output_dir: str, *, num_samples: int = 30000, mismatch_fraction: float = 0.0,
               image_size: int = 32, samples_per_shard: int = 1000, eval_renders: int = 3,
               seed: int = 0, vocab_size: int = 1000, context_length: int = 24,
-              image_format: str = "jpg", attribute_fraction: float = 0.1) -> dict:
+              image_format: str = "jpg",
+              attribute_fraction: float = DEFAULT_ATTRIBUTE_FRACTION) -> dict:
   from vit_jax.data import image_text, tokenizer  # pylint: disable=g-import-not-at-top
   if not 0.0 <= mismatch_fraction < 1.0:
     raise ValueError(f"mismatch_fraction={mismatch_fraction} must be in [0, 1)")
@@ -238,7 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--vocab_size", type=int, default=1000)
   parser.add_argument("--image_format", default="jpg", choices=("jpg", "png"))
-  parser.add_argument("--attribute_fraction", type=float, default=0.1,
+  parser.add_argument("--attribute_fraction", type=float,
+                      default=DEFAULT_ATTRIBUTE_FRACTION,
                       help="share of captions that also name colours, size, position")
   args = parser.parse_args(argv)
   info = make_pool(args.output_dir, num_samples=args.num_samples,
