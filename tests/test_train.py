@@ -209,7 +209,8 @@ def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path)
     ("--config.model_name=vit_tiny_patch15_224",
      "unknown model 'vit_tiny_patch15_224'. Close matches: vit_tiny_patch16_224"),
     ("--config.input.pp_eval=decode|resize(18)|value_range(-1, 1)",
-     "ViT with patch size 4 needs image sides divisible by 4; got 18x18"),
+     "ViT with patch size 4 needs image sides divisible by 4; got 18x18. Resize or crop "
+     "the input (e.g. to 16x16 or 20x20)"),
     ("--config.input.batch_size=30",
      "input.batch_size=30 must be divisible by the data-parallel devices (1) times "
      "grad_accum_steps (4)"),

@@ -265,9 +265,12 @@ class VisionTransformer(nn.Module):
     expected = _pair(self.image_size)
     p = self.patch_size
     if height % p or width % p:
+      # Suggest the nearest sizes that work (the model's own image_size may not).
+      down = f"{max(height // p, 1) * p}x{max(width // p, 1) * p}"
+      up = f"{-(-height // p) * p}x{-(-width // p) * p}"
       raise ValueError(
           f"ViT with patch size {p} needs image sides divisible by {p}; got "
-          f"{height}x{width}. Resize the input (e.g. to {expected[0]}x{expected[1]}).")
+          f"{height}x{width}. Resize or crop the input (e.g. to {down} or {up}).")
     if (height, width) != expected and self.posemb == "learn":
       raise ValueError(
           f"this ViT's learned position embedding is built for {expected[0]}x"
