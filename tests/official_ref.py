@@ -9,9 +9,9 @@ when imported into one process, so tests run this file as a subprocess
 
 Each job: ``{"family": "rmt", "config": {...}, "input": "x.npy" (NHWC float32), "out":
 "y.npz", "seed": 0, "randomize": 0.1}``: builds ``<family>_official_ref.build(**config)``,
-fills every parameter and BatchNorm statistic with noise (``timm_ref.randomize``) and runs
-``<family>_official_ref.forward`` in eval mode. The ``.npz`` holds ``state/<name>`` for
-every state-dict entry, ``logits``, ``features``, ``stage/<i>`` (NHWC maps) and
+fills every parameter and BatchNorm statistic with noise (``torch_random.randomize``) and
+runs ``<family>_official_ref.forward`` in eval mode. The ``.npz`` holds ``state/<name>``
+for every state-dict entry, ``logits``, ``features``, ``stage/<i>`` (NHWC maps) and
 ``num_params``. A job ``{"family": ..., "counts": true, "out": ...}`` instead builds every
 official configuration in the module's ``CONFIGS`` on the meta device (nothing is
 allocated) and writes ``num_params/<name>``.
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import timm_ref  # noqa: E402  pylint: disable=g-import-not-at-top
+import torch_random  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def run(job: dict) -> None:
@@ -41,7 +41,7 @@ def run(job: dict) -> None:
     return
   torch.manual_seed(job.get("seed", 0))
   model = reference.build(**job["config"])
-  timm_ref.randomize(model, job.get("randomize", 0.1),
+  torch_random.randomize(model, job.get("randomize", 0.1),
                      torch.Generator().manual_seed(job.get("seed", 0)))
   model.eval()
   images = torch.from_numpy(np.load(job["input"])).permute(0, 3, 1, 2).contiguous()
