@@ -44,7 +44,6 @@ Official checkpoints hold BatchNorm statistics besides the parameters: load them
 ``rmt.variables_from_official`` (``official.from_official`` returns parameters only).
 """
 
-import math
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
