@@ -140,7 +140,7 @@ def manhattan_attention(query: Array, key: Array, value: Array, decay: np.ndarra
   the row-attended values, 1D decay of the row distance); otherwise all tokens at once
   with the 2D decay.
   """
-  batch, height, width, heads, dim = query.shape
+  batch, height, width, heads, _ = query.shape
   if not decomposed:
     flat = lambda t: t.reshape(batch, height * width, heads, t.shape[-1])
     out = layers.dot_product_attention(
