@@ -40,6 +40,27 @@ def state_dict_of(outputs: dict) -> dict:
   return {k[len("state/"):]: v for k, v in outputs.items() if k.startswith("state/")}
 
 
+def assert_matches_reference(out: dict, logits, intermediates: dict, *, label: str = "",
+                             atol: float = 1e-4) -> dict:
+  """Checks logits, ``features`` and every ``stage_{i}`` map against a reference output
+  (``official_ref.py`` names: ``logits``, ``features``, ``stage/{i}``) within ``atol``;
+  prints and returns the max differences. Near-zero reference logits are an error: a
+  comparison of them would prove little.
+  """
+  diffs = {"logits": np.abs(np.asarray(logits) - out["logits"]).max(),
+           "features": np.abs(np.asarray(intermediates["features"]) - out["features"]).max()}
+  stages = sorted(k for k in out if k.startswith("stage/"))
+  for key in stages:
+    ours = np.asarray(intermediates[f"stage_{key.split('/')[1]}"])
+    assert ours.shape == out[key].shape, (key, ours.shape, out[key].shape)
+    diffs[key] = np.abs(ours - out[key]).max()
+  print(label, {k: f"{v:.1e}" for k, v in diffs.items()},
+        f"mean |logit| {np.abs(out['logits']).mean():.2f}")
+  assert stages and max(diffs.values()) < atol, diffs
+  assert np.abs(out["logits"]).mean() > 0.1, "reference logits near zero"
+  return diffs
+
+
 def run_timm_reference(jobs: list[dict], directory, script: str = "timm_ref.py"
                        ) -> list[dict]:
   """Runs timm models in a subprocess (torch never meets TF); returns loaded ``.npz``s.

@@ -5,7 +5,7 @@ sizes, official-checkpoint conversion, training.
 CSWin is not in timm. ``tests/cswin_official_ref.py`` re-creates
 microsoft/CSWin-Transformer's ``models/cswin.py`` (same state-dict names and float32
 arithmetic; while developing it gave bit-identical outputs to the official file at
-224x224); it runs in one subprocess per session of this module (``official_ref.py``)
+224x224); it runs in one subprocess for the whole module (``official_ref.py``)
 with random weights. The block test below also recomputes a whole CSWin block (norm,
 qkv, both stripe directions, LePE, projection, MLP) stripe by stripe in float64 NumPy,
 written from the paper and the official code without sharing any of the model's code.
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from scipy import special
 
-from helpers import run_timm_reference, state_dict_of, train_in_process
+from helpers import (assert_matches_reference, run_timm_reference, state_dict_of,
+                     train_in_process)
 from vit_jax import models
 from vit_jax.models import convert, cswin, official
 
@@ -80,15 +81,7 @@ def test_matches_the_official_forward(reference):
   model = models.create("cswin_tiny_224", **PARITY)
   logits, inter = jax.jit(lambda v, x: models.forward_intermediates(model, v, x))(
       {"params": params}, np.asarray(images, np.float32))
-  diffs = {"logits": np.abs(logits - out["logits"]).max(),
-           "features": np.abs(inter["features"] - out["features"]).max()}
-  for i in range(4):
-    assert inter[f"stage_{i}"].shape == out[f"stage/{i}"].shape
-    diffs[f"stage_{i}"] = np.abs(inter[f"stage_{i}"] - out[f"stage/{i}"]).max()
-  print({k: f"{v:.1e}" for k, v in diffs.items()},
-        f"mean |logit| {np.abs(out['logits']).mean():.2f}")
-  assert max(diffs.values()) < 1e-4, diffs
-  assert np.abs(out["logits"]).mean() > 0.1  # not a comparison of near-zero outputs
+  assert_matches_reference(out, logits, inter, label="cswin_tiny_224")
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAM_COUNTS))

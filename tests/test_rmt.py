@@ -4,8 +4,8 @@ forward, official-checkpoint conversion, sizes and errors, dtypes, drop path, tr
 RMT is not in timm. ``tests/rmt_official_ref.py`` re-creates qhfan/RMT's
 ``classfication_release/RMT.py`` (same module and state-dict names, same float32
 arithmetic; while developing it gave bit-identical logits, features and stage maps to the
-official file on two reduced configurations); it runs in one subprocess per session of
-this module (``official_ref.py``) with random weights and BatchNorm statistics.
+official file on two reduced configurations); it runs in one subprocess for the
+whole module (``official_ref.py``) with random weights and BatchNorm statistics.
 """
 
 import math
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
-from helpers import run_timm_reference, state_dict_of, train_in_process
+from helpers import (assert_matches_reference, run_timm_reference, state_dict_of,
+                     train_in_process)
 from vit_jax import models
 from vit_jax.models import convert, official, rmt
 
@@ -34,7 +35,8 @@ OFFICIAL_PARAM_COUNTS = {
 # RMT-B's widths, heads, decay settings and layer scales (decomposed attention in stages
 # 0-2, full 2D attention in stage 3, layer scale in stages 2-3), one block per stage, on
 # odd, non-square inputs: maps 19x25, 10x13, 5x7, 3x4.
-PARITY = {"rmt_base": dict(depths=(1, 1, 1, 1), num_classes=10, images=(2, 75, 97, 3))}
+PARITY = dict(depths=(1, 1, 1, 1), num_classes=10)
+PARITY_IMAGES = (2, 75, 97, 3)
 # Our settings -> the official constructor's argument names.
 OFFICIAL_ARGS = {"embed_dims": "embed_dims", "depths": "depths", "num_heads": "num_heads",
                  "initial_values": "init_values", "heads_ranges": "heads_ranges",
@@ -54,16 +56,14 @@ def official_config(name: str, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """One torch subprocess: the re-creation's counts, and outputs of the parity models."""
-  rng = np.random.RandomState(0)
-  jobs = [{"family": "rmt", "counts": True}]
-  for name, setting in PARITY.items():
-    overrides = {k: v for k, v in setting.items() if k != "images"}
-    jobs.append({"family": "rmt", "config": official_config(name, **overrides),
-                 "images": rng.randn(*setting["images"]), "randomize": 0.05})
-  outputs = run_timm_reference(jobs, tmp_path_factory.mktemp("rmt_ref"),
-                               script="official_ref.py")
-  return outputs[0], dict(zip(PARITY, outputs[1:])), dict(zip(PARITY, jobs[1:]))
+  """One torch subprocess: the re-creation's counts, and the parity model's outputs."""
+  images = np.random.RandomState(0).randn(*PARITY_IMAGES)
+  jobs = [{"family": "rmt", "counts": True},
+          {"family": "rmt", "config": official_config("rmt_base", **PARITY),
+           "images": images, "randomize": 0.05}]
+  counts, out = run_timm_reference(jobs, tmp_path_factory.mktemp("rmt_ref"),
+                                   script="official_ref.py")
+  return counts, out, images
 
 
 def test_every_registered_variant_has_an_exact_count(reference):
@@ -78,32 +78,18 @@ def test_param_count(name):
   assert models.param_count(name) == OFFICIAL_PARAM_COUNTS[name]
 
 
-@pytest.mark.parametrize("name", sorted(PARITY))
-def test_matches_the_official_forward(reference, name):
+def test_matches_the_official_forward(reference):
   """Logits, pooled features and every stage map within 1e-4 of the official forward."""
-  _, outputs, jobs = reference
-  out, job = outputs[name], jobs[name]
-  overrides = {k: v for k, v in PARITY[name].items() if k != "images"}
-  variables = rmt.variables_from_official(name, state_dict_of(out), **overrides)
-  model = models.create(name, **overrides)
-  images = np.asarray(job["images"], np.float32)
+  _, out, images = reference
+  variables = rmt.variables_from_official("rmt_base", state_dict_of(out), **PARITY)
+  model = models.create("rmt_base", **PARITY)
   logits, inter = jax.jit(lambda v, x: models.forward_intermediates(model, v, x))(
-      variables, images)
-  diffs = {"logits": np.abs(logits - out["logits"]).max(),
-           "features": np.abs(inter["features"] - out["features"]).max()}
-  for i in range(4):
-    assert inter[f"stage_{i}"].shape == out[f"stage/{i}"].shape
-    diffs[f"stage_{i}"] = np.abs(inter[f"stage_{i}"] - out[f"stage/{i}"]).max()
-  print(name, {k: f"{v:.1e}" for k, v in diffs.items()},
-        f"mean |logit| {np.abs(out['logits']).mean():.2f}")
-  assert max(diffs.values()) < 1e-4, diffs
-  assert np.abs(out["logits"]).mean() > 0.1  # not a comparison of near-zero outputs
+      variables, np.asarray(images, np.float32))
+  assert_matches_reference(out, logits, inter, label="rmt_base")
 
 
 def test_official_conversion_errors(reference):
-  _, outputs, _ = reference
-  overrides = {k: v for k, v in PARITY["rmt_base"].items() if k != "images"}
-  state = state_dict_of(outputs["rmt_base"])
+  state, overrides = state_dict_of(reference[1]), PARITY
   assert state["layers.0.Relpos.decay"].shape == (5,)
   assert "layers.0.downsample.norm.running_var" in state
   with pytest.raises(convert.ConversionError, match=r"RMT checkpoints also hold BatchNorm "
