@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax import init_from, lora, optim
+from vit_jax import init_from, lora, tree
 from vit_jax.trainers import common
 
 _BLOCK = re.compile(r"(^|/|__)encoderblock_(\d+)(/|__|$)")  # "__": LoRA names
@@ -46,7 +46,7 @@ def init_from_checkpoint(path: str, model: Any, model_name: str, params: Any,
 
 def layer_ids(params: Any) -> tuple[Any, int]:
   """Per-parameter layer index (stem 0, block i -> i + 1, rest L + 1) and L."""
-  names = [optim.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  names = [tree.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   blocks = {int(m.group(2)) for n in names if (m := _BLOCK.search(n))}
   if not blocks:
     raise ValueError("layer_decay needs blocks named encoderblock_{i} (ViT layout, "
@@ -54,7 +54,7 @@ def layer_ids(params: Any) -> tuple[Any, int]:
   depth = max(blocks) + 1
 
   def layer(path, _):
-    name = optim.path_name(path)
+    name = tree.path_name(path)
     if m := _BLOCK.search(name):
       return int(m.group(2)) + 1
     if _STEM.search(name):
@@ -83,7 +83,7 @@ def trainable_mask(params: Any, *, freeze: Optional[str] = None,
   only_re = re.compile(train_only) if train_only else None
 
   def trained(path, _):
-    name = optim.path_name(path)
+    name = tree.path_name(path)
     if freeze_re and freeze_re.search(name):
       return False
     return not only_re or bool(only_re.search(name))

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import checkpoint as ckpt_lib
+from vit_jax import tree as tree_lib
 from vit_jax.models import convert, registry, resample, vit
 
 DEFAULT_REINIT = r"^head/"
@@ -84,19 +85,7 @@ class LoadReport:
     return "; ".join(parts)
 
 
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-  return ckpt_lib._flatten(tree)  # pylint: disable=protected-access
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+flatten, unflatten = tree_lib.flatten, tree_lib.unflatten
 
 
 # ------------------------------------------------------------------ readers
