@@ -1,7 +1,7 @@
 """Fine-tuning controls for the classification trainer; each is off by default.
 
-* ``init_from_checkpoint``: the run starts from pretrained weights (``config.init``,
-  any format ``vit_jax.init_from`` reads), with the key report on the console.
+Starting from pretrained weights (``config.init``) is ``vit_jax.weights.load``.
+
 * ``wrap_optimizer``: freezing by regular expression (``config.freeze``: matching
   parameters get no update and no optimizer state, LiT-style locked towers; or
   ``config.train_only``: everything else is frozen, e.g. LoRA's adapters and the
@@ -21,25 +21,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax import init_from, lora, tree
-from vit_jax.trainers import common
+from vit_jax import lora, tree
 
 _BLOCK = re.compile(r"(^|/|__)encoderblock_(\d+)(/|__|$)")  # "__": LoRA names
 _STEM = re.compile(r"^(embedding|cls|Transformer/posembed_input)(/|$)")
-
-
-# ------------------------------------------------------------------ init
-
-def init_from_checkpoint(path: str, model: Any, model_name: str, params: Any,
-                         model_state: Any, *, reinit: str, allow_partial: bool = False
-                         ) -> tuple[Any, Any, init_from.LoadReport]:
-  """Pretrained (params, model_state) for a fresh train state's (params, model_state)."""
-  fresh = {"params": jax.device_get(params), **jax.device_get(dict(model_state))}
-  variables, report = init_from.load(path, model, fresh, model_name=model_name,
-                                     reinit=reinit, allow_partial=allow_partial)
-  common.console(f"init: {report.summary()}")
-  new_params = variables.pop("params")
-  return new_params, {k: variables[k] for k in model_state}, report
 
 
 # ------------------------------------------------------------------ optimizer
