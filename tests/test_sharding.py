@@ -359,7 +359,7 @@ def test_scan_and_remat_keep_outputs_gradients_and_converters():
 
 
 def test_scan_layout_mismatch_names_the_conversion(tmp_path):
-  from vit_jax.trainers.classification import TrainState  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers.common import TrainState  # pylint: disable=g-import-not-at-top
   block = {"LayerNorm_0": {"scale": np.ones(4, np.float32)}}
   unrolled = {"Transformer": {"encoderblock_0": block, "encoderblock_1": block}}
   state = lambda params: TrainState(step=np.zeros((), np.int32), params=params,

@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 
+from vit_jax import sharding
 from vit_jax.data import image_text
 
 
@@ -74,3 +75,15 @@ def cached(factory: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Any]]:
     return iter(store)
 
   return batches
+
+
+def evaluate_trained(from_config: Callable, eval_config: Any, trained: Any, *,
+                     batch_size: int) -> dict:
+  """Runs an evaluator (``from_config`` of zero_shot/retrieval) on a loaded workdir
+  (``vit_jax.workdir.Trained``) over every device; returns its result and step."""
+  mesh = sharding.make_mesh({"data": -1})
+  evaluator = from_config(eval_config, trained.model, trained.tokenizer,
+                          sharding=sharding.batch_sharding(mesh), batch_size=batch_size)
+  with jax.set_mesh(mesh):
+    result = evaluator.run(trained.variables)
+  return {"step": trained.step, **result}

@@ -108,9 +108,9 @@ def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from vit_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from vit_jax.evaluators import common  # pylint: disable=g-import-not-at-top
-  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
-  trained = contrastive.load_trained(workdir)
+  trained = workdir_lib.load_trained(workdir)
   mesh = sharding.make_mesh({"data": -1})
   batch_sharding = sharding.batch_sharding(mesh)
   encode_images, encode_texts = common.embedding_fns(trained.model)

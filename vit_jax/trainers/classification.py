@@ -15,9 +15,7 @@ runtime joins them into one program.
 
 import json
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,14 +26,7 @@ from vit_jax import finetune, lora, models, optim, sharding, weights
 from vit_jax.data import input_pipeline, preprocess
 from vit_jax.evaluators import classification as classification_eval
 from vit_jax.trainers import common, distillation
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  model_state: Any  # non-trainable collections, e.g. BatchNorm's batch_stats
+from vit_jax.trainers.common import TrainState
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
