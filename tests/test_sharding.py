@@ -275,7 +275,7 @@ def test_coordinator_flags_must_come_together(tmp_path):
 
 def test_remat_and_scan_reduce_vit_b16_memory():
   """ViT-B/16 widths at 224 (4 of its 12 blocks, batch 8, to keep compiles short)."""
-  from vit_jax import memory  # pylint: disable=g-import-not-at-top
+  from vit_jax.tools import memory  # pylint: disable=g-import-not-at-top
   name, batch, depth = "vit_base_patch16_224", 8, 4
   kept = {k: memory.activation_bytes(name, batch, num_layers=depth, **v)
           for k, v in memory.OPTIONS.items()}
