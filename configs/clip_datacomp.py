@@ -113,6 +113,11 @@ def get_config(arg="small"):
       cache=False))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Train-state layout: logical axes -> mesh axes (as in configs/digits_vit.py).
+  config.sharding = ml_collections.ConfigDict(dict(
+      rules=dict(embed="none", heads="tensor", head_dim="none", mlp="tensor",
+                 layers="none"),
+      fsdp_min_size=2**14))
   steps = math.ceil(hp["samples"] / hp["batch"])
   config.log_every = 100
   config.eval_every = max(steps // 8, 100)

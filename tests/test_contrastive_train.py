@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, run_command, subprocess_env
+from vit_jax import tree
 from vit_jax.data import image_text
 from vit_jax.tools import filter_pool, make_pool
 from vit_jax.workdir import load_trained
@@ -258,6 +259,35 @@ def test_configuration_errors_are_clear(pool, tmp_path):
                                    str(tmp_path / "b"))
   with pytest.raises(ValueError, match="siglip loss needs config.model.logit_bias_init"):
     contrastive.train_and_evaluate(tiny_config(pool, loss="siglip"), str(tmp_path / "c"))
+
+
+def test_sharding_rules_of_the_config_lay_out_the_train_state(pool, tmp_path, monkeypatch):
+  """config.sharding reaches the train state: a custom rule puts the text tower's MLP
+  over "fsdp" (the default: "tensor") on a 2x2 (fsdp x tensor) mesh."""
+  from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
+
+  class Laid(Exception):  # stops the trainer once its state's layout is known
+    pass
+
+  mesh = AbstractMesh((1, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  state_shardings = sharding.state_shardings
+  laid = {}
+
+  def lay_out_on_four_devices(abstract_state, _, sharding_config=None):
+    laid.update(state_shardings(abstract_state, mesh, sharding_config).params)
+    raise Laid
+
+  monkeypatch.setattr(sharding, "state_shardings", lay_out_on_four_devices)
+  name = "txt/Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
+  for rules, expected in ((None, P(None, "tensor")), ({"mlp": "fsdp"}, P(None, "fsdp"))):
+    config = tiny_config(pool)
+    if rules:
+      config.sharding.rules.update(rules)
+    with pytest.raises(Laid):
+      contrastive.train_and_evaluate(config, str(tmp_path / "w"))
+    assert tree.flatten(laid)[name].spec == expected, rules
 
 
 def test_datacomp_configs_follow_the_scale_table():

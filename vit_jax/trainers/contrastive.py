@@ -133,7 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       opt_state=tx.init(params), model_state=dict(variables))
 
   abstract_state = jax.eval_shape(init_state, init_key)
-  state_shardings = sharding.state_shardings(abstract_state, mesh)
+  # Parameters and optimizer state by config.sharding's rules, as in classification.
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.get("sharding"))
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   common.console(f"model {config.model_name} ({config.loss} loss): {num_params:,} "
                  f"parameters; mesh {dict(mesh.shape)}; {total_steps} steps of "
