@@ -39,7 +39,7 @@ repeats are interleaved with the JAX repeats (JAX, timm eager, timm compiled, JA
 ...), so a loaded machine slows all of them alike; the ratio ours/timm is printed.
 
 ``--model`` takes a comma-separated list; names that are not registered are skipped
-with a note (so one command regenerates a table as model families land). ``--all``
+with a note (so one table command runs on any checkout, whatever it registers). ``--all``
 benchmarks every registered model. ``--csv`` writes every row; ``--markdown``
 writes the rows as a Markdown table, or replaces the table between
 ``<!-- benchmark-table:begin -->`` and ``<!-- benchmark-table:end -->`` in an
