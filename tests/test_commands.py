@@ -20,6 +20,12 @@ from helpers import REPO, subprocess_env
 
 DOCUMENTS = ("README.md", "docs/*.md", "configs/*.py", "colabs/*.ipynb", "launch/*")
 NOT_COMMANDS = {"vit_jax.tools.benchmark_timm"}  # a worker driven by tools/benchmark.py
+# Commands that moved to vit_jax/tools: their old modules run the new ones.
+MOVED = {"vit_jax.benchmark": "vit_jax.tools.benchmark",
+         "vit_jax.memory": "vit_jax.tools.memory",
+         "vit_jax.data.tokenizer": "vit_jax.tools.train_tokenizer",
+         "vit_jax.evaluators.zero_shot": "vit_jax.tools.zero_shot",
+         "vit_jax.evaluators.retrieval": "vit_jax.tools.retrieval"}
 
 
 def documented_commands() -> dict[str, set[str]]:
@@ -74,16 +80,8 @@ print("@@" + json.dumps(answers))
 
 def test_every_command_answers_help_with_its_documented_flags():
   documented = documented_commands()
-  runs = {module: forwarded_to(module) for module in documented}
-  # The commands that moved to vit_jax/tools keep their documented module names.
-  assert {m: runs[m] for m in ("vit_jax.benchmark", "vit_jax.memory",
-                               "vit_jax.data.tokenizer", "vit_jax.evaluators.zero_shot",
-                               "vit_jax.evaluators.retrieval")} == {
-      "vit_jax.benchmark": "vit_jax.tools.benchmark",
-      "vit_jax.memory": "vit_jax.tools.memory",
-      "vit_jax.data.tokenizer": "vit_jax.tools.train_tokenizer",
-      "vit_jax.evaluators.zero_shot": "vit_jax.tools.zero_shot",
-      "vit_jax.evaluators.retrieval": "vit_jax.tools.retrieval"}
+  runs = {module: forwarded_to(module) for module in {*documented, *MOVED}}
+  assert {m: runs[m] for m in MOVED} == MOVED
   commands = sorted(set(runs.values()) | tools())
   env = subprocess_env(PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
   proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(commands)], cwd=REPO,
