@@ -4,9 +4,10 @@ import math
 from typing import Any, Callable, Iterator, Optional
 
 import jax
+import ml_collections
 import numpy as np
 
-from vit_jax import sharding
+from vit_jax import sharding, workdir
 from vit_jax.data import image_text
 
 
@@ -77,10 +78,16 @@ def cached(factory: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Any]]:
   return batches
 
 
-def evaluate_trained(from_config: Callable, eval_config: Any, trained: Any, *,
+def evaluate_workdir(from_config: Callable, path: str, settings: dict, *,
                      batch_size: int) -> dict:
-  """Runs an evaluator (``from_config`` of zero_shot/retrieval) on a loaded workdir
-  (``vit_jax.workdir.Trained``) over every device; returns its result and step."""
+  """An evaluator (``from_config`` of zero_shot/retrieval) on a contrastive workdir.
+
+  ``settings`` is the evaluator's config entry (``pp`` defaults to the run's
+  ``pp_eval``). Runs over every device; returns the result and the checkpoint's step.
+  """
+  trained = workdir.load_trained(path)
+  eval_config = ml_collections.ConfigDict({**settings,
+                                           "pp": settings.get("pp") or trained.pp_eval})
   mesh = sharding.make_mesh({"data": -1})
   evaluator = from_config(eval_config, trained.model, trained.tokenizer,
                           sharding=sharding.batch_sharding(mesh), batch_size=batch_size)

@@ -26,14 +26,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # Imported here: --help answers without starting JAX and TensorFlow.
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import workdir  # pylint: disable=g-import-not-at-top
   from vit_jax.evaluators import common, retrieval  # pylint: disable=g-import-not-at-top
-  trained = workdir.load_trained(FLAGS.workdir)
-  config = ml_collections.ConfigDict({"shards": FLAGS.shards,
-                                      "pp": FLAGS.pp or trained.pp_eval})
-  print(json.dumps(common.evaluate_trained(retrieval.from_config, config, trained,
-                                           batch_size=FLAGS.batch_size)))
+  settings = {"shards": FLAGS.shards, "pp": FLAGS.pp}
+  print(json.dumps(common.evaluate_workdir(retrieval.from_config, FLAGS.workdir,
+                                           settings, batch_size=FLAGS.batch_size)))
 
 
 if __name__ == "__main__":

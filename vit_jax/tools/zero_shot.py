@@ -36,17 +36,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # Imported here: --help answers without starting JAX and TensorFlow.
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import workdir  # pylint: disable=g-import-not-at-top
   from vit_jax.evaluators import common, zero_shot  # pylint: disable=g-import-not-at-top
-  trained = workdir.load_trained(FLAGS.workdir)
-  config = ml_collections.ConfigDict({
-      "classnames": FLAGS.classnames, "templates": FLAGS.templates,
-      "pp": FLAGS.pp or trained.pp_eval, "shards": FLAGS.shards,
-      "label_key": FLAGS.label_key, "dataset": FLAGS.dataset, "split": FLAGS.split,
-      "data_dir": FLAGS.data_dir})
-  print(json.dumps(common.evaluate_trained(zero_shot.from_config, config, trained,
-                                           batch_size=FLAGS.batch_size)))
+  settings = {name: FLAGS[name].value for name in (
+      "classnames", "templates", "pp", "shards", "label_key", "dataset", "split",
+      "data_dir")}
+  print(json.dumps(common.evaluate_workdir(zero_shot.from_config, FLAGS.workdir,
+                                           settings, batch_size=FLAGS.batch_size)))
 
 
 if __name__ == "__main__":
