@@ -35,6 +35,8 @@ def documented_commands() -> dict[str, set[str]]:
     for path in glob.glob(os.path.join(REPO, pattern)):
       text = open(path, encoding="utf-8").read()
       for match in re.finditer(r"python -m (vit_jax(?:\.\w+)+)", text):
+        if match.group(1) != match.group(1).lower():  # a placeholder: vit_jax.tools.NAME
+          continue
         rest = text[match.end():]
         # To the closing backtick of an inline span, else to a line end without "\".
         inline = text[match.start() - 1] == "`"
