@@ -1,7 +1,7 @@
 """Every documented ``python -m vit_jax...`` command, and every tool, answers ``--help``.
 
 The commands are read from README.md, docs/, configs/, colabs/ and launch/. A module
-whose command moved to ``vit_jax/tools`` runs the tool (``runpy.run_module`` under
+whose command lives in ``vit_jax/tools`` runs the tool (``runpy.run_module`` under
 ``if __name__ == "__main__"``, read from its source: running it would load what the
 module itself imports, TensorFlow included). Each command is run with ``--help`` in
 one subprocess (``helpers.run_command``), and the flags a documented command line
@@ -20,8 +20,8 @@ from helpers import REPO, subprocess_env
 
 DOCUMENTS = ("README.md", "docs/*.md", "configs/*.py", "colabs/*.ipynb", "launch/*")
 NOT_COMMANDS = {"vit_jax.tools.benchmark_timm"}  # a worker driven by tools/benchmark.py
-# Commands that moved to vit_jax/tools: their old modules run the new ones.
-MOVED = {"vit_jax.benchmark": "vit_jax.tools.benchmark",
+# Module paths of commands that live in vit_jax/tools: each runs its tool.
+FORWARDED = {"vit_jax.benchmark": "vit_jax.tools.benchmark",
          "vit_jax.memory": "vit_jax.tools.memory",
          "vit_jax.data.tokenizer": "vit_jax.tools.train_tokenizer",
          "vit_jax.evaluators.zero_shot": "vit_jax.tools.zero_shot",
@@ -82,8 +82,8 @@ print("@@" + json.dumps(answers))
 
 def test_every_command_answers_help_with_its_documented_flags():
   documented = documented_commands()
-  runs = {module: forwarded_to(module) for module in {*documented, *MOVED}}
-  assert {m: runs[m] for m in MOVED} == MOVED
+  runs = {module: forwarded_to(module) for module in {*documented, *FORWARDED}}
+  assert {m: runs[m] for m in FORWARDED} == FORWARDED
   commands = sorted(set(runs.values()) | tools())
   env = subprocess_env(PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
   proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(commands)], cwd=REPO,
