@@ -136,10 +136,6 @@ def run_converter(source: str, family: str, state_dict: Mapping[str, Any], model
   return variables, state.unused()
 
 
-def abstract_params(model, image_shape) -> Any:
-  return abstract_variables(model, image_shape)["params"]
-
-
 def abstract_variables(model, image_shape) -> dict:
   """Shapes of every variable collection the model keeps (not ``intermediates``)."""
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
