@@ -23,8 +23,11 @@ PathLike = Union[str, os.PathLike]
 
 
 def step_dir(path: PathLike, step: Optional[int] = None) -> epath.Path:
-  """The step directory ``path`` names: itself, or a workdir's (or its ``checkpoints``
-  directory's) latest step, or ``step``. FileNotFoundError when there is none."""
+  """The checkpoint step directory ``path`` names; FileNotFoundError if there is none.
+
+  ``path`` is a step directory, or a workdir or its ``checkpoints`` directory, whose
+  latest step (or ``step``) is taken.
+  """
   path = checkpoint.absolute(path)  # Orbax reads absolute paths only
   if (path / "state").exists():
     return path

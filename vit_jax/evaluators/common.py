@@ -1,4 +1,5 @@
-"""Helpers the image-text evaluators share: embedding functions, host gathering, data."""
+"""Helpers the image-text evaluators share: embedding functions, host gathering, data,
+evaluating a trained workdir."""
 
 import math
 from typing import Any, Callable, Iterator, Optional
