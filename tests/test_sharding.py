@@ -31,6 +31,7 @@ import pytest
 from helpers import REPO, run_main, subprocess_env, train_in_process
 from vit_jax import checkpoint, sharding
 from vit_jax.models import convert, vit
+from vit_jax.tree import path_name
 
 TINY = dict(image_size=16, patch_size=4, hidden_size=32, num_layers=2, num_heads=4,
             mlp_dim=64, drop_path_rate=0.1)
@@ -67,7 +68,7 @@ def run_kwargs(mesh=None, **overrides):
 
 
 def flat(tree) -> dict:
-  return {sharding.path_name(p): np.asarray(x)
+  return {path_name(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
