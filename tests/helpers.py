@@ -35,6 +35,34 @@ def run_main(config: str, workdir, *overrides, num_devices: int = 1, timeout=600
   return proc
 
 
+def run_command(module: str, *args: str) -> tuple[int, str]:
+  """Runs ``python -m module *args`` in this process; returns (exit code, stdout).
+
+  The command's absl flags are defined, parsed and removed again, so that commands
+  with flags of the same name run one after another.
+  """
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  before = set(flags.FLAGS)
+  argv, sys.argv = sys.argv, [module, *args]
+  out = io.StringIO()
+  code = 0
+  try:
+    with contextlib.redirect_stdout(out):
+      runpy.run_module(module, run_name="__main__", alter_sys=True)
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  finally:
+    sys.argv = argv
+    for name in set(flags.FLAGS) - before:
+      if not flags.FLAGS.find_module_defining_flag(name, "").startswith("absl"):
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+  return code, out.getvalue()
+
+
 def state_dict_of(outputs: dict) -> dict:
   """The ``state/...`` entries of a timm reference output, as a state dict."""
   return {k[len("state/"):]: v for k, v in outputs.items() if k.startswith("state/")}
