@@ -14,33 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.kernels.attention.reference import attention_reference
+
 Dtype = Any
 Array = jax.Array
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, *,
-                          bias: Optional[Array] = None, mask: Optional[Array] = None,
-                          dropout_fn: Optional[Callable[[Array], Array]] = None) -> Array:
-  """Softmax attention, the plain-XLA reference every fused path must match.
-
-  Args:
-    query: ``[batch, q_len, heads, head_dim]``.
-    key, value: ``[batch, kv_len, heads, head_dim]``.
-    bias: added to the logits, broadcastable to ``[batch, heads, q_len, kv_len]``.
-    mask: boolean, True where attention is allowed, same broadcasting as ``bias``.
-    dropout_fn: applied to the attention weights (training only).
-  """
-  scale = query.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", query * scale, key)
-  if bias is not None:
-    logits = logits + bias.astype(logits.dtype)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  # Softmax in float32 even for bf16 compute: it is cheap and avoids overflow.
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
-  if dropout_fn is not None:
-    weights = dropout_fn(weights)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+# The specification of global attention lives beside its kernels; the layers use it.
+dot_product_attention = attention_reference
 
 
 class MultiHeadDotProductAttention(nn.Module):
