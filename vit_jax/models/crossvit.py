@@ -21,7 +21,6 @@ Intermediates: ``block_{i}/branch_{b}`` (all tokens of branch b after multi-scal
 block i, class token first) and ``features`` (the two class tokens, concatenated).
 """
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -302,19 +301,6 @@ class CrossViT(nn.Module):
     return sum(logits) / num_branches
 
 
-def _timm_cross_attention(state: StateDict, prefix: str, num_heads: int) -> dict:
-  """timm ``CrossAttention`` (separate ``wq``/``wk``/``wv``, ``proj``) -> query/.../out."""
-  out = {}
-  for name, key in (("query", "wq"), ("key", "wk"), ("value", "wv")):
-    w, b = state.take(f"{prefix}.{key}.weight"), state.take(f"{prefix}.{key}.bias")
-    out[name] = {"kernel": w.T.reshape(w.shape[1], num_heads, -1),
-                 "bias": b.reshape(num_heads, -1)}
-  proj = state.take(f"{prefix}.proj.weight")
-  out["out"] = {"kernel": proj.T.reshape(num_heads, -1, proj.shape[0]),
-                "bias": state.take(f"{prefix}.proj.bias")}
-  return out
-
-
 @register_timm_converter("crossvit")
 def convert_timm_crossvit(state: StateDict, model: CrossViT) -> dict:
   """timm ``CrossVit`` state dict -> CrossViT params."""
@@ -340,10 +326,10 @@ def convert_timm_crossvit(state: StateDict, model: CrossViT) -> dict:
       block[f"blocks_{b}"] = {
           f"encoderblock_{j}": {
               "LayerNorm_0": state.norm(f"{timm_block}.blocks.{b}.{j}.norm1"),
-              "MultiHeadDotProductAttention_1": vit._timm_attention(  # pylint: disable=protected-access
+              "MultiHeadDotProductAttention_1": layers.timm_attention_params(
                   state, f"{timm_block}.blocks.{b}.{j}.attn", model.num_heads[b]),
               "LayerNorm_2": state.norm(f"{timm_block}.blocks.{b}.{j}.norm2"),
-              "MlpBlock_3": vit._timm_mlp(state, f"{timm_block}.blocks.{b}.{j}.mlp"),  # pylint: disable=protected-access
+              "MlpBlock_3": layers.timm_mlp_params(state, f"{timm_block}.blocks.{b}.{j}.mlp"),
           } for j in range(cfg[b])}
       block[f"proj_{b}"] = projection(f"{timm_block}.projs.{b}")
       block[f"revert_proj_{b}"] = projection(f"{timm_block}.revert_projs.{b}")
@@ -352,8 +338,8 @@ def convert_timm_crossvit(state: StateDict, model: CrossViT) -> dict:
                  [(f"fusion_{b}_{k}", f"{timm_block}.fusion.{b}.{k}") for k in range(cfg[-1])])
       for ours, theirs in fusions:
         block[ours] = {"LayerNorm_0": state.norm(f"{theirs}.norm1"),
-                       "MultiHeadDotProductAttention_0": _timm_cross_attention(
-                           state, f"{theirs}.attn", heads)}
+                       "MultiHeadDotProductAttention_0": layers.timm_attention_params(
+                           state, f"{theirs}.attn", heads, linears=layers.SEPARATE_QKV)}
     params[f"block_{i}"] = block
   return params
 

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vit_jax import kernels
+from vit_jax import kernels, sharding
 from vit_jax.kernels.window_attention import partition, unpartition
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict
@@ -50,6 +50,19 @@ from vit_jax.models.registry import register_model
 Array = Any
 
 dense_init = nn.initializers.truncated_normal(0.02)
+
+# Tensor parallelism (see vit_jax.sharding): ``proj`` reads the heads of both stripe
+# branches one after the other, so it splits over ``heads`` and ends in one
+# all-reduce. The fused ``qkv`` output is laid out q | k | v, each branch by branch:
+# contiguous tensor blocks would cut across q, k and v, so its axis is ``qkv``, which
+# the default rules leave whole (each device computes all of q, k, v and attends
+# with its own heads). The MLP is the shared layer.
+PARAM_AXES = (
+    (r"(^|/)stages_\d+/blocks_\d+/qkv/kernel$", ("embed", "qkv")),
+    (r"(^|/)stages_\d+/blocks_\d+/qkv/bias$", ("qkv",)),
+    (r"(^|/)stages_\d+/blocks_\d+/proj/kernel$", ("heads", "embed")),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 # Official configurations: stem width, depths, heads, stripe widths, resolution.
 VARIANTS = {
@@ -259,13 +272,9 @@ class CSWinTransformer(nn.Module):
 
     x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(x)
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype,
-                 param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes,
+                                  kernel_init=dense_init, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 @register_official_converter("cswin")
@@ -290,8 +299,7 @@ def convert_official_cswin(state: StateDict, model: CSWinTransformer) -> dict:
       p = f"stage{i + 1}.{j}"
       block = {"norm1": state.norm(f"{p}.norm1"), "qkv": state.linear(f"{p}.qkv"),
                "proj": state.linear(f"{p}.proj"), "norm2": state.norm(f"{p}.norm2"),
-               "mlp": {"Dense_0": state.linear(f"{p}.mlp.fc1"),
-                       "Dense_1": state.linear(f"{p}.mlp.fc2")}}
+               "mlp": layers.timm_mlp_params(state, f"{p}.mlp")}
       for b in range(branches):
         block[f"lepe_{b}"] = state.conv(f"{p}.attns.{b}.get_v")
       stage[f"blocks_{j}"] = block

@@ -29,12 +29,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax import kernels
+from vit_jax import kernels, sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, Variables, register_timm_converter
 from vit_jax.models.registry import register_model
 
 Array = Any
+
+# Tensor parallelism (see vit_jax.sharding). LiteMLA: the ``qkv`` conv writes its
+# channels head by head ([head][q|k|v][head_dim]) and the aggregation convs keep
+# that order, so splitting them splits heads; ``proj`` reads the heads back. The
+# MBConv local module is the MLP: 1x1 expand, depthwise, 1x1 project.
+PARAM_AXES = (
+    (r"context_module/main/qkv/conv/kernel$", (None, None, "embed", "heads")),
+    (r"context_module/main/aggreg_\d+_\d+/kernel$", (None, None, None, "heads")),
+    (r"context_module/main/proj/conv/kernel$", (None, None, "heads", "embed")),
+    (r"local_module/main/inverted_conv/conv/kernel$", (None, None, "embed", "mlp")),
+    (r"local_module/main/(inverted|depth)_conv/(conv/bias|norm/(scale|bias|mean|var))$",
+     ("mlp",)),
+    (r"local_module/main/depth_conv/conv/kernel$", (None, None, None, "mlp")),
+    (r"local_module/main/point_conv/conv/kernel$", (None, None, "mlp", "embed")),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 # timm efficientvit_mit configurations: stem + 4 stage widths/depths, head dim of
 # the linear attention, head MLP widths.
@@ -85,9 +101,8 @@ class ConvNormAct(nn.Module):
                 feature_group_count=self.groups, use_bias=self.use_bias,
                 dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
     if self.norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=self.norm_eps, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="norm")(x)
+      x = layers.batch_norm(train, epsilon=self.norm_eps, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="norm")(x)
     return _activation(self.act)(x)
 
 

@@ -60,10 +60,6 @@ VARIANTS = {
 }
 
 
-def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
-  return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def bilinear_resize_matrix(size_in: int, size_out: int) -> np.ndarray:
   """``[size_out, size_in]`` weights of PyTorch's bilinear ``align_corners=False``.
 
@@ -239,7 +235,7 @@ class PyramidVisionTransformer(nn.Module):
                            num_stages)
     if images.ndim != 4:
       raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    learned = _pair(self.image_size)
+    learned = layers.to_2tuple(self.image_size)
     if learned[0] % self.stride() or learned[1] % self.stride():
       raise ValueError(
           f"image_size={self.image_size} is not a multiple of {self.stride()}")
@@ -267,12 +263,8 @@ class PyramidVisionTransformer(nn.Module):
 
     x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(tokens)[:, 0]
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype,
-                 param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, kernel_init=dense_init,
+                                  dtype=dtype, param_dtype=param_dtype)
 
 
 @register_official_converter("pvt")
@@ -297,8 +289,7 @@ def convert_official_pvt(state: StateDict, model: PyramidVisionTransformer) -> d
           "norm1": state.norm(f"{p}.norm1"),
           **timm_sra(state, f"{p}.attn", model.num_heads[i], model.sr_ratios[i] > 1),
           "norm2": state.norm(f"{p}.norm2"),
-          "mlp": {"Dense_0": state.linear(f"{p}.mlp.fc1"),
-                  "Dense_1": state.linear(f"{p}.mlp.fc2")},
+          "mlp": layers.timm_mlp_params(state, f"{p}.mlp"),
       }
     params[f"stages_{i}"] = stage
   if model.num_classes:

@@ -38,16 +38,25 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
 from vit_jax.models.registry import register_model
-from vit_jax.models.vit import _timm_attention
 
 Array = Any
 
 # Dense layers: truncated normal(0.02), zero bias, as timm initialises them.
 dense_init = nn.initializers.truncated_normal(0.02)
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Tensor parallelism (see vit_jax.sharding): attention and the MLP's dense layers are
+# the shared layers; the depthwise conv between them acts on each hidden unit alone,
+# so it is split like them.
+PARAM_AXES = (
+    (r"(^|/)mlp/dwconv/kernel$", (None, None, None, "mlp")),
+    (r"(^|/)mlp/dwconv/bias$", ("mlp",)),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 # Depths/widths/heads of timm's registered variants; the rest are PVT v2 defaults.
 VARIANTS = {
@@ -316,13 +325,9 @@ class PyramidVisionTransformerV2(nn.Module):
       start += self.depths[i]
       self.sow("intermediates", f"stage_{i}", x)
 
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype,
-                 param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes,
+                                  kernel_init=dense_init, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 def _timm_embed(state: StateDict, prefix: str) -> dict:
@@ -331,7 +336,7 @@ def _timm_embed(state: StateDict, prefix: str) -> dict:
 
 def timm_sra(state: StateDict, prefix: str, num_heads: int, reduces: bool) -> dict:
   """timm/official SRA (``q``, ``kv``, ``proj``, optional ``sr`` conv + ``norm``)."""
-  out = {"attn": _timm_attention(state, prefix, num_heads, fused_qkv=False)}
+  out = {"attn": layers.timm_attention_params(state, prefix, num_heads, linears=layers.Q_KV)}
   if reduces:
     out["sr"] = {"conv": state.conv(f"{prefix}.sr"), "norm": state.norm(f"{prefix}.norm")}
   return out

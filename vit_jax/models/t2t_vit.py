@@ -233,11 +233,8 @@ class T2TViT(nn.Module):
 
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(x)[:, 0]
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    return nn.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype,
-                    name="head")(x).astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 # The official configurations (t2t_vit.py): width, depth, heads; MLP ratio 3.

@@ -27,7 +27,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from vit_jax.models import layers, vit
 from vit_jax.models.convert import StateDict, register_timm_converter
@@ -153,29 +152,7 @@ class TNT(nn.Module):
       self.sow("intermediates", f"block_{i}", patches)
 
     x = nn.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(patches)[:, 0]
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    return nn.Dense(self.num_classes, name="head", **kw)(x).astype(jnp.float32)
-
-
-def _timm_qk_v_attention(state: StateDict, prefix: str, num_heads: int,
-                         qkv_bias: bool) -> dict:
-  """timm TNT attention (fused ``qk`` Linear, separate ``v``, ``proj``)."""
-  wq, wk = np.split(state.take(f"{prefix}.qk.weight"), 2, axis=0)
-  wv = state.take(f"{prefix}.v.weight")
-  biases = [None] * 3
-  if qkv_bias:
-    biases = np.split(state.take(f"{prefix}.qk.bias"), 2) + [state.take(f"{prefix}.v.bias")]
-  out = {}
-  for name, w, b in zip(("query", "key", "value"), (wq, wk, wv), biases):
-    out[name] = {"kernel": w.T.reshape(w.shape[1], num_heads, -1)}
-    if b is not None:
-      out[name]["bias"] = b.reshape(num_heads, -1)
-  proj = state.take(f"{prefix}.proj.weight")
-  out["out"] = {"kernel": proj.T.reshape(num_heads, -1, proj.shape[0]),
-                "bias": state.take(f"{prefix}.proj.bias")}
-  return out
+    return layers.classifier_head(self, x, self.num_classes, **kw)
 
 
 @register_timm_converter("tnt")
@@ -192,10 +169,11 @@ def convert_timm_tnt(state: StateDict, model: TNT) -> dict:
 
   def encoder_block(prefix, norm1, attn, norm2, mlp, heads):
     return {"LayerNorm_0": state.norm(f"{prefix}.{norm1}"),
-            "MultiHeadDotProductAttention_1": _timm_qk_v_attention(
-                state, f"{prefix}.{attn}", heads, model.qkv_bias),
+            "MultiHeadDotProductAttention_1": layers.timm_attention_params(
+                state, f"{prefix}.{attn}", heads, linears=layers.QK_V,
+                qkv_bias=model.qkv_bias),
             "LayerNorm_2": state.norm(f"{prefix}.{norm2}"),
-            "MlpBlock_3": vit._timm_mlp(state, f"{prefix}.{mlp}")}  # pylint: disable=protected-access
+            "MlpBlock_3": layers.timm_mlp_params(state, f"{prefix}.{mlp}")}
 
   for i in range(model.num_layers):
     prefix = f"blocks.{i}"
