@@ -431,9 +431,7 @@ class EfficientViT(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     if images.ndim != 4:
       raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    if len(self.widths) != 5 or len(self.depths) != 5:
-      raise ValueError("widths and depths list the stem and four stages (5 entries); "
-                       f"got {self.widths}, {self.depths}")
+    layers.check_per_stage(self, ("widths", "depths"), 5)  # the stem and four stages
     kernels.resolve(self.attention_impl, "linear")  # a clear error for a bad name
     dtype = layers.canonical_dtype(self.dtype)
     kw = dict(dtype=dtype, param_dtype=layers.canonical_dtype(self.param_dtype))

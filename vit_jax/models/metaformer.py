@@ -104,7 +104,8 @@ class Pooling(nn.Module):
     pad = self.pool_size // 2
     pooled = nn.avg_pool(x, (self.pool_size, self.pool_size), strides=(1, 1),
                          padding=((pad, pad), (pad, pad)), count_include_pad=False)
-    return pooled - x
+    # Flax divides by a float32 count: keep the compute dtype (bfloat16 stays bfloat16).
+    return pooled.astype(x.dtype) - x
 
 
 class SepConv(nn.Module):
