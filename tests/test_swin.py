@@ -9,7 +9,7 @@ import pytest
 from helpers import run_timm_reference, state_dict_of, train_in_process
 from random_variables import random_variables
 from vit_jax import models
-from vit_jax.models import convert, swin
+from vit_jax.models import convert, layers, swin
 
 # timm 1.0.31: sum(p.numel()) of timm.create_model(name) built on the meta device
 # (one-off script, outside the test process; 1000-class heads).
@@ -125,7 +125,7 @@ def test_shifted_window_mask_matches_regions():
 
 
 def test_relative_position_index_is_swins():
-  index = swin.relative_position_index((2, 3))
+  index = layers.relative_position_index((2, 3))
   # Query (0, 0) against key (1, 2): offset (-1, -2), the first table row.
   assert index[0, 5] == 0
   # Query (1, 2) against key (0, 0): offset (1, 2), the last of (2*2-1)*(2*3-1) rows.

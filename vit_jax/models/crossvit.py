@@ -30,7 +30,7 @@ import numpy as np
 
 from vit_jax.models import layers, vit
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -266,8 +266,7 @@ class CrossViT(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     self._check_input(images.shape[1], images.shape[2])
     num_branches = len(self.patch_size)
     images = images.astype(dtype)
@@ -371,12 +370,8 @@ def _register_variants():
     scale = {240: 224 / 240, 408: 384 / 408}[resolution]
     defaults = dict(VARIANTS[size], multi_conv=dagger, image_size=resolution,
                     image_scale=(1.0, scale), patch_size=(12, 16))
-
-    def factory(defaults=defaults, **overrides):
-      return CrossViT(**{**defaults, **overrides})
-
-    factory.__doc__ = f"CrossViT-{size}{'†' if dagger else ''} at {resolution}x{resolution}."
-    register_model(name, family="crossvit", image_size=resolution)(factory)
+    register_variant(name, CrossViT, defaults, family="crossvit", image_size=resolution,
+                     doc=f"CrossViT-{size}{'†' if dagger else ''} at {resolution}x{resolution}.")
 
 
 _register_variants()

@@ -45,7 +45,7 @@ from vit_jax.kernels.window_attention import partition, unpartition
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict
 from vit_jax.models.official import register_official_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -250,8 +250,7 @@ class CSWinTransformer(nn.Module):
       if heads % 2:
         raise ValueError(f"CSWin stage {i} splits its heads between two stripe "
                          f"directions: num_heads must be even, got {heads}")
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     self.stage_sizes(images.shape[1], images.shape[2])
 
     x = ConvEmbed(self.embed_dim, 7, 4, 2, dtype=dtype, param_dtype=param_dtype,
@@ -312,12 +311,8 @@ def convert_official_cswin(state: StateDict, model: CSWinTransformer) -> dict:
 def _register_variants():
   for name, config in VARIANTS.items():
     size = int(name.rsplit("_", 1)[1])
-
-    def factory(config=config, **overrides):
-      return CSWinTransformer(**{**config, **overrides})
-
-    factory.__doc__ = f"Official CSWin ({name}), {size}x{size}."
-    register_model(name, family="cswin", image_size=size)(factory)
+    register_variant(name, CSWinTransformer, config, family="cswin", image_size=size,
+                     doc=f"Official CSWin ({name}), {size}x{size}.")
 
 
 _register_variants()

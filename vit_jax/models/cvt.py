@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from vit_jax import sharding
 from vit_jax.models import layers
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 LN_EPS = 1e-5
@@ -237,8 +237,7 @@ class CvT(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     layers.check_per_stage(self, ("hidden_sizes", "num_heads", "patch_sizes",
                                   "patch_strides", "patch_paddings", "cls_token"),
                            len(self.depths))
@@ -283,12 +282,8 @@ def _register_variants():
   for size, (dims, resolution) in VARIANTS.items():
     name = f"cvt_{size}"
     defaults = dict(dims, image_size=resolution)
-
-    def factory(defaults=defaults, **overrides):
-      return CvT(**{**defaults, **overrides})
-
-    factory.__doc__ = f"CvT-{size.upper()} (default resolution {resolution})."
-    register_model(name, family="cvt", image_size=resolution)(factory)
+    register_variant(name, CvT, defaults, family="cvt", image_size=resolution,
+                     doc=f"CvT-{size.upper()} (default resolution {resolution}).")
 
 
 _register_variants()

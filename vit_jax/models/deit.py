@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from vit_jax.models import layers, vit
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -90,13 +90,9 @@ def _register_variants():
       name = f"deit_{size}{'_distilled' if distilled else ''}_patch16_{resolution}"
       cls = DistilledVisionTransformer if distilled else vit.VisionTransformer
       defaults = dict(sizes[size], patch_size=16, image_size=resolution)
-
-      def factory(cls=cls, defaults=defaults, **overrides):
-        return cls(**{**defaults, **overrides})
-
-      factory.__doc__ = (f"DeiT-{size[0].upper()}/16 at {resolution}x{resolution}"
-                         f"{' with a distillation token' if distilled else ''}.")
-      register_model(name, family="deit", image_size=resolution)(factory)
+      register_variant(name, cls, defaults, family="deit", image_size=resolution,
+                       doc=(f"DeiT-{size[0].upper()}/16 at {resolution}x{resolution}"
+                            f"{' with a distillation token' if distilled else ''}."))
 
 
 _register_variants()

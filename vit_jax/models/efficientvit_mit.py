@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from vit_jax import kernels, sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, Variables, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -429,8 +429,7 @@ class EfficientViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     layers.check_per_stage(self, ("widths", "depths"), 5)  # the stem and four stages
     kernels.resolve(self.attention_impl, "linear")  # a clear error for a bad name
     dtype = layers.canonical_dtype(self.dtype)
@@ -506,12 +505,8 @@ def convert_timm_efficientvit(state: StateDict, model: EfficientViT) -> Variable
 def _register_variants():
   for size, config in VARIANTS.items():
     name = f"efficientvit_{size}"
-
-    def factory(config=config, **overrides):
-      return EfficientViT(**{**config, **overrides})
-
-    factory.__doc__ = f"EfficientViT-{size.upper()} (MIT), timm ``{name}``."
-    register_model(name, family="efficientvit_mit", image_size=224)(factory)
+    register_variant(name, EfficientViT, config, family="efficientvit_mit", image_size=224,
+                     doc=f"EfficientViT-{size.upper()} (MIT), timm ``{name}``.")
 
 
 _register_variants()

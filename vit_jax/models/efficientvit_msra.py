@@ -35,7 +35,7 @@ import numpy as np
 from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, Variables, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 PATCH_SIZE = 16  # the stem halves the resolution four times
@@ -274,8 +274,7 @@ class EfficientVitMsra(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     expected = layers.to_2tuple(self.image_size)
     if tuple(images.shape[1:3]) != expected:
       raise ValueError(
@@ -338,11 +337,9 @@ VARIANTS = {
 
 def _register_variants():
   for name, defaults in VARIANTS.items():
-    def factory(defaults=defaults, **overrides):
-      return EfficientVitMsra(**{**defaults, **overrides})
-
-    factory.__doc__ = f"timm's {name} at 224x224."
-    register_model(name, family="efficientvit_msra", image_size=224)(factory)
+    register_variant(name, EfficientVitMsra, defaults, family="efficientvit_msra",
+                     image_size=224,
+                     doc=f"timm's {name} at 224x224.")
 
 
 _register_variants()

@@ -288,6 +288,12 @@ def per_stage(module: Any, field: str, num_stages: int, *, broadcast: bool = Tru
   return value
 
 
+def check_images(images: Array) -> None:
+  """Image models take NHWC batches; anything else is an error naming the shape."""
+  if images.ndim != 4:
+    raise ValueError(f"expected NHWC images, got shape {images.shape}")
+
+
 def canonical_dtype(dtype: Any) -> Any:
   """Accept dtype names from configs (``"bfloat16"``) as well as dtype objects."""
   return jnp.dtype(dtype) if isinstance(dtype, str) else dtype

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from vit_jax import kernels
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, Variables, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -230,8 +230,7 @@ class MaxViT(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     layers.check_per_stage(self, ("embed_dims",), len(self.depths))
     self.stage_sizes(images.shape[1], images.shape[2])
     window = self.partition()
@@ -333,12 +332,8 @@ def _register_variants():
   for name, (dims, depths, stem, hidden) in VARIANTS.items():
     defaults = dict(embed_dims=dims, depths=depths, stem_width=stem,
                     head_hidden_size=hidden, image_size=224)
-
-    def factory(defaults=defaults, **overrides):
-      return MaxViT(**{**defaults, **overrides})
-
-    factory.__doc__ = f"MaxViT {name} (timm, official TF configuration)."
-    register_model(name, family="maxvit", image_size=224)(factory)
+    register_variant(name, MaxViT, defaults, family="maxvit", image_size=224,
+                     doc=f"MaxViT {name} (timm, official TF configuration).")
 
 
 _register_variants()

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -280,8 +280,7 @@ class MetaFormer(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     if min(images.shape[1:3]) < 3:
       raise ValueError("MetaFormer's 7x7 stride-4 stem (padding 2) needs image sides of "
                        f"at least 3 pixels; got {images.shape[1]}x{images.shape[2]}")
@@ -362,11 +361,8 @@ for _size in _FORMER_DEPTHS:
 
 def _register_variants():
   for name, defaults in VARIANTS.items():
-    def factory(defaults=defaults, **overrides):
-      return MetaFormer(**{**defaults, **overrides})
-
-    factory.__doc__ = f"timm's {name} at 224x224."
-    register_model(name, family="metaformer", image_size=224)(factory)
+    register_variant(name, MetaFormer, defaults, family="metaformer", image_size=224,
+                     doc=f"timm's {name} at 224x224.")
 
 
 _register_variants()

@@ -47,7 +47,7 @@ from vit_jax.models.convert import StateDict
 from vit_jax.models.official import register_official_converter
 from vit_jax.models.pvt_v2 import (conv_init, dense_init, spatial_reduction_attention,
                                    timm_sra)
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -233,8 +233,7 @@ class PyramidVisionTransformer(nn.Module):
     num_stages = len(self.depths)
     layers.check_per_stage(self, ("embed_dims", "num_heads", "mlp_ratios", "sr_ratios"),
                            num_stages)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     learned = layers.to_2tuple(self.image_size)
     if learned[0] % self.stride() or learned[1] % self.stride():
       raise ValueError(
@@ -299,11 +298,8 @@ def convert_official_pvt(state: StateDict, model: PyramidVisionTransformer) -> d
 
 def _register_variants():
   for name, depths in VARIANTS.items():
-    def factory(depths=depths, **overrides):
-      return PyramidVisionTransformer(**{"depths": depths, **overrides})
-
-    factory.__doc__ = f"Official {name} (PVT v1), 224x224."
-    register_model(name, family="pvt", image_size=224)(factory)
+    register_variant(name, PyramidVisionTransformer, {"depths": depths}, family="pvt",
+                     image_size=224, doc=f"Official {name} (PVT v1), 224x224.")
 
 
 _register_variants()

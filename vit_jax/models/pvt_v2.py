@@ -41,7 +41,7 @@ import numpy as np
 from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -305,8 +305,7 @@ class PyramidVisionTransformerV2(nn.Module):
     num_stages = len(self.depths)
     layers.check_per_stage(self, ("embed_dims", "num_heads", "mlp_ratios", "sr_ratios"),
                            num_stages)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     self.stage_sizes(images.shape[1], images.shape[2])
 
     x = OverlapPatchEmbed(self.embed_dims[0], patch_size=7, stride=4, dtype=dtype,
@@ -369,11 +368,9 @@ def convert_timm_pvt_v2(state: StateDict, model: PyramidVisionTransformerV2) -> 
 
 def _register_variants():
   for name, config in VARIANTS.items():
-    def factory(config=config, **overrides):
-      return PyramidVisionTransformerV2(**{**config, **overrides})
-
-    factory.__doc__ = f"timm's {name} (PVT v2)."
-    register_model(name, family="pvt_v2", image_size=224)(factory)
+    register_variant(name, PyramidVisionTransformerV2, config, family="pvt_v2",
+                     image_size=224,
+                     doc=f"timm's {name} (PVT v2).")
 
 
 _register_variants()

@@ -43,7 +43,7 @@ import numpy as np
 from vit_jax import kernels
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -221,8 +221,7 @@ class SwinTransformer(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     layers.check_per_stage(self, ("num_heads",), len(self.depths))
     self.patch_grid(images.shape[1], images.shape[2])
     size = layers.to_2tuple(self.image_size)
@@ -297,12 +296,8 @@ def _register_variants():
   for name, (dim, depths, heads, window, res) in VARIANTS.items():
     defaults = dict(embed_dim=dim, depths=depths, num_heads=heads, window_size=window,
                     image_size=res)
-
-    def factory(defaults=defaults, **overrides):
-      return SwinTransformer(**{**defaults, **overrides})
-
-    factory.__doc__ = f"Swin v1 {name} (timm)."
-    register_model(name, family="swin", image_size=res)(factory)
+    register_variant(name, SwinTransformer, defaults, family="swin", image_size=res,
+                     doc=f"Swin v1 {name} (timm).")
 
 
 _register_variants()

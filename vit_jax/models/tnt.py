@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from vit_jax.models import layers, vit
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 LN_EPS = 1e-5  # timm's TNT uses PyTorch's default LayerNorm
@@ -112,8 +112,7 @@ class TNT(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     gh, gw = self.patch_grid(images.shape[1], images.shape[2])
     batch, p, channels = images.shape[0], self.patch_size, images.shape[3]
     num_patches = gh * gw
@@ -200,12 +199,8 @@ VARIANTS = {
 def _register_variants():
   for size, dims in VARIANTS.items():
     name = f"tnt_{size}_patch16_224"
-
-    def factory(dims=dims, **overrides):
-      return TNT(**{**dims, **overrides})
-
-    factory.__doc__ = f"TNT-{size.upper()} with 16x16 patches at 224x224."
-    register_model(name, family="tnt", image_size=224)(factory)
+    register_variant(name, TNT, dims, family="tnt", image_size=224,
+                     doc=f"TNT-{size.upper()} with 16x16 patches at 224x224.")
 
 
 _register_variants()

@@ -92,7 +92,7 @@ from vit_jax import kernels
 from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -361,8 +361,7 @@ class VisionTransformer(nn.Module):
 
   def embed_patches(self, images: Array) -> tuple[Array, tuple[int, int]]:
     """NHWC images -> patch tokens ``[B, gh * gw, hidden_size]`` and the grid."""
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     gh, gw = self.patch_grid(images.shape[1], images.shape[2])
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
@@ -518,12 +517,8 @@ def _register_variants():
       for res in resolutions:
         name = f"vit_{size}_patch{patch}_{res}"
         defaults = dict(dims, patch_size=patch, image_size=res)
-
-        def factory(defaults=defaults, **overrides):
-          return VisionTransformer(**{**defaults, **overrides})
-
-        factory.__doc__ = f"ViT-{size[0].upper()}/{patch} at {res}x{res}."
-        register_model(name, family="vit", image_size=res)(factory)
+        register_variant(name, VisionTransformer, defaults, family="vit", image_size=res,
+                         doc=f"ViT-{size[0].upper()}/{patch} at {res}x{res}.")
 
 
 # CLIP image towers under timm's names (OpenAI CLIP / open_clip layout: pre-norm, no
@@ -539,12 +534,8 @@ def _register_clip_variants():
   for name, dims in CLIP_VARIANTS.items():
     defaults = dict(dims, image_size=224, pre_norm=True, patch_bias=False,
                     norm_epsilon=1e-5)
-
-    def factory(defaults=defaults, **overrides):
-      return VisionTransformer(**{**defaults, **overrides})
-
-    factory.__doc__ = f"CLIP image tower {name} (pre-norm, no patch bias)."
-    register_model(name, family="vit", image_size=224)(factory)
+    register_variant(name, VisionTransformer, defaults, family="vit", image_size=224,
+                     doc=f"CLIP image tower {name} (pre-norm, no patch bias).")
 
 
 _register_variants()
