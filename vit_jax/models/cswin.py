@@ -142,24 +142,6 @@ class CSWinBlock(nn.Module):
     return x + layers.DropPath(self.drop_path_rate)(y, train=train)
 
 
-class ConvEmbed(nn.Module):
-  """Conv (stem or stage merge) + LayerNorm, NHWC."""
-  dim: int
-  kernel: int
-  stride: int
-  padding: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    k, s, p = self.kernel, self.stride, self.padding
-    x = nn.Conv(self.dim, (k, k), strides=(s, s), padding=((p, p), (p, p)),
-                dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
-    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="norm")(x)
-
-
 class Stage(nn.Module):
   dim: int
   depth: int
@@ -177,8 +159,8 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     if self.downsample:
-      x = ConvEmbed(self.dim, 3, 2, 1, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="downsample")(x)
+      x = layers.ConvEmbed(self.dim, 3, 2, 1, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="downsample")(x)
     for j in range(self.depth):
       x = CSWinBlock(num_heads=self.num_heads, split_size=self.split_size,
                      branches=self.branches, mlp_ratio=self.mlp_ratio,
@@ -253,7 +235,7 @@ class CSWinTransformer(nn.Module):
     layers.check_images(images)
     self.stage_sizes(images.shape[1], images.shape[2])
 
-    x = ConvEmbed(self.embed_dim, 7, 4, 2, dtype=dtype, param_dtype=param_dtype,
+    x = layers.ConvEmbed(self.embed_dim, 7, 4, 2, dtype=dtype, param_dtype=param_dtype,
                   name="patch_embed")(images.astype(dtype))
     rates = layers.stochastic_depth_rates(self.drop_path_rate, sum(self.depths))
     start = 0

@@ -149,23 +149,6 @@ class CvTBlock(nn.Module):
     return x + layers.DropPath(self.drop_path_rate)(y, train=train)
 
 
-class ConvEmbed(nn.Module):
-  """Convolutional token embedding: overlapping strided conv, then LayerNorm."""
-  hidden_size: int
-  patch_size: int
-  stride: int
-  padding: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.stride,) * 2,
-                padding=((self.padding,) * 2,) * 2, name="conv", **kw)(x)
-    return nn.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(x)
-
-
 class Stage(nn.Module):
   """Token embedding, optional class token, blocks; returns the map and the class token."""
   hidden_size: int
@@ -186,8 +169,9 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = ConvEmbed(self.hidden_size, self.patch_size, self.patch_stride, self.patch_padding,
-                  name="embed", **kw)(x)
+    # The convolutional token embedding: an overlapping strided conv, then LayerNorm.
+    x = layers.ConvEmbed(self.hidden_size, self.patch_size, self.patch_stride,
+                         self.patch_padding, conv_name="conv", name="embed", **kw)(x)
     batch, height, width, dim = x.shape
     x = x.reshape(batch, height * width, dim)
     if self.with_cls_token:

@@ -319,6 +319,33 @@ def batch_norm(train: bool, *, epsilon: float = 1e-5, scale_init: float = 1.0,
                       name=name)
 
 
+class ConvEmbed(nn.Module):
+  """Patch or token embedding on NHWC maps: a strided conv, then LayerNorm.
+
+  ``padding`` pixels on every side (0 with ``kernel_size == stride``: non-overlapping
+  patches). Parameters ``{conv_name}/{kernel,bias}`` and ``norm/{scale,bias}``: PVT,
+  PVT v2 and CSWin call the conv ``proj`` (timm's), CvT ``conv`` (the official code's).
+  """
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int = 0
+  conv_name: str = "proj"
+  kernel_init: Callable = nn.initializers.lecun_normal()  # Flax's Conv default
+  norm_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, s, p = self.kernel_size, self.stride, self.padding
+    x = nn.Conv(self.features, (k, k), strides=(s, s), padding=((p, p), (p, p)),
+                kernel_init=self.kernel_init, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=self.conv_name)(x)
+    return nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="norm")(x)
+
+
 class ConvBN(nn.Module):
   """Bias-free conv followed by BatchNorm (timm's ``ConvNorm``/``Conv2d_BN``), NHWC.
 

@@ -119,22 +119,6 @@ class Block(nn.Module):
     return x + layers.DropPath(self.drop_path_rate)(y, train=train)
 
 
-class PatchEmbed(nn.Module):
-  """Non-overlapping patches: conv with kernel = stride, no padding, + LayerNorm."""
-  dim: int
-  patch_size: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    p = self.patch_size
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", kernel_init=conv_init,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
-    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="norm")(x)
-
-
 class Stage(nn.Module):
   """Patch embedding, position embedding (+ class token), blocks.
 
@@ -156,8 +140,10 @@ class Stage(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, tuple[int, int]]:
-    x = PatchEmbed(self.dim, self.patch_size, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="patch_embed")(x)
+    # Non-overlapping patches (kernel = stride, no padding), then LayerNorm.
+    x = layers.ConvEmbed(self.dim, self.patch_size, self.patch_size, kernel_init=conv_init,
+                         dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="patch_embed")(x)
     batch, height, width, _ = x.shape
     x = x.reshape(batch, height * width, self.dim)
     init = nn.initializers.truncated_normal(0.02)

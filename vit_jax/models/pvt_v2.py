@@ -93,23 +93,10 @@ def adaptive_avg_pool(x: Array, size: tuple[int, int]) -> Array:
   return jnp.einsum("ph,bhwc,qw->bpqc", ph, x, pw)
 
 
-class OverlapPatchEmbed(nn.Module):
+def overlap_patch_embed(dim: int, patch_size: int, stride: int, **kw) -> nn.Module:
   """Conv with padding ``patch // 2`` (neighbouring patches overlap) + LayerNorm."""
-  dim: int
-  patch_size: int
-  stride: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    pad = self.patch_size // 2
-    x = nn.Conv(self.dim, (self.patch_size, self.patch_size),
-                strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-                kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="proj")(x)
-    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="norm")(x)
+  return layers.ConvEmbed(dim, patch_size, stride, patch_size // 2, kernel_init=conv_init,
+                          **kw)
 
 
 class SpatialReduction(nn.Module):
@@ -243,8 +230,8 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     if self.downsample:
-      x = OverlapPatchEmbed(self.dim, patch_size=3, stride=2, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="downsample")(x)
+      x = overlap_patch_embed(self.dim, 3, 2, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="downsample")(x)
     for j in range(self.depth):
       x = Block(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                 sr_ratio=self.sr_ratio, linear=self.linear,
@@ -308,9 +295,8 @@ class PyramidVisionTransformerV2(nn.Module):
     layers.check_images(images)
     self.stage_sizes(images.shape[1], images.shape[2])
 
-    x = OverlapPatchEmbed(self.embed_dims[0], patch_size=7, stride=4, dtype=dtype,
-                          param_dtype=param_dtype, name="patch_embed")(
-                              images.astype(dtype))
+    x = overlap_patch_embed(self.embed_dims[0], 7, 4, dtype=dtype, param_dtype=param_dtype,
+                            name="patch_embed")(images.astype(dtype))
     rates = layers.stochastic_depth_rates(self.drop_path_rate, sum(self.depths))
     start = 0
     for i in range(num_stages):
