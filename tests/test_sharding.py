@@ -176,6 +176,7 @@ SPLIT_KERNELS = {
                          r"local_module/main/(inverted|depth|point)_conv/conv/kernel$"),
     "efficientvit_msra": (r"ffn\d?/pw[12]/conv/kernel$",),
     "shvit": (r"ffn\d?/pw[12]/conv/kernel$",),
+    "rmt": (r"retention/([qkv]|out)/kernel$", r"ffn/fc[12]/kernel$", r"retention/lepe/kernel$"),
     "two_tower": (_ATTENTION, _MLP),
 }
 # Attention and MLP kernels that stay whole over ``tensor``, and why.
