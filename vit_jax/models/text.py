@@ -125,8 +125,5 @@ class TextTransformer(nn.Module):
       x = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                          gelu_approximate=self.gelu_approximate, dtype=dtype,
                          param_dtype=param_dtype, name="MAPHead_0")(x, mask=valid)
-    self.sow("intermediates", "features", x)
-    if self.num_classes:
-      x = nn.Dense(self.num_classes, use_bias=self.head_bias, dtype=dtype,
-                   param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, use_bias=self.head_bias,
+                                  dtype=dtype, param_dtype=param_dtype)
