@@ -7,6 +7,8 @@ Everything here is plain Python over small shards written by the tests (no model
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -203,7 +205,22 @@ def test_tokenizer_command_trains_on_shard_captions(tmp_path):
   ids = tok.encode(["caption of s001_003"])[0]
   assert tok.decode(ids) == "caption of s001_003"
   # "caption" is in every training caption: BPE merged it into one token.
-  assert tok.backend.encode("caption", add_special_tokens=False).tokens == ["caption</w>"]
+  assert tok.backend.encode("caption", add_special_tokens=False).tokens == ["\u2581caption"]
+
+
+def test_tokenizer_training_gives_the_same_file_in_every_process(tmp_path):
+  """The Rust trainer's hash maps are seeded per process; the vocabulary must not be."""
+  path = os.path.join(os.path.dirname(tokenizer.__file__), "tokenizer.py")
+  script = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('tok', {path!r})\n"
+            "tok = importlib.util.module_from_spec(spec); spec.loader.exec_module(tok)\n"
+            "captions = ['ab cd ef gh ij kl', 'ba dc fe hg ji lk', 'ab ba cd, dc! ef-fe'] * 3\n"
+            "tok.train_bpe(captions, vocab_size=60, context_length=8).save(sys.argv[1])\n")
+  outputs = [str(tmp_path / f"tok{i}.json") for i in range(3)]
+  procs = [subprocess.Popen([sys.executable, "-c", script, out]) for out in outputs]
+  assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+  files = [open(out, "rb").read() for out in outputs]
+  assert files[0] == files[1] == files[2]
 
 
 # ---------------------------------------------------------------- offline pool
