@@ -1,8 +1,9 @@
 """``digits``: the 8x8 handwritten digits that ship inside scikit-learn, as a TFDS dataset.
 
 It needs no network, so the demo and the tests can build it anywhere:
-``tfds.builder("digits").download_and_prepare()`` (the input pipeline does this on
-first use). 1,797 grayscale images, 10 classes; a fixed stratified split holds out
+``tfds.builder("digits").download_and_prepare(file_format="array_record")`` (the input
+pipeline does this on first use; ArrayRecord files let training resume without
+re-reading). 1,797 grayscale images, 10 classes; a fixed stratified split holds out
 360 images (20%) as ``test``. Pixels are scikit-learn's 0..16 counts scaled to 0..255.
 """
 
@@ -16,8 +17,9 @@ SPLIT_SEED = 0
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's handwritten digits (UCI ML optical recognition, 8x8)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Stratified 1437/360 train/test split, seed 0."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Stratified 1437/360 train/test split, seed 0.",
+                   "1.1.0": "Prepared as ArrayRecord files (random access)."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
