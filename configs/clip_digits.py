@@ -37,7 +37,8 @@ def get_config(arg=None):
   config.input.batch_size = 128
   config.input.eval_batch_size = 360
   config.input.shards_per_window = 8
-  config.input.decode_threads = 2
+  # tf.data threads (decoding, augmentation, tokenizing); None: one per core.
+  config.input.threads = config_dict.placeholder(int)
   config.input.record_keys = False  # write the keys of every step's samples
   # Small shifts and crops; no flips (they would turn digits into other shapes).
   config.input.pp_train = "decode|resize(16)|random_crop(16, pad=1)|value_range(-1, 1)"
