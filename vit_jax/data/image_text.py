@@ -518,8 +518,8 @@ def _decode_and_preprocess(ds, preprocess_fn: Callable, rng_fn: Optional[Callabl
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  def decode(ex):
-    image = tf.io.decode_image(ex["image"], channels=0, expand_animations=False)
+  def decode(ex):  # RGB, as the pp's decode op would make it
+    image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
     return {**ex, "image": image}
 
   def preprocess(ex):
