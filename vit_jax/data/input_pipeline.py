@@ -41,10 +41,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.data import preprocess
-from vit_jax.data.digits import Digits
+from vit_jax.data.digits import Digits, DigitScenes
 
 # Builders that need no network: prepared automatically on first use.
-OFFLINE_BUILDERS = {"digits": Digits}
+OFFLINE_BUILDERS = {"digits": Digits, "digit_scenes": DigitScenes}
 # Keys a pipeline delivers to the model; preprocessing may add more, they are dropped.
 MODEL_KEYS = ("image", "label")
 # Records per read from ArrayRecord files (one hand-over to tf.data).
