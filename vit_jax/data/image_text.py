@@ -115,6 +115,10 @@ def expand_shards(spec: Union[str, Sequence[str]]) -> list[str]:
       path = epath.Path(name)
       if glob.has_magic(name):
         found = _glob(name)
+      elif "://" in name and name.endswith(".tar"):
+        # Checked when read: a request per shard here would take minutes for a
+        # DataComp-sized brace range.
+        found = [name]
       elif path.is_dir():
         found = sorted(str(p) for p in path.glob("*.tar"))
       else:
