@@ -402,21 +402,18 @@ class ImageTextStream:
     n = self.shards_per_window
     return [order[i:i + n] for i in range(0, len(order), n)]
 
-  def _shuffle(self, epoch: int, window: int, raws: list[RawSample]) -> list[RawSample]:
-    rng = np.random.default_rng([self.seed, self.process_index, epoch, window, 1])
-    return [raws[i] for i in rng.permutation(len(raws))]
-
-  def window_samples(self, epoch: int, window: int) -> list[RawSample]:
-    """The undecoded samples of a window, in the stream's shuffled order."""
-    raws = [raw for shard in self.windows(epoch)[window]
-            for raw in read_shard(shard, self.stats)]
-    return self._shuffle(epoch, window, raws)
-
   def _read_window(self, pool, epoch: int, window: int) -> Callable[[], list[RawSample]]:
-    """Starts reading a window's shards in parallel; returns a function that waits."""
+    """Starts reading a window's shards in parallel; returns a function that waits for
+    its undecoded samples, in the stream's shuffled order."""
     parts = [pool.submit(lambda s=s: list(read_shard(s, self.stats)))
              for s in self.windows(epoch)[window]]
-    return lambda: self._shuffle(epoch, window, [r for part in parts for r in part.result()])
+
+    def samples():
+      raws = [raw for part in parts for raw in part.result()]
+      rng = np.random.default_rng([self.seed, self.process_index, epoch, window, 1])
+      return [raws[i] for i in rng.permutation(len(raws))]
+
+    return samples
 
   def __iter__(self) -> Iterator[tuple[dict, StreamPosition]]:
     epoch, window, offset = (self.position.epoch, self.position.window,
