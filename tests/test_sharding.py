@@ -31,6 +31,7 @@ import pytest
 from helpers import REPO, run_main, subprocess_env, train_in_process
 from vit_jax import checkpoint, sharding
 from vit_jax.models import convert, vit
+from vit_jax.tree import path_name
 
 TINY = dict(image_size=16, patch_size=4, hidden_size=32, num_layers=2, num_heads=4,
             mlp_dim=64, drop_path_rate=0.1)
@@ -67,7 +68,7 @@ def run_kwargs(mesh=None, **overrides):
 
 
 def flat(tree) -> dict:
-  return {sharding.path_name(p): np.asarray(x)
+  return {path_name(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -275,7 +276,7 @@ def test_coordinator_flags_must_come_together(tmp_path):
 
 def test_remat_and_scan_reduce_vit_b16_memory():
   """ViT-B/16 widths at 224 (4 of its 12 blocks, batch 8, to keep compiles short)."""
-  from vit_jax import memory  # pylint: disable=g-import-not-at-top
+  from vit_jax.tools import memory  # pylint: disable=g-import-not-at-top
   name, batch, depth = "vit_base_patch16_224", 8, 4
   kept = {k: memory.activation_bytes(name, batch, num_layers=depth, **v)
           for k, v in memory.OPTIONS.items()}
@@ -359,7 +360,7 @@ def test_scan_and_remat_keep_outputs_gradients_and_converters():
 
 
 def test_scan_layout_mismatch_names_the_conversion(tmp_path):
-  from vit_jax.trainers.classification import TrainState  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers.common import TrainState  # pylint: disable=g-import-not-at-top
   block = {"LayerNorm_0": {"scale": np.ones(4, np.float32)}}
   unrolled = {"Transformer": {"encoderblock_0": block, "encoderblock_1": block}}
   state = lambda params: TrainState(step=np.zeros((), np.int32), params=params,

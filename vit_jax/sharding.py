@@ -38,6 +38,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax import tree
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -128,19 +130,6 @@ def constrain_batch(x: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------- train-state rules
 
-def path_name(path) -> str:
-  """A tree path as ``"params/Transformer/encoderblock_0/..."``."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def logical_axes(name: str, shape: Sequence[int]) -> tuple[Optional[str], ...]:
   """Logical axis names of an array from its name; ``None`` for unnamed dimensions."""
   for pattern, axes in PARAM_AXES:
@@ -223,7 +212,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
   not_divisible: list[str] = []
 
   def leaf_sharding(path, leaf):
-    spec = partition_spec(path_name(path), tuple(leaf.shape), sizes, rules=rules,
+    spec = partition_spec(tree.path_name(path), tuple(leaf.shape), sizes, rules=rules,
                           fsdp_min_size=min_size, not_divisible=not_divisible)
     return NamedSharding(mesh, spec)
 
@@ -255,6 +244,6 @@ def bytes_per_device(tree: Any) -> tuple[int, int]:
 
 def describe(shardings: Any, limit: Optional[int] = None) -> str:
   """``name: PartitionSpec`` lines, for logs and for checking the rules."""
-  lines = [f"{path_name(p)}: {s.spec}" for p, s in
+  lines = [f"{tree.path_name(p)}: {s.spec}" for p, s in
            jax.tree_util.tree_flatten_with_path(shardings)[0]]
   return "\n".join(lines[:limit])
