@@ -1,10 +1,9 @@
-"""``python -m vit_jax.data.benchmark``: what it measures, how it reports, its errors."""
+"""``python -m vit_jax.tools.data_benchmark``: what it measures, how it reports, its errors."""
 
 import os
 import sys
 
 import pytest
-from absl import app
 
 from vit_jax.data import benchmark, image_text, tokenizer
 
@@ -57,9 +56,9 @@ def test_report_gives_scaling_and_the_baseline_ratio():
 
 
 def test_bad_settings_are_one_clear_error(pool, tmp_path):
-  with pytest.raises(app.UsageError, match="need --tokenizer"):
+  with pytest.raises(ValueError, match="need --tokenizer"):
     benchmark.pipeline_spec(shards=pool["shards"][0], pp=PP)
-  with pytest.raises(app.UsageError, match="give --config, --shards with --tokenizer, or "
+  with pytest.raises(ValueError, match="give --config, --shards with --tokenizer, or "
                      "--dataset"):
     benchmark.pipeline_spec(pp=PP)
   with pytest.raises(image_text.DataError, match="no shards match"):

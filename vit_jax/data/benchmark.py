@@ -1,69 +1,23 @@
-r"""Samples/s of an input pipeline, per process, at 1..K CPU threads, and its stages.
+"""Measuring input pipelines: samples/s per process at 1..K CPUs, and each stage alone.
 
-  python -m vit_jax.data.benchmark --config=configs/clip_datacomp.py \
-      --config.input.train_shards='pool256/train' \
-      --config.tokenizer.path=pool256/tokenizer.json --threads=1,2 --seconds=20
-  python -m vit_jax.data.benchmark --shards='pool/*.tar' --tokenizer=pool/tokenizer.json \
-      --pp='decode|random_resized_crop(224)|flip_lr|value_range(-1, 1)'
-  python -m vit_jax.data.benchmark --dataset=digit_scenes \
-      --pp='decode|random_resized_crop(224)|flip_lr|value_range(-1, 1)'
-
-The pipeline is a config's input section (``--config``: image-text shards for the
-contrastive trainer, a TFDS dataset for classification) or given by flags
-(``--shards`` + ``--tokenizer``, or ``--dataset``; ``--pp`` overrides the config's
-``pp_train``). Every measurement runs in a fresh worker process pinned to ``threads``
-CPUs (``os.sched_setaffinity``) with ``threads`` tf.data threads: it builds the
-training pipeline the trainer builds, drops ``--warmup`` seconds, then counts the
-samples of the batches it receives in ``--seconds`` seconds, and the CPU time they
-took. Measurements are interleaved (``--repeats`` rounds over the thread counts, each
-round this tree then the baseline), so a shared machine's load hits them alike; the
-table gives the median and the 1-minute load average seen by each.
-
-``--baseline=DIR`` measures the pipeline of another checkout of vit_jax (e.g. a
-``git worktree`` of main) the same way, in the same rounds. The worker runs with that
-tree first on the path; it recognises an image-text reader that decodes in its own
-threads (``ImageTextStream(decode_threads=...)``) and drives it as that tree's
-trainer did.
-
-``--stages`` (default on) then measures, on one thread, the CPU time per sample of
-each stage alone on cached inputs: read (the shard reader, or the records read by
-index), decode, augment (the rest of the pp string), tokenize (image-text) and batch
-(stacking a batch and handing it to numpy). The stages of a healthy pipeline add up
-to about its 1-thread CPU time per sample.
+The command is ``python -m vit_jax.tools.data_benchmark`` (``python -m
+vit_jax.data.benchmark`` runs it too); its docstring says what is measured and how.
+Here: ``pipeline_spec`` (what to build), ``measure`` (interleaved runs of workers, one
+process each), ``report`` (the table) and ``worker`` (one measurement). A worker may
+run against another checkout of vit_jax (``--baseline``), so this module imports
+vit_jax only inside functions, and drives an image-text reader that decodes in its own
+threads (``ImageTextStream(decode_threads=...)``) as that tree's trainer did.
 """
 
 import json
 import os
+import runpy
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any, Optional
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A training config whose input section is measured.",
-    lock_config=False)
-_SHARDS = flags.DEFINE_string("shards", None, "Image-text shards (glob, brace range, "
-                              "directory or comma list).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json for --shards.")
-_CONTEXT = flags.DEFINE_integer("context_length", 77, "Tokens per caption (--shards).")
-_DATASET = flags.DEFINE_string("dataset", None, "A TFDS dataset (classification input).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir for --dataset.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split of --dataset.")
-_PP = flags.DEFINE_string("pp", None, "Preprocessing (default: the config's pp_train).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Per-process batch.")
-_THREADS = flags.DEFINE_list("threads", None, "CPU thread counts to measure "
-                             "(default: 1 up to the CPUs this process may use).")
-_SECONDS = flags.DEFINE_float("seconds", 20.0, "Measured seconds per run.")
-_WARMUP = flags.DEFINE_float("warmup", 5.0, "Seconds dropped before measuring.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Interleaved rounds.")
-_BASELINE = flags.DEFINE_string("baseline", None, "Another vit_jax checkout to measure "
-                                "in the same rounds.")
-_STAGES = flags.DEFINE_bool("stages", True, "Also measure each stage alone.")
 _STAGE_SAMPLES = 256
 
 THIS_FILE = os.path.abspath(__file__)
@@ -240,11 +194,11 @@ def pipeline_spec(config=None, *, shards: Optional[str] = None,
       dataset, data_dir = dataset or config.input.dataset, data_dir or config.input.data_dir
       split = config.input.get("train_split", split)
   if not spec["pp"]:
-    raise app.UsageError("give --pp or a --config with input.pp_train")
+    raise ValueError("give --pp or a --config with input.pp_train")
   if shards:
     from vit_jax.data import image_text  # pylint: disable=g-import-not-at-top
     if not tokenizer:
-      raise app.UsageError("image-text shards need --tokenizer (or the config's "
+      raise ValueError("image-text shards need --tokenizer (or the config's "
                            "tokenizer.path)")
     spec.setdefault("shards_per_window", 2)
     return {**spec, "kind": "image_text", "shards": image_text.expand_shards(shards),
@@ -252,7 +206,7 @@ def pipeline_spec(config=None, *, shards: Optional[str] = None,
   if dataset:
     return {**spec, "kind": "classification", "dataset": dataset, "data_dir": data_dir,
             "split": split}
-  raise app.UsageError("give --config, --shards with --tokenizer, or --dataset")
+  raise ValueError("give --config, --shards with --tokenizer, or --dataset")
 
 
 def measure(spec: dict, *, threads: list[int], seconds: float, warmup: float,
@@ -302,23 +256,5 @@ def report(results: dict, threads: list[int]) -> str:
   return "\n".join(lines)
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  spec = pipeline_spec(_CONFIG.value, shards=_SHARDS.value, tokenizer=_TOKENIZER.value,
-                       context_length=_CONTEXT.value, dataset=_DATASET.value,
-                       data_dir=_DATA_DIR.value, split=_SPLIT.value, pp=_PP.value,
-                       batch_size=_BATCH.value)
-  usable = len(os.sched_getaffinity(0))
-  threads = [int(t) for t in _THREADS.value] if _THREADS.value else list(
-      range(1, usable + 1))
-  if max(threads) > usable or min(threads) < 1:
-    raise app.UsageError(f"--threads={','.join(map(str, threads))}: use 1 to {usable} "
-                         "(the CPUs this process may use)")
-  results = measure(spec, threads=threads, seconds=_SECONDS.value, warmup=_WARMUP.value,
-                    repeats=_REPEATS.value, baseline=_BASELINE.value, stages=_STAGES.value)
-  print(report(results, threads))
-
-
-if __name__ == "__main__":
-  app.run(main)
+if __name__ == "__main__":  # the command line lives in vit_jax/tools
+  runpy.run_module("vit_jax.tools.data_benchmark", run_name="__main__", alter_sys=True)
