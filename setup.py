@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",  # ships the offline digits dataset used by the demo
     "tensorflow-cpu>=2.18",  # tf.data input pipelines and TFDS dataset building
     "tensorflow-datasets>=4.9.8",
+    # Random access to TFDS datasets: a resume starts at its record, no re-reading.
+    "array_record>=0.8",
     "importlib_resources",  # needed by TFDS at import time in some environments
     "tensorboard>=2.18",
     "tokenizers>=0.19",  # BPE caption tokenizers for contrastive training
