@@ -5,10 +5,12 @@ input against the pure-JAX reference: float32 within 1e-5 (relative to the large
 reference value when that exceeds 1, e.g. a bias gradient summed over windows),
 bfloat16 within 2e-2 relative to the float32 reference on the same inputs. Shapes
 are small but awkward: 197 tokens, 7x7 windows (49 positions), head dims 32/64/96,
-token counts that no block divides, batch 1. Cases run the GPU (Triton) block
-configuration unless marked "tpu" (Mosaic configuration and layout). The lowering
-tests lower each kernel, without running it, for CUDA (Triton IR) and TPU (Mosaic),
-which rejects block shapes and operations those backends cannot take.
+token counts that no block divides, batch 1. The ``pallas_call`` cases name their
+block configuration: "triton" (the explicit GPU fallback) or "tpu" (Mosaic). The
+Mosaic GPU kernel runs in GPU interpret mode. The lowering tests lower each kernel,
+without running it, for CUDA (Mosaic GPU MLIR; Triton IR for the fallback) and TPU
+(Mosaic), which rejects block shapes, layouts and operations those backends cannot
+take.
 """
 
 import functools
@@ -21,6 +23,7 @@ import pytest
 from vit_jax import kernels, models
 from vit_jax.kernels import bench
 from vit_jax.kernels.attention import pallas as attention_pallas
+from vit_jax.kernels.linear_attention import mosaic_gpu as linear_mosaic_gpu
 from vit_jax.kernels.linear_attention import pallas as linear_pallas
 from vit_jax.kernels.linear_attention import reference as linear_reference
 from vit_jax.kernels.window_attention import pallas as window_pallas
@@ -78,9 +81,9 @@ def _normal(seed, shape):
 LINEAR_CASES = [
     # (backend, batch, q_tokens, kv_tokens, heads, head_dim, feature_map, normalize,
     #  dtype, block_tokens, chunk_blocks)
-    ("gpu", 1, 197, 197, 2, 32, "relu", True, jnp.float32, 64, 2),
-    ("gpu", 2, 37, 50, 1, 96, "elu+1", True, jnp.float32, 16, 2),
-    ("gpu", 1, 197, 197, 2, 64, "identity", False, jnp.bfloat16, None, None),
+    ("triton", 1, 197, 197, 2, 32, "relu", True, jnp.float32, 64, 2),
+    ("triton", 2, 37, 50, 1, 96, "elu+1", True, jnp.float32, 16, 2),
+    ("triton", 1, 197, 197, 2, 64, "identity", False, jnp.bfloat16, None, None),
     ("tpu", 1, 197, 197, 2, 32, "elu+1", True, jnp.float32, 64, 2),
 ]
 
@@ -113,15 +116,32 @@ def test_linear_attention_reference_is_the_formula():
   np.testing.assert_allclose(unnormalized[0, :, 0], pq @ s, rtol=1e-5)
 
 
+def test_linear_attention_mosaic_gpu_matches_reference():
+  """The Mosaic GPU kernel in GPU interpret mode: 70 query / 130 key tokens (partial
+  64-token blocks, three gram chunks), head dim 48 (padded to 64), and elu+1, whose
+  phi(0) = 1 makes the masking of padded tokens and features matter."""
+  q, k, v = _normal(20, (1, 70, 2, 48)), _normal(21, (1, 130, 2, 48)), _normal(22, (1, 130, 2, 48))
+  kernel = functools.partial(linear_mosaic_gpu.linear_attention, feature_map="elu+1",
+                             chunk_blocks=1)
+  ref = functools.partial(linear_reference.linear_attention_reference, feature_map="elu+1")
+  assert_matches(kernel, ref, (q, k, v), (0, 1, 2), jnp.bfloat16)
+
+
+def test_linear_attention_mosaic_gpu_refuses_float32():
+  x = jnp.zeros((1, 8, 1, 64), jnp.float32)
+  with pytest.raises(ValueError, match="takes bfloat16 or float16 .* use impl='xla'"):
+    linear_mosaic_gpu.linear_attention(x, x, x)
+
+
 # -----------------------------------------------------------------------------
 # Global (flash) attention
 # -----------------------------------------------------------------------------
 
 FLASH_CASES = [
     # (backend, batch, q_tokens, kv_tokens, heads, head_dim, dtype, block_q, block_k)
-    ("gpu", 1, 197, 197, 2, 64, jnp.float32, None, None),
-    ("gpu", 2, 37, 53, 1, 96, jnp.float32, 16, 32),
-    ("gpu", 1, 197, 197, 2, 32, jnp.bfloat16, None, None),
+    ("triton", 1, 197, 197, 2, 64, jnp.float32, None, None),
+    ("triton", 2, 37, 53, 1, 96, jnp.float32, 16, 32),
+    ("triton", 1, 197, 197, 2, 32, jnp.bfloat16, None, None),
     ("tpu", 1, 197, 197, 2, 32, jnp.float32, 64, 64),
 ]
 
@@ -142,9 +162,9 @@ def test_flash_attention_matches_reference(case):
 
 WINDOW_CASES = [
     # (backend, batch, height, width, heads, head_dim, window, mode, bias, swin mask, dtype)
-    ("gpu", 1, 14, 14, 2, 32, (7, 7), "block", True, True, jnp.float32),  # Swin-T-like
-    ("gpu", 2, 14, 7, 1, 96, (7, 7), "grid", True, False, jnp.float32),  # MaxViT grid
-    ("gpu", 1, 6, 4, 2, 64, (3, 2), "block", False, False, jnp.bfloat16),
+    ("triton", 1, 14, 14, 2, 32, (7, 7), "block", True, True, jnp.float32),  # Swin-T-like
+    ("triton", 2, 14, 7, 1, 96, (7, 7), "grid", True, False, jnp.float32),  # MaxViT grid
+    ("triton", 1, 6, 4, 2, 64, (3, 2), "block", False, False, jnp.bfloat16),
     ("tpu", 1, 14, 14, 2, 32, (7, 7), "block", True, True, jnp.float32),
 ]
 
@@ -184,7 +204,7 @@ def _lowers(fn, args, platform):
     jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
 
 
-@pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
+@pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("tpu", "tpu")])
 def test_kernels_lower_for_gpu_and_tpu(backend, platform):
   tokens = jnp.zeros((2, 197, 3, 96), jnp.bfloat16)
   _lowers(functools.partial(linear_pallas.linear_attention, feature_map="elu+1",
@@ -200,13 +220,25 @@ def test_kernels_lower_for_gpu_and_tpu(backend, platform):
         interpret=False), (fmap, fmap, fmap), platform)
 
 
+def test_mosaic_gpu_kernel_lowers_for_cuda():
+  """Forward and backward through the Mosaic GPU lowering (layouts, tilings, wgmma
+  shapes), with 197 tokens and head dim 96."""
+  tokens = jnp.zeros((2, 197, 3, 96), jnp.bfloat16)
+  fn = functools.partial(linear_mosaic_gpu.linear_attention, feature_map="elu+1",
+                         interpret=False)
+  _lowers(fn, (tokens, tokens, tokens), "cuda")
+  lowered = jax.jit(fn).trace(tokens, tokens, tokens).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()  # a Mosaic GPU custom call, not Triton
+  assert "triton" not in lowered.as_text()
+
+
 def test_lowering_catches_what_triton_refuses(monkeypatch):
   """The lowering test is not vacuous: a 96-wide (non power-of-two) block fails."""
   from vit_jax.kernels import _backend  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(_backend, "padded_head_dim", lambda d, backend: d)
   x = jnp.zeros((1, 64, 1, 96), jnp.float32)
   with pytest.raises(ValueError, match="power of 2"):
-    _lowers(functools.partial(linear_pallas.linear_attention, backend="gpu",
+    _lowers(functools.partial(linear_pallas.linear_attention, backend="triton",
                               interpret=False), (x, x, x), "cuda")
 
 
@@ -231,12 +263,37 @@ def test_dispatch():
       layers.dot_product_attention(x, x, x, bias=jnp.ones((1, 1, 4, 4))))
 
 
+def test_auto_table_drives_the_choice_on_gpu(monkeypatch):
+  """On a GPU, "auto" reads the table, and falls back to XLA where the table's choice
+  cannot take the call; the Triton fallback is never chosen."""
+  from vit_jax.kernels import _backend  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_backend, "platform", lambda: "gpu")
+  bf16 = jnp.bfloat16
+  assert kernels.resolve("auto", "global", dtype=bf16, head_dim=64) == "cudnn"
+  assert kernels.resolve("auto", "global", dtype=bf16, head_dim=60) == "xla"  # not %8
+  assert kernels.resolve("auto", "global", dtype=bf16, head_dim=64,
+                         has_bias_or_mask=True) == "xla"
+  assert kernels.resolve("auto", "global", dtype=jnp.float32, head_dim=64) == "xla"
+  assert kernels.resolve("auto", "linear", dtype=bf16, head_dim=32) == "pallas"
+  assert kernels.resolve("auto", "linear", dtype=jnp.float32, head_dim=32) == "xla"
+  table = kernels.auto_table()["table"]
+  assert all(impl != "pallas_triton" for op in table.values() for p in op.values()
+             for impl in p.values())
+  # Explicit choices on GPU: window/global have no Mosaic GPU kernel.
+  fmap = jnp.zeros((1, 4, 4, 1, 8))
+  with pytest.raises(ValueError, match="no Mosaic GPU kernel for window attention"):
+    kernels.window_attention(fmap, fmap, fmap, window=(2, 2), impl="pallas")
+  with pytest.raises(ValueError, match="must be one of"):
+    kernels.check_auto_table({**table, "linear": {**table["linear"],
+                                                  "gpu": {"float32": "fast", "half": "xla"}}})
+
+
 def test_kernel_argument_errors():
   x = jnp.zeros((1, 8, 1, 16))
   with pytest.raises(ValueError, match="feature_map must be one of"):
     kernels.linear_attention(x, x, x, feature_map="softplus", impl="pallas")
   with pytest.raises(ValueError, match="powers of two, got 48"):
-    linear_pallas.linear_attention(x, x, x, backend="gpu", block_tokens=48)
+    linear_pallas.linear_attention(x, x, x, backend="triton", block_tokens=48)
   with pytest.raises(ValueError, match="multiples of 8, got 12"):
     linear_pallas.linear_attention(x, x, x, backend="tpu", block_tokens=12)
   with pytest.raises(ValueError, match="Pallas backend must be one of"):
