@@ -13,8 +13,12 @@ without running it, for CUDA (Mosaic GPU MLIR; Triton IR for the fallback) and T
 take.
 """
 
+import contextlib
 import functools
 
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +26,7 @@ import pytest
 
 from vit_jax import kernels, models
 from vit_jax.kernels import bench
+from vit_jax.kernels import parity
 from vit_jax.kernels.attention import pallas as attention_pallas
 from vit_jax.kernels.linear_attention import mosaic_gpu as linear_mosaic_gpu
 from vit_jax.kernels.linear_attention import pallas as linear_pallas
@@ -31,47 +36,14 @@ from vit_jax.kernels.window_attention import reference as window_reference
 from vit_jax.models import layers
 
 
-def _outputs_and_grads(fn, args, argnums, cotangent):
-  """``fn(*args)`` and the VJP of ``cotangent`` w.r.t. ``args[argnums]`` (one jit)."""
-  def run(*args):
-    def partial(*diff):
-      full = list(args)
-      for i, d in zip(argnums, diff):
-        full[i] = d
-      return fn(*full)
-    out, vjp = jax.vjp(partial, *(args[i] for i in argnums))
-    return out, vjp(cotangent.astype(out.dtype))
-  return jax.jit(run)(*args)
-
-
 def assert_matches(kernel_fn, reference_fn, args, argnums, dtype=jnp.float32):
-  """Kernel vs reference: outputs and gradients, at the issue's tolerances."""
-  args = [None if a is None else jnp.asarray(a) for a in args]
-  out_shape = jax.eval_shape(reference_fn, *args)
-  cotangent = _normal(99, out_shape.shape)
-  cast = lambda a: a if a is None or a.ndim < 4 else a.astype(dtype)
-  got = _outputs_and_grads(kernel_fn, [cast(a) for a in args], argnums, cotangent)
-  # The truth: float32 reference on the same (possibly bf16-rounded) inputs.
-  exact = [None if a is None else cast(a).astype(jnp.float32) for a in args]
-  want = _outputs_and_grads(reference_fn, exact, argnums, cotangent)
-  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
-  assert len(got_leaves) == len(want_leaves) == 1 + len(argnums)
-  for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
-    what = "output" if i == 0 else f"gradient of argument {argnums[i - 1]}"
-    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    assert g.shape == w.shape, what
-    scale = float(np.abs(w).max())
-    assert scale > 0, what
-    err = float(np.abs(g - w).max())
-    if dtype == jnp.float32:
-      assert err <= 1e-5 * max(1.0, scale), f"{what}: max |diff| {err:.3g} (scale {scale:.3g})"
-    else:
-      assert err <= 2e-2 * scale, f"{what}: max |diff| {err:.3g} (scale {scale:.3g})"
+  """Kernel vs reference: outputs and gradients, at the package's tolerances."""
+  for d in parity.compare(kernel_fn, reference_fn, args, argnums, dtype):
+    assert d.scale > 0, d.what
+    assert d.ok, f"{d.what}: max |diff| {d.max_error:.3g} (scale {d.scale:.3g})"
 
 
-def _normal(seed, shape):
-  # numpy, not jax.random: compiling threefry for every shape costs seconds on CPU.
-  return jnp.asarray(np.random.RandomState(seed).randn(*shape).astype(np.float32))
+_normal = parity.normal
 
 
 # -----------------------------------------------------------------------------
@@ -198,12 +170,30 @@ def test_swin_shift_mask_blocks_the_wrapped_regions():
 # The kernels lower for CUDA (Triton) and TPU (Mosaic)
 # -----------------------------------------------------------------------------
 
+def _target(platform):
+  """Lowering for CUDA without a GPU: JAX >= 0.11's Triton lowering asks the device
+  for its compute capability, so name one (an H100) through an abstract mesh."""
+  if platform != "cuda" or not hasattr(jax.sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                       platform="gpu")
+  return jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
 def _lowers(fn, args, platform):
   grad = jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-  for f in (fn, grad):
-    jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
+  with _target(platform):
+    for f in (fn, grad):
+      jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
 
 
+# Lowering the explicit Triton fallback makes JAX (>= 0.11) warn that the Triton
+# lowering is deprecated: expected there, and only there.
+TRITON_DEPRECATION = "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(TRITON_DEPRECATION)
 @pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("tpu", "tpu")])
 def test_kernels_lower_for_gpu_and_tpu(backend, platform):
   tokens = jnp.zeros((2, 197, 3, 96), jnp.bfloat16)
@@ -232,6 +222,7 @@ def test_mosaic_gpu_kernel_lowers_for_cuda():
   assert "triton" not in lowered.as_text()
 
 
+@pytest.mark.filterwarnings(TRITON_DEPRECATION)
 def test_lowering_catches_what_triton_refuses(monkeypatch):
   """The lowering test is not vacuous: a 96-wide (non power-of-two) block fails."""
   from vit_jax.kernels import _backend  # pylint: disable=g-import-not-at-top
@@ -420,9 +411,16 @@ def test_vit_attention_options():
 # Benchmark command
 # -----------------------------------------------------------------------------
 
+def _bench(argv):
+  """``python -m vit_jax.kernels.bench ARGV`` in this process; flags restored after."""
+  with flagsaver.flagsaver():
+    flags.FLAGS(["bench"] + argv)
+    return bench.run(bench.config_from_flags())
+
+
 def test_benchmark_runs_and_reports_positive_numbers(tmp_path, capsys):
-  rows = bench.main(["--quick", "--ops=linear,window", "--impls=xla,pallas",
-                     "--repeats=1", f"--json={tmp_path / 'rows.json'}"])
+  rows = _bench(["--quick", "--ops=linear,window", "--impls=xla,pallas",
+                 "--repeats=1", f"--json={tmp_path / 'rows.json'}"])
   printed = capsys.readouterr().out
   assert "| op | shape | impl |" in printed
   measured = [r for r in rows if r.impl == "xla"]
@@ -435,7 +433,9 @@ def test_benchmark_runs_and_reports_positive_numbers(tmp_path, capsys):
   assert pallas and all(r.time_ms is None and "interpret mode" in r.note for r in pallas)
   assert (tmp_path / "rows.json").exists()
   # The memory guard: what would not fit is compiled and reported, never run.
-  guarded = bench.main(["--quick", "--ops=linear", "--impls=xla", "--passes=fwd",
-                        "--max_gib=1e-6"])
+  guarded = _bench(["--quick", "--ops=linear", "--impls=xla", "--passes=fwd",
+                    "--max_gib=1e-6"])
   assert guarded and all(r.time_ms is None and r.peak_mib > 0 and "not run" in r.note
                          for r in guarded)
+  with pytest.raises(app.UsageError, match="unknown --ops softmax; choose from global"):
+    _bench(["--ops=softmax"])

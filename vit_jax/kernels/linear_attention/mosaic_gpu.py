@@ -75,7 +75,7 @@ def _load_tile(ref, interpret):
   """
   if interpret:
     return ref[...]
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA)
+  return plgpu.layout_cast(ref[...], plgpu.Layout.WGMMA)
 
 
 def _iota(shape, dim, interpret):
@@ -303,13 +303,13 @@ _linear_attention.defvjp(_fwd, _bwd)
 
 
 def interpret_params():
-  """The GPU interpret mode (simulated shared memory, TMA, barriers, wgmma)."""
-  try:
-    from jax.experimental.pallas import mosaic_gpu as m  # pylint: disable=g-import-not-at-top
-    if hasattr(m, "InterpretParams"):
-      return m.InterpretParams()
-  except ImportError:
-    pass
+  """GPU interpret mode: simulated shared memory, TMA copies, barriers and wgmma.
+
+  Public as ``plgpu.InterpretGPUParams`` from JAX 0.11; JAX 0.10 has it only
+  privately.
+  """
+  if hasattr(plgpu, "InterpretGPUParams"):
+    return plgpu.InterpretGPUParams()
   from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
   return params.InterpretGPUParams()
 
