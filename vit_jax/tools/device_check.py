@@ -139,9 +139,8 @@ def _kernel_cases(platform: str, tiny: bool):
                                                          bias=bias, mask=mask))
   half_only, both = (bf16,), (f32, bf16)
   cases = []
-  pallas_call = [] if platform == "tpu" else [("pallas_triton", "triton")]
-  if platform == "tpu":
-    pallas_call = [("pallas", "tpu")]
+  # The pallas_call kernels: Mosaic on TPU; elsewhere the Triton fallback.
+  pallas_call = [("pallas", "tpu")] if platform == "tpu" else [("pallas_triton", "triton")]
   if platform != "tpu":
     cases.append(("linear", "pallas (Mosaic GPU)",
                   functools.partial(linear_mosaic_gpu.linear_attention, feature_map="elu+1"),

@@ -69,7 +69,7 @@ def _tile_transforms():
 def _load_tile(ref, interpret):
   """A shared-memory tile in registers, in the ``wgmma`` layout.
 
-  The layout annotations (``plgpu.load(layout=)``, ``plgpu.broadcasted_iota``) are
+  The layout annotations (``plgpu.layout_cast``, ``plgpu.broadcasted_iota``) are
   what the Mosaic GPU lowering needs; GPU interpret mode cannot evaluate them, and
   does not need them, so interpret mode reads the tile plainly.
   """
@@ -235,13 +235,7 @@ def _tokens_last(x):
 
 
 def _phi_and_grad(x, name):
-  x = x.astype(f32)
-  if name == "relu":
-    return jnp.maximum(x, 0.0), (x > 0).astype(f32)
-  if name == "elu+1":
-    e = jnp.exp(jnp.minimum(x, 0.0))
-    return jnp.where(x > 0, x + 1.0, e), jnp.where(x > 0, 1.0, e)
-  return x, jnp.ones_like(x)
+  return reference.feature_map_and_grad(x.astype(f32), name)
 
 
 def _forward(q, k, v, cfg: _Config):

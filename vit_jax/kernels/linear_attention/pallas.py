@@ -100,13 +100,7 @@ def _state_spec(shape_tail: tuple[int, int], index):
 # Kernel bodies (shared by both backends: refs are [tokens, dim] blocks).
 # ----------------------------------------------------------------------------
 
-def _phi_and_grad(x: Array, name: str) -> tuple[Array, Array]:
-  if name == "relu":
-    return jnp.maximum(x, 0.0), (x > 0).astype(x.dtype)
-  if name == "elu+1":
-    e = jnp.exp(jnp.minimum(x, 0.0))
-    return jnp.where(x > 0, x + 1.0, e), jnp.where(x > 0, 1.0, e)
-  return x, jnp.ones_like(x)
+_phi_and_grad = reference.feature_map_and_grad
 
 
 def _valid(shape, row0, n_valid: int, d_valid: int) -> Array:
