@@ -53,15 +53,19 @@ def _check_impl(impl: str, allowed=IMPLEMENTATIONS) -> None:
 
 
 def check_auto_table(table: dict) -> None:
-  """Raises if ``table`` is not ``{op: {platform: {precision: impl}}}`` over known names."""
+  """Raises if ``table`` is not ``{op: {platform: {precision: impl}}}`` over known names.
+
+  Neither ``"auto"`` nor the deprecated ``"pallas_triton"`` lowering may be an entry.
+  """
   for op in OPS:
-    allowed = _GLOBAL_IMPLEMENTATIONS if op == "global" else IMPLEMENTATIONS
+    allowed = [i for i in (_GLOBAL_IMPLEMENTATIONS if op == "global" else IMPLEMENTATIONS)
+               if i not in ("auto", "pallas_triton")]
     for platform in PLATFORMS:
       for precision in PRECISIONS:
         impl = table.get(op, {}).get(platform, {}).get(precision)
-        if impl not in allowed or impl == "auto":
+        if impl not in allowed:
           raise ValueError(f"auto table entry [{op}][{platform}][{precision}] is {impl!r}; "
-                           f"it must be one of {', '.join(i for i in allowed if i != 'auto')}")
+                           f"it must be one of {', '.join(allowed)}")
 
 
 @functools.cache

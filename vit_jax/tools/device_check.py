@@ -233,7 +233,8 @@ def auto_table_from(platform: str, checks: list[Check], rows: list[bench.Row],
   """This platform's half-precision entries: the fastest correct fwd+bwd per op.
 
   An implementation counts only where it was timed on every shape of the op (summed
-  time) and passed every correctness row it had; XLA (the reference) always counts.
+  time) and passed every correctness row it had; XLA (the reference) always counts;
+  the deprecated Triton fallback never does (its timings are for information).
   """
   data = json.loads(json.dumps(kernels.auto_table()))  # a copy
   failed = {(_op_of(c.op), c.impl.split()[0]) for c in checks if not c.passed}
@@ -242,7 +243,7 @@ def auto_table_from(platform: str, checks: list[Check], rows: list[bench.Row],
     timed = [r for r in rows if r.op == op and r.passes == "fwd+bwd"]
     shapes = {r.shape for r in timed}
     totals = {}
-    for impl in {r.impl for r in timed}:
+    for impl in {r.impl for r in timed} - {"pallas_triton"}:
       mine = [r for r in timed if r.impl == impl and r.time_ms is not None]
       if len({r.shape for r in mine}) == len(shapes) and (op, impl) not in failed:
         totals[impl] = sum(r.time_ms for r in mine)
