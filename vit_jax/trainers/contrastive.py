@@ -186,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = optax.apply_updates(state.params, updates)
     # CLIP's clamp: the temperature may not sharpen logits beyond max_logit_scale.
     params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, max_logit_scale)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
                "logit_scale": jnp.exp(params["logit_scale"]),
                "learning_rate": schedule(state.step),
