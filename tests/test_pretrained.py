@@ -108,11 +108,10 @@ def hub(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(CLASSIFIERS))
-def test_pretrained_true_gives_timm_logits(hub, name):
+def test_pretrained_tag_gives_timm_logits(hub, name):
   arch, tag = name.split(".")
   # EfficientViT-M0 by its default tag: timm's first.
-  model = models.create(arch, pretrained=True if name == EFFVIT else tag,
-                        **CLASSIFIERS[name][1])
+  model = pretrained.create(arch, None if name == EFFVIT else tag, **CLASSIFIERS[name][1])
   assert pretrained.pretrained_info("efficientvit_m0").tag == EFFVIT.split(".")[1]
   module, variables = model.unbind()
   logits = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, hub["images"])
@@ -130,7 +129,7 @@ def test_pretrained_true_gives_timm_logits(hub, name):
 
 
 def test_open_clip_tower_pair_gives_open_clip_embeddings(hub):
-  model = models.create(CLIP[0], pretrained=True, **CLIP_OVERRIDES)  # name.tag form
+  model = pretrained.create(CLIP[0], **CLIP_OVERRIDES)  # the name.tag form
   module, variables = model.unbind()
   _, _, out = jax.jit(lambda v, x, t: module.apply(v, x, t))(
       variables, hub["images"], hub["tokens"].astype(np.int32))
@@ -183,9 +182,9 @@ def test_hf_hub_scheme_is_the_config_init_path(hub):
 
 
 def test_list_pretrained_covers_the_timm_families_and_two_towers():
-  listed = models.list_pretrained()
+  listed = pretrained.list_pretrained()
   assert VIT in listed and SWIN in listed and EFFVIT in listed and CLIP[0] in listed
-  assert models.list_pretrained("swin_tiny_patch4_window7_224.*")[0] == SWIN
+  assert pretrained.list_pretrained("swin_tiny_patch4_window7_224.*")[0] == SWIN
   families = {models.model_info(n.split(".")[0]).family for n in listed}
   # timm keeps GC ViT's weights at GitHub release URLs, not on the Hub.
   assert families == set(convert.families_with("timm")) - {"gcvit"} | {"two_tower"}
@@ -197,16 +196,16 @@ def test_errors_name_what_is_wrong(hub):
   with pytest.raises(ValueError, match=r"no pretrained tag 'in1k'; its tags: "
                      r"augreg2_in21k_ft_in1k, augreg_in21k_ft_in1k, .*\(default "
                      r"augreg2_in21k_ft_in1k\)"):
-    models.create("vit_base_patch16_224", pretrained="in1k")
+    pretrained.create("vit_base_patch16_224", "in1k")
   with pytest.raises(ValueError, match="unknown model 'vit_bse_patch16_224'.*Close "
                      "matches: vit_base_patch16_224"):
-    models.load_pretrained("vit_bse_patch16_224")
+    pretrained.load_pretrained("vit_bse_patch16_224")
   with pytest.raises(ValueError, match="vit_huge_patch16_224 has no pretrained weights"):
-    models.create("vit_huge_patch16_224", pretrained=True)
+    pretrained.create("vit_huge_patch16_224")
   with pytest.raises(weights.LoadError, match=r"HF_HUB_OFFLINE is set and the Hub cache "
                      r"\(.*\) has no model.safetensors or pytorch_model.bin of "
                      r"timm/vit_small_patch16_224.augreg_in21k_ft_in1k"):
-    models.create("vit_small_patch16_224", pretrained=True)
+    pretrained.create("vit_small_patch16_224")
   with pytest.raises(weights.LoadError, match="expected hf-hub:ORG/REPO"):
     files.local_path("hf-hub:timm")
   # A file of another shape under a tag's repository: the shapes are named.
@@ -218,4 +217,4 @@ def test_errors_name_what_is_wrong(hub):
   with pytest.raises(weights.LoadError, match=r"does not fit this model.*"
                      r"encoderblock_1/MlpBlock_3/Dense_0/kernel: checkpoint \(768, 1536\), "
                      r"model \(768, 3072\)"):
-    models.create("vit_base_patch16_224", pretrained="augreg_in1k", num_layers=2)
+    pretrained.create("vit_base_patch16_224", "augreg_in1k", num_layers=2)

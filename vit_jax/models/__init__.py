@@ -3,21 +3,17 @@
   model = vit_jax.models.create("vit_base_patch16_224", num_classes=10)
   variables = model.init(jax.random.key(0), images)  # images: NHWC
   logits = model.apply(variables, images, train=False)
-
-  model = vit_jax.models.create("vit_base_patch16_224", pretrained=True)  # or a tag
-  logits = model(images, train=False)  # bound to the downloaded variables
-  module, variables = model.unbind()
 """
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import tree
-from vit_jax.models import registry
-from vit_jax.models.registry import list_models, model_info, register_model, register_variant
+from vit_jax.models.registry import (create, list_models, model_info, register_model,
+                                     register_variant)
 # Family files register their variants at import.
 from vit_jax.models import vit  # noqa: F401
 from vit_jax.models import efficientvit_mit  # noqa: F401
@@ -38,33 +34,6 @@ from vit_jax.models import cvt  # noqa: F401
 from vit_jax.models import t2t_vit  # noqa: F401
 from vit_jax.models import tnt  # noqa: F401
 from vit_jax.models import rmt  # noqa: F401
-
-
-def create(name: str, pretrained: Union[bool, str] = False, **overrides):
-  """Creates a registered model, e.g. ``create("vit_base_patch16_224", num_classes=10)``.
-
-  ``pretrained`` (True for the default tag, or a tag; ``name`` may also be timm's
-  ``"name.tag"``) downloads the tag's weights from the Hugging Face Hub and returns
-  the module bound to them (``model.unbind()`` gives the module and its variables);
-  see ``vit_jax.weights.pretrained``. Overrides replace the variant's defaults; with
-  ``num_classes`` the pretrained head is replaced by a fresh one.
-  """
-  if not pretrained:
-    return registry.create(name, **overrides)
-  from vit_jax.weights import pretrained as hub  # pylint: disable=g-import-not-at-top  (it imports models)
-  return hub.create(name, pretrained, **overrides)
-
-
-def load_pretrained(name: str, tag: Optional[str] = None, **overrides) -> dict:
-  """The variables of a pretrained tag (``vit_jax.weights.pretrained.load_pretrained``)."""
-  from vit_jax.weights import pretrained as hub  # pylint: disable=g-import-not-at-top
-  return hub.load_pretrained(name, tag, **overrides)
-
-
-def list_pretrained(pattern: str = "*") -> list[str]:
-  """``name.tag`` of every pretrained tag matching a shell-style pattern."""
-  from vit_jax.weights import pretrained as hub  # pylint: disable=g-import-not-at-top
-  return hub.list_pretrained(pattern)
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):
@@ -96,5 +65,5 @@ def forward_intermediates(model, variables, images, *, train: bool = False,
   return out, tree.sown(state["intermediates"])
 
 
-__all__ = ["create", "load_pretrained", "list_pretrained", "list_models", "model_info", "register_model", "register_variant",
+__all__ = ["create", "list_models", "model_info", "register_model", "register_variant",
            "param_count", "input_shape", "forward_intermediates"]

@@ -59,7 +59,7 @@ def hf_hub_file(spec: str, names: Sequence[str] = HUB_WEIGHTS_FILES) -> str:
     cached = huggingface_hub.try_to_load_from_cache(repo_id, name, revision=revision)
     if isinstance(cached, str):
       return cached
-  offline = constants.is_offline_mode()
+  offline = constants.HF_HUB_OFFLINE
   where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
   if not offline:
     for name in names:

@@ -1,12 +1,18 @@
 """Pretrained weights by model name and tag, downloaded from the Hugging Face Hub.
 
-  model = models.create("swin_tiny_patch4_window7_224", pretrained=True)  # bound
+  from vit_jax.weights import pretrained
+  model = pretrained.create("swin_tiny_patch4_window7_224")  # the default tag, bound
   logits = model(images, train=False)          # images preprocessed by info.pp_eval
   module, variables = model.unbind()           # for training: plain module + variables
-  variables = models.load_pretrained("vit_base_patch16_224", "augreg2_in21k_ft_in1k",
-                                     num_classes=10)  # a fresh head for 10 classes
-  info = pretrained_info("vit_base_patch16_224")     # default tag: repo, data config
+  variables = pretrained.load_pretrained("vit_base_patch16_224",
+                                         "augreg2_in21k_ft_in1k", num_classes=10)
+  info = pretrained.pretrained_info("vit_base_patch16_224")  # repo, data config
   info.pp_eval  # "decode|resize_small(248, ...)|central_crop(224, ...)|normalize(...)"
+  pretrained.list_pretrained("swin_*")  # ["swin_base_patch4_window12_384.ms_in1k", ...]
+
+A model name may carry its tag as timm's do (``"vit_base_patch16_224.augreg_in1k"``).
+This lives above ``vit_jax.models`` (it converts into them), so ``models.create``
+has no ``pretrained`` argument: the models package never imports weights.
 
 ``pretrained_table.TABLE`` (generated from timm's and open_clip's pretrained configs
 by ``python -m vit_jax.tools.pretrained_table``) lists each model's tags, the first
@@ -20,7 +26,7 @@ import dataclasses
 import fnmatch
 import logging
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +89,7 @@ def pretrained_info(name: str, tag: Optional[str] = None) -> Pretrained:
   tags = _tags(name)
   if not tags:
     raise ValueError(f"{name} has no pretrained weights in vit_jax's table (see "
-                     "vit_jax.models.list_pretrained()); load a file with "
+                     "vit_jax.weights.pretrained.list_pretrained()); load a file with "
                      "vit_jax.weights.load instead")
   tag = tags[0] if tag is None else tag
   if tag not in tags:
@@ -132,7 +138,10 @@ def load_pretrained(name: str, tag: Optional[str] = None, *, seed: int = 0,
   return load(name, tag, seed=seed, **overrides)[1]
 
 
-def create(name: str, pretrained: Union[bool, str] = True, **overrides):
-  """The model bound to its pretrained variables (``pretrained``: True or a tag)."""
-  model, variables = load(name, None if pretrained is True else pretrained, **overrides)
+def create(name: str, tag: Optional[str] = None, *, seed: int = 0, **overrides):
+  """The model bound to a pretrained tag's variables (``model.unbind()`` splits them).
+
+  timm's ``create_model(name, pretrained=True)``; ``overrides`` as in ``load``.
+  """
+  model, variables = load(name, tag, seed=seed, **overrides)
   return model.bind(variables)
