@@ -40,29 +40,34 @@ def state_dict_of(outputs: dict) -> dict:
   return {k[len("state/"):]: v for k, v in outputs.items() if k.startswith("state/")}
 
 
-def run_timm_reference(jobs: list[dict], directory) -> list[dict]:
+def run_timm_reference(jobs: list[dict], directory, script: str = "timm_ref.py"
+                       ) -> list[dict]:
   """Runs timm models in a subprocess (torch never meets TF); returns loaded ``.npz``s.
 
   Each job is a ``tests/timm_ref.py`` job with ``images`` (NHWC array) in place of
   ``input``/``out``. Batch all the jobs of a test module into one call: starting
-  torch costs seconds. Use from a fixture of any scope.
+  torch costs seconds. Use from a fixture of any scope. ``script`` runs another
+  reference runner of the same job format (``official_ref.py``: PyTorch
+  re-creations of official models); its jobs may omit ``images``.
   """
   directory = str(directory)
   specs = []
   for i, job in enumerate(jobs):
     job = dict(job)
-    np.save(os.path.join(directory, f"timm_in{i}.npy"),
-            np.asarray(job.pop("images"), np.float32))
-    specs.append({**job, "input": os.path.join(directory, f"timm_in{i}.npy"),
-                  "out": os.path.join(directory, f"timm_out{i}.npz")})
+    spec = {**job, "out": os.path.join(directory, f"timm_out{i}.npz")}
+    images = spec.pop("images", None)
+    if images is not None:
+      spec["input"] = os.path.join(directory, f"timm_in{i}.npy")
+      np.save(spec["input"], np.asarray(images, np.float32))
+    specs.append(spec)
   jobs_file = os.path.join(directory, "timm_jobs.json")
   with open(jobs_file, "w") as f:
     json.dump(specs, f)
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "timm_ref.py"),
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", script),
                          jobs_file], env=subprocess_env(), capture_output=True, text=True,
                         timeout=900)
   if proc.returncode:
-    raise AssertionError(f"timm reference failed:\n{proc.stderr[-5000:]}")
+    raise AssertionError(f"{script} failed:\n{proc.stderr[-5000:]}")
   return [dict(np.load(s["out"])) for s in specs]
 
 
