@@ -6,5 +6,5 @@ kernel has not been written, so ``vit_jax.kernels.gated_scan(..., impl="auto")``
 the XLA chunked form on GPU.
 """
 
-from vit_jax.kernels.gated_scan.reference import (DEFAULT_CHUNK, gated_scan_naive,
+from vit_jax.kernels.gated_scan.reference import (default_chunk, gated_scan_naive,
                                                   gated_scan_reference)

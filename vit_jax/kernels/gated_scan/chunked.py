@@ -101,7 +101,7 @@ def gated_scan(q: Array, k: Array, v: Array, g: Array, *, reverse: bool = False,
                chunk: int | None = None) -> Array:
   """``reference.gated_scan_reference`` with the memory-lean backward above."""
   ref.check_inputs(q, k, v, g)
-  chunk = chunk or ref.DEFAULT_CHUNK[ref.decay_kind(g, q)]
+  chunk = chunk or ref.default_chunk(q, v, g)
   if reverse:
     flip = lambda x: jnp.flip(x, axis=1)
     return flip(_scan(flip(q), flip(k), flip(v), flip(g), chunk))
