@@ -1,11 +1,15 @@
-"""The gated scan in XLA: the reference's chunked forward, a hand-written backward.
+"""The gated scan in XLA: the reference's chunked form, one chunk per scan step, with
+a hand-written backward.
 
-``jax.grad`` through the reference would keep every chunk's ``[C, C, dk]`` decays
-and scores for the backward pass; this ``custom_vjp`` keeps only the inputs and
-recomputes, chunk by chunk, with the same stable differences of cumulative log gates
-(see ``reference.py``). With ``dS_c`` the cotangent of the state leaving chunk ``c``
-(a scan over chunks in reverse: ``dS_{c-1} = exp(G_L) dS_c + sum_i (q_i exp(G_i))^T
-do_i``) and ``dA_ij = do_i . v_j``::
+The reference computes every chunk's ``[C, C, dk]`` decays at once, and ``jax.grad``
+through it would keep them all for the backward pass; here a ``lax.scan`` walks the
+chunks (so one chunk's decays exist at a time) and the ``custom_vjp`` keeps only the
+inputs, recomputing chunk by chunk with the same stable differences of cumulative log
+gates (see ``reference.py``). The backward is two scans, as the Pallas kernels: dq
+walking the chunks forward with the state ``S_c`` entering each, then dk, dv walking
+them in reverse with ``dS_c``, the cotangent of the state leaving chunk ``c``
+(``dS_{c-1} = exp(G_L) dS_c + sum_i (q_i exp(G_i))^T do_i``). With
+``dA_ij = do_i . v_j``::
 
   dv_j = sum_{i>=j} A_ij do_i + (k_j exp(G_L - G_j)) dS_c
   dq_i = sum_{j<=i} dA_ij k_j exp(G_i - G_j) + exp(G_i) (S_c do_i^T)
@@ -29,64 +33,104 @@ Array = jax.Array
 HIGHEST = ref.HIGHEST
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _scan(q, k, v, g, chunk):
+def _by_chunk(x: Array, chunk: int) -> Array:
+  """``[B, T, H, d]`` -> float32 ``[n, B, H, C, d]``: chunks first, for ``lax.scan``."""
+  return jnp.moveaxis(ref.to_chunks(x, chunk), 2, 0)
+
+
+def _unchunk(x: Array, tokens: int) -> Array:
+  return ref.from_chunks(jnp.moveaxis(x, 0, 2), tokens)
+
+
+def _zeros_state(k: Array, v: Array) -> Array:
+  return jnp.zeros(k.shape[1:3] + (k.shape[-1], v.shape[-1]), jnp.float32)
+
+
+def _flip(x: Array, reverse: bool) -> Array:
+  return jnp.flip(x, axis=1) if reverse else x
+
+
+# ``reverse`` flips inside the custom VJP, so that the residuals are the caller's
+# arrays (shared by the two directions of a bidirectional layer), not flipped copies.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _scan(q, k, v, g, chunk, reverse):
   tokens = q.shape[1]
-  out = ref.chunked_forward(*(ref.to_chunks(x, chunk) for x in (q, k, v, g)))
-  return ref.from_chunks(out, tokens).astype(v.dtype)
+  q, k, v, g = (_by_chunk(_flip(x, reverse), chunk) for x in (q, k, v, g))
+
+  # One chunk per step: only one chunk's [C, C, dk] decays exist at a time.
+  def step(state, xs):
+    qc, kc, vc, gc = xs
+    cum = jnp.cumsum(gc, axis=-2)
+    scores = ref.intra_scores(qc, kc, ref.intra_decay(cum))
+    out = (jnp.einsum("...ij,...je->...ie", scores, vc, precision=HIGHEST)
+           + jnp.einsum("...in,...ne->...ie", qc * jnp.exp(cum), state, precision=HIGHEST))
+    update, decay = ref.chunk_states(kc, vc, cum)
+    return decay[..., None] * state + update, out
+
+  _, out = jax.lax.scan(step, _zeros_state(k, v), (q, k, v, g))
+  return _flip(_unchunk(out, tokens), reverse).astype(v.dtype)
 
 
-def _scan_fwd(q, k, v, g, chunk):
-  return _scan(q, k, v, g, chunk), (q, k, v, g)
+def _scan_fwd(q, k, v, g, chunk, reverse):
+  return _scan(q, k, v, g, chunk, reverse), (q, k, v, g)
 
 
-def _scan_bwd(chunk, residuals, d_out):
-  q0, k0, v0, g0 = residuals
+def _scan_bwd(chunk, reverse, residuals, d_out):
+  q0, k0, v0, g0 = (_flip(x, reverse) for x in residuals)
   tokens = q0.shape[1]
-  q, k, v, g, do = (ref.to_chunks(x, chunk) for x in (q0, k0, v0, g0, d_out))
-  cum = jnp.cumsum(g, axis=-2)
-  decay = ref.intra_decay(cum)
-  last = cum[..., -1:, :]
-  update, chunk_decay = ref.chunk_states(k, v, cum)
-  states = ref.entering_states(update, chunk_decay)
+  q, k, v, g, do = (_by_chunk(x, chunk) for x in (q0, k0, v0, g0, _flip(d_out, reverse)))
+  per_head = g.shape[-1] == 1 and q.shape[-1] != 1
 
-  # Cotangent of the state leaving each chunk: a scan over chunks in reverse.
-  q_decayed = q * jnp.exp(cum)
-  from_outputs = jnp.einsum("...in,...ie->...ne", q_decayed, do, precision=HIGHEST)
+  def weighted_scores(d_scores, decay):
+    return d_scores * decay[..., 0] if per_head else d_scores
 
-  def step(d_state, xs):
-    dec, local = xs
-    return dec[..., None] * d_state + local, d_state
+  # dq: chunks first to last, carrying the state S as the forward pass does (nothing
+  # per chunk is stored between the passes, as in the Pallas kernels).
+  def query_step(state, xs):
+    qc, kc, vc, gc, doc = xs
+    cum = jnp.cumsum(gc, axis=-2)
+    decay = ref.intra_decay(cum)
+    d_scores = jnp.einsum("...ie,...je->...ij", doc, vc, precision=HIGHEST)
+    if per_head:
+      dq = jnp.einsum("...ij,...jn->...in", weighted_scores(d_scores, decay), kc,
+                      precision=HIGHEST)
+    else:
+      dq = jnp.einsum("...ij,...jn,...ijn->...in", d_scores, kc, decay, precision=HIGHEST)
+    dq += jnp.exp(cum) * jnp.einsum("...ie,...ne->...in", doc, state, precision=HIGHEST)
+    update, chunk_decay = ref.chunk_states(kc, vc, cum)
+    return chunk_decay[..., None] * state + update, dq
 
-  xs = (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(from_outputs, 2, 0))
-  _, d_leaving = jax.lax.scan(step, jnp.zeros_like(from_outputs[:, :, 0]), xs,
-                              reverse=True)
-  d_leaving = jnp.moveaxis(d_leaving, 0, 2)
+  _, dq = jax.lax.scan(query_step, _zeros_state(k, v), (q, k, v, g, do))
 
-  scores = ref.intra_scores(q, k, decay)
-  d_scores = jnp.einsum("...ie,...je->...ij", do, v, precision=HIGHEST)
-  k_decayed = k * jnp.exp(last - cum)
-  dv = (jnp.einsum("...ij,...ie->...je", scores, do, precision=HIGHEST)
-        + jnp.einsum("...jn,...ne->...je", k_decayed, d_leaving, precision=HIGHEST))
-  if decay.shape[-1] == 1 and q.shape[-1] != 1:
-    weighted = d_scores * decay[..., 0]
-    dq_intra = jnp.einsum("...ij,...jn->...in", weighted, k, precision=HIGHEST)
-    dk_intra = jnp.einsum("...ij,...in->...jn", weighted, q, precision=HIGHEST)
-  else:
-    dq_intra = jnp.einsum("...ij,...jn,...ijn->...in", d_scores, k, decay,
-                          precision=HIGHEST)
-    dk_intra = jnp.einsum("...ij,...in,...ijn->...jn", d_scores, q, decay,
-                          precision=HIGHEST)
-  dq = dq_intra + jnp.exp(cum) * jnp.einsum("...ie,...ne->...in", do, states,
-                                             precision=HIGHEST)
-  dk = dk_intra + jnp.exp(last - cum) * jnp.einsum("...je,...ne->...jn", v, d_leaving,
-                                                    precision=HIGHEST)
-  dq, dk, dv = (ref.from_chunks(x, tokens) for x in (dq, dk, dv))
+  # dk, dv: chunks last to first, carrying the cotangent of the state leaving the chunk.
+  def key_value_step(d_state, xs):
+    qc, kc, vc, gc, doc = xs
+    cum = jnp.cumsum(gc, axis=-2)
+    decay = ref.intra_decay(cum)
+    to_end = jnp.exp(cum[..., -1:, :] - cum)
+    scores = ref.intra_scores(qc, kc, decay)
+    d_scores = jnp.einsum("...ie,...je->...ij", doc, vc, precision=HIGHEST)
+    dv = (jnp.einsum("...ij,...ie->...je", scores, doc, precision=HIGHEST)
+          + jnp.einsum("...jn,...ne->...je", kc * to_end, d_state, precision=HIGHEST))
+    if per_head:
+      dk = jnp.einsum("...ij,...in->...jn", weighted_scores(d_scores, decay), qc,
+                      precision=HIGHEST)
+    else:
+      dk = jnp.einsum("...ij,...in,...ijn->...jn", d_scores, qc, decay, precision=HIGHEST)
+    dk += to_end * jnp.einsum("...je,...ne->...jn", vc, d_state, precision=HIGHEST)
+    d_state = (jnp.exp(cum[..., -1, :])[..., None] * d_state
+               + jnp.einsum("...in,...ie->...ne", qc * jnp.exp(cum), doc,
+                            precision=HIGHEST))
+    return d_state, (dk, dv)
+
+  _, (dk, dv) = jax.lax.scan(key_value_step, _zeros_state(k, v), (q, k, v, g, do),
+                             reverse=True)
+  dq, dk, dv = (_unchunk(x, tokens) for x in (dq, dk, dv))
   dg = reverse_cumsum(q0.astype(jnp.float32) * dq - k0.astype(jnp.float32) * dk)
   if g0.shape[3] == 1:
     dg = jnp.sum(dg, axis=3, keepdims=True)
-  return (dq.astype(q0.dtype), dk.astype(k0.dtype), dv.astype(v0.dtype),
-          dg.astype(g0.dtype))
+  return tuple(_flip(d.astype(x.dtype), reverse)
+               for d, x in zip((dq, dk, dv, dg), (q0, k0, v0, g0)))
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -101,8 +145,4 @@ def gated_scan(q: Array, k: Array, v: Array, g: Array, *, reverse: bool = False,
                chunk: int | None = None) -> Array:
   """``reference.gated_scan_reference`` with the memory-lean backward above."""
   ref.check_inputs(q, k, v, g)
-  chunk = chunk or ref.default_chunk(q, v, g)
-  if reverse:
-    flip = lambda x: jnp.flip(x, axis=1)
-    return flip(_scan(flip(q), flip(k), flip(v), flip(g), chunk))
-  return _scan(q, k, v, g, chunk)
+  return _scan(q, k, v, g, chunk or ref.default_chunk(q, v, g), bool(reverse))
