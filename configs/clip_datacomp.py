@@ -21,7 +21,7 @@ Everything else follows open_clip's defaults, which DataComp trains with: AdamW
 or the temperature), cosine decay to 0, no gradient clipping, mixed precision (here
 bfloat16 compute, float32 parameters), RandomResizedCrop(224, scale 0.9-1) and
 OpenAI's CLIP normalisation; the 77-token context of OpenAI's BPE tokenizer (give its
-``tokenizer.json``, or train one with ``python -m vit_jax.data.tokenizer``).
+``tokenizer.json``, or train one with ``python -m vit_jax.tools.train_tokenizer``).
 
 Expected (not run here: no such data or hardware): DataComp's baselines reach 3.9 /
 29.7 / 63.1 / 79.2 % zero-shot ImageNet top-1 at small / medium / large / xlarge, and
@@ -113,6 +113,11 @@ def get_config(arg="small"):
       cache=False))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Train-state layout: logical axes -> mesh axes (as in configs/digits_vit.py).
+  config.sharding = ml_collections.ConfigDict(dict(
+      rules=dict(embed="none", heads="tensor", head_dim="none", mlp="tensor",
+                 layers="none"),
+      fsdp_min_size=2**14))
   steps = math.ceil(hp["samples"] / hp["batch"])
   config.log_every = 100
   config.eval_every = max(steps // 8, 100)

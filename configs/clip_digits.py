@@ -81,6 +81,11 @@ def get_config(arg=None):
       shards=eval_shards, pp=config.input.get_ref("pp_eval"), cache=True))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Train-state layout: logical axes -> mesh axes (as in configs/digits_vit.py).
+  config.sharding = ml_collections.ConfigDict(dict(
+      rules=dict(embed="none", heads="tensor", head_dim="none", mlp="tensor",
+                 layers="none"),
+      fsdp_min_size=2**14))
   config.log_every = 100
   config.eval_every = 1000
   config.checkpoint_every = 1000

@@ -9,7 +9,7 @@ r"""Fine-tune a pretrained model on a dataset at a resolution: `<model>,<dataset
       --workdir=workdirs/ft_digits
 
 `--config.init` takes a vision_transformer/big_vision `.npz`, a timm
-`.safetensors`/`.pth`, or a vit_jax workdir/checkpoint (see vit_jax/init_from.py): a
+`.safetensors`/`.pth`, or a vit_jax workdir/checkpoint (see vit_jax/weights/): a
 new head is made for the dataset's classes, the position embedding is resampled to
 the new resolution, and anything else that does not fit stops the run with the key
 names (`--config.init_allow_partial=True` loads what fits, knowingly).

@@ -35,9 +35,58 @@ def run_main(config: str, workdir, *overrides, num_devices: int = 1, timeout=600
   return proc
 
 
+def run_command(module: str, *args: str) -> tuple[int, str]:
+  """Runs ``python -m module *args`` in this process; returns (exit code, stdout).
+
+  The command's absl flags are defined, parsed and removed again, so that commands
+  with flags of the same name run one after another.
+  """
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  before = set(flags.FLAGS)
+  argv, sys.argv = sys.argv, [module, *args]
+  out = io.StringIO()
+  code = 0
+  try:
+    with contextlib.redirect_stdout(out):
+      runpy.run_module(module, run_name="__main__", alter_sys=True)
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  finally:
+    sys.argv = argv
+    for name in set(flags.FLAGS) - before:
+      if not flags.FLAGS.find_module_defining_flag(name, "").startswith("absl"):
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+  return code, out.getvalue()
+
+
 def state_dict_of(outputs: dict) -> dict:
   """The ``state/...`` entries of a timm reference output, as a state dict."""
   return {k[len("state/"):]: v for k, v in outputs.items() if k.startswith("state/")}
+
+
+def assert_matches_reference(out: dict, logits, intermediates: dict, *, label: str = "",
+                             atol: float = 1e-4) -> dict:
+  """Checks logits, ``features`` and every ``stage_{i}`` map against a reference output
+  (``official_ref.py`` names: ``logits``, ``features``, ``stage/{i}``) within ``atol``;
+  prints and returns the max differences. Near-zero reference logits are an error: a
+  comparison of them would prove little.
+  """
+  diffs = {"logits": np.abs(np.asarray(logits) - out["logits"]).max(),
+           "features": np.abs(np.asarray(intermediates["features"]) - out["features"]).max()}
+  stages = sorted(k for k in out if k.startswith("stage/"))
+  for key in stages:
+    ours = np.asarray(intermediates[f"stage_{key.split('/')[1]}"])
+    assert ours.shape == out[key].shape, (key, ours.shape, out[key].shape)
+    diffs[key] = np.abs(ours - out[key]).max()
+  print(label, {k: f"{v:.1e}" for k, v in diffs.items()},
+        f"mean |logit| {np.abs(out['logits']).mean():.2f}")
+  assert stages and max(diffs.values()) < atol, diffs
+  assert np.abs(out["logits"]).mean() > 0.1, "reference logits near zero"
+  return diffs
 
 
 def run_timm_reference(jobs: list[dict], directory, script: str = "timm_ref.py"
@@ -46,20 +95,18 @@ def run_timm_reference(jobs: list[dict], directory, script: str = "timm_ref.py"
 
   Each job is a ``tests/timm_ref.py`` job with ``images`` (NHWC array) in place of
   ``input``/``out``. Batch all the jobs of a test module into one call: starting
-  torch costs seconds. Use from a fixture of any scope. ``script`` runs another
-  reference runner of the same job format (``official_ref.py``: PyTorch
-  re-creations of official models); its jobs may omit ``images``.
+  torch costs seconds. Use from a fixture of any scope. ``script="official_ref.py"``
+  runs the re-creations of official implementations instead (same job format).
   """
   directory = str(directory)
   specs = []
   for i, job in enumerate(jobs):
     job = dict(job)
-    spec = {**job, "out": os.path.join(directory, f"timm_out{i}.npz")}
-    images = spec.pop("images", None)
-    if images is not None:
-      spec["input"] = os.path.join(directory, f"timm_in{i}.npy")
-      np.save(spec["input"], np.asarray(images, np.float32))
-    specs.append(spec)
+    if "images" in job:
+      np.save(os.path.join(directory, f"timm_in{i}.npy"),
+              np.asarray(job.pop("images"), np.float32))
+      job["input"] = os.path.join(directory, f"timm_in{i}.npy")
+    specs.append({**job, "out": os.path.join(directory, f"timm_out{i}.npz")})
   jobs_file = os.path.join(directory, "timm_jobs.json")
   with open(jobs_file, "w") as f:
     json.dump(specs, f)

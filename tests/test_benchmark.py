@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from helpers import REPO, subprocess_env
-from vit_jax import benchmark
+from vit_jax.tools import benchmark
 from vit_jax import models
 
 MODEL = "vit_tiny_patch16_224"

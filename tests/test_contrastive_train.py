@@ -22,9 +22,11 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, subprocess_env
+from helpers import REPO, run_command, subprocess_env
+from vit_jax import tree
 from vit_jax.data import image_text
 from vit_jax.tools import filter_pool, make_pool
+from vit_jax.workdir import load_trained
 
 CONFIG = "configs/clip_digits.py"
 STEPS, BATCH, KILL_AFTER = 12, 16, 8
@@ -165,25 +167,24 @@ def test_training_learns_and_reports(trained, capsys):
     assert json.load(f)["step"] == STEPS
 
 
-def test_standalone_evaluators_reproduce_the_trainers_numbers(trained, pool, capsys):
-  from vit_jax.evaluators import retrieval, zero_shot  # pylint: disable=g-import-not-at-top
+def test_standalone_evaluators_reproduce_the_trainers_numbers(trained, pool):
   result = trained["result"]
-  capsys.readouterr()
-  zero_shot.main([f"--workdir={trained['workdir']}", f"--shards={pool}/eval",
-                  "--classnames=digits", "--templates=digits_heldout",
-                  "--batch_size=120"])
-  standalone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  code, out = run_command("vit_jax.tools.zero_shot", f"--workdir={trained['workdir']}",
+                          f"--shards={pool}/eval", "--classnames=digits",
+                          "--templates=digits_heldout", "--batch_size=120")
+  assert code == 0, out
+  standalone = json.loads(out.strip().splitlines()[-1])
   assert standalone["step"] == STEPS and standalone["count"] == 120
   assert standalone["top1"] == pytest.approx(result["eval/zero_shot/digits/top1"])
-  retrieval.main([f"--workdir={trained['workdir']}", f"--shards={pool}/eval",
-                  "--batch_size=120"])
-  standalone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  code, out = run_command("vit_jax.tools.retrieval", f"--workdir={trained['workdir']}",
+                          f"--shards={pool}/eval", "--batch_size=120")
+  assert code == 0, out
+  standalone = json.loads(out.strip().splitlines()[-1])
   for key in ("i2t_recall@1", "t2i_recall@5", "t2i_recall@10"):
     assert standalone[key] == pytest.approx(result[f"eval/retrieval/digits/{key}"])
 
 
 def test_clip_score_filtering_with_a_trained_workdir(trained, pool, tmp_path):
-  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
   shards = image_text.expand_shards(os.path.join(pool, "train"))
   out = str(tmp_path / "top")
   summary = filter_pool.filter_pool(shards, out, clip_workdir=trained["workdir"],
@@ -199,7 +200,7 @@ def test_clip_score_filtering_with_a_trained_workdir(trained, pool, tmp_path):
       summary["clip_threshold"], abs=1e-6)  # scores.tsv has 6 decimals
   assert max(s for k, s in scores.items() if k not in kept) <= summary["clip_threshold"]
   # The scores are the model's cosine similarities.
-  model = contrastive.load_trained(trained["workdir"])
+  model = load_trained(trained["workdir"])
   sample = next(iter(image_text.iterate_samples(shards[:1])))
   from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   image = preprocess.parse(model.pp_eval)({"image": sample["image"]})["image"].numpy()
@@ -258,6 +259,35 @@ def test_configuration_errors_are_clear(pool, tmp_path):
                                    str(tmp_path / "b"))
   with pytest.raises(ValueError, match="siglip loss needs config.model.logit_bias_init"):
     contrastive.train_and_evaluate(tiny_config(pool, loss="siglip"), str(tmp_path / "c"))
+
+
+def test_sharding_rules_of_the_config_lay_out_the_train_state(pool, tmp_path, monkeypatch):
+  """config.sharding reaches the train state: a custom rule puts the text tower's MLP
+  over "fsdp" (the default: "tensor") on a 2x2 (fsdp x tensor) mesh."""
+  from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
+
+  class Laid(Exception):  # stops the trainer once its state's layout is known
+    pass
+
+  mesh = AbstractMesh((1, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  state_shardings = sharding.state_shardings
+  laid = {}
+
+  def lay_out_on_four_devices(abstract_state, _, sharding_config=None):
+    laid.update(state_shardings(abstract_state, mesh, sharding_config).params)
+    raise Laid
+
+  monkeypatch.setattr(sharding, "state_shardings", lay_out_on_four_devices)
+  name = "txt/Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
+  for rules, expected in ((None, P(None, "tensor")), ({"mlp": "fsdp"}, P(None, "fsdp"))):
+    config = tiny_config(pool)
+    if rules:
+      config.sharding.rules.update(rules)
+    with pytest.raises(Laid):
+      contrastive.train_and_evaluate(config, str(tmp_path / "w"))
+    assert tree.flatten(laid)[name].spec == expected, rules
 
 
 def test_datacomp_configs_follow_the_scale_table():

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import REPO
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import init_from
+from vit_jax import tree, weights
 from vit_jax.trainers import classification
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -75,8 +75,8 @@ def test_lora_trains_only_adapters_and_head(pretrained, tfds_dir, tmp_path, caps
   assert adapters == 14_336
   total = sum(v.size for v in jax.tree.leaves(final_params(tmp_path / "lora")["params"]))
   assert f"training {adapters + 325:,} of {total:,} parameters" in out
-  before = init_from.flatten(final_params(pre_dir)["params"])
-  after = init_from.flatten(final_params(tmp_path / "lora")["params"])
+  before = tree.flatten(final_params(pre_dir)["params"])
+  after = tree.flatten(final_params(tmp_path / "lora")["params"])
   changed = sorted(k for k in after if k not in before or k.startswith("head/") or
                    not np.array_equal(after[k], before[k]))
   assert changed == sorted(k for k in after if k.startswith(("lora__", "head/")))
@@ -89,7 +89,7 @@ def test_lora_trains_only_adapters_and_head(pretrained, tfds_dir, tmp_path, caps
 def test_bad_init_path_names_the_problem(tfds_dir, tmp_path):
   bad = tmp_path / "x.npz"
   np.savez(bad, **{"embedding/kernel": np.zeros((4, 4, 3, 8), np.float32)})
-  with pytest.raises(init_from.LoadError) as e:
+  with pytest.raises(weights.LoadError) as e:
     finetune_run(tfds_dir, tmp_path / "w", str(bad), res=16, steps=2)
   assert "shape mismatch: embedding/kernel: checkpoint (4, 4, 3, 8), model (4, 4, 3, 64)" in (
       str(e.value))

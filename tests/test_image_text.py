@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import run_command
 from vit_jax.data import image_text, tokenizer
 from vit_jax.tools import filter_pool, make_pool
 
@@ -197,7 +198,9 @@ def test_tokenizer_trains_saves_loads_and_encodes(tmp_path):
 def test_tokenizer_command_trains_on_shard_captions(tmp_path):
   paths = write_shards(tmp_path, 2, 10)
   out = str(tmp_path / "vocab" / "tokenizer.json")
-  tokenizer.main([f"--shards={tmp_path}", f"--output={out}", "--vocab_size=60"])
+  code, printed = run_command("vit_jax.tools.train_tokenizer", f"--shards={tmp_path}",
+                              f"--output={out}", "--vocab_size=60")
+  assert code == 0 and "vocabulary of" in printed, printed
   tok = tokenizer.Tokenizer.load(out, context_length=16)
   assert len(paths) == 2
   ids = tok.encode(["caption of s001_003"])[0]

@@ -18,8 +18,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from helpers import run_timm_reference, state_dict_of
-from vit_jax import export, init_from, models
-from vit_jax.models import resample
+from vit_jax import export, init_from, models, tree, weights
+from vit_jax.weights import resample
 
 SMALL = dict(num_layers=2, image_size=64, num_classes=10)
 TIMM_SMALL = dict(depth=2, img_size=64, num_classes=10)
@@ -117,7 +117,7 @@ def test_timm_safetensors_loads_with_equal_logits(ref, tmp_path):
   save_file(state_dict_of(out), path)
   model = ref["model"]
   fresh = model.init(jax.random.key(9), ref["images"])
-  variables, report = init_from.load(path, model, fresh, model_name=NAME)
+  variables, report = weights.load(path, model, fresh, model_name=NAME)
   assert not report.missing and not report.unexpected and not report.reinitialised
   logits = model.apply(variables, ref["images"])
   assert np.abs(out["logits"]).max() > 0.3  # logits of order 1
@@ -136,7 +136,7 @@ def test_npz_at_new_resolution_matches_timm_npz_loader(ref):
   """Both resample the exported embedding (4x4 -> 6x6) as timm's .npz loader does."""
   model = models.create(NAME, **dict(SMALL, image_size=96))
   fresh = model.init(jax.random.key(0), ref["big"][:1])
-  variables, report = init_from.load(
+  variables, report = weights.load(
       str(ref["dir"] / "ours.npz"), model, fresh, posemb_method="bilinear",
       posemb_antialias=False)
   assert report.resampled == ["Transformer/posembed_input/pos_embedding "
@@ -148,26 +148,47 @@ def test_npz_at_new_resolution_matches_timm_npz_loader(ref):
 def test_npz_round_trip_and_new_head(ref):
   model = models.create(NAME, **dict(SMALL, num_classes=3))
   fresh = model.init(jax.random.key(0), ref["images"])
-  variables, report = init_from.load(str(ref["dir"] / "ours.npz"), model, fresh)
+  variables, report = weights.load(str(ref["dir"] / "ours.npz"), model, fresh)
   assert sorted(report.reinitialised) == ["head/bias (10,) -> (3,)",
                                           "head/kernel (384, 10) -> (384, 3)"]
-  flat, want = init_from.flatten(variables["params"]), init_from.flatten(ref["params"])
+  flat, want = tree.flatten(variables["params"]), tree.flatten(ref["params"])
   for name, value in flat.items():
     if not name.startswith("head/"):
       np.testing.assert_array_equal(value, want[name], err_msg=name)
   np.testing.assert_array_equal(flat["head/kernel"], fresh["params"]["head"]["kernel"])
   # The scanned layout reads the same file.
   scanned = models.create(NAME, **dict(SMALL, scan_layers=True))
-  v2, _ = init_from.load(str(ref["dir"] / "ours.npz"), scanned,
-                         scanned.init(jax.random.key(0), ref["images"]))
+  v2, _ = weights.load(str(ref["dir"] / "ours.npz"), scanned,
+                       scanned.init(jax.random.key(0), ref["images"]))
   np.testing.assert_allclose(scanned.apply(v2, ref["images"]),
                              ref["model"].apply({"params": ref["params"]}, ref["images"]),
                              atol=1e-5, rtol=0)
 
 
+def test_sources_are_read_through_the_scheme_table(ref, monkeypatch):
+  """A remote source (Hub, bucket) is one SCHEMES entry: a fetcher giving a local path."""
+  from vit_jax.weights import files  # pylint: disable=g-import-not-at-top
+  fetched = []
+
+  def fetch(rest):
+    fetched.append(rest)
+    return str(ref["dir"] / rest)
+
+  monkeypatch.setitem(files.SCHEMES, "test-hub:", fetch)
+  fresh = {"params": ref["params"]}
+  for source in ("test-hub:ours.npz", f"file://{ref['dir'] / 'ours.npz'}"):
+    variables, report = weights.load(source, ref["model"], fresh)
+    assert report.source == source and not report.reinitialised
+    jax.tree.map(np.testing.assert_array_equal, variables["params"], ref["params"])
+  assert fetched == ["ours.npz"]
+  with pytest.raises(FileNotFoundError, match="no weights at .*missing.npz"):
+    weights.load("test-hub:missing.npz", ref["model"], fresh)
+  assert init_from.load is weights.load  # init_from: aliases for existing callers
+
+
 def test_big_vision_layout_npz(ref, tmp_path):
   """big_vision names (pos_embedding without a class slot) load into our layout."""
-  flat = init_from.flatten(ref["params"])
+  flat = tree.flatten(ref["params"])
   bv = {}
   for k, v in flat.items():
     k = (k.replace("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0")
@@ -177,8 +198,8 @@ def test_big_vision_layout_npz(ref, tmp_path):
     bv["params/" + k] = np.asarray(v)
   np.savez(tmp_path / "bv.npz", **bv)
   model = ref["model"]
-  variables, report = init_from.load(str(tmp_path / "bv.npz"), model,
-                                     model.init(jax.random.key(0), ref["images"]))
+  variables, report = weights.load(str(tmp_path / "bv.npz"), model,
+                                   model.init(jax.random.key(0), ref["images"]))
   pe = variables["params"]["Transformer"]["posembed_input"]["pos_embedding"]
   np.testing.assert_array_equal(pe[:, 0], 0.0)
   np.testing.assert_array_equal(pe[:, 1:], np.asarray(flat[
@@ -189,25 +210,25 @@ def test_big_vision_layout_npz(ref, tmp_path):
 def test_wrong_architecture_names_the_keys(ref):
   tiny = models.create("vit_tiny_patch16_224", **SMALL)
   fresh = tiny.init(jax.random.key(0), ref["images"])
-  with pytest.raises(init_from.LoadError) as e:
-    init_from.load(str(ref["dir"] / "ours.npz"), tiny, fresh)
+  with pytest.raises(weights.LoadError) as e:
+    weights.load(str(ref["dir"] / "ours.npz"), tiny, fresh)
   assert "shape mismatch" in str(e.value)
   assert "Transformer/encoderblock_0/LayerNorm_0/scale: checkpoint (384,), model (192,)" in (
       str(e.value))
   deeper = models.create(NAME, **dict(SMALL, num_layers=3))
-  with pytest.raises(init_from.LoadError, match=r"missing: .*encoderblock_2/LayerNorm_0"):
-    init_from.load(str(ref["dir"] / "ours.npz"), deeper,
-                   deeper.init(jax.random.key(0), ref["images"]))
+  with pytest.raises(weights.LoadError, match=r"missing: .*encoderblock_2/LayerNorm_0"):
+    weights.load(str(ref["dir"] / "ours.npz"), deeper,
+                 deeper.init(jax.random.key(0), ref["images"]))
   # Asked for explicitly, a partial load fills the rest from the fresh init and says so.
-  variables, report = init_from.load(str(ref["dir"] / "ours.npz"), deeper,
-                                     deeper.init(jax.random.key(0), ref["images"]),
-                                     allow_partial=True)
+  variables, report = weights.load(str(ref["dir"] / "ours.npz"), deeper,
+                                   deeper.init(jax.random.key(0), ref["images"]),
+                                   allow_partial=True)
   assert any("encoderblock_2" in m for m in report.missing)
   assert "missing (fresh init)" in report.summary()
   shallow = models.create(NAME, **dict(SMALL, num_layers=1))
-  with pytest.raises(init_from.LoadError, match=r"unexpected: .*encoderblock_1"):
-    init_from.load(str(ref["dir"] / "ours.npz"), shallow,
-                   shallow.init(jax.random.key(0), ref["images"]))
+  with pytest.raises(weights.LoadError, match=r"unexpected: .*encoderblock_1"):
+    weights.load(str(ref["dir"] / "ours.npz"), shallow,
+                 shallow.init(jax.random.key(0), ref["images"]))
 
 
 def test_wrong_timm_architecture_and_truncated_files(ref, tmp_path):
@@ -218,23 +239,23 @@ def test_wrong_timm_architecture_and_truncated_files(ref, tmp_path):
   save_file(state, path)
   model = ref["model"]
   fresh = model.init(jax.random.key(0), ref["images"])
-  with pytest.raises(init_from.LoadError, match="blocks.1.attn.qkv.weight"):
-    init_from.load(path, model, fresh, model_name=NAME)
+  with pytest.raises(weights.LoadError, match="blocks.1.attn.qkv.weight"):
+    weights.load(path, model, fresh, model_name=NAME)
   state = state_dict_of(out)
   state["extra.weight"] = np.zeros(3, np.float32)
   save_file(state, path)
-  with pytest.raises(init_from.LoadError, match=r"unexpected: .*timm:extra.weight"):
-    init_from.load(path, model, fresh, model_name=NAME)
+  with pytest.raises(weights.LoadError, match=r"unexpected: .*timm:extra.weight"):
+    weights.load(path, model, fresh, model_name=NAME)
   save_file({"visual.conv1.weight": np.zeros((2, 3, 4, 4), np.float32),
              "token_embedding.weight": np.zeros((5, 2), np.float32)}, path)
-  with pytest.raises(init_from.LoadError, match="open_clip"):
-    init_from.load(path, model, fresh, model_name=NAME)
+  with pytest.raises(weights.LoadError, match="open_clip"):
+    weights.load(path, model, fresh, model_name=NAME)
   for name in ("ours.npz", "ours.safetensors"):
     data = open(ref["dir"] / name, "rb").read()
     cut = tmp_path / ("cut_" + name)
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(init_from.LoadError, match="truncated"):
-      init_from.load(str(cut), model, fresh, model_name=NAME)
+    with pytest.raises(weights.LoadError, match="truncated"):
+      weights.load(str(cut), model, fresh, model_name=NAME)
 
 
 def test_export_refuses_what_timm_cannot_hold(ref):

@@ -382,3 +382,23 @@ def test_benchmark_runs_and_reports_positive_numbers(tmp_path, capsys):
                         "--max_gib=1e-6"])
   assert guarded and all(r.time_ms is None and r.peak_mib > 0 and "not run" in r.note
                          for r in guarded)
+
+
+def test_kernels_import_nothing_from_models():
+  """The specifications live in the kernels package: importing every kernel (and the
+  benchmark) and running the global-attention reference loads no model family (a
+  fresh interpreter, as a user's would be)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from helpers import subprocess_env  # pylint: disable=g-import-not-at-top
+  code = ("import sys; import vit_jax.kernels, vit_jax.kernels.bench; "
+          "from vit_jax.kernels.attention import pallas; "
+          "from vit_jax.kernels.linear_attention import pallas; "
+          "from vit_jax.kernels.window_attention import pallas; "
+          "import jax.numpy as jnp; x = jnp.ones((1, 3, 2, 4)); "
+          "vit_jax.kernels.dot_product_attention(x, x, x, impl='xla'); "
+          "print(sorted(m for m in sys.modules if m.startswith('vit_jax.models')))")
+  proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == "[]", proc.stdout

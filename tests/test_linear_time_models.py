@@ -1,13 +1,14 @@
 """ViG, Vim and ViR (the gated-scan families): exact parameter counts, logits and
 block maps against PyTorch re-creations of the official forwards, official-checkpoint
-conversion, the model surface, kernel backends and training.
+conversion, input sizes, drop-path schedules, kernel backends and training (the
+surface every family shares is in ``test_zoo.py``).
 
 Official parameter counts come from the official modules themselves
 (hustvl/ViG ``classification/models/vig.py``, hustvl/Vim ``vim/models_mamba.py``),
 built in PyTorch with each registered configuration and their CUDA/Triton imports
 stubbed (one-off script). The READMEs round them to ViG-T 6M / S 23M / B 89M and
-Vim-T 7M / S 26M / B 98M. The re-creations in ``tests/vig_official.py`` and
-``tests/vim_official.py`` (official modules rewritten with the kernels' documented
+Vim-T 7M / S 26M / B 98M. The re-creations in ``tests/vig_official_ref.py`` and
+``tests/vim_official_ref.py`` (official modules rewritten with the kernels' documented
 naive formulas) are counted again here and run in one subprocess. ViR has no
 official code: its check is the paper's parallel retention formula.
 """
@@ -31,7 +32,6 @@ OFFICIAL_PARAM_COUNTS = {
     "vim_small_patch16_224": 25_796_584,
     "vim_base_patch16_224": 97_598_440,
 }
-REFERENCE_MODULES = {"vig": "vig_official", "vim": "vim_official"}
 
 # Parity: real widths, reduced depth, 224x224 (14x14 patch tokens).
 PARITY = {"vig_tiny": 2, "vig_small": 2, "vim_tiny_patch16_224": 2,
@@ -44,16 +44,17 @@ def _family(name):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+  """One subprocess: the parity models, then every official configuration counted."""
   images = np.random.RandomState(0).randn(2, 224, 224, 3).astype(np.float32)
-  jobs = [{"module": REFERENCE_MODULES[_family(name)], "model": name,
-           "kwargs": {"depth": depth}, "images": images, "seed": i, "randomize": 0.1}
+  jobs = [{"family": _family(name), "config": {"name": name, "depth": depth},
+           "images": images, "seed": i, "randomize": 0.1}
           for i, (name, depth) in enumerate(PARITY.items())]
-  jobs += [{"module": REFERENCE_MODULES[_family(name)], "model": name, "count": True}
-           for name in OFFICIAL_PARAM_COUNTS]
+  jobs += [{"family": family, "counts": True} for family in ("vig", "vim")]
   outputs = run_timm_reference(jobs, tmp_path_factory.mktemp("official"),
-                               "official_ref.py")
+                               script="official_ref.py")
+  counts = {**outputs[len(PARITY)], **outputs[len(PARITY) + 1]}
   return (images, dict(zip(PARITY, outputs)),
-          dict(zip(OFFICIAL_PARAM_COUNTS, outputs[len(PARITY):])))
+          {name: int(counts[f"num_params/{name}"]) for name in OFFICIAL_PARAM_COUNTS})
 
 
 def test_every_registered_variant_has_an_exact_count(reference):
@@ -61,7 +62,7 @@ def test_every_registered_variant_has_an_exact_count(reference):
   assert sorted(registered) == sorted(OFFICIAL_PARAM_COUNTS)
   _, _, counts = reference
   for name, count in OFFICIAL_PARAM_COUNTS.items():
-    assert models.param_count(name) == count == int(counts[name]["num_params"]), name
+    assert models.param_count(name) == count == counts[name], name
 
 
 def test_vir_counts_are_vit_plus_layer_scales():
@@ -95,7 +96,7 @@ def test_logits_and_block_maps_match_the_official_forward(reference, name):
   assert_close(logits, out["logits"])
   assert_close(inter["features"], out["features"])
   for i in range(depth):
-    assert_close(inter[f"block_{i}"], out[f"intermediates/{i}"].transpose(0, 2, 3, 1))
+    assert_close(inter[f"block_{i}"], out[f"stage/{i}"])
 
 
 @pytest.mark.parametrize("name,key,count", [
@@ -126,26 +127,6 @@ def _shapes(model, shape):
   def run(x):
     return models.forward_intermediates(model, model.init(jax.random.key(0), x), x)
   return jax.eval_shape(run, jax.ShapeDtypeStruct(shape, jnp.float32))
-
-
-@pytest.mark.parametrize("name", list(TINY))
-def test_model_surface(name):
-  config = {**TINY[name], "num_classes": 10}
-  logits, inter = _shapes(models.create(name, **config), (2, 32, 32, 3))
-  assert logits.shape == (2, 10) and inter["features"].shape == (2, 32)
-  assert inter["block_0"].shape == inter["block_1"].shape == (2, 4, 4, 32)
-  logits, inter = _shapes(models.create(name, dtype="bfloat16", **config), (1, 32, 32, 3))
-  assert logits.dtype == jnp.float32 and inter["block_1"].dtype == (
-      jnp.float32 if _family(name) == "vim" else jnp.bfloat16)  # Vim: float32 stream
-  stored = jax.eval_shape(models.create(name, param_dtype="bfloat16", **config).init,
-                          jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(stored))
-  assert _shapes(models.create(name, **{**config, "num_classes": 0}), (1, 32, 32, 3))[
-      0].shape == (1, 32)
-  with pytest.raises(ValueError, match=r"has no setting 'depths' \(did you mean depth"):
-    models.create(name, depths=2)
-  with pytest.raises(ValueError, match="unknown attention implementation 'fast'"):
-    _shapes(models.create(name, attention_impl="fast", **config), (1, 32, 32, 3))
 
 
 def test_input_sizes():

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from vit_jax import models, optim
+from vit_jax import models, optim, tree
 
 
 def test_warmup_then_cosine_and_linear():
@@ -29,7 +29,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
                         classifier="map")
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   mask = optim.weight_decay_mask(params["params"])
-  flat = {optim.path_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  flat = {tree.path_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
   decayed = sorted(k for k, m in flat.items() if m)
   assert "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" in decayed
   assert "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel" in decayed

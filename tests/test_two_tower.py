@@ -246,9 +246,9 @@ def test_two_tower_errors():
 
 
 def test_open_clip_checkpoint_initialises_its_image_tower(references, tmp_path):
-  """init_from (the fine-tuning path) reads an open_clip file into the CLIP ViT."""
+  """weights.load (the fine-tuning path) reads an open_clip file into the CLIP ViT."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from vit_jax import init_from  # pylint: disable=g-import-not-at-top
+  from vit_jax import tree, weights  # pylint: disable=g-import-not-at-top
   state = state_dict_of(references["open_clip"])
   path = str(tmp_path / "open_clip.safetensors")
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
@@ -257,19 +257,19 @@ def test_open_clip_checkpoint_initialises_its_image_tower(references, tmp_path):
   model = models.create("vit_base_patch32_clip_224", num_classes=5)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
   fresh = jax.tree.map(lambda a: np.full(a.shape, 0.5, a.dtype), abstract)
-  variables, report = init_from.load(path, model, fresh,
-                                     model_name="vit_base_patch32_clip_224")
+  variables, report = weights.load(path, model, fresh,
+                                   model_name="vit_base_patch32_clip_224")
   assert report.format == "open_clip state dict (image tower)"
   assert sorted(report.reinitialised) == ["head/bias", "head/kernel"]
   assert not (report.missing or report.unexpected or report.mismatched)
-  loaded = init_from.flatten(variables["params"])
-  for name, value in init_from.flatten(expected["img"]).items():
+  loaded = tree.flatten(variables["params"])
+  for name, value in tree.flatten(expected["img"]).items():
     np.testing.assert_array_equal(loaded[name], value, err_msg=name)
   np.testing.assert_array_equal(loaded["head/kernel"], 0.5)  # the fresh head
 
   wrong = models.create("vit_base_patch16_clip_224", num_classes=5)
-  with pytest.raises(init_from.LoadError, match="does not fit clip_vit_base_patch16_224"):
-    init_from.load(path, wrong, fresh, model_name="vit_base_patch16_clip_224")
-  with pytest.raises(init_from.LoadError, match="its image tower loads into one of"):
-    init_from.load(path, models.create("vit_base_patch32_224"), fresh,
-                   model_name="vit_base_patch32_224")
+  with pytest.raises(weights.LoadError, match="does not fit clip_vit_base_patch16_224"):
+    weights.load(path, wrong, fresh, model_name="vit_base_patch16_clip_224")
+  with pytest.raises(weights.LoadError, match="its image tower loads into one of"):
+    weights.load(path, models.create("vit_base_patch32_224"), fresh,
+                 model_name="vit_base_patch32_224")

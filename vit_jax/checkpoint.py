@@ -14,30 +14,17 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vit_jax import tree as tree_lib
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint cannot be restored into the requested state."""
 
 
-def _flatten(tree: Any) -> dict[str, Any]:
-  """``{"a": {"b": x}}`` -> ``{"a/b": x}`` for nested mappings (checkpoint trees)."""
-  flat = {}
-
-  def visit(prefix, node):
-    if isinstance(node, Mapping):
-      for key, value in node.items():
-        visit(f"{prefix}/{key}" if prefix else str(key), value)
-    else:
-      flat[prefix] = node
-
-  visit("", tree)
-  return flat
-
-
 def compare_trees(expected: Mapping[str, Any], found: Mapping[str, Any]
                   ) -> tuple[list[str], list[str], list[str]]:
   """Missing, unexpected and shape-mismatched names between two nested trees."""
-  expected, found = _flatten(expected), _flatten(found)
+  expected, found = tree_lib.flatten(expected), tree_lib.flatten(found)
   missing = sorted(set(expected) - set(found))
   unexpected = sorted(set(found) - set(expected))
   mismatched = sorted(

@@ -19,12 +19,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from vit_jax import tree
 from vit_jax.models import registry, vit
-from vit_jax import init_from
 
 
 def _numpy_tree(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  flat = init_from.flatten(vit.unstack_block_params(params))
+  flat = tree.flatten(vit.unstack_block_params(params))
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 

@@ -1,7 +1,7 @@
 """Fine-tuning controls for the classification trainer; each is off by default.
 
-* ``init_from_checkpoint``: the run starts from pretrained weights (``config.init``,
-  any format ``vit_jax.init_from`` reads), with the key report on the console.
+Starting from pretrained weights (``config.init``) is ``vit_jax.weights.load``.
+
 * ``wrap_optimizer``: freezing by regular expression (``config.freeze``: matching
   parameters get no update and no optimizer state, LiT-style locked towers; or
   ``config.train_only``: everything else is frozen, e.g. LoRA's adapters and the
@@ -21,32 +21,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax import init_from, lora, optim
-from vit_jax.trainers import common
+from vit_jax import lora, tree
 
 _BLOCK = re.compile(r"(^|/|__)encoderblock_(\d+)(/|__|$)")  # "__": LoRA names
 _STEM = re.compile(r"^(embedding|cls|Transformer/posembed_input)(/|$)")
-
-
-# ------------------------------------------------------------------ init
-
-def init_from_checkpoint(path: str, model: Any, model_name: str, params: Any,
-                         model_state: Any, *, reinit: str, allow_partial: bool = False
-                         ) -> tuple[Any, Any, init_from.LoadReport]:
-  """Pretrained (params, model_state) for a fresh train state's (params, model_state)."""
-  fresh = {"params": jax.device_get(params), **jax.device_get(dict(model_state))}
-  variables, report = init_from.load(path, model, fresh, model_name=model_name,
-                                     reinit=reinit, allow_partial=allow_partial)
-  common.console(f"init: {report.summary()}")
-  new_params = variables.pop("params")
-  return new_params, {k: variables[k] for k in model_state}, report
 
 
 # ------------------------------------------------------------------ optimizer
 
 def layer_ids(params: Any) -> tuple[Any, int]:
   """Per-parameter layer index (stem 0, block i -> i + 1, rest L + 1) and L."""
-  names = [optim.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  names = [tree.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   blocks = {int(m.group(2)) for n in names if (m := _BLOCK.search(n))}
   if not blocks:
     raise ValueError("layer_decay needs blocks named encoderblock_{i} (ViT layout, "
@@ -54,7 +39,7 @@ def layer_ids(params: Any) -> tuple[Any, int]:
   depth = max(blocks) + 1
 
   def layer(path, _):
-    name = optim.path_name(path)
+    name = tree.path_name(path)
     if m := _BLOCK.search(name):
       return int(m.group(2)) + 1
     if _STEM.search(name):
@@ -83,7 +68,7 @@ def trainable_mask(params: Any, *, freeze: Optional[str] = None,
   only_re = re.compile(train_only) if train_only else None
 
   def trained(path, _):
-    name = optim.path_name(path)
+    name = tree.path_name(path)
     if freeze_re and freeze_re.search(name):
       return False
     return not only_re or bool(only_re.search(name))

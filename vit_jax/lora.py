@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import init_from
+from vit_jax import tree
 
 # Attention projections and the MLP of the ViT layout (any family using the shared
 # layers has the same names).
@@ -114,18 +114,14 @@ def base_params(params: dict) -> dict:
 
 def merge(params: dict, model: LoRA) -> dict:
   """Base parameters with ``W += scale * A B`` folded in (no adapters left)."""
-  flat = init_from.flatten(base_params(params))
+  flat = tree.flatten(base_params(params))
   for path, ab in adapters(params).items():
     kernel = flat[f"{path}/kernel"]
     delta = (jnp.asarray(ab["a"], jnp.float32) @ jnp.asarray(ab["b"], jnp.float32)
              ) * model.scale
     flat[f"{path}/kernel"] = (jnp.asarray(kernel, jnp.float32) + delta.reshape(
         kernel.shape)).astype(kernel.dtype)
-  return init_from.unflatten(flat)
-
-
-def is_lora_name(name: str) -> bool:
-  return name.startswith("lora__")
+  return tree.unflatten(flat)
 
 
 def trainable_fraction(params: Any, trainable_mask: Any) -> tuple[int, int]:

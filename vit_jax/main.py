@@ -46,11 +46,13 @@ def _unknown_override_message(argv: list[str]) -> str:
   config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if config_arg is None:
     return ""
-  try:
-    config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
-        "config", config_arg.split(":", 1)[0])
-    arg = config_arg.split(":", 1)[1] if ":" in config_arg else None
-    config = config.get_config(arg) if arg is not None else config.get_config()
+  try:  # the config without the overrides, loaded the way --config loads it
+    argv_without_overrides = ["main", f"--config={config_arg}"]
+    own_flags = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file("config", flag_values=own_flags,
+                                                  sys_argv=argv_without_overrides)
+    own_flags(argv_without_overrides)
+    config = config_flag.value
   except Exception:  # pylint: disable=broad-except
     return ""
   for a in argv:

@@ -6,6 +6,8 @@ from typing import Any
 import jax
 import optax
 
+from vit_jax import tree
+
 # Weight decay applies to weight matrices and conv kernels, which Flax names
 # "kernel" (big_vision's rule). Biases (also the 2-d [heads, head_dim] attention
 # biases), norm scales, position embeddings, class tokens, probes and relative
@@ -33,16 +35,11 @@ def learning_rate_schedule(base_lr: float, total_steps: int, *, warmup_steps: in
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-def path_name(path) -> str:
-  """``(DictKey('a'), DictKey('b'))`` -> ``"a/b"``."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def weight_decay_mask(params: Any, pattern: str = DEFAULT_WD_PATTERN) -> Any:
   """True for the parameters whose ``/``-joined name matches ``pattern``."""
   regex = re.compile(pattern)
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: bool(regex.search(path_name(path))), params)
+      lambda path, _: bool(regex.search(tree.path_name(path))), params)
 
 
 def make_optimizer(config: Any, schedule: optax.Schedule, params: Any

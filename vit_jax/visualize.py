@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import tree
+
 
 def attention_maps(model, variables: Any, images: Any) -> jax.Array:
   """``[blocks, batch, heads, tokens, tokens]`` softmax attention of a ViT."""
@@ -22,17 +24,7 @@ def attention_maps(model, variables: Any, images: Any) -> jax.Array:
 
   _, state = model.apply(variables, images, train=False, capture_intermediates=is_qk,
                          mutable=["intermediates"])
-  flat = {}
-
-  def collect(prefix, tree):
-    for key, value in tree.items():
-      path = f"{prefix}/{key}" if prefix else key
-      if isinstance(value, dict) or hasattr(value, "items"):
-        collect(path, value)
-      else:
-        flat[path] = value[-1] if isinstance(value, tuple) else value
-
-  collect("", state["intermediates"])
+  flat = tree.sown(state["intermediates"])
   blocks = sorted({k.split("/MultiHeadDotProductAttention")[0] for k in flat
                    if "/query/" in k and k.startswith("Transformer/encoderblock_")},
                   key=lambda k: int(k.rsplit("_", 1)[1]))

@@ -484,8 +484,8 @@ def make_eval_batches(shards: Sequence[str], *, preprocess_fn: Callable, batch_s
       yield template
 
 
-def device_batches(batches: Iterable[dict], sharding, *, host_keys: Sequence[str] = (),
-                   prefetch: int = 2) -> Iterator[tuple[Any, dict]]:
+def device_batches(batches: Iterable[dict], sharding, *, prefetch: int = 2
+                   ) -> Iterator[tuple[Any, dict]]:
   """``(device_batch, host_batch)`` pairs, ``prefetch`` batches ahead.
 
   Keys starting with ``_`` except ``_mask`` stay on the host (positions, keys);

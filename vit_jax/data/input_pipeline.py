@@ -264,10 +264,5 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // count
 
 
-def check_batch_divisible(global_batch: int, divisor: int, what: str) -> None:
-  if global_batch % divisor:
-    raise ValueError(f"batch size {global_batch} must be divisible by {what} ({divisor})")
-
-
 def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
   return iter(tfds.as_numpy(dataset))

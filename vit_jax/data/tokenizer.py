@@ -3,8 +3,8 @@ r"""Text tokenizers for the text towers: BPE trained on your captions, or a file
 Train a byte-pair-encoding vocabulary on the captions of image-text shards and save it
 as a Hugging Face ``tokenizers`` JSON file::
 
-  python -m vit_jax.data.tokenizer --shards='pool/train/*.tar' --vocab_size=2000 \
-      --output=pool/tokenizer.json
+  python -m vit_jax.tools.train_tokenizer --shards='pool/train/*.tar' \
+      --vocab_size=2000 --output=pool/tokenizer.json
 
 Any ``tokenizer.json`` that the ``tokenizers`` library reads loads the same way, for
 example the CLIP BPE tokenizer file distributed with OpenAI's and open_clip's models
@@ -19,8 +19,8 @@ Padding uses the ``[PAD]`` token when the vocabulary has one, else id 0 (open_cl
 convention).
 """
 
-import argparse
 import os
+import runpy
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -62,8 +62,8 @@ class Tokenizer:
     if not os.path.exists(path):
       raise FileNotFoundError(
           f"no tokenizer file at {path}. Train one on your captions with `python -m "
-          "vit_jax.data.tokenizer --shards=... --output=...`, or point to an existing "
-          "tokenizer.json.")
+          "vit_jax.tools.train_tokenizer --shards=... --output=...`, or point to an "
+          "existing tokenizer.json.")
     try:
       backend = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # pylint: disable=broad-except
@@ -112,26 +112,5 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, context_length: int,
   return Tokenizer(backend, context_length=context_length)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  from vit_jax.data import image_text  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description="Train a BPE tokenizer on the captions "
-                                   "of image-text .tar shards.")
-  parser.add_argument("--shards", required=True,
-                      help="shard files: glob, brace range, directory or comma list")
-  parser.add_argument("--output", required=True, help="tokenizer.json to write")
-  parser.add_argument("--vocab_size", type=int, default=8192)
-  parser.add_argument("--min_frequency", type=int, default=2)
-  parser.add_argument("--max_captions", type=int, default=0,
-                      help="train on the first N captions only (0: all)")
-  args = parser.parse_args(argv)
-  shards = image_text.expand_shards(args.shards)
-  captions = image_text.iterate_captions(shards, limit=args.max_captions or None)
-  tokenizer = train_bpe(captions, vocab_size=args.vocab_size, context_length=77,
-                        min_frequency=args.min_frequency)
-  tokenizer.save(args.output)
-  print(f"wrote {args.output}: vocabulary of {tokenizer.vocab_size} tokens from "
-        f"{len(shards)} shards")
-
-
-if __name__ == "__main__":
-  main()
+if __name__ == "__main__":  # the command line lives in vit_jax/tools
+  runpy.run_module("vit_jax.tools.train_tokenizer", run_name="__main__", alter_sys=True)

@@ -1,11 +1,14 @@
-"""Helpers the image-text evaluators share: embedding functions, host gathering, data."""
+"""Helpers the image-text evaluators share: embedding functions, host gathering, data,
+evaluating a trained workdir."""
 
 import math
 from typing import Any, Callable, Iterator, Optional
 
 import jax
+import ml_collections
 import numpy as np
 
+from vit_jax import sharding, workdir
 from vit_jax.data import image_text
 
 
@@ -74,3 +77,21 @@ def cached(factory: Callable[[], Iterator[Any]]) -> Callable[[], Iterator[Any]]:
     return iter(store)
 
   return batches
+
+
+def evaluate_workdir(from_config: Callable, path: str, settings: dict, *,
+                     batch_size: int) -> dict:
+  """An evaluator (``from_config`` of zero_shot/retrieval) on a contrastive workdir.
+
+  ``settings`` is the evaluator's config entry (``pp`` defaults to the run's
+  ``pp_eval``). Runs over every device; returns the result and the checkpoint's step.
+  """
+  trained = workdir.load_trained(path)
+  eval_config = ml_collections.ConfigDict({**settings,
+                                           "pp": settings.get("pp") or trained.pp_eval})
+  mesh = sharding.make_mesh({"data": -1})
+  evaluator = from_config(eval_config, trained.model, trained.tokenizer,
+                          sharding=sharding.batch_sharding(mesh), batch_size=batch_size)
+  with jax.set_mesh(mesh):
+    result = evaluator.run(trained.variables)
+  return {"step": trained.step, **result}

@@ -7,15 +7,12 @@ the k best. A candidate counts as better only if it scores strictly higher, so
 identical captions of different images (common in the offline pool) tie in the
 query's favour.
 
-During training (``config.evals.retrieval``) and stand-alone::
-
-  python -m vit_jax.evaluators.retrieval --workdir=workdirs/clip_digits \
-      --shards='workdirs/digits_pool/eval/*.tar'
+During training (``config.evals.retrieval``) and stand-alone on a trained workdir
+(``python -m vit_jax.tools.retrieval``).
 """
 
-import argparse
-import json
-from typing import Callable, Optional, Sequence
+import runpy
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -87,26 +84,5 @@ def from_config(eval_config, model, tokenizer, *, sharding,
   return RetrievalEvaluator(model, batches=batches, sharding=sharding)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description="Image-text retrieval recall with a "
-                                   "trained two-tower model.")
-  parser.add_argument("--workdir", required=True, help="a contrastive training workdir")
-  parser.add_argument("--shards", required=True, help="held-out image-text shards")
-  parser.add_argument("--pp", help="image preprocessing (default: the run's pp_eval)")
-  parser.add_argument("--batch_size", type=int, default=256)
-  args = parser.parse_args(argv)
-  trained = contrastive.load_trained(args.workdir)
-  mesh = sharding.make_mesh({"data": -1})
-  evaluator = from_config(ml_collections.ConfigDict(
-      {"shards": args.shards, "pp": args.pp or trained.pp_eval}), trained.model,
-      trained.tokenizer, sharding=sharding.batch_sharding(mesh), batch_size=args.batch_size)
-  with jax.set_mesh(mesh):
-    result = evaluator.run(trained.variables)
-  print(json.dumps({"step": trained.step, **result}))
-
-
-if __name__ == "__main__":
-  main()
+if __name__ == "__main__":  # the command line lives in vit_jax/tools
+  runpy.run_module("vit_jax.tools.retrieval", run_name="__main__", alter_sys=True)

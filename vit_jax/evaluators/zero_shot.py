@@ -5,19 +5,15 @@ averaged and re-normalised into one classifier row, and an image is assigned the
 whose row is most similar (CLIP's recipe). Images come from labelled image-text shards
 (a ``label`` in each sample's JSON) or from a TFDS classification dataset.
 
-During training (``config.evals.zero_shot``) and stand-alone on a trained workdir::
-
-  python -m vit_jax.evaluators.zero_shot --workdir=workdirs/clip_digits \
-      --shards='workdirs/digits_pool/eval/*.tar' --classnames=digits \
-      --templates=digits_heldout
-
-``--classnames`` and ``--templates`` take a named set below or a file (one entry per
-line, or a JSON list); templates contain ``{}`` where the class name goes.
+During training (``config.evals.zero_shot``) and stand-alone on a trained workdir
+(``python -m vit_jax.tools.zero_shot``). Class names and templates are a named set
+below or a file (one entry per line, or a JSON list); templates contain ``{}`` where
+the class name goes.
 """
 
-import argparse
 import json
 import os
+import runpy
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -168,36 +164,5 @@ def from_config(eval_config, model, tokenizer, *, sharding,
                            sharding=sharding)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description="Zero-shot classification with a trained "
-                                   "two-tower model.")
-  parser.add_argument("--workdir", required=True, help="a contrastive training workdir")
-  parser.add_argument("--shards", help="labelled image-text shards")
-  parser.add_argument("--label_key", default="label")
-  parser.add_argument("--dataset", help="or a TFDS classification dataset")
-  parser.add_argument("--split", default="test")
-  parser.add_argument("--data_dir")
-  parser.add_argument("--classnames", required=True)
-  parser.add_argument("--templates", required=True)
-  parser.add_argument("--pp", help="image preprocessing (default: the run's pp_eval)")
-  parser.add_argument("--batch_size", type=int, default=256)
-  args = parser.parse_args(argv)
-  trained = contrastive.load_trained(args.workdir)
-  config = ml_collections.ConfigDict({
-      "classnames": args.classnames, "templates": args.templates,
-      "pp": args.pp or trained.pp_eval, "shards": args.shards,
-      "label_key": args.label_key, "dataset": args.dataset, "split": args.split,
-      "data_dir": args.data_dir})
-  mesh = sharding.make_mesh({"data": -1})
-  evaluator = from_config(config, trained.model, trained.tokenizer,
-                          sharding=sharding.batch_sharding(mesh), batch_size=args.batch_size)
-  with jax.set_mesh(mesh):
-    result = evaluator.run(trained.variables)
-  print(json.dumps({"step": trained.step, **result}))
-
-
-if __name__ == "__main__":
-  main()
+if __name__ == "__main__":  # the command line lives in vit_jax/tools
+  runpy.run_module("vit_jax.tools.zero_shot", run_name="__main__", alter_sys=True)

@@ -88,7 +88,7 @@ def dot_product_attention(query, key, value, *, bias=None, mask=None,
                           impl: str = "xla"):
   """Global softmax attention, ``[batch, tokens, heads, head_dim]``.
 
-  ``"xla"`` is ``vit_jax.models.layers.dot_product_attention``; ``"pallas"`` is the
+  ``"xla"`` is ``vit_jax.kernels.attention.attention_reference``; ``"pallas"`` is the
   flash kernel (no ``bias``/``mask``: it masks only its own padding); ``"cudnn"``
   is cuDNN's fused attention on GPU.
   """

@@ -5,14 +5,15 @@
   logits = model.apply(variables, images, train=False)
 """
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.registry import create, list_models, model_info, register_model
+from vit_jax import tree
+from vit_jax.models.registry import (create, list_models, model_info, register_model,
+                                     register_variant)
 # Family files register their variants at import.
 from vit_jax.models import vit  # noqa: F401
 from vit_jax.models import efficientvit_mit  # noqa: F401
@@ -32,6 +33,7 @@ from vit_jax.models import crossvit  # noqa: F401
 from vit_jax.models import cvt  # noqa: F401
 from vit_jax.models import t2t_vit  # noqa: F401
 from vit_jax.models import tnt  # noqa: F401
+from vit_jax.models import rmt  # noqa: F401
 from vit_jax.models import vig  # noqa: F401
 from vit_jax.models import vim  # noqa: F401
 from vit_jax.models import vir  # noqa: F401
@@ -63,19 +65,8 @@ def forward_intermediates(model, variables, images, *, train: bool = False,
   """
   out, state = model.apply(variables, images, train=train, mutable=["intermediates"],
                            **apply_kwargs)
-  flat = {}
-
-  def collect(prefix, tree):
-    for key, value in tree.items():
-      path = f"{prefix}/{key}" if prefix else key
-      if isinstance(value, Mapping):
-        collect(path, value)
-      else:  # sow keeps a tuple of every value sown under a name: take the last
-        flat[path] = value[-1]
-
-  collect("", state["intermediates"])
-  return out, flat
+  return out, tree.sown(state["intermediates"])
 
 
-__all__ = ["create", "list_models", "model_info", "register_model", "param_count",
-           "input_shape", "forward_intermediates"]
+__all__ = ["create", "list_models", "model_info", "register_model", "register_variant",
+           "param_count", "input_shape", "forward_intermediates"]

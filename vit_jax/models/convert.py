@@ -1,15 +1,21 @@
-"""Bringing foreign weights into vit_jax parameters, with missing/unexpected keys named.
+"""Converters of foreign state dicts into vit_jax variables, with missing/unexpected keys named.
 
-Each family registers ``@register_timm_converter(family)``, a function
-``(state: StateDict, model) -> params`` that reads timm's names through ``state``
-(or ``-> Variables({"params": ..., "batch_stats": ...})`` for models that keep
-BatchNorm statistics).
-``StateDict`` remembers which entries were read, so that whatever the converter did
-not use is reported as unexpected, and the result is checked name by name and shape
-by shape against the model's own parameters before anything is returned.
+A family registers one converter per source layout beside its model:
+``@register_timm_converter(family)`` for timm's names, ``@register_official_converter``
+for the official repository's where timm lacks the family. A converter is a function
+``(state: StateDict, model) -> params`` that reads the source's names through
+``state`` (or ``-> Variables({"params": ..., "batch_stats": ...})`` for models that
+keep BatchNorm statistics). ``StateDict`` remembers which entries were read, so that
+whatever the converter did not use is reported as unexpected, and the result is
+checked name by name and shape by shape against the model's own variables before
+anything is returned.
 
   params = convert.from_timm("vit_base_patch16_224", "vit_b16.safetensors")
   variables = convert.variables_from_timm("efficientvit_b0", "b0.safetensors")
+  params = convert.from_official("pvt_small", "pvt_small.pth")        # whai362/PVT
+
+Files are read by ``vit_jax.weights.files``; ``vit_jax.weights.load`` is the loader
+that also adapts a checkpoint to another head, resolution or block layout.
 """
 
 import os
@@ -21,6 +27,10 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax.models.registry import create, model_info
+
+Converter = Callable[["StateDict", Any], Union[dict, "Variables"]]
+# Source layout -> how an error names it.
+SOURCES = {"timm": "timm", "official": "official-checkpoint"}
 
 
 class ConversionError(ValueError):
@@ -78,47 +88,52 @@ class Variables(dict):
   """
 
 
-_TIMM_CONVERTERS: dict[str, Callable[[StateDict, Any], Union[dict, Variables]]] = {}
+_CONVERTERS: dict[tuple[str, str], Converter] = {}
 
 
-def register_timm_converter(family: str):
+def register_converter(source: str, family: str):
+  """Decorator registering a family's converter from the ``source`` layout."""
+  if source not in SOURCES:
+    raise ValueError(f"unknown weights source {source!r}; one of {sorted(SOURCES)}")
+
   def decorator(fn):
-    _TIMM_CONVERTERS[family] = fn
+    _CONVERTERS[(source, family)] = fn
     return fn
   return decorator
 
 
+def register_timm_converter(family: str):
+  return register_converter("timm", family)
+
+
+def register_official_converter(family: str):
+  return register_converter("official", family)
+
+
+def converter(source: str, family: str) -> Converter:
+  """The registered converter, or ConversionError naming the families that have one."""
+  if (source, family) not in _CONVERTERS:
+    have = sorted(f for s, f in _CONVERTERS if s == source)
+    raise ConversionError(f"no {SOURCES.get(source, source)} converter for the {family!r} "
+                          f"family (families with one: {', '.join(have)})")
+  return _CONVERTERS[(source, family)]
+
+
 def load_state_dict(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
-  """Reads a ``.safetensors`` file (no code runs) or a ``.pth``/``.bin`` file.
-
-  ``.pth`` files are read with ``torch.load(weights_only=True)``, which refuses
-  anything but tensors: arbitrary pickled objects are never executed.
-  """
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no weights file at {path}")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    try:
-      return dict(load_file(path))
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConversionError(f"cannot read {path} as safetensors ({e}); is it truncated?"
-                            ) from e
-  import torch  # pylint: disable=g-import-not-at-top
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConversionError(f"cannot read {path} as a PyTorch state dict ({e})") from e
-  for key in ("state_dict", "model", "model_ema"):
-    if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-      state = state[key]
-      break
-  return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-          for k, v in state.items()}
+  """A ``.safetensors``/``.pth``/``.bin`` file's arrays (``vit_jax.weights.files``)."""
+  # At call time: vit_jax.weights converts into the registered models, so it is
+  # imported after them, never while the family files register.
+  from vit_jax.weights import files  # pylint: disable=g-import-not-at-top
+  return files.read_state_dict(path)
 
 
-def abstract_params(model, image_shape) -> Any:
-  return abstract_variables(model, image_shape)["params"]
+def run_converter(source: str, family: str, state_dict: Mapping[str, Any], model: Any
+                  ) -> tuple[dict, list[str]]:
+  """``(variables by collection, unused state-dict keys)``, nothing checked yet."""
+  state = StateDict(state_dict)
+  result = converter(source, family)(state, model)
+  variables = dict(result) if isinstance(result, Variables) else {"params": result}
+  return variables, state.unused()
 
 
 def abstract_variables(model, image_shape) -> dict:
@@ -136,53 +151,66 @@ def check_against(params: Mapping[str, Any], expected: Mapping[str, Any],
     raise ConversionError(f"{what} do not fit the model: {problems}")
 
 
-def variables_from_timm(model_name: str,
-                        state_dict: Union[Mapping[str, Any], str, os.PathLike], *,
-                        strict: bool = True, model: Optional[Any] = None,
-                        **overrides) -> dict:
-  """Converts a timm state dict into every variable collection of ``model_name``.
+def convert_variables(source: str, model_name: str,
+                      state_dict: Union[Mapping[str, Any], str, os.PathLike], *,
+                      strict: bool = True, model: Optional[Any] = None,
+                      **overrides) -> dict:
+  """Every variable collection of ``model_name`` from a ``source``-layout state dict.
 
-  Returns ``{"params": ..., "batch_stats": ...}`` (whatever collections the model
-  keeps), checked name by name and shape by shape like ``from_timm``.
+  ``state_dict`` is a mapping or a file; ``overrides`` go to ``create`` unless
+  ``model`` is given. With ``strict`` (the default) a missing, unexpected or
+  mis-shaped key raises ``ConversionError`` naming it; with False, what fits converts.
   """
   if not isinstance(state_dict, Mapping):
     state_dict = load_state_dict(state_dict)
   info = model_info(model_name)
-  if info.family not in _TIMM_CONVERTERS:
-    raise ConversionError(f"no timm converter for the {info.family!r} family")
   model = model if model is not None else create(model_name, **overrides)
-  state = StateDict(state_dict)
-  result = _TIMM_CONVERTERS[info.family](state, model)
-  variables = dict(result) if isinstance(result, Variables) else {"params": result}
+  variables, unused = run_converter(source, info.family, state_dict, model)
   size = getattr(model, "image_size", info.image_size)
   size = (size, size) if isinstance(size, int) else tuple(size)
   expected = abstract_variables(model, (1,) + size + (3,))
-  if set(expected) == set(variables) == {"params"}:  # name params as before: head/bias
-    check_against(variables["params"], expected["params"], state.unused(),
-                  strict=strict, what=f"timm weights for {model_name}")
+  what = f"{SOURCES[source]} weights for {model_name}"
+  if set(expected) == set(variables) == {"params"}:  # names without "params/": head/bias
+    check_against(variables["params"], expected["params"], unused, strict=strict,
+                  what=what)
   else:  # params/..., batch_stats/...
-    check_against(variables, expected, state.unused(), strict=strict,
-                  what=f"timm weights for {model_name}")
+    check_against(variables, expected, unused, strict=strict, what=what)
   return jax.tree.map(jnp.asarray, variables)
+
+
+def _params_only(model_name: str, variables: dict, instead: str) -> dict:
+  others = sorted(set(variables) - {"params"})
+  if others:
+    raise ConversionError(f"{model_name} also keeps {', '.join(others)}: use "
+                          f"convert.{instead} to get every collection")
+  return variables["params"]
+
+
+def variables_from_timm(model_name: str,
+                        state_dict: Union[Mapping[str, Any], str, os.PathLike], *,
+                        strict: bool = True, model: Optional[Any] = None,
+                        **overrides) -> dict:
+  """A timm state dict as ``{"params": ..., "batch_stats": ...}`` (what the model keeps)."""
+  return convert_variables("timm", model_name, state_dict, strict=strict, model=model,
+                           **overrides)
 
 
 def from_timm(model_name: str, state_dict: Union[Mapping[str, Any], str, os.PathLike], *,
               strict: bool = True, model: Optional[Any] = None, **overrides) -> dict:
-  """Converts a timm state dict (mapping or file) into params for ``model_name``.
-
-  Args:
-    model_name: a registered name; ``overrides`` are passed to ``create`` (e.g.
-      ``num_classes``) unless ``model`` is given directly.
-    strict: raise ConversionError naming every missing, unexpected or
-      shape-mismatched key (the default); with False, convert what fits.
+  """A timm state dict (mapping or file) as params for ``model_name``.
 
   Models with BatchNorm statistics need ``variables_from_timm`` (params alone
   would lose the statistics); asking this function for them is an error.
   """
   variables = variables_from_timm(model_name, state_dict, strict=strict, model=model,
                                   **overrides)
-  others = sorted(set(variables) - {"params"})
-  if others:
-    raise ConversionError(f"{model_name} also keeps {', '.join(others)}: use "
-                          "convert.variables_from_timm to get every collection")
-  return variables["params"]
+  return _params_only(model_name, variables, "variables_from_timm")
+
+
+def from_official(model_name: str,
+                  state_dict: Union[Mapping[str, Any], str, os.PathLike], *,
+                  strict: bool = True, model: Optional[Any] = None, **overrides) -> dict:
+  """An official-repository checkpoint (mapping or file) as params for ``model_name``."""
+  variables = convert_variables("official", model_name, state_dict, strict=strict,
+                                model=model, **overrides)
+  return _params_only(model_name, variables, 'convert_variables("official", ...)')

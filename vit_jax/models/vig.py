@@ -45,14 +45,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax import kernels
+from vit_jax import kernels, sharding
 from vit_jax.models import layers, resample
-from vit_jax.models.vit import REMAT_POLICIES
 from vit_jax.models.convert import StateDict
 from vit_jax.models.official import register_official_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
+from vit_jax.models.vit import REMAT_POLICIES
 
 Array = Any
+
+# Tensor parallelism (see vit_jax.sharding): ``g_proj`` writes the gate head after head
+# and ``o_proj`` reads the heads back, so they split by heads; ``qkv_proj`` (fused q|k|v)
+# and the MLP's ``gate_proj`` (fused a|b) stay whole, ``down_proj`` splits its inputs.
+PARAM_AXES = (
+    (r"(^|/)attn/g_proj/kernel$", ("embed", "heads")),
+    (r"(^|/)attn/g_proj/bias$", ("heads",)),
+    (r"(^|/)attn/o_proj/kernel$", ("heads", "embed")),
+    (r"(^|/)mlp/down_proj/kernel$", ("mlp", "embed")),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 # hustvl/ViG classification/configs/vig/vig-{t,s,b}.yaml on the defaults of config.py
 # (12 blocks, patch 16, expand_k 0.5, expand_v 1).
@@ -210,7 +221,8 @@ class GLABlock(nn.Module):
     x = x + layers.DropPath(self.drop_path_rate)(y, train=train)
     # Keeps the input and gate_proj's output; the product is recomputed.
     mlp = nn.remat(SwiGLU, policy=jax.checkpoint_policies.dots_saveable)
-    y = mlp(self.mlp_hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(rms_norm("mlp_norm", self.dtype, self.param_dtype)(x))
+    y = mlp(self.mlp_hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="mlp")(rms_norm("mlp_norm", self.dtype, self.param_dtype)(x))
     return x + layers.DropPath(self.drop_path_rate)(y, train=train)
 
 
@@ -283,8 +295,7 @@ class ViG(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     kernels.resolve(self.attention_impl)
     if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be 'none' or one of {sorted(REMAT_POLICIES)}, "
@@ -314,11 +325,8 @@ class ViG(nn.Module):
                                dtype=dtype, param_dtype=param_dtype, name=f"blocks_{i}"), x)
       self.sow("intermediates", f"block_{i}", x)
     x = jnp.mean(rms_norm("norm", dtype, param_dtype)(x), axis=(1, 2))
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 @register_official_converter("vig")
@@ -356,13 +364,7 @@ def convert_official_vig(state: StateDict, model: ViG) -> dict:
 
 def _register_variants():
   for name, config in VARIANTS.items():
-
-    def factory(config=config, **overrides):
-      return ViG(**{**config, **overrides})
-
-    factory.__doc__ = f"Official ViG ({name}), 224x224."
-    register_model(name, family="vig")(factory)
+    register_variant(name, ViG, config, family="vig", doc=f"Official ViG ({name}), 224x224.")
 
 
 _register_variants()
-

@@ -47,13 +47,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax import kernels
+from vit_jax import kernels, sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict
 from vit_jax.models.official import register_official_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
+
+# Tensor parallelism (see vit_jax.sharding): Mamba's inner channels are independent
+# scans (each channel a head), so everything indexed by them splits as ``heads``; the
+# fused x|z ``in_proj`` stays whole and ``x_proj`` reduces over the channels.
+PARAM_AXES = (
+    (r"(^|/)mixer/out_proj/kernel$", ("heads", "embed")),
+    (r"(^|/)mixer/x_proj(_b)?/kernel$", ("heads", None)),
+    (r"(^|/)mixer/dt_proj(_b)?/kernel$", (None, "heads")),
+    (r"(^|/)mixer/(dt_proj|conv1d)(_b)?/bias$", ("heads",)),
+    (r"(^|/)mixer/conv1d(_b)?/kernel$", (None, None, "heads")),
+    (r"(^|/)mixer/A(_b)?_log$", ("heads", None)),
+    (r"(^|/)mixer/D(_b)?$", ("heads",)),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 VARIANTS = {
     "vim_tiny_patch16_224": dict(embed_dim=192),
@@ -188,8 +202,7 @@ class VisionMamba(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     kernels.resolve(self.attention_impl)
     gh, gw = self.patch_grid(images.shape[1], images.shape[2])
     p, dim = self.patch_size, self.embed_dim
@@ -206,9 +219,9 @@ class VisionMamba(nn.Module):
                        (1, gh * gw + 1, dim), param_dtype).astype(dtype)
     hidden = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
 
-    def patch_map(tokens):
+    def patch_map(tokens):  # the float32 stream, sown in the compute dtype
       tokens = jnp.concatenate([tokens[:, :middle], tokens[:, middle + 1:]], axis=1)
-      return tokens.reshape(batch, gh, gw, dim)
+      return tokens.reshape(batch, gh, gw, dim).astype(dtype)
 
     rates = [0.0] + layers.stochastic_depth_rates(self.drop_path_rate, self.depth)
     residual = None
@@ -224,11 +237,8 @@ class VisionMamba(nn.Module):
     self.sow("intermediates", f"block_{self.depth - 1}", patch_map(residual))
     x = nn.RMSNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                    name="norm_f")(residual)[:, middle]
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 @register_official_converter("vim")
@@ -264,12 +274,7 @@ def convert_official_vim(state: StateDict, model: VisionMamba) -> dict:
 
 def _register_variants():
   for name, config in VARIANTS.items():
-
-    def factory(config=config, **overrides):
-      return VisionMamba(**{**config, **overrides})
-
-    factory.__doc__ = f"Official Vim ({name})."
-    register_model(name, family="vim")(factory)
+    register_variant(name, VisionMamba, config, family="vim", doc=f"Official Vim ({name}).")
 
 
 _register_variants()

@@ -38,11 +38,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import kernels
+from vit_jax import kernels, sharding
 from vit_jax.models import layers
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
+
+# Tensor parallelism (see vit_jax.sharding): the fused q|k|v projection stays whole,
+# ``out_proj`` reads the heads back and splits by them; the MLP follows ViT's rules.
+PARAM_AXES = ((r"(^|/)retention/out_proj/kernel$", ("heads", "embed")),)
+sharding.register_param_axes(PARAM_AXES)
 
 VARIANTS = {
     "vir_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
@@ -146,8 +151,7 @@ class ViR(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     kernels.resolve(self.attention_impl)
     p, size, dim = self.patch_size, self.image_size, self.embed_dim
     if images.shape[1:3] != (size, size) or size % p:
@@ -176,21 +180,13 @@ class ViR(nn.Module):
       self.sow("intermediates", f"block_{i}", x[:, :-1].reshape(batch, side, side, dim))
     x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(x)[:, -1]
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 def _register_variants():
   for name, config in VARIANTS.items():
-
-    def factory(config=config, **overrides):
-      return ViR(**{**config, **overrides})
-
-    factory.__doc__ = f"ViR ({name}), following the paper."
-    register_model(name, family="vir")(factory)
+    register_variant(name, ViR, config, family="vir", doc=f"ViR ({name}), following the paper.")
 
 
 _register_variants()

@@ -1,1 +1,4 @@
-"""Command-line tools: offline image-text pool generation, DataComp-style filtering."""
+"""Command-line tools, each run as ``python -m vit_jax.tools.NAME`` (``--help`` lists
+its flags): the offline image-text pool, DataComp-style filtering, tokenizer
+training, zero-shot and retrieval evaluation of a workdir, benchmarks and memory.
+Training itself is ``python -m vit_jax.main``."""

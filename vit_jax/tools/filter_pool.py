@@ -29,15 +29,16 @@ Samples that cannot be used at all (corrupt image, no caption) are dropped and
 counted like the trainer does.
 """
 
-import argparse
 import json
 import math
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+from absl import app, flags
 
-from vit_jax.data import image_text
+# vit_jax.data (TensorFlow) is imported where it is used: --help answers without it.
+FLAGS = flags.FLAGS
 
 
 def basic_filter(sample: dict, *, min_caption_words: int, min_image_size: int,
@@ -103,14 +104,15 @@ def precision_at_recall(scores: dict[str, float], bad_pairs: dict[str, bool],
 
 
 def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
-                stats: image_text.SkipStats) -> dict[str, float]:
-  """Image-caption cosine similarity of every usable sample, by key."""
+                stats: Any) -> dict[str, float]:
+  """Image-caption cosine similarity of every usable sample, by key (``stats``: the
+  ``image_text.SkipStats`` that count the samples that cannot be used)."""
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-  from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from vit_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import image_text, preprocess  # pylint: disable=g-import-not-at-top
   from vit_jax.evaluators import common  # pylint: disable=g-import-not-at-top
-  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
-  trained = contrastive.load_trained(workdir)
+  trained = workdir_lib.load_trained(workdir)
   mesh = sharding.make_mesh({"data": -1})
   batch_sharding = sharding.batch_sharding(mesh)
   encode_images, encode_texts = common.embedding_fns(trained.model)
@@ -135,6 +137,7 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
                 clip_workdir: Optional[str] = None, keep_fraction: Optional[float] = None,
                 clip_threshold: Optional[float] = None, samples_per_shard: int = 1000,
                 ground_truth_key: Optional[str] = None, batch_size: int = 256) -> dict:
+  from vit_jax.data import image_text  # pylint: disable=g-import-not-at-top
   if clip_workdir and (keep_fraction is None) == (clip_threshold is None):
     raise ValueError("CLIP-score filtering needs exactly one of keep_fraction and "
                      "clip_threshold")
@@ -221,32 +224,38 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
   return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--shards", required=True,
-                      help="pool shards: glob, brace range, directory or comma list")
-  parser.add_argument("--output_dir", required=True)
-  parser.add_argument("--min_caption_words", type=int, default=0)
-  parser.add_argument("--min_image_size", type=int, default=0)
-  parser.add_argument("--max_aspect_ratio", type=float, default=0.0)
-  parser.add_argument("--clip_workdir", help="contrastive training workdir that scores")
-  parser.add_argument("--keep_fraction", type=float)
-  parser.add_argument("--clip_threshold", type=float)
-  parser.add_argument("--samples_per_shard", type=int, default=1000)
-  parser.add_argument("--ground_truth_key",
-                      help="JSON field marking bad pairs (reports precision/recall)")
-  parser.add_argument("--batch_size", type=int, default=256)
-  args = parser.parse_args(argv)
+def define_flags() -> None:
+  flags.DEFINE_string("shards", None, "Pool shards: glob, brace range, directory or "
+                      "comma list.", required=True)
+  flags.DEFINE_string("output_dir", None, "Where the filtered pool is written.",
+                      required=True)
+  flags.DEFINE_integer("min_caption_words", 0, "Shortest caption kept, in words.")
+  flags.DEFINE_integer("min_image_size", 0, "Shortest image side kept, in pixels.")
+  flags.DEFINE_float("max_aspect_ratio", 0.0, "Longest over shortest side (0: any).")
+  flags.DEFINE_string("clip_workdir", None, "Contrastive training workdir that scores "
+                      "the pairs.")
+  flags.DEFINE_float("keep_fraction", None, "Keep this top fraction by CLIP score.")
+  flags.DEFINE_float("clip_threshold", None, "Or keep the scores at least this high.")
+  flags.DEFINE_integer("samples_per_shard", 1000, "Samples per output shard.")
+  flags.DEFINE_string("ground_truth_key", None, "JSON field marking bad pairs (reports "
+                      "precision/recall).")
+  flags.DEFINE_integer("batch_size", 256, "Pairs scored per step.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from vit_jax.data import image_text  # pylint: disable=g-import-not-at-top
   summary = filter_pool(
-      image_text.expand_shards(args.shards), args.output_dir,
-      min_caption_words=args.min_caption_words, min_image_size=args.min_image_size,
-      max_aspect_ratio=args.max_aspect_ratio, clip_workdir=args.clip_workdir,
-      keep_fraction=args.keep_fraction, clip_threshold=args.clip_threshold,
-      samples_per_shard=args.samples_per_shard, ground_truth_key=args.ground_truth_key,
-      batch_size=args.batch_size)
+      image_text.expand_shards(FLAGS.shards), FLAGS.output_dir,
+      min_caption_words=FLAGS.min_caption_words, min_image_size=FLAGS.min_image_size,
+      max_aspect_ratio=FLAGS.max_aspect_ratio, clip_workdir=FLAGS.clip_workdir,
+      keep_fraction=FLAGS.keep_fraction, clip_threshold=FLAGS.clip_threshold,
+      samples_per_shard=FLAGS.samples_per_shard, ground_truth_key=FLAGS.ground_truth_key,
+      batch_size=FLAGS.batch_size)
   line = (f"kept {summary['kept']} of {summary['pool_samples']} samples "
           f"({100 * summary['kept_fraction']:.1f}%) in {len(summary['shards'])} shards "
-          f"under {args.output_dir}/shards; rejected: {summary['rejected']}")
+          f"under {FLAGS.output_dir}/shards; rejected: {summary['rejected']}")
   if "ground_truth" in summary:
     truth = summary["ground_truth"]
     line += (f"; against {truth['key']!r}: precision {truth['precision']:.3f}, "
@@ -255,4 +264,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

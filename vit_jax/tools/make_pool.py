@@ -28,14 +28,15 @@ held-out digits were never seen in training, and the zero-shot prompt templates
 caption templates used here.
 """
 
-import argparse
 import functools
 import io
 import json
 import os
-from typing import Optional, Sequence
 
 import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                "nine")
@@ -228,31 +229,36 @@ def make_pool(output_dir: str, *, num_samples: int = 30000, mismatch_fraction: f
   return info
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--output_dir", required=True)
-  parser.add_argument("--num_samples", type=int, default=30000)
-  parser.add_argument("--mismatch_fraction", type=float, default=0.0)
-  parser.add_argument("--image_size", type=int, default=32)
-  parser.add_argument("--samples_per_shard", type=int, default=1000)
-  parser.add_argument("--eval_renders", type=int, default=3)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--vocab_size", type=int, default=1000)
-  parser.add_argument("--image_format", default="jpg", choices=("jpg", "png"))
-  parser.add_argument("--attribute_fraction", type=float,
-                      default=DEFAULT_ATTRIBUTE_FRACTION,
-                      help="share of captions that also name colours, size, position")
-  args = parser.parse_args(argv)
-  info = make_pool(args.output_dir, num_samples=args.num_samples,
-                   mismatch_fraction=args.mismatch_fraction, image_size=args.image_size,
-                   samples_per_shard=args.samples_per_shard,
-                   eval_renders=args.eval_renders, seed=args.seed,
-                   vocab_size=args.vocab_size, image_format=args.image_format,
-                   attribute_fraction=args.attribute_fraction)
+def define_flags() -> None:
+  flags.DEFINE_string("output_dir", None, "Where the pool is written.", required=True)
+  flags.DEFINE_integer("num_samples", 30000, "Training samples.")
+  flags.DEFINE_float("mismatch_fraction", 0.0, "Share of training samples given the "
+                     "caption of another digit's scene.")
+  flags.DEFINE_integer("image_size", 32, "Side of the square images, in pixels.")
+  flags.DEFINE_integer("samples_per_shard", 1000, "Samples per .tar shard.")
+  flags.DEFINE_integer("eval_renders", 3, "Renders of each held-out digit.")
+  flags.DEFINE_integer("seed", 0, "Seed of the scenes and captions.")
+  flags.DEFINE_integer("vocab_size", 1000, "Vocabulary of the BPE tokenizer trained on "
+                       "the captions.")
+  flags.DEFINE_enum("image_format", "jpg", ("jpg", "png"), "Image encoding.")
+  flags.DEFINE_float("attribute_fraction", DEFAULT_ATTRIBUTE_FRACTION,
+                     "Share of captions that also name colours, size, position.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  info = make_pool(FLAGS.output_dir, num_samples=FLAGS.num_samples,
+                   mismatch_fraction=FLAGS.mismatch_fraction, image_size=FLAGS.image_size,
+                   samples_per_shard=FLAGS.samples_per_shard,
+                   eval_renders=FLAGS.eval_renders, seed=FLAGS.seed,
+                   vocab_size=FLAGS.vocab_size, image_format=FLAGS.image_format,
+                   attribute_fraction=FLAGS.attribute_fraction)
   print(f"wrote {info['train']['samples']} training samples ({info['train']['mismatched']} "
         f"with mismatched captions) in {info['train']['shards']} shards and "
-        f"{info['eval']['samples']} held-out samples to {args.output_dir}")
+        f"{info['eval']['samples']} held-out samples to {FLAGS.output_dir}")
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

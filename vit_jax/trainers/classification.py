@@ -1,7 +1,8 @@
 """Supervised image classification: pretraining from scratch and fine-tuning.
 
 Fine-tuning (``configs/finetune.py``) adds, each off unless configured: ``init``
-(pretrained weights in any format, new head, resampled position embedding),
+(pretrained weights in any format through ``vit_jax.weights.load``: new head,
+resampled position embedding),
 ``input.classes`` (a class subset), ``freeze``/``train_only`` regexes,
 ``optimizer.layer_decay``, ``ema_decay`` (the EMA is what gets evaluated),
 ``mixup`` (mixup/cutmix) and ``lora``; see ``vit_jax/finetune.py``.
@@ -14,27 +15,18 @@ runtime joins them into one program.
 
 import json
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import finetune, lora, models, optim, sharding
+from vit_jax import finetune, lora, models, optim, sharding, weights
 from vit_jax.data import input_pipeline, preprocess
 from vit_jax.evaluators import classification as classification_eval
 from vit_jax.trainers import common, distillation
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  model_state: Any  # non-trainable collections, e.g. BatchNorm's batch_stats
+from vit_jax.trainers.common import TrainState
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -170,12 +162,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       reinit = config.get("init_reinit") or r"^head/"
       if lora_config and lora_config.get("rank"):
         reinit += r"|^lora__"
-      params, model_state, _ = finetune.init_from_checkpoint(
-          config.init, model, config.model_name, state.params, state.model_state,
-          reinit=reinit, allow_partial=bool(config.get("init_allow_partial")))
+      fresh = {"params": jax.device_get(state.params),
+               **jax.device_get(dict(state.model_state))}
+      variables, report = weights.load(
+          config.init, model, fresh, model_name=config.model_name, reinit=reinit,
+          allow_partial=bool(config.get("init_allow_partial")))
+      common.console(f"init: {report.summary()}")
+      params = variables.pop("params")
       state = jax.jit(lambda p, ms: TrainState(
           step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), model_state=ms),
-          out_shardings=state_shardings)(params, model_state)
+          out_shardings=state_shardings)(params, variables)
   start_step = int(state.step)
   # The data stream is fixed by its shard count (default: one shard per process, or
   # what the checkpoint used), so a run resumes identically on another process count.

@@ -1,4 +1,5 @@
-"""Pieces every trainer shares: console progress, divergence guard, metric writers."""
+"""Pieces every trainer shares: train state, console progress, divergence guard,
+metric writers."""
 
 import datetime
 import json
@@ -6,10 +7,19 @@ import sys
 import time
 from typing import Any, Optional
 
+import flax
 import jax
 import numpy as np
 from clu import metric_writers
 from etils import epath
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model_state: Any  # non-trainable collections, e.g. BatchNorm's batch_stats
 
 
 class DivergenceError(RuntimeError):

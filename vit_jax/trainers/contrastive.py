@@ -11,13 +11,11 @@ Gradient accumulation is not offered: microbatches would change the negatives, a
 so the loss.
 """
 
-import dataclasses
 import json
 import math
 import os
 import shutil
 import time
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +31,8 @@ from vit_jax.data.tokenizer import Tokenizer
 from vit_jax.evaluators import retrieval as retrieval_eval
 from vit_jax.evaluators import zero_shot as zero_shot_eval
 from vit_jax.trainers import common
-from vit_jax.trainers.classification import TrainState
-
-MODEL_FILE = "model.json"  # what load_trained needs to rebuild the model
-TOKENIZER_FILE = "tokenizer.json"  # a copy, so a workdir is self-contained
+from vit_jax.trainers.common import TrainState
+from vit_jax.workdir import MODEL_FILE, TOKENIZER_FILE
 
 
 def model_settings(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict:
@@ -61,36 +57,6 @@ def model_settings(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> d
     raise ValueError("the siglip loss needs config.model.logit_bias_init (SigLIP: -10) "
                      "and usually logit_scale_init=log(10)")
   return settings
-
-
-@dataclasses.dataclass
-class Trained:
-  """A trained two-tower model loaded from a workdir (see ``load_trained``)."""
-  model: Any
-  variables: dict
-  tokenizer: Tokenizer
-  pp_eval: str
-  step: int
-  info: dict
-
-
-def load_trained(workdir: str, step: Optional[int] = None) -> Trained:
-  """Rebuilds the model, tokenizer and parameters of a contrastive training workdir."""
-  workdir = str(ckpt_lib.absolute(workdir))  # Orbax reads absolute paths only
-  info_path = os.path.join(workdir, MODEL_FILE)
-  if not os.path.exists(info_path):
-    raise FileNotFoundError(f"{workdir} is not a contrastive training workdir (no "
-                            f"{MODEL_FILE})")
-  with open(info_path) as f:
-    info = json.load(f)
-  model = models.create(info["model_name"], **info["model"])
-  tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE),
-                             context_length=info["context_length"])
-  step_dir = (ckpt_lib.latest_step_dir(workdir) if step is None
-              else ckpt_lib.absolute(workdir) / "checkpoints" / str(step))
-  state = ckpt_lib.load_state_arrays(str(step_dir))
-  variables = {"params": state["params"], **(state.get("model_state") or {})}
-  return Trained(model, variables, tokenizer, info["pp_eval"], int(step_dir.name), info)
 
 
 def _gather_positions(position: image_text.StreamPosition) -> list[list[int]]:
@@ -167,7 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       opt_state=tx.init(params), model_state=dict(variables))
 
   abstract_state = jax.eval_shape(init_state, init_key)
-  state_shardings = sharding.state_shardings(abstract_state, mesh)
+  # Parameters and optimizer state by config.sharding's rules, as in classification.
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.get("sharding"))
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   common.console(f"model {config.model_name} ({config.loss} loss): {num_params:,} "
                  f"parameters; mesh {dict(mesh.shape)}; {total_steps} steps of "

@@ -35,10 +35,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from etils import epath
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import models, sharding
+from vit_jax import models, sharding, workdir
 from vit_jax.trainers import common
 
 TYPES = ("hard", "soft")
@@ -59,18 +58,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise TeacherError(f"config.distillation.alpha must be in [0, 1], got {config.alpha}")
   if config.tau <= 0:
     raise TeacherError(f"config.distillation.tau must be positive, got {config.tau}")
-
-
-def _step_dir(path: str) -> epath.Path:
-  path = ckpt_lib.absolute(path)
-  if (path / "state").exists():  # already a step directory
-    return path
-  try:
-    return ckpt_lib.latest_step_dir(str(path))
-  except FileNotFoundError as e:
-    raise TeacherError(f"no teacher checkpoint under {path}: point "
-                       "config.distillation.teacher_checkpoint at the workdir of the "
-                       "teacher's training run (or one of its step directories)") from e
 
 
 def load_teacher(config: ml_collections.ConfigDict, num_classes: int,
@@ -95,10 +82,14 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int,
     raise TeacherError(f"teacher {config.teacher_model} predicts {logits.shape[-1]} "
                        f"classes, the dataset has {num_classes}")
 
-  step_dir = _step_dir(config.teacher_checkpoint)
-  # Read straight into replicated arrays (every host restores what its devices hold).
-  state = ckpt_lib.load_state_arrays(str(step_dir), sharding=sharding.replicated(mesh))
-  variables = {"params": state.get("params", {}), **(state.get("model_state") or {})}
+  try:
+    # Read straight into replicated arrays (every host restores what its devices hold).
+    variables, step_dir = workdir.read_variables(config.teacher_checkpoint,
+                                                 sharding=sharding.replicated(mesh))
+  except FileNotFoundError as e:
+    raise TeacherError(f"no teacher checkpoint under {config.teacher_checkpoint}: point "
+                       "config.distillation.teacher_checkpoint at the workdir of the "
+                       "teacher's training run (or one of its step directories)") from e
   report = ckpt_lib.describe_mismatch(*ckpt_lib.compare_trees(expected, variables))
   if report:
     raise TeacherError(

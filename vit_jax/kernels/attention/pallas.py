@@ -272,7 +272,7 @@ def flash_attention(query: Array, key: Array, value: Array, *,
                     block_k: Optional[int] = None) -> Array:
   """Softmax attention, ``[batch, tokens, heads, head_dim]``, no bias or mask.
 
-  Matches ``vit_jax.models.layers.dot_product_attention`` (scale ``head_dim**-0.5``,
+  Matches ``vit_jax.kernels.attention.attention_reference`` (scale ``head_dim**-0.5``,
   softmax in float32). ``backend``/``interpret`` as in ``linear_attention``;
   ``block_q``/``block_k`` override the token blocks.
   """

@@ -177,5 +177,12 @@ CONFIGS = {
 }
 
 
-def create(name, depth=12, num_classes=1000):
-  return ViG(depth=depth, num_classes=num_classes, **CONFIGS[name])
+def build(name=None, **config) -> nn.Module:
+  """``ViG(**config)``, on the released configuration ``name`` if given."""
+  return ViG(**{**CONFIGS.get(name, {}), **config})
+
+
+def forward(model, images):
+  """Logits, features and the block maps as NHWC (``official_ref.py``'s ``stage/i``)."""
+  logits, features, maps = model.forward_intermediates(images)
+  return logits, features, [m.permute(0, 2, 3, 1) for m in maps]

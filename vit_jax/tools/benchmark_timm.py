@@ -1,10 +1,10 @@
-"""timm side of ``python -m vit_jax.benchmark --compare=timm`` (a worker process).
+"""timm side of ``python -m vit_jax.tools.benchmark --compare=timm`` (a worker process).
 
 PyTorch and TensorFlow abort when imported into one process, and the JAX side's
 thread pool would compete with PyTorch's, so timm runs here, in its own process,
-driven over stdin/stdout by ``vit_jax.benchmark``:
+driven over stdin/stdout by ``vit_jax.tools.benchmark``:
 
-1. the parent starts ``python -m vit_jax.benchmark_timm '<json spec>'``;
+1. the parent starts ``python -m vit_jax.tools.benchmark_timm '<json spec>'``;
 2. the worker builds the model (eager and, if asked, ``torch.compile``), runs the
    warm-up steps of each (compilation included) and prints a ``ready`` line;
 3. for each line ``eager`` or ``compile`` it reads, it times ONE repeat of

@@ -150,5 +150,12 @@ CONFIGS = {
 }
 
 
-def create(name, depth=24, num_classes=1000):
-  return VisionMamba(depth=depth, num_classes=num_classes, **CONFIGS[name])
+def build(name=None, **config) -> nn.Module:
+  """``VisionMamba(**config)``, on the released configuration ``name`` if given."""
+  return VisionMamba(**{**CONFIGS.get(name, {}), **config})
+
+
+def forward(model, images):
+  """Logits, features and the block maps as NHWC (``official_ref.py``'s ``stage/i``)."""
+  logits, features, maps = model.forward_intermediates(images)
+  return logits, features, [m.permute(0, 2, 3, 1) for m in maps]
