@@ -81,6 +81,7 @@ def assert_close(got, want, tol=1e-4):
   got, want = np.asarray(got), np.asarray(want)
   scale = max(1.0, float(np.abs(want).max()))
   np.testing.assert_allclose(got, want, atol=tol * scale, rtol=0)
+  return float(np.abs(got - want).max())
 
 
 @pytest.mark.parametrize("name", list(PARITY))
@@ -93,10 +94,12 @@ def test_logits_and_block_maps_match_the_official_forward(reference, name):
   logits, inter = jax.jit(lambda v, x: models.forward_intermediates(model, v, x))(
       variables, images)
   assert np.abs(out["logits"]).mean() > 0.1
-  assert_close(logits, out["logits"])
-  assert_close(inter["features"], out["features"])
+  diffs = {"logits": assert_close(logits, out["logits"]),
+           "features": assert_close(inter["features"], out["features"])}
   for i in range(depth):
-    assert_close(inter[f"block_{i}"], out[f"stage/{i}"])
+    diffs[f"block_{i}"] = assert_close(inter[f"block_{i}"], out[f"stage/{i}"])
+  print(name, {k: f"{v:.1e}" for k, v in diffs.items()},
+        f"mean |logit| {np.abs(out['logits']).mean():.2f}")
 
 
 @pytest.mark.parametrize("name,key,count", [
@@ -209,5 +212,7 @@ def test_trains(tfds_dir, tmp_path, name):
   result = train_in_process(tfds_dir, tmp_path / name, name, steps=30, batch_size=16,
                             learning_rate=3e-3, input_size=16, num_classes=10, **config)
   losses = [loss for _, loss in result["train_loss_history"]]
+  print(name, f"train loss {losses[0]:.2f} -> {losses[-1]:.2f}, "
+        f"held-out loss {result['eval_loss']:.2f}")
   assert losses[-1] < losses[0], losses
   assert result["eval_loss"] < math.log(10) - 0.1, result

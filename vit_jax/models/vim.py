@@ -37,7 +37,7 @@ Parameter tree::
   norm_f, head
 
 Sown: ``block_{i}``, the residual stream after block ``i`` as an NHWC map of the patch
-tokens (the class token left out), and ``features``.
+tokens (the class token left out; in the compute dtype), and ``features``.
 """
 
 import math

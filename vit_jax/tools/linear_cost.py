@@ -4,7 +4,7 @@ r"""Linear cost: a gated-scan backbone against softmax attention as the image gr
 
 For each model and image side (tokens = (side / 16)^2: 1K, 4K, 16K, 64K) it prints
 
-- the compiled memory of one SGD training step at batch 1 (``vit_jax.memory``: XLA's
+- the compiled memory of one SGD training step at batch 1 (``vit_jax.tools.memory``: XLA's
   memory analysis of the compiled step, nothing allocated): ``temp`` (the step's
   scratch, mostly the activations kept for the backward pass) and the total
   ``args + output + temp - alias``;
@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vit_jax import benchmark, memory, models
+from vit_jax import models
+from vit_jax.tools import benchmark, memory
 
 _MODELS = flags.DEFINE_list("models", ["vig_tiny", "deit_tiny_patch16_224"],
                             "Registered models: the linear one first, then the baseline.")
