@@ -86,8 +86,8 @@ def swiglu_width(dim: int, ratio: float = 4.0) -> int:
 # GLA's elementwise steps are recomputed in the backward pass (jax.checkpoint) and
 # keep only their inputs, where autodiff keeps 2-6 arrays of the same size each (as
 # fla's fused norm and gate kernels avoid too); so is the MLP's SwiGLU product (see
-# GLABlock). At 1024x1024 ViG-T's training step then compiles to 1,664 MiB of
-# scratch instead of 2,125.
+# GLABlock). At 1024x1024 ViG-T's training step then compiles to 1,521 MiB of
+# scratch (``python -m vit_jax.tools.linear_cost``, docs/kernels.md).
 _silu = jax.checkpoint(nn.silu)
 
 
