@@ -10,8 +10,10 @@ the source (``readers.py``: our Orbax workdirs, ``.npz`` of the vision_transform
 big_vision layouts, timm ``.safetensors``/``.pth`` through the family's converter,
 open_clip image towers) and fits it to the model (``adapt.py``: a new head,
 position embeddings and relative position tables resampled, scanned/unscanned
-blocks). Where a source comes from is ``files.py``'s scheme table; what a file
-means is ``readers.READERS``, keyed by suffix: a new source or format is one entry.
+blocks). Where a source comes from is ``files.py``'s scheme table (a path,
+``hf-hub:ORG/REPO[@revision][/file]`` through the Hub's cache); what a file means is
+``readers.READERS``, keyed by suffix: a new source or format is one entry.
+``pretrained.py`` names Hub weights by model and tag (timm's and open_clip's).
 
 The per-family converters live beside their models and are registered with
 ``vit_jax.models.convert``.
