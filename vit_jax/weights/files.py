@@ -66,6 +66,10 @@ def hf_hub_file(spec: str, names: Sequence[str] = HUB_WEIGHTS_FILES) -> str:
       try:
         return huggingface_hub.hf_hub_download(repo_id, name, revision=revision,
                                                library_name="vit_jax")
+      except errors.LocalEntryNotFoundError as e:  # unreachable; an EntryNotFoundError too
+        raise LoadError(f"cannot reach the Hub for {where} and its cache "
+                        f"({constants.HF_HUB_CACHE}) has no "
+                        f"{' or '.join(names)}: {e}") from e
       except errors.EntryNotFoundError:
         continue  # the repository has no such file: try the next name
       except errors.RepositoryNotFoundError as e:
@@ -73,10 +77,6 @@ def hf_hub_file(spec: str, names: Sequence[str] = HUB_WEIGHTS_FILES) -> str:
                         "set: huggingface-cli login)") from e
       except errors.RevisionNotFoundError as e:
         raise LoadError(f"the Hub repository {repo_id} has no revision {revision}") from e
-      except errors.LocalEntryNotFoundError as e:  # the Hub is unreachable
-        raise LoadError(f"cannot reach the Hub for {where} and its cache "
-                        f"({constants.HF_HUB_CACHE}) has no "
-                        f"{' or '.join(names)}: {e}") from e
     raise LoadError(f"the Hub repository {where} has no {' or '.join(names)}; name the "
                     f"file: hf-hub:{repo_id}/FILE")
   raise LoadError(f"HF_HUB_OFFLINE is set and the Hub cache "
