@@ -54,15 +54,35 @@ def references(images, tmp_path_factory):
   return dict(zip(CASES, outputs))
 
 
+def _jit_intermediates(model, traces):
+  def run(params, x):
+    traces.append(x.shape)
+    return models.forward_intermediates(model, {"params": params}, x)
+  return jax.jit(run)
+
+
+@pytest.fixture(scope="module")
+def ours(references):
+  """``ours(case) -> (jitted forward_intermediates, params, traces)``, built once."""
+  built = {}
+
+  def get(case):
+    if case not in built:
+      model_name, settings = CASES[case]
+      model = models.create(model_name, head_zeroinit=False, **OURS, **settings)
+      params = convert.from_timm(model_name, state_dict_of(references[case]), model=model)
+      traces = []
+      built[case] = (_jit_intermediates(model, traces), params, traces)
+    return built[case]
+  return get
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_the_pytorch_recreation_on_timm(case, references, images):
-  model_name, settings = CASES[case]
+def test_matches_the_pytorch_recreation_on_timm(case, references, ours, images):
+  model_name, _ = CASES[case]
   ref = references[case]
-  model = models.create(model_name, head_zeroinit=False, **OURS, **settings)
-  params = convert.from_timm(model_name, state_dict_of(ref), model=model)
-  run = lambda model: jax.jit(lambda p, x: models.forward_intermediates(
-      model, {"params": p}, x))(params, images)
-  logits, inter = run(model)
+  run, params, _ = ours(case)
+  logits, inter = run(params, images)
   assert np.abs(ref["logits"]).mean() > 0.3  # logits of order 1, not ~0
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
   np.testing.assert_allclose(inter["features"], ref["features"], atol=1e-4, rtol=0)
@@ -74,21 +94,13 @@ def test_matches_the_pytorch_recreation_on_timm(case, references, images):
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * max(1, np.abs(theirs).max()))
   if case == "vit_r0":  # exactly the plain model: same code path, same numbers
     plain = models.create(model_name, head_zeroinit=False, **OURS)
-    np.testing.assert_array_equal(run(plain)[0], logits)
+    np.testing.assert_array_equal(_jit_intermediates(plain, [])(params, images)[0], logits)
 
 
-def test_token_counts_sizes_and_sources_are_static_and_consistent(images):
-  model = models.create("deit_tiny_distilled_patch16_224", token_merging=16, **OURS)
-  variables = jax.jit(model.init)(jax.random.key(0), images[:1])
-  traces = []
-
-  @jax.jit
-  def run(variables, x):
-    traces.append(x.shape)
-    return models.forward_intermediates(model, variables, x)
-
-  run(variables, images)
-  _, inter = run(variables, images[::-1])
+def test_token_counts_sizes_and_sources_are_static_and_consistent(ours, images):
+  run, params, traces = ours("deit_distilled_r16")
+  run(params, images)
+  _, inter = run(params, images[::-1])
   assert len(traces) == 1  # a new batch, no retrace
   counts = [inter[f"Transformer/block_{i}"].shape[1] for i in range(3)]
   assert counts == [51 - 16, 51 - 32, 51 - 32 - 8]  # last block clamped to (19 - 2) // 2
