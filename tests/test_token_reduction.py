@@ -84,6 +84,8 @@ def test_matches_the_pytorch_recreation_on_timm(case, references, ours, images):
   run, params, _ = ours(case)
   logits, inter = run(params, images)
   assert np.abs(ref["logits"]).mean() > 0.3  # logits of order 1, not ~0
+  print(case, f"max |logit diff| {np.abs(logits - ref['logits']).max():.1e}",
+        f"mean |logit| {np.abs(ref['logits']).mean():.2f}")
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
   np.testing.assert_allclose(inter["features"], ref["features"], atol=1e-4, rtol=0)
   for i in range(3):

@@ -61,20 +61,26 @@ inside the compact ``__call__``, so it may create submodules and parameters.
   tokens included). FlexiViT/NaFlex resample the table to ``grid`` (which may hold
   per-image sizes); MAE adds it and then keeps the visible tokens only, so the
   blocks run on those.
-* ``make_block(index, name, drop_path_rate)``: the block module for one index (None
-  when scanned). MoE swaps the block (or its MLP) in configured layers; token
-  reduction returns its own blocks. Different block types need ``scan_layers=False``.
+* ``make_block(index, name, drop_path_rate, **settings)``: the block module for one
+  index (None when scanned), a ``block_type`` (class attribute) built with the
+  encoder's settings plus ``settings``. MoE swaps the block (or its MLP) in
+  configured layers; token reduction builds ``TokenReductionBlock``\ s. Different
+  block types need ``scan_layers=False``.
 * ``run_blocks(x, *, mask, train)``: the loop (or ``nn.scan``) with remat, batch
   sharding constraints and the per-block ``block_{i}`` intermediates that early-exit
-  heads read. ToMe overrides it to carry token sizes from block to block.
+  heads read. ``TokenReductionEncoder`` overrides it to carry token sizes (and
+  sources) from block to block.
 
 ``Encoder1DBlock`` (one pre-norm block):
 
-* ``attend(y, *, mask, train)``: the attention branch on normed tokens. ToMe's
-  proportional attention passes ``log(size)`` as ``bias`` and reads the keys through
-  a wrapped ``attention_fn`` (it receives the projected query, key and value).
-* ``between(x, *, train)``: identity between the attention and MLP residuals, where
-  ToMe merges and EViT prunes tokens.
+* ``attend(y, *, mask, train, bias=None, attention_fn=None)``: the attention branch
+  on normed tokens. ToMe's proportional attention passes ``log(size)`` as ``bias``
+  and reads the keys through a wrapped ``attention_fn`` (it receives the projected
+  query, key and value).
+* ``between(x, *, train)``: identity between the attention and MLP residuals (a
+  variant that changes the tokens there). Token reduction also changes the token
+  sizes there, so ``TokenReductionBlock`` runs the same steps on
+  ``(tokens, size, source)`` and reduces in ``reduce`` (see ``token_reduction``).
 * ``mlp(y, *, train)``: the MLP branch (``MlpBlock_3``). An MoE layer swaps it and
   sows its auxiliary loss (``self.sow("intermediates", "aux_loss", ...)``).
 """
