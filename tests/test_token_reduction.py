@@ -137,9 +137,9 @@ def test_pallas_falls_back_to_xla_and_clip_towers_merge(images):
   assert program(pallas) == program(xla)  # the very same computation, no kernel call
   assert "pallas_call" in program(models.create("vit_tiny_patch16_224",
                                                 attention_impl="pallas", **OURS))
-  # A CLIP image tower (pre-norm, no patch bias) and the two-tower image side.
+  # A CLIP image tower (pre-norm, no patch bias; with remat) and the two-tower image side.
   tower = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, image_size=56,
-               patch_size=8, token_merging=12)
+               patch_size=8, token_merging=12, remat_policy="full")
   clip = models.create("vit_base_patch32_clip_224", num_classes=0, **tower)
   shape = jax.eval_shape(lambda x: models.forward_intermediates(
       clip, clip.init(jax.random.key(0), x), x)[1], images)
