@@ -447,11 +447,12 @@ class VisionTransformer(nn.Module):
                                          feature_map=self.linear_feature_map)
     if self.attention_impl == "xla":
       return layers.dot_product_attention  # exactly the original model
-    if self.attention_impl == "pallas" and any(np.atleast_1d(self.token_merging)):
+    if (self.attention_impl in ("pallas", "pallas_triton")
+        and any(np.atleast_1d(self.token_merging))):
       logging.log_first_n(
           logging.WARNING, "token_merging: proportional attention adds log(token size) "
-          "to the logits and the Pallas flash kernel takes no bias; using the XLA "
-          "attention (attention_impl='xla') instead", 1)
+          f"to the logits and the flash kernel ({self.attention_impl!r}) takes no bias; "
+          "using the XLA attention (attention_impl='xla') instead", 1)
       return layers.dot_product_attention
     return kernels.attention_fn(self.attention_impl)
 
