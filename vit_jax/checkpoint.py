@@ -74,9 +74,11 @@ def absolute(path: str) -> epath.Path:
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
-  """``Type: message`` cut to its first line (TensorStore errors run to pages)."""
+  """``Type: message`` cut to its first line (TensorStore errors run to pages), its
+  middle left out when long: the operating system's reason comes last."""
   text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  text = text if len(text) <= limit else text[:limit] + "..."
+  if len(text) > limit:
+    text = f"{text[:limit // 2]} ... {text[-limit // 2:]}"
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -223,9 +225,9 @@ class Checkpointer:
   def _save_failed(self, error: Exception) -> CheckpointError:
     self._manager.reload()
     kept = self.all_steps()
-    intact = (f"the checkpoints of steps {', '.join(map(str, kept))} are intact; free "
-              "space (or fix the storage) and rerun the same command to resume from "
-              f"step {max(kept)}" if kept else "no earlier checkpoint exists")
+    intact = (f"the earlier checkpoints are intact (steps {', '.join(map(str, kept))}); "
+              "free space (or fix the storage) and rerun the same command to resume "
+              f"from step {max(kept)}" if kept else "no earlier checkpoint exists")
     return CheckpointError(f"saving checkpoint {self.directory / str(self._saving)} "
                            f"failed ({first_line(error)}); {intact}")
 
