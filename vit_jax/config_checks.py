@@ -71,7 +71,7 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("optimizer.eps", _NON_NEGATIVE),
     ("optimizer.momentum", _FRACTION),
     ("optimizer.weight_decay", _NON_NEGATIVE),
-    ("optimizer.grad_clip_norm", _POSITIVE),
+    ("optimizer.grad_clip_norm", (_NON_NEGATIVE[0], "a finite number >= 0 (0: off)")),
     ("optimizer.layer_decay", (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]")),
     ("schedule.warmup_steps", _NON_NEGATIVE_INT),
     ("schedule.end_factor", _NON_NEGATIVE),

@@ -163,9 +163,23 @@ def _check_paths(shards: Sequence[str], output_dir: str) -> None:
     if real == output or real.startswith(output + os.sep):
       raise ValueError(f"--output_dir={output_dir} holds the input shard {shard}: the "
                        "output replaces that directory whole; choose another one")
-    if not os.path.isfile(shard) or not tarfile.is_tarfile(shard):
+    if not _is_tar(shard):
       raise ValueError(f"{shard} (matched by the shard spec) is not a tar file; give "
                        ".tar shards only")
+
+
+def _is_tar(shard: str) -> bool:
+  """Whether ``shard`` (local or remote) opens as a tar archive; an empty file does
+  (the reader counts it as an empty shard)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    with epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+      tar.next()
+  except tarfile.ReadError as e:
+    return str(e) == "empty file"
+  except (tarfile.TarError, OSError, EOFError):
+    return False
+  return True
 
 
 def _swap_in(built: str, output_dir: str) -> None:
