@@ -8,8 +8,10 @@ for first), "kwargs"}]}``; each run calls
 ``helpers.train_in_process(tfds_dir, workdir, **kwargs)``. The results (the trainer's
 result dicts) go to ``out``, together with the per-device bytes of ViT-B/16's train
 state under FSDP (abstract: nothing is allocated) and the collectives in the compiled
-forward pass of ``collectives_model`` under tensor parallelism and FSDP. One interpreter start for all the
-meshes keeps the test time down (see tests/test_sharding.py).
+forward pass of ``collectives_model`` under tensor parallelism and FSDP, and for the
+``tensor_parallel`` models of other families the loss on one device and with
+``tensor=2`` and their compiled collectives. One interpreter start for all the meshes
+keeps the test time down (see tests/test_sharding.py).
 """
 
 import collections
@@ -69,6 +71,54 @@ def forward_collectives(mesh_config: dict, **model_overrides) -> dict:
   return dict(collections.Counter(ops))
 
 
+def tensor_parallel(job: dict) -> dict:
+  """A model's loss on one device and on ``data=4 x tensor=2`` (default rules), and
+  the collectives of its compiled forward pass on that mesh.
+
+  ``job``: ``{"model", "overrides", "side"}``; ``side`` None embeds texts only (the
+  text tower of a two-tower model). Random parameters (``random_variables``), eval
+  mode, a cross-entropy over the batch.
+  """
+  from random_variables import random_variables  # pylint: disable=g-import-not-at-top
+  from vit_jax import models, sharding, tree  # pylint: disable=g-import-not-at-top
+  model = models.create(job["model"], **job["overrides"])
+  batch = 8
+  if job["side"] is None:
+    inputs = {"texts": jnp.tile(jnp.arange(8, dtype=jnp.int32)[None], (batch, 1))
+                       % jnp.arange(1, batch + 1, dtype=jnp.int32)[:, None]}
+    variables = random_variables(model, **inputs)
+    # Per-example logits: the text embeddings through a fixed random projection.
+    probe = jax.random.normal(jax.random.key(2), (model.embed_dim, 10))
+    logits_of = lambda v, x: model.apply(v, texts=x)[1] @ probe
+  else:
+    inputs = {"images": jax.random.normal(jax.random.key(1),
+                                          (batch, job["side"], job["side"], 3))}
+    variables = random_variables(model, inputs["images"])
+    logits_of = lambda v, x: model.apply(v, x)
+  (x,) = inputs.values()
+  labels = jnp.arange(batch) % 10
+  loss_of = lambda v, x: -jnp.mean(
+      jax.nn.log_softmax(logits_of(v, x))[jnp.arange(batch), labels])
+  single = float(jax.jit(loss_of)(variables, x))
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
+  shardings = sharding.state_shardings(variables, mesh)
+  split = sorted(tree.path_name(p) for p, s in
+                 jax.tree_util.tree_flatten_with_path(shardings)[0] if "tensor" in str(s.spec))
+  variables = jax.device_put(variables, shardings)
+  x = jax.device_put(x, sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    sharded = float(jax.jit(loss_of)(variables, x))
+    hlo = jax.jit(logits_of).lower(variables, x).compile().as_text()
+  ops = collections.Counter(re.findall(
+      r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+      r"(?:-start)?\(", hlo))
+  # XLA may combine independent all-reduces into one op: count the values reduced.
+  reduced = sum(len(re.findall(r"%[\w.-]+", operands)) for operands in re.findall(
+      r"= [^=]*? all-reduce(?:-start)?\(([^)]*)\)", hlo))
+  return {"single": single, "tensor2": sharded, "collectives": dict(ops),
+          "all_reduced_values": reduced, "split": split}
+
+
 def main(jobs_file: str) -> None:
   with open(jobs_file) as f:
     jobs = json.load(f)
@@ -90,6 +140,8 @@ def main(jobs_file: str) -> None:
   out["collectives"] = {
       "data2_tensor4": forward_collectives({"data": 2, "fsdp": 1, "tensor": 4}, **tiny),
       "fsdp8": forward_collectives({"data": 1, "fsdp": 8, "tensor": 1}, **tiny)}
+  out["tensor_parallel"] = {name: tensor_parallel(job)
+                            for name, job in jobs.get("tensor_parallel", {}).items()}
   with open(jobs["out"], "w") as f:
     json.dump(out, f)
 

@@ -273,48 +273,6 @@ TWO_STAGES = dict(embed_dim=16, depths=(1, 1), num_heads=(2, 2), split_sizes=(2,
                   num_classes=10)
 
 
-def test_compute_and_param_dtypes():
-  name, shape, overrides = ("cswin_tiny_224", (1, 224, 224, 3), TINY)
-  images = jax.ShapeDtypeStruct(shape, jnp.float32)
-  model = models.create(name, dtype="bfloat16", **overrides)
-
-  def run(x):
-    variables = model.init(jax.random.key(0), x)
-    return variables, models.forward_intermediates(model, variables, x)
-
-  variables, (logits, inter) = jax.eval_shape(run, images)
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  assert logits.dtype == jnp.float32
-  assert inter["stage_0"].dtype == inter["stage_3"].dtype == jnp.bfloat16
-  stored = jax.eval_shape(models.create(name, param_dtype="bfloat16", **overrides).init,
-                          jax.random.key(0), images)
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(stored))
-
-
-def test_drop_path_schedule_acts_only_in_training(monkeypatch):
-  """Traced, not run: the drop rate of every residual branch, as DropPath draws it.
-
-  Rates rise linearly from 0 at the first block to drop_path_rate at the last (timm's
-  schedule); a branch with rate 0, and every branch in eval mode, draws nothing.
-  """
-  drawn = []
-  bernoulli = jax.random.bernoulli
-
-  def recording_bernoulli(key, p, shape):
-    drawn.append(1.0 - p)  # DropPath keeps with probability 1 - rate
-    return bernoulli(key, p, shape)
-
-  monkeypatch.setattr(jax.random, "bernoulli", recording_bernoulli)
-  model = models.create("cswin_tiny_224", drop_path_rate=0.5, **TINY)
-  images = jnp.zeros((2, 224, 224, 3))
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  for train in (True, False):
-    jax.eval_shape(lambda v, train=train: model.apply(
-        v, images, train=train, rngs={"dropout": jax.random.key(0)}), variables)
-  rates = np.linspace(0.0, 0.5, sum(TINY["depths"]))[1:]
-  assert sorted(drawn) == pytest.approx(sorted(2 * list(rates)))  # attention and MLP
-
-
 def test_trains(tfds_dir, tmp_path):
   """A two-stage tiny CSWin trains through the real trainer: the loss falls."""
   result = train_in_process(

@@ -12,7 +12,7 @@ import pytest
 from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
 from helpers import state_dict_of
 from vit_jax import models
-from vit_jax.models import convert, deit
+from vit_jax.models import convert, vit
 
 # plain_timm_outputs: one timm subprocess for DeiT, CrossViT and TNT (a plugin, so
 # that the session fixture is shared by the three modules).
@@ -89,16 +89,20 @@ def test_distilled_model_errors():
     init(models.create("deit_tiny_distilled_patch16_224", **TINY), 48)
 
 
-def test_distilled_model_rejects_vit_settings_it_does_not_implement(monkeypatch):
-  """A ViT setting outside deit.SUPPORTED_VIT_FIELDS (here one taken out) is an error."""
-  model = models.create("deit_tiny_distilled_patch16_224", gelu_approximate=True, **TINY)
-  shape = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  jax.eval_shape(lambda x: model.init(jax.random.key(0), x), shape)  # supported: fine
-  monkeypatch.setattr(deit, "SUPPORTED_VIT_FIELDS",
-                      deit.SUPPORTED_VIT_FIELDS - {"gelu_approximate"})
-  with pytest.raises(ValueError, match="does not implement the ViT setting "
-                                       "gelu_approximate=True; leave it at False"):
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), shape)
+def test_distilled_model_takes_every_vit_setting_through_the_hooks():
+  """The distilled model overrides two ViT hooks only: scanned blocks, remat and
+  the linear attention reach its encoder as they reach the ViT's."""
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  model = models.create("deit_tiny_distilled_patch16_224", **TINY)
+  variables = jax.jit(model.init)(jax.random.key(0), images)
+  scanned = models.create("deit_tiny_distilled_patch16_224", scan_layers=True,
+                          remat_policy="full", **TINY)
+  stacked = {"params": vit.stack_block_params(variables["params"])}
+  linear = models.create("deit_tiny_distilled_patch16_224", attention="linear", **TINY)
+  logits, logits_scanned, logits_linear = jax.jit(lambda v, s, x: (
+      model.apply(v, x), scanned.apply(s, x), linear.apply(v, x)))(variables, stacked, images)
+  np.testing.assert_allclose(logits_scanned, logits, atol=1e-5)
+  assert not np.allclose(logits_linear, logits, atol=1e-3)  # another attention, same params
 
 
 # Parity jobs: real widths and heads, fewer blocks and a 32x32 input (2x2 patches) so

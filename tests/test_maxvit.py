@@ -109,21 +109,6 @@ def tiny():
   return model, random_variables(model, images), images
 
 
-def test_features_intermediates_and_headless(tiny):
-  model, variables, images = tiny
-  logits, inter = jax.jit(lambda v, x: models.forward_intermediates(model, v, x))(
-      variables, images)
-  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-  assert {k: v.shape for k, v in inter.items()} == {
-      "stage_0": (2, 8, 8, 16), "stage_1": (2, 4, 4, 32), "features": (2, 16)}
-  headless = models.create("maxvit_tiny_tf_224", **{**TINY, "num_classes": 0})
-  params = {k: v for k, v in variables["params"].items() if k != "head"}
-  features = jax.jit(headless.apply)({**variables, "params": params}, images)
-  np.testing.assert_allclose(features, inter["features"], atol=1e-6)
-  head = variables["params"]["head"]
-  np.testing.assert_allclose(features @ head["kernel"] + head["bias"], logits, atol=1e-5)
-
-
 def test_input_sizes_must_fit_the_partitions(tiny):
   model, variables, _ = tiny
   # 64x64: maps 16x16 and 8x8, both divisible by 2.
@@ -135,35 +120,6 @@ def test_input_sizes_must_fit_the_partitions(tiny):
   # The registered models: 7x7 partitions at 224.
   with pytest.raises(ValueError, match=r"divisible by 7x7; a 256x256 input"):
     models.create("maxvit_tiny_tf_224").stage_sizes(256, 256)
-
-
-def test_training_mode_drop_path_and_batch_stats(tiny):
-  model, variables, images = tiny
-  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key},
-                                                mutable=["batch_stats"]))
-  a, state = train(variables, images, jax.random.key(0))
-  b, _ = train(variables, images, jax.random.key(1))
-  assert not np.allclose(a, b)
-  # Training updates the running statistics (momentum 0.9 towards the batch's).
-  old = variables["batch_stats"]["stem"]["norm1"]["mean"]
-  new = state["batch_stats"]["stem"]["norm1"]["mean"]
-  assert new.shape == old.shape and not np.allclose(new, old)
-  bad = models.create("maxvit_tiny_tf_224", **TINY, attention_impl="nope")
-  with pytest.raises(ValueError, match="unknown attention implementation 'nope'"):
-    bad.apply(variables, images)
-
-
-def test_compute_and_param_dtypes(tiny):
-  """bfloat16 compute keeps float32 parameters and logits; param_dtype sets storage
-  (checked abstractly: shapes and dtypes only, nothing compiled)."""
-  _, variables, images = tiny
-  model = models.create("maxvit_tiny_tf_224", **TINY, dtype="bfloat16")
-  logits, inter = jax.eval_shape(
-      lambda v, x: models.forward_intermediates(model, v, x), variables, images)
-  assert logits.dtype == jnp.float32 and inter["stage_1"].dtype == jnp.bfloat16
-  stored = models.create("maxvit_tiny_tf_224", **TINY, param_dtype="bfloat16")
-  shapes = jax.eval_shape(stored.init, jax.random.key(0), images)
-  assert {x.dtype for x in jax.tree.leaves(shapes["params"])} == {jnp.dtype("bfloat16")}
 
 
 def test_trains(tfds_dir, tmp_path):

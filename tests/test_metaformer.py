@@ -110,31 +110,13 @@ TINY = dict(depths=(1, 1, 1, 1), dims=(16, 24, 32, 64), num_classes=NUM_CLASSES,
             token_mixers=("pooling", "sepconv", "attention", "attention"))
 
 
-def test_features_dtypes_and_bad_inputs():
-  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  headless = models.create("caformer_s18", **{**TINY, "num_classes": 0})
-  variables = jax.eval_shape(headless.init, jax.random.key(0), images)
-  assert "head" not in variables["params"]
-  assert jax.eval_shape(headless.apply, variables, images).shape == (2, 64)
-  bf16 = models.create("caformer_s18", dtype="bfloat16", **TINY)
-  variables = jax.eval_shape(bf16.init, jax.random.key(0), images)
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  out, inter = jax.eval_shape(lambda v, x: models.forward_intermediates(bf16, v, x),
-                              variables, images)
-  assert out.dtype == jnp.float32 and inter["stage_3"].dtype == jnp.bfloat16
-  assert inter["stage_1"].shape == (2, 4, 4, 24)
-  stored = models.create("caformer_s18", param_dtype="bfloat16", **TINY)
-  variables = jax.eval_shape(stored.init, jax.random.key(0), images)
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(variables))
+def test_bad_inputs():
   with pytest.raises(ValueError, match="at least 3 pixels; got 2x32"):
-    jax.eval_shape(bf16.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 2, 32, 3),
-                                                                      jnp.float32))
+    jax.eval_shape(models.create("caformer_s18", **TINY).init, jax.random.key(0),
+                   jax.ShapeDtypeStruct((1, 2, 32, 3), jnp.float32))
   with pytest.raises(ValueError, match="unknown token mixer 'conv'"):
-    models.create("caformer_s18", **{**TINY, "token_mixers": "conv"}).init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  with pytest.raises(ValueError, match="expected 4 per-stage values"):
-    models.create("caformer_s18", **{**TINY, "norms": ("layer",) * 3}).init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    jax.eval_shape(models.create("caformer_s18", **{**TINY, "token_mixers": "conv"}).init,
+                   jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
 
 
 def test_trains(tfds_dir, tmp_path):

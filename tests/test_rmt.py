@@ -203,44 +203,6 @@ def test_parameter_layout():
   assert len(stats) == 2 * (4 + 3 + 1)  # stem, downsamplings, head: mean and var
 
 
-def test_compute_and_param_dtypes():
-  images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  model = models.create("rmt_tiny", dtype="bfloat16", **TINY)
-
-  def run(x):
-    variables = model.init(jax.random.key(0), x)
-    return variables, models.forward_intermediates(model, variables, x)
-
-  variables, (logits, inter) = jax.eval_shape(run, images)
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  assert logits.dtype == jnp.float32
-  assert inter["stage_0"].dtype == inter["stage_3"].dtype == jnp.bfloat16
-  stored = jax.eval_shape(models.create("rmt_tiny", param_dtype="bfloat16", **TINY).init,
-                          jax.random.key(0), images)
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(stored["params"]))
-
-
-def test_drop_path_schedule_acts_only_in_training(monkeypatch):
-  """Traced, not run: the drop rate of every residual branch, as DropPath draws it."""
-  drawn = []
-  bernoulli = jax.random.bernoulli
-
-  def recording_bernoulli(key, p, shape):
-    drawn.append(1.0 - p)  # DropPath keeps with probability 1 - rate
-    return bernoulli(key, p, shape)
-
-  monkeypatch.setattr(jax.random, "bernoulli", recording_bernoulli)
-  model = models.create("rmt_tiny", drop_path_rate=0.5, **TINY)
-  images = jnp.zeros((2, 32, 32, 3))
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  for train in (True, False):
-    jax.eval_shape(lambda v, train=train: model.apply(
-        v, images, train=train, rngs={"dropout": jax.random.key(0)},
-        mutable=["batch_stats"]), variables)
-  rates = np.linspace(0.0, 0.5, sum(TINY["depths"]))[1:]
-  assert sorted(drawn) == pytest.approx(sorted(2 * list(rates)))  # attention and FFN
-
-
 def test_trains(tfds_dir, tmp_path):
   """A one-stage tiny RMT (stem, a decomposed-attention block, BatchNorm head) trains
   through the classification trainer: the loss falls."""

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, run_main, subprocess_env, train_in_process
+from zoo_models import TWO_TOWER, ZOO
 from vit_jax import checkpoint, sharding
 from vit_jax.models import convert, vit
 from vit_jax.tree import path_name
@@ -119,7 +120,9 @@ def runs(tfds_dir, tmp_path_factory, cache_env):
   jobs_file = root / "jobs.json"
   jobs_file.write_text(json.dumps({
       "tfds_dir": tfds_dir, "out": str(root / "out.json"), "runs": jobs,
-      "collectives_model": dict(TINY, num_classes=10, mlp_dim=256)}))
+      "collectives_model": dict(TINY, num_classes=10, mlp_dim=256),
+      "tensor_parallel": {family: dict(model=name, overrides=overrides, side=side)
+                          for family, (name, overrides, side, _) in TENSOR_PARALLEL.items()}}))
   proc = subprocess.Popen(
       [sys.executable, os.path.join(REPO, "tests", "sharding_worker.py"), str(jobs_file)],
       env=subprocess_env(8, **cache_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -135,6 +138,100 @@ def runs(tfds_dir, tmp_path_factory, cache_env):
 
 
 # ---------------------------------------------------------------- rules (no devices)
+
+# Tensor parallelism beyond the ViT, compiled on 8 devices (``data=4 x tensor=2``):
+# the families whose rule tables are their own (MetaFormer's fc1/fc2 and separable
+# conv, CvT's flat projections, the conv FFNs with BatchNorm of EfficientViT-M and
+# SHViT) and the CLIP text tower. family -> (model, overrides, image side or None
+# for texts, all-reduces of the forward pass: one per split residual branch).
+TENSOR_PARALLEL = {
+    # Blocks: pooling (MLP), separable conv (mixer + MLP), two attention blocks with
+    # two heads each (attention + MLP): 7.
+    "metaformer": ("caformer_s18", dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 64),
+                                        num_classes=10,
+                                        token_mixers=("pooling", "sepconv", "attention",
+                                                      "attention")), 32, 7),
+    # Three blocks (attention + MLP), every stage with an even number of heads: 6.
+    "cvt": ("cvt_13", dict(hidden_sizes=(16, 24, 32), depths=(1, 1, 1), num_heads=(2, 2, 4),
+                           num_classes=10), 32, 6),
+    # Two FFNs in each of 3 blocks, two in each of 2 downsamplings (attention is not
+    # split: its heads run in sequence): 10.
+    "efficientvit_msra": (ZOO["efficientvit_msra"][0],
+                          dict(ZOO["efficientvit_msra"][1], num_classes=10), 32, 10),
+    # The text tower alone: two blocks (attention + MLP): 4.
+    "two_tower": (TWO_TOWER[0], TWO_TOWER[1], None, 4),
+}
+
+# Per family, the attention and MLP kernels that tensor parallelism splits, by name.
+_ATTENTION = r"(query|key|value|out)/kernel$"
+_MLP = r"(mlp|Mlp|MlpBlock_\d+)/Dense_[01]/kernel$"
+SPLIT_KERNELS = {
+    "vit": (_ATTENTION, _MLP), "deit": (_ATTENTION, _MLP), "swin": (_ATTENTION, _MLP),
+    "maxvit": (_ATTENTION, _MLP), "gcvit": (_ATTENTION, _MLP), "pvt": (_ATTENTION, _MLP),
+    "pvt_v2": (_ATTENTION, _MLP, r"mlp/dwconv/kernel$"),
+    "crossvit": (_ATTENTION, _MLP), "t2t_vit": (_ATTENTION, _MLP), "tnt": (_ATTENTION, _MLP),
+    "cswin": (r"blocks_\d+/proj/kernel$", _MLP),
+    "cvt": (r"attention/proj(_[qkv])?/kernel$", _MLP),
+    "metaformer": (_ATTENTION, r"mlp/fc[12]/kernel$", r"token_mixer/pw(conv[12])/kernel$"),
+    "efficientvit_mit": (r"context_module/main/(qkv/conv|proj/conv|aggreg_\d+_\d+)/kernel$",
+                         r"local_module/main/(inverted|depth|point)_conv/conv/kernel$"),
+    "efficientvit_msra": (r"ffn\d?/pw[12]/conv/kernel$",),
+    "shvit": (r"ffn\d?/pw[12]/conv/kernel$",),
+    "rmt": (r"retention/([qkv]|out)/kernel$", r"ffn/fc[12]/kernel$", r"retention/lepe/kernel$"),
+    "two_tower": (_ATTENTION, _MLP),
+}
+# Attention and MLP kernels that stay whole over ``tensor``, and why.
+WHOLE_KERNELS = {
+    # The fused q|k|v output (``qkv`` axis): contiguous blocks would cut across q, k, v.
+    "cswin": r"blocks_\d+/qkv/kernel$",
+    # Single-head tokenizer layers (one head cannot be split).
+    "t2t_vit": r"tokens_to_token/attention\d/(kqv|qkv|proj)/kernel$",
+    # Cascaded group attention (heads in sequence); SHViT's single head.
+    "efficientvit_msra": r"mixer/attn/(qkvs|dws)_\d+/conv/kernel$",
+    "shvit": r"mixer/(qkv|proj)/conv/kernel$",
+}
+
+
+def zoo_variables(family):
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  if family == "two_tower":
+    model = models.create(TWO_TOWER[0], **TWO_TOWER[1])
+    return jax.eval_shape(lambda: model.init(jax.random.key(0)))
+  name, overrides, side, _ = ZOO[family]
+  model = models.create(name, **overrides)
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
+
+
+@pytest.mark.parametrize("family", sorted(SPLIT_KERNELS))
+def test_every_family_splits_its_attention_and_mlp_kernels(family):
+  """From the rules alone (nothing compiled): each family's attention and MLP kernels
+  carry ``heads``/``mlp``, one logical axis per dimension, whatever rule table named
+  them, and no two rules name a parameter differently."""
+  import re  # pylint: disable=g-import-not-at-top
+  names = {path_name(p): x.shape for p, x in
+           jax.tree_util.tree_flatten_with_path(zoo_variables(family))[0]}
+  for name, shape in names.items():
+    fitting = {axes for pattern, axes in sharding.param_rules()
+               if re.search(pattern, name) and len(shape) - len(axes) in (0, 1)}
+    assert len(fitting) <= 1, (name, fitting)
+  for pattern in SPLIT_KERNELS[family]:
+    matched = [n for n in names if re.search(pattern, n)]
+    assert matched, (family, pattern)
+    for name in matched:
+      axes = sharding.logical_axes(name, names[name])
+      assert {"heads", "mlp"} & set(axes), (name, axes)
+      spec = sharding.partition_spec(name, names[name], {"data": 4, "tensor": 2},
+                                     fsdp_min_size=0)
+      assert "tensor" in spec or any(names[name][d] % 2 for d, a in enumerate(axes)
+                                     if a in ("heads", "mlp")), (name, spec)
+  for name in names:
+    if family in WHOLE_KERNELS and re.search(WHOLE_KERNELS[family], name):
+      assert "tensor" not in sharding.partition_spec(name, names[name], {"tensor": 2})
+
+
+def test_the_split_kernels_cover_every_registered_family():
+  assert set(SPLIT_KERNELS) == set(ZOO) | {"two_tower"}
+
 
 SIZES = {"data": 1, "fsdp": 8, "tensor": 2}
 
@@ -486,6 +583,17 @@ def test_tensor_parallel_is_megatron_and_fsdp_gathers_weights(runs):
   collectives = runs.worker()["collectives"]
   assert collectives["data2_tensor4"] == {"all-reduce": 2 * TINY["num_layers"]}
   assert set(collectives["fsdp8"]) == {"all-gather"}
+
+
+@pytest.mark.parametrize("family", sorted(TENSOR_PARALLEL))
+def test_tensor_parallel_families_match_one_device(runs, family):
+  """tensor=2 (data=4) vs one device: the same loss, and the compiled forward pass
+  communicates by all-reduces only, one per split residual branch."""
+  result = runs.worker()["tensor_parallel"][family]
+  assert result["split"], family  # some parameters are split over tensor
+  assert abs(result["tensor2"] - result["single"]) <= 1e-5, result
+  assert set(result["collectives"]) == {"all-reduce"}, result["collectives"]
+  assert result["all_reduced_values"] == TENSOR_PARALLEL[family][3], result
 
 
 def test_fsdp_shards_parameters_and_optimizer_state(runs):

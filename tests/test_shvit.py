@@ -92,15 +92,13 @@ TINY = dict(embed_dims=(16, 24, 32), partial_dims=(8, 8, 8), qk_dims=(4, 4, 4),
             depths=(1, 1, 1), mixers=("i", "s", "s"))
 
 
-def test_features_and_config_errors():
+def test_stage_maps_and_config_errors():
   images = jax.ShapeDtypeStruct((2, 48, 64, 3), jnp.float32)  # any size works
-  headless = models.create("shvit_s1", num_classes=0, **TINY)
-  variables = jax.eval_shape(headless.init, jax.random.key(0), images)
-  assert "head" not in variables["params"] and "head" not in variables["batch_stats"]
-  out, inter = jax.eval_shape(lambda v, x: models.forward_intermediates(headless, v, x),
-                              variables, images)
-  assert out.shape == (2, 32) and inter["stage_2"].shape == (2, 1, 1, 32)
-  assert inter["stage_0"].shape == (2, 3, 4, 16)
+  model = models.create("shvit_s1", **TINY)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  _, inter = jax.eval_shape(lambda v, x: models.forward_intermediates(model, v, x),
+                            variables, images)
+  assert inter["stage_0"].shape == (2, 3, 4, 16) and inter["stage_2"].shape == (2, 1, 1, 32)
   bad = models.create("shvit_s1", **{**TINY, "partial_dims": (8, 30, 8)})
   with pytest.raises(ValueError, match=r"partial_dim=30 must be in \(0, 24\]"):
     jax.eval_shape(bad.init, jax.random.key(0), images)

@@ -9,7 +9,7 @@ import pytest
 from helpers import run_timm_reference, state_dict_of, train_in_process
 from random_variables import random_variables
 from vit_jax import models
-from vit_jax.models import convert, swin
+from vit_jax.models import convert, layers, swin
 
 # timm 1.0.31: sum(p.numel()) of timm.create_model(name) built on the meta device
 # (one-off script, outside the test process; 1000-class heads).
@@ -125,7 +125,7 @@ def test_shifted_window_mask_matches_regions():
 
 
 def test_relative_position_index_is_swins():
-  index = swin.relative_position_index((2, 3))
+  index = layers.relative_position_index((2, 3))
   # Query (0, 0) against key (1, 2): offset (-1, -2), the first table row.
   assert index[0, 5] == 0
   # Query (1, 2) against key (0, 0): offset (1, 2), the last of (2*2-1)*(2*3-1) rows.
@@ -149,21 +149,6 @@ def tiny():
   return model, random_variables(model, images), images
 
 
-def test_features_intermediates_and_headless(tiny):
-  model, variables, images = tiny
-  logits, inter = jax.jit(lambda v, x: models.forward_intermediates(model, v, x))(
-      variables, images)
-  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-  assert {k: v.shape for k, v in inter.items()} == {
-      "stage_0": (2, 8, 8, 16), "stage_1": (2, 4, 4, 32), "features": (2, 32)}
-  headless = models.create("swin_tiny_patch4_window7_224", **{**TINY, "num_classes": 0})
-  params = {k: v for k, v in variables["params"].items() if k != "head"}
-  features = jax.jit(headless.apply)({"params": params}, images)
-  np.testing.assert_allclose(features, inter["features"], atol=1e-6)
-  head = variables["params"]["head"]
-  np.testing.assert_allclose(features @ head["kernel"] + head["bias"], logits, atol=1e-5)
-
-
 def test_other_resolutions_pad_to_the_window_and_bad_sizes_fail(tiny):
   model, variables, _ = tiny
   # 36x44: maps 9x11 (padded to 12x12 for window 4) then 5x6; same weights.
@@ -171,30 +156,6 @@ def test_other_resolutions_pad_to_the_window_and_bad_sizes_fail(tiny):
   assert logits.shape == (1, 10) and np.all(np.isfinite(logits))
   with pytest.raises(ValueError, match="needs image sides divisible by 4; got 30x32"):
     model.apply(variables, jnp.zeros((1, 30, 32, 3)))
-
-
-def test_drop_path_in_training_and_attention_impl_reaches_the_kernel(tiny):
-  model, variables, images = tiny
-  train = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key}))
-  a = train(variables, images, jax.random.key(0))
-  assert not np.allclose(a, train(variables, images, jax.random.key(1)))
-  np.testing.assert_array_equal(a, train(variables, images, jax.random.key(0)))
-  bad = models.create("swin_tiny_patch4_window7_224", **TINY, attention_impl="nope")
-  with pytest.raises(ValueError, match="unknown attention implementation 'nope'"):
-    bad.apply(variables, images)
-
-
-def test_compute_and_param_dtypes(tiny):
-  """bfloat16 compute keeps float32 parameters and logits; param_dtype sets storage
-  (checked abstractly: shapes and dtypes only, nothing compiled)."""
-  _, variables, images = tiny
-  model = models.create("swin_tiny_patch4_window7_224", **TINY, dtype="bfloat16")
-  logits, inter = jax.eval_shape(
-      lambda v, x: models.forward_intermediates(model, v, x), variables, images)
-  assert logits.dtype == jnp.float32 and inter["stage_1"].dtype == jnp.bfloat16
-  stored = models.create("swin_tiny_patch4_window7_224", **TINY, param_dtype="bfloat16")
-  shapes = jax.eval_shape(stored.init, jax.random.key(0), images)
-  assert {x.dtype for x in jax.tree.leaves(shapes["params"])} == {jnp.dtype("bfloat16")}
 
 
 def test_trains(tfds_dir, tmp_path):

@@ -13,10 +13,14 @@ Batches (and, inside the models, activations) are split over ``("data", "fsdp")`
 How a train-state array is sharded, in three steps (``partition_spec``):
 
 1. Its name gives each dimension a *logical axis* (``embed``, ``heads``, ``mlp``...)
-   through small regex rules (``PARAM_AXES``, extendable with
-   ``register_param_axes``); a parameter no rule names has unnamed dimensions. Model
-   files need no annotations: the rules key on the vision_transformer names that the
-   shared layers use (``query``/``key``/``value``/``out``, ``MlpBlock*/Dense_{0,1}``).
+   through small regex rules; a parameter no rule names has unnamed dimensions.
+   ``PARAM_AXES`` names the shared layers of ``models/layers.py`` by their
+   vision_transformer names (``query``/``key``/``value``/``out``, ``MlpBlock*`` or
+   ``mlp``/``Dense_{0,1}``), which most families use. A family whose attention or
+   MLP layers carry names of their own (MetaFormer's ``mlp/fc1``, CvT's
+   ``attention/proj_q``...) declares a rule table beside its model and registers it
+   with ``register_param_axes``. Rules of different families never match the same
+   parameter with different axes (``tests/test_sharding.py`` checks every family).
 2. ``config.sharding.rules`` maps logical axes to mesh axes (``"tensor"``,
    ``"fsdp,tensor"``, or ``"none"``); the default splits ``heads`` and ``mlp``
    over ``tensor``.
@@ -65,9 +69,25 @@ DEFAULT_RULES: dict[str, str] = {"heads": "tensor", "mlp": "tensor"}
 DEFAULT_FSDP_MIN_SIZE = 2**14  # elements: 64 KiB in float32
 
 
-def register_param_axes(pattern: str, axes: Sequence[str]) -> None:
-  """Adds a name rule ahead of the built-in ones (for a family's own layers)."""
-  PARAM_AXES.insert(0, (pattern, tuple(axes)))
+# Rule tables that model families register for the layers they name themselves.
+_FAMILY_AXES: list[tuple[str, tuple[Optional[str], ...]]] = []
+
+
+def register_param_axes(rules: Iterable[tuple[str, Sequence[Optional[str]]]]) -> None:
+  """Adds a family's ``(pattern, axes)`` rules, tried before ``PARAM_AXES``.
+
+  ``None`` in ``axes`` leaves that dimension unnamed. Registering a rule again (a
+  module imported twice) changes nothing.
+  """
+  for pattern, axes in rules:
+    rule = (pattern, tuple(axes))
+    if rule not in _FAMILY_AXES:
+      _FAMILY_AXES.append(rule)
+
+
+def param_rules() -> list[tuple[str, tuple[Optional[str], ...]]]:
+  """Every name rule in the order ``logical_axes`` tries them."""
+  return _FAMILY_AXES + PARAM_AXES
 
 
 # ---------------------------------------------------------------- meshes and batches
@@ -132,7 +152,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
 
 def logical_axes(name: str, shape: Sequence[int]) -> tuple[Optional[str], ...]:
   """Logical axis names of an array from its name; ``None`` for unnamed dimensions."""
-  for pattern, axes in PARAM_AXES:
+  for pattern, axes in param_rules():
     if re.search(pattern, name):
       if len(shape) == len(axes):
         return axes

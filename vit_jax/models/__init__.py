@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import tree
-from vit_jax.models.registry import create, list_models, model_info, register_model
+from vit_jax.models.registry import (create, list_models, model_info, register_model,
+                                     register_variant)
 # Family files register their variants at import.
 from vit_jax.models import vit  # noqa: F401
 from vit_jax.models import efficientvit_mit  # noqa: F401
@@ -64,5 +65,5 @@ def forward_intermediates(model, variables, images, *, train: bool = False,
   return out, tree.sown(state["intermediates"])
 
 
-__all__ = ["create", "list_models", "model_info", "register_model", "param_count",
-           "input_shape", "forward_intermediates"]
+__all__ = ["create", "list_models", "model_info", "register_model", "register_variant",
+           "param_count", "input_shape", "forward_intermediates"]

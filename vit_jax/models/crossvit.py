@@ -21,7 +21,6 @@ Intermediates: ``block_{i}/branch_{b}`` (all tokens of branch b after multi-scal
 block i, class token first) and ``features`` (the two class tokens, concatenated).
 """
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -31,7 +30,7 @@ import numpy as np
 
 from vit_jax.models import layers, vit
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -267,8 +266,7 @@ class CrossViT(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     self._check_input(images.shape[1], images.shape[2])
     num_branches = len(self.patch_size)
     images = images.astype(dtype)
@@ -302,19 +300,6 @@ class CrossViT(nn.Module):
     return sum(logits) / num_branches
 
 
-def _timm_cross_attention(state: StateDict, prefix: str, num_heads: int) -> dict:
-  """timm ``CrossAttention`` (separate ``wq``/``wk``/``wv``, ``proj``) -> query/.../out."""
-  out = {}
-  for name, key in (("query", "wq"), ("key", "wk"), ("value", "wv")):
-    w, b = state.take(f"{prefix}.{key}.weight"), state.take(f"{prefix}.{key}.bias")
-    out[name] = {"kernel": w.T.reshape(w.shape[1], num_heads, -1),
-                 "bias": b.reshape(num_heads, -1)}
-  proj = state.take(f"{prefix}.proj.weight")
-  out["out"] = {"kernel": proj.T.reshape(num_heads, -1, proj.shape[0]),
-                "bias": state.take(f"{prefix}.proj.bias")}
-  return out
-
-
 @register_timm_converter("crossvit")
 def convert_timm_crossvit(state: StateDict, model: CrossViT) -> dict:
   """timm ``CrossVit`` state dict -> CrossViT params."""
@@ -340,10 +325,10 @@ def convert_timm_crossvit(state: StateDict, model: CrossViT) -> dict:
       block[f"blocks_{b}"] = {
           f"encoderblock_{j}": {
               "LayerNorm_0": state.norm(f"{timm_block}.blocks.{b}.{j}.norm1"),
-              "MultiHeadDotProductAttention_1": vit._timm_attention(  # pylint: disable=protected-access
+              "MultiHeadDotProductAttention_1": layers.timm_attention_params(
                   state, f"{timm_block}.blocks.{b}.{j}.attn", model.num_heads[b]),
               "LayerNorm_2": state.norm(f"{timm_block}.blocks.{b}.{j}.norm2"),
-              "MlpBlock_3": vit._timm_mlp(state, f"{timm_block}.blocks.{b}.{j}.mlp"),  # pylint: disable=protected-access
+              "MlpBlock_3": layers.timm_mlp_params(state, f"{timm_block}.blocks.{b}.{j}.mlp"),
           } for j in range(cfg[b])}
       block[f"proj_{b}"] = projection(f"{timm_block}.projs.{b}")
       block[f"revert_proj_{b}"] = projection(f"{timm_block}.revert_projs.{b}")
@@ -352,8 +337,8 @@ def convert_timm_crossvit(state: StateDict, model: CrossViT) -> dict:
                  [(f"fusion_{b}_{k}", f"{timm_block}.fusion.{b}.{k}") for k in range(cfg[-1])])
       for ours, theirs in fusions:
         block[ours] = {"LayerNorm_0": state.norm(f"{theirs}.norm1"),
-                       "MultiHeadDotProductAttention_0": _timm_cross_attention(
-                           state, f"{theirs}.attn", heads)}
+                       "MultiHeadDotProductAttention_0": layers.timm_attention_params(
+                           state, f"{theirs}.attn", heads, linears=layers.SEPARATE_QKV)}
     params[f"block_{i}"] = block
   return params
 
@@ -385,12 +370,8 @@ def _register_variants():
     scale = {240: 224 / 240, 408: 384 / 408}[resolution]
     defaults = dict(VARIANTS[size], multi_conv=dagger, image_size=resolution,
                     image_scale=(1.0, scale), patch_size=(12, 16))
-
-    def factory(defaults=defaults, **overrides):
-      return CrossViT(**{**defaults, **overrides})
-
-    factory.__doc__ = f"CrossViT-{size}{'†' if dagger else ''} at {resolution}x{resolution}."
-    register_model(name, family="crossvit", image_size=resolution)(factory)
+    register_variant(name, CrossViT, defaults, family="crossvit", image_size=resolution,
+                     doc=f"CrossViT-{size}{'†' if dagger else ''} at {resolution}x{resolution}.")
 
 
 _register_variants()

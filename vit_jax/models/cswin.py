@@ -40,16 +40,29 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vit_jax import kernels
+from vit_jax import kernels, sharding
 from vit_jax.kernels.window_attention import partition, unpartition
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict
 from vit_jax.models.official import register_official_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
 dense_init = nn.initializers.truncated_normal(0.02)
+
+# Tensor parallelism (see vit_jax.sharding): ``proj`` reads the heads of both stripe
+# branches one after the other, so it splits over ``heads`` and ends in one
+# all-reduce. The fused ``qkv`` output is laid out q | k | v, each branch by branch:
+# contiguous tensor blocks would cut across q, k and v, so its axis is ``qkv``, which
+# the default rules leave whole (each device computes all of q, k, v and attends
+# with its own heads). The MLP is the shared layer.
+PARAM_AXES = (
+    (r"(^|/)stages_\d+/blocks_\d+/qkv/kernel$", ("embed", "qkv")),
+    (r"(^|/)stages_\d+/blocks_\d+/qkv/bias$", ("qkv",)),
+    (r"(^|/)stages_\d+/blocks_\d+/proj/kernel$", ("heads", "embed")),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 # Official configurations: stem width, depths, heads, stripe widths, resolution.
 VARIANTS = {
@@ -129,24 +142,6 @@ class CSWinBlock(nn.Module):
     return x + layers.DropPath(self.drop_path_rate)(y, train=train)
 
 
-class ConvEmbed(nn.Module):
-  """Conv (stem or stage merge) + LayerNorm, NHWC."""
-  dim: int
-  kernel: int
-  stride: int
-  padding: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    k, s, p = self.kernel, self.stride, self.padding
-    x = nn.Conv(self.dim, (k, k), strides=(s, s), padding=((p, p), (p, p)),
-                dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
-    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="norm")(x)
-
-
 class Stage(nn.Module):
   dim: int
   depth: int
@@ -164,8 +159,8 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     if self.downsample:
-      x = ConvEmbed(self.dim, 3, 2, 1, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="downsample")(x)
+      x = layers.ConvEmbed(self.dim, 3, 2, 1, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="downsample")(x)
     for j in range(self.depth):
       x = CSWinBlock(num_heads=self.num_heads, split_size=self.split_size,
                      branches=self.branches, mlp_ratio=self.mlp_ratio,
@@ -237,11 +232,10 @@ class CSWinTransformer(nn.Module):
       if heads % 2:
         raise ValueError(f"CSWin stage {i} splits its heads between two stripe "
                          f"directions: num_heads must be even, got {heads}")
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     self.stage_sizes(images.shape[1], images.shape[2])
 
-    x = ConvEmbed(self.embed_dim, 7, 4, 2, dtype=dtype, param_dtype=param_dtype,
+    x = layers.ConvEmbed(self.embed_dim, 7, 4, 2, dtype=dtype, param_dtype=param_dtype,
                   name="patch_embed")(images.astype(dtype))
     rates = layers.stochastic_depth_rates(self.drop_path_rate, sum(self.depths))
     start = 0
@@ -259,13 +253,9 @@ class CSWinTransformer(nn.Module):
 
     x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(x)
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype,
-                 param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes,
+                                  kernel_init=dense_init, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 @register_official_converter("cswin")
@@ -290,8 +280,7 @@ def convert_official_cswin(state: StateDict, model: CSWinTransformer) -> dict:
       p = f"stage{i + 1}.{j}"
       block = {"norm1": state.norm(f"{p}.norm1"), "qkv": state.linear(f"{p}.qkv"),
                "proj": state.linear(f"{p}.proj"), "norm2": state.norm(f"{p}.norm2"),
-               "mlp": {"Dense_0": state.linear(f"{p}.mlp.fc1"),
-                       "Dense_1": state.linear(f"{p}.mlp.fc2")}}
+               "mlp": layers.timm_mlp_params(state, f"{p}.mlp")}
       for b in range(branches):
         block[f"lepe_{b}"] = state.conv(f"{p}.attns.{b}.get_v")
       stage[f"blocks_{j}"] = block
@@ -304,12 +293,8 @@ def convert_official_cswin(state: StateDict, model: CSWinTransformer) -> dict:
 def _register_variants():
   for name, config in VARIANTS.items():
     size = int(name.rsplit("_", 1)[1])
-
-    def factory(config=config, **overrides):
-      return CSWinTransformer(**{**config, **overrides})
-
-    factory.__doc__ = f"Official CSWin ({name}), {size}x{size}."
-    register_model(name, family="cswin", image_size=size)(factory)
+    register_variant(name, CSWinTransformer, config, family="cswin", image_size=size,
+                     doc=f"Official CSWin ({name}), {size}x{size}.")
 
 
 _register_variants()

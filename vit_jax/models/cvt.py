@@ -33,15 +33,23 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vit_jax import sharding
 from vit_jax.models import layers
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 LN_EPS = 1e-5
 
-
-def quick_gelu(x: Array) -> Array:
-  return x * nn.sigmoid(1.702 * x)
+# Tensor parallelism (see vit_jax.sharding): ``proj_{q,k,v}`` write heads one after
+# the other (``[dim, heads * head_dim]``), so splitting their outputs splits heads;
+# ``proj`` reads them back and ends in one all-reduce. The MLP (``Mlp``) is the
+# shared layer.
+PARAM_AXES = (
+    (r"(^|/)attention/proj_[qkv]/kernel$", ("embed", "heads")),
+    (r"(^|/)attention/proj_[qkv]/bias$", ("heads",)),
+    (r"(^|/)attention/proj/kernel$", ("heads", "embed")),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 
 class ConvProjection(nn.Module):
@@ -59,9 +67,8 @@ class ConvProjection(nn.Module):
                 padding=((self.padding,) * 2,) * 2, feature_group_count=dim,
                 use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                 name="conv")(x)
-    # PyTorch's BatchNorm2d: momentum 0.1 (Flax counts the other way), eps 1e-5.
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
+    x = layers.batch_norm(train, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="bn")(x)
     return x.reshape(x.shape[0], -1, dim)
 
 
@@ -110,23 +117,6 @@ class ConvAttention(nn.Module):
     return nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
 
 
-class Mlp(nn.Module):
-  """Dense -> QuickGELU -> dropout -> Dense -> dropout (names ``Dense_0``, ``Dense_1``)."""
-  hidden: int
-  dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> Array:
-    dim = x.shape[-1]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = quick_gelu(nn.Dense(self.hidden, name="Dense_0", **kw)(x))
-    y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
-    y = nn.Dense(dim, name="Dense_1", **kw)(y)
-    return nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
-
-
 class CvTBlock(nn.Module):
   """Pre-norm block: x + attn(LN(x)) with conv projections, then x + MLP(LN(x))."""
   num_heads: int
@@ -151,25 +141,12 @@ class CvTBlock(nn.Module):
                           y, height, width, train=train)
     x = x + layers.DropPath(self.drop_path_rate)(y, train=train)
     y = nn.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(x)
-    y = Mlp(int(dim * self.mlp_ratio), self.dropout_rate, name="Mlp", **kw)(y, train=train)
+    # The official MLP: QuickGELU, PyTorch's default Linear init (LeCun-like, zero bias).
+    y = layers.MlpBlock(int(dim * self.mlp_ratio), dropout_rate=self.dropout_rate,
+                        activation=layers.quick_gelu,
+                        kernel_init=nn.initializers.lecun_normal(),
+                        bias_init=nn.initializers.zeros, name="Mlp", **kw)(y, train=train)
     return x + layers.DropPath(self.drop_path_rate)(y, train=train)
-
-
-class ConvEmbed(nn.Module):
-  """Convolutional token embedding: overlapping strided conv, then LayerNorm."""
-  hidden_size: int
-  patch_size: int
-  stride: int
-  padding: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Conv(self.hidden_size, (self.patch_size,) * 2, strides=(self.stride,) * 2,
-                padding=((self.padding,) * 2,) * 2, name="conv", **kw)(x)
-    return nn.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(x)
 
 
 class Stage(nn.Module):
@@ -192,8 +169,9 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = ConvEmbed(self.hidden_size, self.patch_size, self.patch_stride, self.patch_padding,
-                  name="embed", **kw)(x)
+    # The convolutional token embedding: an overlapping strided conv, then LayerNorm.
+    x = layers.ConvEmbed(self.hidden_size, self.patch_size, self.patch_stride,
+                         self.patch_padding, conv_name="conv", name="embed", **kw)(x)
     batch, height, width, dim = x.shape
     x = x.reshape(batch, height * width, dim)
     if self.with_cls_token:
@@ -243,8 +221,10 @@ class CvT(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
+    layers.check_per_stage(self, ("hidden_sizes", "num_heads", "patch_sizes",
+                                  "patch_strides", "patch_paddings", "cls_token"),
+                           len(self.depths))
     for dim, heads in zip(self.hidden_sizes, self.num_heads):
       if dim % heads:
         raise ValueError(f"CvT width {dim} is not divisible by its {heads} heads")
@@ -268,11 +248,8 @@ class CvT(nn.Module):
         pooled)
     if cls is None:
       x = jnp.mean(x, axis=1)
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    return nn.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype,
-                    name="head")(x).astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 # The official configurations (experiments/imagenet/cvt/*.yaml): CvT-13 and CvT-21 at
@@ -289,12 +266,8 @@ def _register_variants():
   for size, (dims, resolution) in VARIANTS.items():
     name = f"cvt_{size}"
     defaults = dict(dims, image_size=resolution)
-
-    def factory(defaults=defaults, **overrides):
-      return CvT(**{**defaults, **overrides})
-
-    factory.__doc__ = f"CvT-{size.upper()} (default resolution {resolution})."
-    register_model(name, family="cvt", image_size=resolution)(factory)
+    register_variant(name, CvT, defaults, family="cvt", image_size=resolution,
+                     doc=f"CvT-{size.upper()} (default resolution {resolution}).")
 
 
 _register_variants()

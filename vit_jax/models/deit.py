@@ -19,7 +19,6 @@ two tokens' features. Parameter tree: the ViT layout plus ``dist`` (the distilla
 token, beside ``cls``) and ``head_dist``; the position embedding covers both tokens.
 """
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -27,25 +26,17 @@ import jax.numpy as jnp
 
 from vit_jax.models import layers, vit
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
-
-
-# The VisionTransformer settings DistilledVisionTransformer.__call__ implements.
-SUPPORTED_VIT_FIELDS = frozenset((
-    "num_classes", "image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
-    "mlp_dim", "classifier", "posemb", "representation_size", "dropout_rate",
-    "attention_dropout_rate", "drop_path_rate", "head_zeroinit", "gelu_approximate",
-    "attention", "attention_impl", "linear_feature_map", "remat_policy", "scan_layers",
-    "pre_norm", "patch_bias", "norm_epsilon", "dtype", "param_dtype", "parent", "name"))
 
 
 class DistilledVisionTransformer(vit.VisionTransformer):
   """ViT with class and distillation tokens and two heads (DeiT's distilled models).
 
-  Takes every ``VisionTransformer`` setting, but only the class-token layout with a
-  learned position embedding and no pre-logits layer (what DeiT defines).
+  Overrides two ViT hooks: ``add_prefix_tokens`` (both tokens) and ``forward_head``
+  (one head per token); every other ViT setting works as in the ViT. DeiT defines
+  the class-token layout with a learned position embedding and no pre-logits layer.
   """
   distilled_training: bool = True
 
@@ -56,53 +47,23 @@ class DistilledVisionTransformer(vit.VisionTransformer):
                        "classifier='token', posemb='learn' and no representation_size; got "
                        f"classifier={self.classifier!r}, posemb={self.posemb!r}, "
                        f"representation_size={self.representation_size!r}")
-    # Settings the ViT has that this forward pass does not implement (e.g. ones the ViT
-    # gains later) must keep their defaults: an error, never silently ignored.
-    for field in dataclasses.fields(vit.VisionTransformer):
-      if (field.name not in SUPPORTED_VIT_FIELDS and field.default is not dataclasses.MISSING
-          and getattr(self, field.name) != field.default):
-        raise ValueError(f"the distilled DeiT does not implement the ViT setting "
-                         f"{field.name}={getattr(self, field.name)!r}; leave it at "
-                         f"{field.default!r}")
 
-  @nn.compact
-  def __call__(self, images: Array, *, train: bool = False) -> Any:
-    self._check_config()
-    dtype = layers.canonical_dtype(self.dtype)
-    param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    gh, gw = self.patch_grid(images.shape[1], images.shape[2])
-
-    x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
-                strides=(self.patch_size, self.patch_size), padding="VALID",
-                use_bias=self.patch_bias, dtype=dtype, param_dtype=param_dtype,
-                name="embedding")(
-                    images.astype(dtype))
-    batch = x.shape[0]
-    x = x.reshape(batch, gh * gw, self.hidden_size)
+  def add_prefix_tokens(self, x: Array) -> Array:
     tokens = [self.param(name, nn.initializers.normal(stddev=0.02),
-                         (1, 1, self.hidden_size), param_dtype) for name in ("cls", "dist")]
-    tokens = [jnp.tile(t.astype(dtype), [batch, 1, 1]) for t in tokens]
-    x = jnp.concatenate(tokens + [x], axis=1)
+                         (1, 1, self.hidden_size), self.storage_dtype)
+              for name in ("cls", "dist")]
+    tokens = [jnp.tile(t.astype(self.compute_dtype), [x.shape[0], 1, 1]) for t in tokens]
+    return jnp.concatenate(tokens + [x], axis=1)
 
-    x = vit.Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim,
-                    num_heads=self.num_heads, pre_norm=self.pre_norm,
-                    dropout_rate=self.dropout_rate,
-                    attention_dropout_rate=self.attention_dropout_rate,
-                    drop_path_rate=self.drop_path_rate,
-                    gelu_approximate=self.gelu_approximate,
-                    attention_fn=self._attention_fn(), remat_policy=self.remat_policy,
-                    scan_layers=self.scan_layers, norm_epsilon=self.norm_epsilon,
-                    dtype=dtype, param_dtype=param_dtype, name="Transformer")(x, train=train)
-
+  def forward_head(self, x: Array, *, train: bool = False) -> Any:
     x_cls, x_dist = x[:, 0], x[:, 1]
-    self.sow("intermediates", "features", (x_cls + x_dist) / 2)
     if not self.num_classes:
-      return ((x_cls + x_dist) / 2).astype(jnp.float32)
-    head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-    head = lambda name: nn.Dense(self.num_classes, kernel_init=head_init, dtype=dtype,
-                                 param_dtype=param_dtype, name=name)
+      return layers.classifier_head(self, (x_cls + x_dist) / 2, 0)
+    self.sow("intermediates", "features", (x_cls + x_dist) / 2)
+    head = lambda name: nn.Dense(self.num_classes,
+                                 kernel_init=layers.head_init(self.head_zeroinit),
+                                 dtype=self.compute_dtype, param_dtype=self.storage_dtype,
+                                 name=name)
     logits = head("head")(x_cls).astype(jnp.float32)
     logits_dist = head("head_dist")(x_dist).astype(jnp.float32)
     if train and self.distilled_training:
@@ -129,13 +90,9 @@ def _register_variants():
       name = f"deit_{size}{'_distilled' if distilled else ''}_patch16_{resolution}"
       cls = DistilledVisionTransformer if distilled else vit.VisionTransformer
       defaults = dict(sizes[size], patch_size=16, image_size=resolution)
-
-      def factory(cls=cls, defaults=defaults, **overrides):
-        return cls(**{**defaults, **overrides})
-
-      factory.__doc__ = (f"DeiT-{size[0].upper()}/16 at {resolution}x{resolution}"
-                         f"{' with a distillation token' if distilled else ''}.")
-      register_model(name, family="deit", image_size=resolution)(factory)
+      register_variant(name, cls, defaults, family="deit", image_size=resolution,
+                       doc=(f"DeiT-{size[0].upper()}/16 at {resolution}x{resolution}"
+                            f"{' with a distillation token' if distilled else ''}."))
 
 
 _register_variants()

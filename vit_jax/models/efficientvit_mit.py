@@ -29,12 +29,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax import kernels
+from vit_jax import kernels, sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, Variables, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
+
+# Tensor parallelism (see vit_jax.sharding). LiteMLA: the ``qkv`` conv writes its
+# channels head by head ([head][q|k|v][head_dim]) and the aggregation convs keep
+# that order, so splitting them splits heads; ``proj`` reads the heads back. The
+# MBConv local module is the MLP: 1x1 expand, depthwise, 1x1 project.
+PARAM_AXES = (
+    (r"context_module/main/qkv/conv/kernel$", (None, None, "embed", "heads")),
+    (r"context_module/main/aggreg_\d+_\d+/kernel$", (None, None, None, "heads")),
+    (r"context_module/main/proj/conv/kernel$", (None, None, "heads", "embed")),
+    (r"local_module/main/inverted_conv/conv/kernel$", (None, None, "embed", "mlp")),
+    (r"local_module/main/(inverted|depth)_conv/(conv/bias|norm/(scale|bias|mean|var))$",
+     ("mlp",)),
+    (r"local_module/main/depth_conv/conv/kernel$", (None, None, None, "mlp")),
+    (r"local_module/main/point_conv/conv/kernel$", (None, None, "mlp", "embed")),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 # timm efficientvit_mit configurations: stem + 4 stage widths/depths, head dim of
 # the linear attention, head MLP widths.
@@ -85,9 +101,8 @@ class ConvNormAct(nn.Module):
                 feature_group_count=self.groups, use_bias=self.use_bias,
                 dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
     if self.norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=self.norm_eps, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="norm")(x)
+      x = layers.batch_norm(train, epsilon=self.norm_eps, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="norm")(x)
     return _activation(self.act)(x)
 
 
@@ -414,11 +429,8 @@ class EfficientViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    if len(self.widths) != 5 or len(self.depths) != 5:
-      raise ValueError("widths and depths list the stem and four stages (5 entries); "
-                       f"got {self.widths}, {self.depths}")
+    layers.check_images(images)
+    layers.check_per_stage(self, ("widths", "depths"), 5)  # the stem and four stages
     kernels.resolve(self.attention_impl, "linear")  # a clear error for a bad name
     dtype = layers.canonical_dtype(self.dtype)
     kw = dict(dtype=dtype, param_dtype=layers.canonical_dtype(self.param_dtype))
@@ -493,12 +505,8 @@ def convert_timm_efficientvit(state: StateDict, model: EfficientViT) -> Variable
 def _register_variants():
   for size, config in VARIANTS.items():
     name = f"efficientvit_{size}"
-
-    def factory(config=config, **overrides):
-      return EfficientViT(**{**config, **overrides})
-
-    factory.__doc__ = f"EfficientViT-{size.upper()} (MIT), timm ``{name}``."
-    register_model(name, family="efficientvit_mit", image_size=224)(factory)
+    register_variant(name, EfficientViT, config, family="efficientvit_mit", image_size=224,
+                     doc=f"EfficientViT-{size.upper()} (MIT), timm ``{name}``.")
 
 
 _register_variants()

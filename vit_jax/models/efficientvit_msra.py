@@ -32,16 +32,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, Variables, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 PATCH_SIZE = 16  # the stem halves the resolution four times
 
-
-def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
-  return (size, size) if isinstance(size, int) else tuple(size)
+# Tensor parallelism (see vit_jax.sharding): the FFNs (``ConvMlp``: 1x1 ConvBN,
+# ReLU, 1x1 ConvBN, here and in SHViT) split their hidden units over ``mlp``, their
+# BatchNorm included (per channel), and end in one all-reduce. Cascaded group
+# attention is not split: head h reads head h - 1's output, so the heads run in
+# sequence (SHViT's attention has a single head).
+PARAM_AXES = (
+    (r"ffn\d?/pw1/conv/kernel$", (None, None, "embed", "mlp")),
+    (r"ffn\d?/pw1/bn/(scale|bias|mean|var)$", ("mlp",)),
+    (r"ffn\d?/pw2/conv/kernel$", (None, None, "mlp", "embed")),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 
 class ConvMlp(nn.Module):
@@ -249,7 +258,7 @@ class EfficientVitMsra(nn.Module):
 
   def stage_windows(self) -> list[int]:
     """The attention window of each stage for this model's ``image_size``."""
-    resolution = min(_pair(self.image_size)) // PATCH_SIZE
+    resolution = min(layers.to_2tuple(self.image_size)) // PATCH_SIZE
     if resolution < 1:
       raise ValueError(f"EfficientViT needs image sides of at least {PATCH_SIZE} pixels; "
                        f"image_size={self.image_size}")
@@ -265,9 +274,8 @@ class EfficientVitMsra(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    expected = _pair(self.image_size)
+    layers.check_images(images)
+    expected = layers.to_2tuple(self.image_size)
     if tuple(images.shape[1:3]) != expected:
       raise ValueError(
           f"this EfficientViT is built for {expected[0]}x{expected[1]} images (its "
@@ -329,11 +337,9 @@ VARIANTS = {
 
 def _register_variants():
   for name, defaults in VARIANTS.items():
-    def factory(defaults=defaults, **overrides):
-      return EfficientVitMsra(**{**defaults, **overrides})
-
-    factory.__doc__ = f"timm's {name} at 224x224."
-    register_model(name, family="efficientvit_msra", image_size=224)(factory)
+    register_variant(name, EfficientVitMsra, defaults, family="efficientvit_msra",
+                     image_size=224,
+                     doc=f"timm's {name} at 224x224.")
 
 
 _register_variants()

@@ -48,27 +48,15 @@ from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from vit_jax import kernels
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
 from vit_jax.models.registry import register_model
-from vit_jax.models.swin import RelativePositionBias
-from vit_jax.models.vit import _timm_attention, _timm_mlp
 
 Array = Any
 
 LN_EPS = 1e-5
-
-
-def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
-  return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def _se_width(channels: int) -> int:
-  """timm's ``make_divisible(channels / 4, 8, round_limit=0)``."""
-  return max(8, int(channels * 0.25 + 4) // 8 * 8)
 
 
 class MBConv(nn.Module):
@@ -80,13 +68,12 @@ class MBConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
     dim = x.shape[-1]
-    y = nn.Conv(dim, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=dim,
-                name="conv_dw", **kw)(x)
-    y = nn.gelu(y, approximate=False)
-    s = jnp.mean(y, axis=(1, 2), keepdims=True)
-    s = nn.Conv(_se_width(dim), (1, 1), name="se_fc1", **kw)(s)
-    s = nn.Conv(dim, (1, 1), name="se_fc2", **kw)(nn.gelu(s, approximate=False))
-    y = y * nn.sigmoid(s)
+    gelu = lambda t: nn.gelu(t, approximate=False)
+    y = gelu(nn.Conv(dim, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=dim,
+                     name="conv_dw", **kw)(x))
+    y = layers.squeeze_excite(y, layers.make_divisible(dim * 0.25, 8, round_limit=0.0),
+                              act=gelu, conv_kernels=True, names=("se_fc1", "se_fc2"),
+                              **kw)
     return x + nn.Conv(dim, (1, 1), name="conv_pw", **kw)(y)
 
 
@@ -169,8 +156,8 @@ class GCViTBlock(nn.Module):
     dim = x.shape[-1]
     scale = lambda name: (LayerScale(self.layer_scale, self.param_dtype, name=name)
                           if self.layer_scale is not None else (lambda y: y))
-    bias = RelativePositionBias(self.window, self.num_heads, self.param_dtype,
-                                name="relative_position_bias")()
+    bias = layers.RelativePositionBias(self.window, self.num_heads, self.param_dtype,
+                                       name="relative_position_bias")()
     y = nn.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
     if self.use_global:
       y = GlobalQueryAttention(self.num_heads, self.window, self.attention_impl,
@@ -260,7 +247,7 @@ class GCViT(nn.Module):
 
   def stage_geometry(self) -> list[tuple[tuple[int, int], tuple[int, int], int]]:
     """``(map size, window, pooling levels of the global query)`` of each stage."""
-    size = _pair(self.image_size)
+    size = layers.to_2tuple(self.image_size)
     feat = tuple(s // 4 for s in size)
     out = []
     for i, ratio in enumerate(self.window_ratios):
@@ -280,11 +267,8 @@ class GCViT(nn.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     if images.ndim != 4:
       raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    if not len(self.depths) == len(self.num_heads) == len(self.window_ratios):
-      raise ValueError(f"depths {tuple(self.depths)}, num_heads {tuple(self.num_heads)} "
-                       f"and window_ratios {tuple(self.window_ratios)} must have one "
-                       "entry per stage")
-    size = _pair(self.image_size)
+    layers.check_per_stage(self, ("num_heads", "window_ratios"), len(self.depths))
+    size = layers.to_2tuple(self.image_size)
     if tuple(images.shape[1:3]) != size:
       raise ValueError(
           f"this GC ViT is built for {size[0]}x{size[1]} images (its windows and the "
@@ -308,13 +292,8 @@ class GCViT(nn.Module):
                      name=f"stages_{i}", **kw)(x, train=train)
       self.sow("intermediates", f"stage_{i}", x)
 
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-    x = nn.Dense(self.num_classes, kernel_init=head_init, name="head", **kw)(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes,
+                                  kernel_init=layers.head_init(self.head_zeroinit), **kw)
 
 
 def _timm_mbconv(state: StateDict, prefix: str) -> dict:
@@ -329,20 +308,6 @@ def _timm_downsample(state: StateDict, prefix: str) -> dict:
           "conv_block": _timm_mbconv(state, f"{prefix}.conv_block"),
           "reduction": state.conv(f"{prefix}.reduction", bias=False),
           "norm2": state.norm(f"{prefix}.norm2")}
-
-
-def _timm_global_attention(state: StateDict, prefix: str, num_heads: int) -> dict:
-  """timm ``qkv`` of a global block holds key and value only (``[2 * dim, dim]``)."""
-  w, b = state.take(f"{prefix}.qkv.weight"), state.take(f"{prefix}.qkv.bias")
-  dim = w.shape[1]
-  head_dim = dim // num_heads
-  out = {name: {"kernel": wi.T.reshape(dim, num_heads, head_dim),
-                "bias": bi.reshape(num_heads, head_dim)}
-         for name, wi, bi in zip(("key", "value"), np.split(w, 2), np.split(b, 2))}
-  proj = state.take(f"{prefix}.proj.weight")
-  out["out"] = {"kernel": proj.T.reshape(num_heads, head_dim, dim),
-                "bias": state.take(f"{prefix}.proj.bias")}
-  return out
 
 
 @register_timm_converter("gcvit")
@@ -362,15 +327,16 @@ def convert_timm_gcvit(state: StateDict, model: GCViT) -> dict:
           state, f"{prefix}.global_block.blocks.conv{k + 1}")
     for j in range(depth):
       block = f"{prefix}.blocks.{j}"
-      attn = (_timm_global_attention(state, f"{block}.attn", heads) if j % 2 else
-              _timm_attention(state, f"{block}.attn", heads))
+      # timm's qkv of a global block holds key and value only.
+      linears = {"qkv": ("key", "value")} if j % 2 else layers.FUSED_QKV
+      attn = layers.timm_attention_params(state, f"{block}.attn", heads, linears=linears)
       stage[f"blocks_{j}"] = {
           "norm1": state.norm(f"{block}.norm1"),
           "attn": attn,
           "relative_position_bias": {"relative_position_bias_table": state.take(
               f"{block}.attn.rel_pos.relative_position_bias_table")},
           "norm2": state.norm(f"{block}.norm2"),
-          "mlp": _timm_mlp(state, f"{block}.mlp"),
+          "mlp": layers.timm_mlp_params(state, f"{block}.mlp"),
       }
       if model.layer_scale is not None:
         stage[f"blocks_{j}"]["ls1"] = {"gamma": state.take(f"{block}.ls1.gamma")}

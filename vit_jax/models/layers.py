@@ -7,40 +7,21 @@ inputs are ``[batch, tokens, heads, head_dim]`` (the layout of
 ``jax.nn.dot_product_attention`` and of the kernels in ``vit_jax.kernels``).
 """
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.kernels.attention.reference import attention_reference
+
 Dtype = Any
 Array = jax.Array
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, *,
-                          bias: Optional[Array] = None, mask: Optional[Array] = None,
-                          dropout_fn: Optional[Callable[[Array], Array]] = None) -> Array:
-  """Softmax attention, the plain-XLA reference every fused path must match.
-
-  Args:
-    query: ``[batch, q_len, heads, head_dim]``.
-    key, value: ``[batch, kv_len, heads, head_dim]``.
-    bias: added to the logits, broadcastable to ``[batch, heads, q_len, kv_len]``.
-    mask: boolean, True where attention is allowed, same broadcasting as ``bias``.
-    dropout_fn: applied to the attention weights (training only).
-  """
-  scale = query.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", query * scale, key)
-  if bias is not None:
-    logits = logits + bias.astype(logits.dtype)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  # Softmax in float32 even for bf16 compute: it is cheap and avoids overflow.
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
-  if dropout_fn is not None:
-    weights = dropout_fn(weights)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+# The specification of global attention lives beside its kernels; the layers use it.
+dot_product_attention = attention_reference
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -101,11 +82,18 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> dropout -> Dense -> dropout (names ``Dense_0``, ``Dense_1``)."""
+  """Dense -> activation -> dropout -> Dense -> dropout (names ``Dense_0``, ``Dense_1``).
+
+  The activation is GELU (``gelu_approximate`` picks the tanh form) unless
+  ``activation`` gives another (CvT's QuickGELU).
+  """
   mlp_dim: int
   out_dim: Optional[int] = None
   dropout_rate: float = 0.0
   gelu_approximate: bool = False
+  activation: Optional[Callable[[Array], Array]] = None
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_init: Callable = nn.initializers.normal(stddev=1e-6)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -114,13 +102,20 @@ class MlpBlock(nn.Module):
     out_dim = self.out_dim or inputs.shape[-1]
     dense = lambda features: nn.Dense(
         features, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6))
+        kernel_init=self.kernel_init, bias_init=self.bias_init)
     x = dense(self.mlp_dim)(inputs)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
+    if self.activation is None:
+      x = nn.gelu(x, approximate=self.gelu_approximate)
+    else:
+      x = self.activation(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     x = dense(out_dim)(x)
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+
+
+def quick_gelu(x: Array) -> Array:
+  """``x * sigmoid(1.702 x)``, the GELU approximation of OpenAI's CLIP and CvT."""
+  return x * nn.sigmoid(1.702 * x)
 
 
 class DropPath(nn.Module):
@@ -174,6 +169,31 @@ class MAPHead(nn.Module):
     return x[:, 0]
 
 
+def head_init(zero: bool) -> Callable:
+  """Kernel init of a classifier: zeros (vision_transformer's fine-tuning default) or
+  LeCun normal."""
+  return nn.initializers.zeros if zero else nn.initializers.lecun_normal()
+
+
+def classifier_head(module: nn.Module, features: Array, num_classes: int, *,
+                    kernel_init: Callable = nn.initializers.lecun_normal(),
+                    use_bias: bool = True, dtype: Dtype = jnp.float32,
+                    param_dtype: Dtype = jnp.float32, name: str = "head") -> Array:
+  """The linear classifier every family ends with, created in ``module``'s scope.
+
+  Call it from a compact method: it sows ``features`` (the pooled head input) into
+  ``intermediates`` and returns float32 logits from a Dense named ``name`` (so the
+  parameters read ``head/kernel``), or the float32 features when ``num_classes`` is
+  0 (a headless model, as timm's ``num_classes=0``).
+  """
+  module.sow("intermediates", "features", features)
+  if not num_classes:
+    return features.astype(jnp.float32)
+  logits = nn.Dense(num_classes, use_bias=use_bias, kernel_init=kernel_init, dtype=dtype,
+                    param_dtype=param_dtype, name=name)(features)
+  return logits.astype(jnp.float32)
+
+
 def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.,
                      dtype: Dtype = jnp.float32) -> Array:
   """Fixed 2D sine-cosine position embedding, ``[1, height*width, dim]``.
@@ -191,13 +211,87 @@ def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_
   return jnp.asarray(emb[None], dtype)
 
 
+def to_2tuple(size: Union[int, Sequence[int]]) -> tuple[int, int]:
+  """``224 -> (224, 224)``; a pair stays a pair (image sizes, windows, strides)."""
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def relative_position_index(window: tuple[int, int]) -> np.ndarray:
+  """``[P, P]`` indices into a ``[(2h-1)(2w-1), heads]`` table (Swin's layout).
+
+  Entry ``(p, q)`` encodes the offset of query ``p`` from key ``q``:
+  ``(dy + h - 1) * (2w - 1) + (dx + w - 1)`` with ``dy, dx = p - q`` in window rows and
+  columns.
+  """
+  h, w = window
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  rows, cols = rows.reshape(-1), cols.reshape(-1)
+  dy = rows[:, None] - rows[None, :] + h - 1
+  dx = cols[:, None] - cols[None, :] + w - 1
+  return dy * (2 * w - 1) + dx
+
+
+class RelativePositionBias(nn.Module):
+  """A learned bias per head and relative offset inside a window: ``[heads, P, P]``.
+
+  ``layout="swin"`` (Swin, GC ViT): a ``[(2h-1)(2w-1), heads]`` table indexed by the
+  query-minus-key offset (``relative_position_index``), truncated-normal init.
+  ``layout="tf"`` (the official MaxViT): a ``[heads, 2h-1, 2w-1]`` table indexed by
+  the key-minus-query offset, normal init. Both hold the parameter
+  ``relative_position_bias_table``.
+  """
+  window: tuple[int, int]
+  num_heads: int
+  param_dtype: Dtype = jnp.float32
+  layout: str = "swin"
+
+  @nn.compact
+  def __call__(self) -> Array:
+    h, w = self.window
+    if self.layout == "swin":
+      table = self.param("relative_position_bias_table",
+                         nn.initializers.truncated_normal(stddev=0.02),
+                         ((2 * h - 1) * (2 * w - 1), self.num_heads), self.param_dtype)
+      return jnp.transpose(table[relative_position_index(self.window)], (2, 0, 1))
+    if self.layout == "tf":
+      table = self.param("relative_position_bias_table", nn.initializers.normal(0.02),
+                         (self.num_heads, 2 * h - 1, 2 * w - 1), self.param_dtype)
+      rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+      rows, cols = rows.reshape(-1), cols.reshape(-1)
+      dy = rows[None, :] - rows[:, None] + h - 1  # [query, key]
+      dx = cols[None, :] - cols[:, None] + w - 1
+      return table[:, dy, dx]
+    raise ValueError(f"relative position bias layout must be 'swin' or 'tf', got "
+                     f"{self.layout!r}")
+
+
 def check_per_stage(module: Any, fields: Sequence[str], num_stages: int) -> None:
   """Hierarchical models: each per-stage setting needs one entry per stage."""
   for field in fields:
-    value = tuple(getattr(module, field))
-    if len(value) != num_stages:
-      raise ValueError(f"{type(module).__name__}.{field}={value} has {len(value)} entries; "
-                       f"the model has {num_stages} stages")
+    per_stage(module, field, num_stages, broadcast=False)
+
+
+def per_stage(module: Any, field: str, num_stages: int, *, broadcast: bool = True
+              ) -> tuple:
+  """A per-stage setting as a tuple of ``num_stages`` entries.
+
+  With ``broadcast``, a single value (not a list or tuple) stands for every stage.
+  A sequence of another length is a ValueError naming the setting.
+  """
+  value = getattr(module, field)
+  if broadcast and not isinstance(value, (list, tuple)):
+    return (value,) * num_stages
+  value = tuple(value)
+  if len(value) != num_stages:
+    raise ValueError(f"{type(module).__name__}.{field}={value} has {len(value)} entries; "
+                     f"the model has {num_stages} stages")
+  return value
+
+
+def check_images(images: Array) -> None:
+  """Image models take NHWC batches; anything else is an error naming the shape."""
+  if images.ndim != 4:
+    raise ValueError(f"expected NHWC images, got shape {images.shape}")
 
 
 def canonical_dtype(dtype: Any) -> Any:
@@ -205,8 +299,9 @@ def canonical_dtype(dtype: Any) -> Any:
   return jnp.dtype(dtype) if isinstance(dtype, str) else dtype
 
 
-def batch_norm(train: bool, *, scale_init: float = 1.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.BatchNorm:
+def batch_norm(train: bool, *, epsilon: float = 1e-5, scale_init: float = 1.0,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               name: Optional[str] = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5) over the last axis.
 
   Running statistics live in the ``batch_stats`` collection: updated from the batch
@@ -215,11 +310,40 @@ def batch_norm(train: bool, *, scale_init: float = 1.0, dtype: Dtype = jnp.float
   taken over the global batch (XLA inserts the cross-device reduction), so
   data-parallel training needs no ``axis_name``. One difference from PyTorch: the
   running variance is updated with the biased batch variance (PyTorch uses n - 1).
+  Variances are computed in two passes (``use_fast_variance=False``), as PyTorch
+  does: the one-pass ``E[x^2] - E[x]^2`` loses precision on maps with a large mean.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
                       scale_init=nn.initializers.constant(scale_init),
                       use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
                       name=name)
+
+
+class ConvEmbed(nn.Module):
+  """Patch or token embedding on NHWC maps: a strided conv, then LayerNorm.
+
+  ``padding`` pixels on every side (0 with ``kernel_size == stride``: non-overlapping
+  patches). Parameters ``{conv_name}/{kernel,bias}`` and ``norm/{scale,bias}``: PVT,
+  PVT v2 and CSWin call the conv ``proj`` (timm's), CvT ``conv`` (the official code's).
+  """
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int = 0
+  conv_name: str = "proj"
+  kernel_init: Callable = nn.initializers.lecun_normal()  # Flax's Conv default
+  norm_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, s, p = self.kernel_size, self.stride, self.padding
+    x = nn.Conv(self.features, (k, k), strides=(s, s), padding=((p, p), (p, p)),
+                kernel_init=self.kernel_init, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=self.conv_name)(x)
+    return nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="norm")(x)
 
 
 class ConvBN(nn.Module):
@@ -257,26 +381,46 @@ def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> 
   return rounded + divisor if rounded < round_limit * value else rounded
 
 
-class SqueezeExcite(nn.Module):
-  """Squeeze-and-excitation on NHWC maps: mean -> fc1 -> ReLU -> fc2 -> sigmoid gate.
+def squeeze_excite(x: Array, rd_channels: int, *, act: Callable[[Array], Array] = nn.relu,
+                   use_bias: bool = True, conv_kernels: bool = False,
+                   names: tuple[str, str] = ("fc1", "fc2"), dtype: Dtype = jnp.float32,
+                   param_dtype: Dtype = jnp.float32) -> Array:
+  """Squeeze-and-excitation on an NHWC map: mean -> fc1 -> act -> fc2 -> sigmoid gate.
 
-  ``fc1``/``fc2`` are Dense layers (timm's 1x1 convs); the reduced width is
-  ``make_divisible(channels * rd_ratio, 8, round_limit=0)`` unless given.
+  Creates its two layers in the calling module's scope (call it from a compact
+  method), named ``names``: ``SqueezeExcite`` puts them in a child ``se``, GC ViT's
+  MBConv keeps them beside its convolutions. ``conv_kernels`` stores them as 1x1
+  convolutions (``[1, 1, in, out]`` kernels, the official TF layout) instead of Dense
+  ``[in, out]``; both compute the same.
+  """
+  kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+  layer = ((lambda features, name: nn.Conv(features, (1, 1), name=name, **kw))
+           if conv_kernels else (lambda features, name: nn.Dense(features, name=name, **kw)))
+  s = jnp.mean(x, axis=(1, 2), keepdims=True)
+  s = layer(x.shape[-1], names[1])(act(layer(rd_channels, names[0])(s)))
+  return x * jax.nn.sigmoid(s)
+
+
+class SqueezeExcite(nn.Module):
+  """Squeeze-and-excitation (``squeeze_excite``) as a module with ``fc1``/``fc2``.
+
+  The reduced width is ``rd_channels``, or ``make_divisible(channels * rd_ratio, 8,
+  round_limit=0)`` (timm's rule).
   """
   rd_ratio: float = 1 / 16
   rd_channels: Optional[int] = None
+  act: Callable[[Array], Array] = nn.relu
+  use_bias: bool = True
+  conv_kernels: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    channels = x.shape[-1]
-    rd = self.rd_channels or make_divisible(channels * self.rd_ratio, 8, round_limit=0.0)
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.relu(nn.Dense(rd, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="fc1")(s))
-    s = nn.Dense(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(s)
-    return x * jax.nn.sigmoid(s)
+    rd = self.rd_channels or make_divisible(x.shape[-1] * self.rd_ratio, 8, round_limit=0.0)
+    return squeeze_excite(x, rd, act=self.act, use_bias=self.use_bias,
+                          conv_kernels=self.conv_kernels, dtype=self.dtype,
+                          param_dtype=self.param_dtype)
 
 
 class NormLinear(nn.Module):
@@ -292,3 +436,46 @@ class NormLinear(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(self.features, kernel_init=nn.initializers.truncated_normal(0.02),
                     dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(x)
+
+
+# ---------------------------------------------------------------- timm layouts
+
+# timm's attention Linears -> our projections, in the order their rows hold them.
+FUSED_QKV = {"qkv": ("query", "key", "value")}  # timm Attention
+Q_KV = {"q": ("query",), "kv": ("key", "value")}  # attention pooling, PVT's SRA
+QK_V = {"qk": ("query", "key"), "v": ("value",)}  # TNT
+SEPARATE_QKV = {"wq": ("query",), "wk": ("key",), "wv": ("value",)}  # CrossViT fusion
+
+
+def timm_attention_params(state: Any, prefix: str, num_heads: int, *,
+                          linears: Mapping[str, Sequence[str]] = FUSED_QKV,
+                          qkv_bias: bool = True, out: str = "proj",
+                          out_bias: bool = True) -> dict:
+  """timm attention Linears under ``prefix`` -> ``MultiHeadDotProductAttention`` params.
+
+  ``state`` is a ``convert.StateDict``. ``linears`` names each timm Linear and the
+  projections its output rows hold (``FUSED_QKV``, ``Q_KV``, ``QK_V``,
+  ``SEPARATE_QKV``, or e.g. ``{"qkv": ("key", "value")}`` for GC ViT's global
+  blocks); ``out`` is the output projection. Kernels become ``[dim, heads, head_dim]``
+  and ``[heads, head_dim, dim]``.
+  """
+  params = {}
+  for linear, names in linears.items():
+    weights = np.split(state.take(f"{prefix}.{linear}.weight"), len(names), axis=0)
+    biases = (np.split(state.take(f"{prefix}.{linear}.bias"), len(names)) if qkv_bias
+              else [None] * len(names))
+    for name, w, b in zip(names, weights, biases):
+      params[name] = {"kernel": w.T.reshape(w.shape[1], num_heads, -1)}
+      if b is not None:
+        params[name]["bias"] = b.reshape(num_heads, -1)
+  proj = state.take(f"{prefix}.{out}.weight")
+  params["out"] = {"kernel": proj.T.reshape(num_heads, -1, proj.shape[0])}
+  if out_bias:
+    params["out"]["bias"] = state.take(f"{prefix}.{out}.bias")
+  return params
+
+
+def timm_mlp_params(state: Any, prefix: str, fc1: str = "fc1", fc2: str = "fc2") -> dict:
+  """timm ``Mlp`` (``fc1``, ``fc2`` Linears) -> ``MlpBlock`` params."""
+  return {"Dense_0": state.linear(f"{prefix}.{fc1}"),
+          "Dense_1": state.linear(f"{prefix}.{fc2}")}

@@ -46,13 +46,11 @@ from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from vit_jax import kernels
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, Variables, register_timm_converter
-from vit_jax.models.registry import register_model
-from vit_jax.models.vit import _timm_attention, _timm_mlp
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -60,54 +58,13 @@ BN_EPS = 1e-3  # the TF models' BatchNorm epsilon
 LN_EPS = 1e-5
 
 
-def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
-  return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def _gelu(x: Array) -> Array:
   return nn.gelu(x, approximate=True)
 
 
-class RelativePositionBiasTF(nn.Module):
-  """The official MaxViT bias: ``table[head, dy + P - 1, dx + P - 1]``, ``[heads, P, P]``.
-
-  ``dy, dx`` are the key position minus the query position inside the window.
-  """
-  window: tuple[int, int]
-  num_heads: int
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self) -> Array:
-    h, w = self.window
-    table = self.param("relative_position_bias_table", nn.initializers.normal(0.02),
-                       (self.num_heads, 2 * h - 1, 2 * w - 1), self.param_dtype)
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    rows, cols = rows.reshape(-1), cols.reshape(-1)
-    dy = rows[None, :] - rows[:, None] + h - 1  # [query, key]
-    dx = cols[None, :] - cols[:, None] + w - 1
-    return table[:, dy, dx]
-
-
 def batch_norm(name: str, train: bool, **kw) -> nn.BatchNorm:
-  """BatchNorm with the TF models' epsilon; statistics live in ``batch_stats``."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
-                      name=name, **kw)
-
-
-class SqueezeExcite(nn.Module):
-  """Global average -> 1x1 conv -> SiLU -> 1x1 conv -> sigmoid gate on the input."""
-  reduced: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    conv = lambda features, name: nn.Conv(features, (1, 1), dtype=self.dtype,
-                                          param_dtype=self.param_dtype, name=name)
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = conv(x.shape[-1], "fc2")(nn.silu(conv(self.reduced, "fc1")(s)))
-    return x * nn.sigmoid(s)
+  """The shared BatchNorm with the TF models' epsilon (``batch_stats``)."""
+  return layers.batch_norm(train, epsilon=BN_EPS, name=name, **kw)
 
 
 class MBConv(nn.Module):
@@ -123,7 +80,7 @@ class MBConv(nn.Module):
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     in_dim = x.shape[-1]
-    mid = _make_divisible(self.out_dim * self.expand_ratio)
+    mid = layers.make_divisible(self.out_dim * self.expand_ratio)
     shortcut = x
     if self.stride == 2:
       shortcut = nn.avg_pool(shortcut, (2, 2), strides=(2, 2), padding="SAME")
@@ -135,15 +92,10 @@ class MBConv(nn.Module):
     x = nn.Conv(mid, (3, 3), strides=(self.stride, self.stride), padding="SAME",
                 feature_group_count=mid, use_bias=False, name="conv2_kxk", **kw)(x)
     x = _gelu(batch_norm("norm2", train, **kw)(x))
-    x = SqueezeExcite(int(0.25 * self.out_dim), name="se", **kw)(x)
+    x = layers.SqueezeExcite(rd_channels=int(0.25 * self.out_dim), act=nn.silu,
+                             conv_kernels=True, name="se", **kw)(x)
     x = nn.Conv(self.out_dim, (1, 1), name="conv3_1x1", **kw)(x)
     return layers.DropPath(self.drop_path_rate)(x, train=train) + shortcut
-
-
-def _make_divisible(value: float, divisor: int = 8) -> int:
-  """timm's channel rounding: nearest multiple of ``divisor``, never 10% below."""
-  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-  return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 class PartitionAttention(nn.Module):
@@ -164,8 +116,8 @@ class PartitionAttention(nn.Module):
     heads = dim // self.dim_head
     norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
-    bias = RelativePositionBiasTF(self.window, heads, self.param_dtype,
-                                  name="relative_position_bias")()
+    bias = layers.RelativePositionBias(self.window, heads, self.param_dtype, layout="tf",
+                                       name="relative_position_bias")()
     attention_fn = functools.partial(kernels.window_attention, window=self.window,
                                      mode=self.mode, impl=self.attention_impl)
     y = layers.MultiHeadDotProductAttention(
@@ -251,8 +203,8 @@ class MaxViT(nn.Module):
 
   def partition(self) -> tuple[int, int]:
     if self.window_size is not None:
-      return _pair(self.window_size)
-    return tuple(s // 32 for s in _pair(self.image_size))
+      return layers.to_2tuple(self.window_size)
+    return tuple(s // 32 for s in layers.to_2tuple(self.image_size))
 
   def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
     """Each stage's map for an input size, or a ValueError naming the constraint."""
@@ -278,11 +230,8 @@ class MaxViT(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    if len(self.depths) != len(self.embed_dims):
-      raise ValueError(f"depths {tuple(self.depths)} and embed_dims "
-                       f"{tuple(self.embed_dims)} must have one entry per stage")
+    layers.check_images(images)
+    layers.check_per_stage(self, ("embed_dims",), len(self.depths))
     self.stage_sizes(images.shape[1], images.shape[2])
     window = self.partition()
 
@@ -298,12 +247,8 @@ class MaxViT(nn.Module):
     # timm's NormMlpClassifierHead: average pool, LayerNorm, tanh pre-logits layer.
     x = nn.LayerNorm(epsilon=LN_EPS, name="head_norm", **kw)(jnp.mean(x, axis=(1, 2)))
     x = jnp.tanh(nn.Dense(self.head_hidden_size, name="pre_logits", **kw)(x))
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-    x = nn.Dense(self.num_classes, kernel_init=head_init, name="head", **kw)(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes,
+                                  kernel_init=layers.head_init(self.head_zeroinit), **kw)
 
 
 class _Stem(nn.Module):
@@ -357,11 +302,11 @@ def convert_timm_maxvit(state: StateDict, model: MaxViT) -> dict:
         heads = state.take(f"{attn}.attn.rel_pos.relative_position_bias_table").shape[0]
         block[f"attn_{mode}"] = {
             "norm1": state.norm(f"{attn}.norm1"),
-            "attn": _timm_attention(state, f"{attn}.attn", heads),
+            "attn": layers.timm_attention_params(state, f"{attn}.attn", heads),
             "relative_position_bias": {"relative_position_bias_table": state.take(
                 f"{attn}.attn.rel_pos.relative_position_bias_table")},
             "norm2": state.norm(f"{attn}.norm2"),
-            "mlp": _timm_mlp(state, f"{attn}.mlp"),
+            "mlp": layers.timm_mlp_params(state, f"{attn}.mlp"),
         }
       stage[f"blocks_{j}"] = block
       stage_stats[f"blocks_{j}"] = {"conv": conv_stats}
@@ -387,12 +332,8 @@ def _register_variants():
   for name, (dims, depths, stem, hidden) in VARIANTS.items():
     defaults = dict(embed_dims=dims, depths=depths, stem_width=stem,
                     head_hidden_size=hidden, image_size=224)
-
-    def factory(defaults=defaults, **overrides):
-      return MaxViT(**{**defaults, **overrides})
-
-    factory.__doc__ = f"MaxViT {name} (timm, official TF configuration)."
-    register_model(name, family="maxvit", image_size=224)(factory)
+    register_variant(name, MaxViT, defaults, family="maxvit", image_size=224,
+                     doc=f"MaxViT {name} (timm, official TF configuration).")
 
 
 _register_variants()

@@ -28,17 +28,30 @@ input as ``features``.
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
 _init = nn.initializers.truncated_normal(stddev=0.02)  # timm: trunc_normal_(std=.02)
+
+# Tensor parallelism (see vit_jax.sharding): the block MLP's ``fc1``/``fc2`` and
+# ConvFormer's separable-conv mixer (pointwise expand, depthwise, pointwise project:
+# an MLP with a depthwise conv inside) split their hidden units over ``mlp``, so each
+# ends in one all-reduce. CAFormer's attention is the shared layer (built-in rules).
+PARAM_AXES = (
+    (r"(^|/)mlp/fc1/kernel$", ("embed", "mlp")),
+    (r"(^|/)mlp/fc1/bias$", ("mlp",)),
+    (r"(^|/)mlp/fc2/kernel$", ("mlp", "embed")),
+    (r"(^|/)token_mixer/pwconv1/kernel$", ("embed", "mlp")),
+    (r"(^|/)token_mixer/dwconv/kernel$", (None, None, None, "mlp")),
+    (r"(^|/)token_mixer/pwconv2/kernel$", ("mlp", "embed")),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 
 class StarReLU(nn.Module):
@@ -91,7 +104,8 @@ class Pooling(nn.Module):
     pad = self.pool_size // 2
     pooled = nn.avg_pool(x, (self.pool_size, self.pool_size), strides=(1, 1),
                          padding=((pad, pad), (pad, pad)), count_include_pad=False)
-    return pooled - x
+    # Flax divides by a float32 count: keep the compute dtype (bfloat16 stays bfloat16).
+    return pooled.astype(x.dtype) - x
 
 
 class SepConv(nn.Module):
@@ -222,12 +236,8 @@ class MlpHead(nn.Module):
     return nn.Dense(self.num_classes, name="fc2", **kw)(x)
 
 
-def _per_stage(value, num_stages: int) -> tuple:
-  if isinstance(value, (list, tuple)):
-    if len(value) != num_stages:
-      raise ValueError(f"expected {num_stages} per-stage values, got {value!r}")
-    return tuple(value)
-  return (value,) * num_stages
+# Settings that take one value per stage, or one value for every stage.
+PER_STAGE = ("token_mixers", "norms", "layer_scale_init", "res_scale_init")
 
 
 class MetaFormer(nn.Module):
@@ -270,19 +280,14 @@ class MetaFormer(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     if min(images.shape[1:3]) < 3:
       raise ValueError("MetaFormer's 7x7 stride-4 stem (padding 2) needs image sides of "
                        f"at least 3 pixels; got {images.shape[1]}x{images.shape[2]}")
     num_stages = len(self.depths)
-    if len(self.dims) != num_stages:
-      raise ValueError(f"depths {tuple(self.depths)} and dims {tuple(self.dims)} differ "
-                       "in length")
-    mixers = _per_stage(self.token_mixers, num_stages)
-    norms = _per_stage(self.norms, num_stages)
-    layer_scales = _per_stage(self.layer_scale_init, num_stages)
-    res_scales = _per_stage(self.res_scale_init, num_stages)
+    layers.check_per_stage(self, ("dims",), num_stages)
+    mixers, norms, layer_scales, res_scales = (
+        layers.per_stage(self, field, num_stages) for field in PER_STAGE)
     rates = layers.stochastic_depth_rates(self.drop_path_rate, sum(self.depths))
 
     x = nn.Conv(self.dims[0], (7, 7), strides=(4, 4), padding=((2, 2), (2, 2)),
@@ -308,14 +313,10 @@ class MetaFormer(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     x = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name="head_norm", **kw)(x)
     x = nn.Dropout(self.head_dropout_rate)(x, deterministic=not train)
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    if self.mlp_head:
-      x = MlpHead(self.num_classes, name="head", **kw)(x, train=train)
-    else:
-      x = nn.Dense(self.num_classes, kernel_init=_init, name="head", **kw)(x)
-    return x.astype(jnp.float32)
+    if self.mlp_head and self.num_classes:
+      self.sow("intermediates", "features", x)
+      return MlpHead(self.num_classes, name="head", **kw)(x, train=train).astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, kernel_init=_init, **kw)
 
 
 # ---------------------------------------------------------------- variants (timm names)
@@ -360,11 +361,8 @@ for _size in _FORMER_DEPTHS:
 
 def _register_variants():
   for name, defaults in VARIANTS.items():
-    def factory(defaults=defaults, **overrides):
-      return MetaFormer(**{**defaults, **overrides})
-
-    factory.__doc__ = f"timm's {name} at 224x224."
-    register_model(name, family="metaformer", image_size=224)(factory)
+    register_variant(name, MetaFormer, defaults, family="metaformer", image_size=224,
+                     doc=f"timm's {name} at 224x224.")
 
 
 _register_variants()
@@ -396,10 +394,8 @@ def _star_relu(state: StateDict, prefix: str) -> dict:
 def convert_timm_metaformer(state: StateDict, model: MetaFormer) -> dict:
   """timm ``MetaFormer`` state dict -> params (every entry is used)."""
   num_stages = len(model.depths)
-  mixers = _per_stage(model.token_mixers, num_stages)
-  norms = _per_stage(model.norms, num_stages)
-  layer_scales = _per_stage(model.layer_scale_init, num_stages)
-  res_scales = _per_stage(model.res_scale_init, num_stages)
+  mixers, norms, layer_scales, res_scales = (
+      layers.per_stage(model, field, num_stages) for field in PER_STAGE)
   params = {"stem_conv": state.conv("stem.conv")}
   if model.downsample_norm:
     params["stem_norm"] = _norm_params(state, "stem.norm", model.downsample_norm)
@@ -421,14 +417,9 @@ def convert_timm_metaformer(state: StateDict, model: MetaFormer) -> dict:
             "dwconv": state.conv(f"{src}.token_mixer.dwconv", bias=False),
             "pwconv2": _pointwise(state, f"{src}.token_mixer.pwconv2", False)}
       elif mixers[i] == "attention":
-        dim = model.dims[i]
-        heads, head_dim = dim // 32, 32
-        qkv = state.take(f"{src}.token_mixer.qkv.weight")  # [3 * dim, dim]
-        attn = {name: {"kernel": w.T.reshape(dim, heads, head_dim)}
-                for name, w in zip(("query", "key", "value"), np.split(qkv, 3, axis=0))}
-        proj = state.take(f"{src}.token_mixer.proj.weight")
-        attn["out"] = {"kernel": proj.T.reshape(heads, head_dim, dim)}
-        block["token_mixer"] = {"attn": attn}
+        block["token_mixer"] = {"attn": layers.timm_attention_params(
+            state, f"{src}.token_mixer", model.dims[i] // 32, qkv_bias=False,
+            out_bias=False)}
       mlp = {"fc1": _pointwise(state, f"{src}.mlp.fc1", model.mlp_bias),
              "fc2": _pointwise(state, f"{src}.mlp.fc2", model.mlp_bias)}
       if model.mlp_act == "star_relu":

@@ -47,7 +47,7 @@ from vit_jax.models.convert import StateDict
 from vit_jax.models.official import register_official_converter
 from vit_jax.models.pvt_v2 import (conv_init, dense_init, spatial_reduction_attention,
                                    timm_sra)
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -58,10 +58,6 @@ VARIANTS = {
     "pvt_medium": (3, 4, 18, 3),
     "pvt_large": (3, 8, 27, 3),
 }
-
-
-def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
-  return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def bilinear_resize_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -123,22 +119,6 @@ class Block(nn.Module):
     return x + layers.DropPath(self.drop_path_rate)(y, train=train)
 
 
-class PatchEmbed(nn.Module):
-  """Non-overlapping patches: conv with kernel = stride, no padding, + LayerNorm."""
-  dim: int
-  patch_size: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    p = self.patch_size
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", kernel_init=conv_init,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
-    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="norm")(x)
-
-
 class Stage(nn.Module):
   """Patch embedding, position embedding (+ class token), blocks.
 
@@ -160,8 +140,10 @@ class Stage(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> tuple[Array, tuple[int, int]]:
-    x = PatchEmbed(self.dim, self.patch_size, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="patch_embed")(x)
+    # Non-overlapping patches (kernel = stride, no padding), then LayerNorm.
+    x = layers.ConvEmbed(self.dim, self.patch_size, self.patch_size, kernel_init=conv_init,
+                         dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="patch_embed")(x)
     batch, height, width, _ = x.shape
     x = x.reshape(batch, height * width, self.dim)
     init = nn.initializers.truncated_normal(0.02)
@@ -237,9 +219,8 @@ class PyramidVisionTransformer(nn.Module):
     num_stages = len(self.depths)
     layers.check_per_stage(self, ("embed_dims", "num_heads", "mlp_ratios", "sr_ratios"),
                            num_stages)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    learned = _pair(self.image_size)
+    layers.check_images(images)
+    learned = layers.to_2tuple(self.image_size)
     if learned[0] % self.stride() or learned[1] % self.stride():
       raise ValueError(
           f"image_size={self.image_size} is not a multiple of {self.stride()}")
@@ -267,12 +248,8 @@ class PyramidVisionTransformer(nn.Module):
 
     x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(tokens)[:, 0]
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype,
-                 param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, kernel_init=dense_init,
+                                  dtype=dtype, param_dtype=param_dtype)
 
 
 @register_official_converter("pvt")
@@ -297,8 +274,7 @@ def convert_official_pvt(state: StateDict, model: PyramidVisionTransformer) -> d
           "norm1": state.norm(f"{p}.norm1"),
           **timm_sra(state, f"{p}.attn", model.num_heads[i], model.sr_ratios[i] > 1),
           "norm2": state.norm(f"{p}.norm2"),
-          "mlp": {"Dense_0": state.linear(f"{p}.mlp.fc1"),
-                  "Dense_1": state.linear(f"{p}.mlp.fc2")},
+          "mlp": layers.timm_mlp_params(state, f"{p}.mlp"),
       }
     params[f"stages_{i}"] = stage
   if model.num_classes:
@@ -308,11 +284,8 @@ def convert_official_pvt(state: StateDict, model: PyramidVisionTransformer) -> d
 
 def _register_variants():
   for name, depths in VARIANTS.items():
-    def factory(depths=depths, **overrides):
-      return PyramidVisionTransformer(**{"depths": depths, **overrides})
-
-    factory.__doc__ = f"Official {name} (PVT v1), 224x224."
-    register_model(name, family="pvt", image_size=224)(factory)
+    register_variant(name, PyramidVisionTransformer, {"depths": depths}, family="pvt",
+                     image_size=224, doc=f"Official {name} (PVT v1), 224x224.")
 
 
 _register_variants()

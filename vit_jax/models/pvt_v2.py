@@ -38,16 +38,25 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
-from vit_jax.models.vit import _timm_attention
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
 # Dense layers: truncated normal(0.02), zero bias, as timm initialises them.
 dense_init = nn.initializers.truncated_normal(0.02)
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Tensor parallelism (see vit_jax.sharding): attention and the MLP's dense layers are
+# the shared layers; the depthwise conv between them acts on each hidden unit alone,
+# so it is split like them.
+PARAM_AXES = (
+    (r"(^|/)mlp/dwconv/kernel$", (None, None, None, "mlp")),
+    (r"(^|/)mlp/dwconv/bias$", ("mlp",)),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 # Depths/widths/heads of timm's registered variants; the rest are PVT v2 defaults.
 VARIANTS = {
@@ -84,23 +93,10 @@ def adaptive_avg_pool(x: Array, size: tuple[int, int]) -> Array:
   return jnp.einsum("ph,bhwc,qw->bpqc", ph, x, pw)
 
 
-class OverlapPatchEmbed(nn.Module):
+def overlap_patch_embed(dim: int, patch_size: int, stride: int, **kw) -> nn.Module:
   """Conv with padding ``patch // 2`` (neighbouring patches overlap) + LayerNorm."""
-  dim: int
-  patch_size: int
-  stride: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    pad = self.patch_size // 2
-    x = nn.Conv(self.dim, (self.patch_size, self.patch_size),
-                strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-                kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="proj")(x)
-    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="norm")(x)
+  return layers.ConvEmbed(dim, patch_size, stride, patch_size // 2, kernel_init=conv_init,
+                          **kw)
 
 
 class SpatialReduction(nn.Module):
@@ -234,8 +230,8 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     if self.downsample:
-      x = OverlapPatchEmbed(self.dim, patch_size=3, stride=2, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="downsample")(x)
+      x = overlap_patch_embed(self.dim, 3, 2, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="downsample")(x)
     for j in range(self.depth):
       x = Block(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                 sr_ratio=self.sr_ratio, linear=self.linear,
@@ -296,13 +292,11 @@ class PyramidVisionTransformerV2(nn.Module):
     num_stages = len(self.depths)
     layers.check_per_stage(self, ("embed_dims", "num_heads", "mlp_ratios", "sr_ratios"),
                            num_stages)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     self.stage_sizes(images.shape[1], images.shape[2])
 
-    x = OverlapPatchEmbed(self.embed_dims[0], patch_size=7, stride=4, dtype=dtype,
-                          param_dtype=param_dtype, name="patch_embed")(
-                              images.astype(dtype))
+    x = overlap_patch_embed(self.embed_dims[0], 7, 4, dtype=dtype, param_dtype=param_dtype,
+                            name="patch_embed")(images.astype(dtype))
     rates = layers.stochastic_depth_rates(self.drop_path_rate, sum(self.depths))
     start = 0
     for i in range(num_stages):
@@ -316,13 +310,9 @@ class PyramidVisionTransformerV2(nn.Module):
       start += self.depths[i]
       self.sow("intermediates", f"stage_{i}", x)
 
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=dtype,
-                 param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes,
+                                  kernel_init=dense_init, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 def _timm_embed(state: StateDict, prefix: str) -> dict:
@@ -331,7 +321,7 @@ def _timm_embed(state: StateDict, prefix: str) -> dict:
 
 def timm_sra(state: StateDict, prefix: str, num_heads: int, reduces: bool) -> dict:
   """timm/official SRA (``q``, ``kv``, ``proj``, optional ``sr`` conv + ``norm``)."""
-  out = {"attn": _timm_attention(state, prefix, num_heads, fused_qkv=False)}
+  out = {"attn": layers.timm_attention_params(state, prefix, num_heads, linears=layers.Q_KV)}
   if reduces:
     out["sr"] = {"conv": state.conv(f"{prefix}.sr"), "norm": state.norm(f"{prefix}.norm")}
   return out
@@ -364,11 +354,9 @@ def convert_timm_pvt_v2(state: StateDict, model: PyramidVisionTransformerV2) -> 
 
 def _register_variants():
   for name, config in VARIANTS.items():
-    def factory(config=config, **overrides):
-      return PyramidVisionTransformerV2(**{**config, **overrides})
-
-    factory.__doc__ = f"timm's {name} (PVT v2)."
-    register_model(name, family="pvt_v2", image_size=224)(factory)
+    register_variant(name, PyramidVisionTransformerV2, config, family="pvt_v2",
+                     image_size=224,
+                     doc=f"timm's {name} (PVT v2).")
 
 
 _register_variants()

@@ -7,7 +7,7 @@ Every family file registers its variants at import with ``@register_model``;
 import dataclasses
 import difflib
 import fnmatch
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 
@@ -31,6 +31,16 @@ def register_model(name: str, *, family: str, image_size: int = 224):
     _REGISTRY[name] = ModelInfo(name, family, image_size, factory)
     return factory
   return decorator
+
+
+def register_variant(name: str, module: Callable[..., nn.Module], defaults: Mapping[str, Any],
+                     *, family: str, image_size: int = 224, doc: str = "") -> None:
+  """Registers ``name`` as ``module(**defaults)``, each default overridable in ``create``."""
+  def factory(**overrides):
+    return module(**{**defaults, **overrides})
+
+  factory.__doc__ = doc
+  register_model(name, family=family, image_size=image_size)(factory)
 
 
 def list_models(pattern: str = "*", family: Optional[str] = None) -> list[str]:

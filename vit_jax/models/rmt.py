@@ -52,17 +52,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import sharding
 from vit_jax.models import convert, layers
 from vit_jax.models.convert import StateDict, Variables
 from vit_jax.models.efficientvit_msra import timm_bn_stats
 from vit_jax.models.official import register_official_converter
-from vit_jax.models.registry import create, model_info, register_model
+from vit_jax.models.registry import create, model_info, register_variant
 
 Array = Any
 
 dense_init = nn.initializers.truncated_normal(0.02)
 # PyTorch's default conv init (uniform, bound 1/sqrt(fan_in)), which the official code keeps.
 conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+# Tensor parallelism (see vit_jax.sharding): ``q``/``k``/``v`` write heads one after the
+# other (``[dim, heads * head_dim]``), so splitting their outputs splits heads, and the
+# rotary, decay and LePE act per head (LePE's depth-wise conv per channel); ``out``
+# reads them back. The FFN splits its hidden units, its depth-wise conv with them.
+PARAM_AXES = (
+    (r"(^|/)retention/[qkv]/kernel$", ("embed", "heads")),
+    (r"(^|/)retention/([qkv]|lepe)/bias$", ("heads",)),
+    (r"(^|/)retention/lepe/kernel$", (None, None, None, "heads")),
+    (r"(^|/)retention/out/kernel$", ("heads", "embed")),
+    (r"(^|/)ffn/fc1/kernel$", ("embed", "mlp")),
+    (r"(^|/)ffn/(fc1|dwconv)/bias$", ("mlp",)),
+    (r"(^|/)ffn/dwconv/kernel$", (None, None, None, "mlp")),
+    (r"(^|/)ffn/fc2/kernel$", ("mlp", "embed")),
+)
+sharding.register_param_axes(PARAM_AXES)
 
 # Official configurations (classfication_release/RMT.py); every variant projects to 1024
 # before the head.
@@ -356,8 +373,7 @@ class RMT(nn.Module):
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.check_settings()
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
 
     x = PatchEmbed(self.embed_dims[0], name="patch_embed", **kw)(images.astype(dtype),
                                                                   train=train)
@@ -377,12 +393,8 @@ class RMT(nn.Module):
 
     x = nn.Dense(self.projection, kernel_init=dense_init, name="proj", **kw)(x)
     x = layers.batch_norm(train, name="proj_norm", **kw)(x)
-    x = jnp.mean(nn.swish(x), axis=(1, 2))
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, name="head", **kw)(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, jnp.mean(nn.swish(x), axis=(1, 2)),
+                                  self.num_classes, kernel_init=dense_init, **kw)
 
 
 # ---------------------------------------------------------------- official weights
@@ -497,11 +509,8 @@ def convert_official_rmt(state: StateDict, model: RMT) -> dict:
 
 def _register_variants():
   for name, config in VARIANTS.items():
-    def factory(config=config, **overrides):
-      return RMT(**{**config, **overrides})
-
-    factory.__doc__ = f"Official RMT ({name}), 224x224."
-    register_model(name, family="rmt", image_size=224)(factory)
+    register_variant(name, RMT, config, family="rmt", image_size=224,
+                     doc=f"Official RMT ({name}), 224x224.")
 
 
 _register_variants()

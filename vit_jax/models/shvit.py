@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, Variables, register_timm_converter
 from vit_jax.models.efficientvit_msra import ConvMlp, Subsample, VariablesBuilder
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -119,8 +119,7 @@ class SHViT(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     stages = len(self.embed_dims)
     layers.check_per_stage(self, ("partial_dims", "qk_dims", "depths", "mixers"), stages)
     unknown = [m for m in self.mixers if m not in ("s", "i")]
@@ -173,12 +172,9 @@ RESOLUTIONS = {"shvit_s1": 224, "shvit_s2": 224, "shvit_s3": 224, "shvit_s4": 25
 
 def _register_variants():
   for name, defaults in VARIANTS.items():
-    def factory(defaults=defaults, **overrides):
-      return SHViT(**{**defaults, **overrides})
-
     res = RESOLUTIONS[name]
-    factory.__doc__ = f"timm's {name} (pretrained at {res}x{res})."
-    register_model(name, family="shvit", image_size=res)(factory)
+    register_variant(name, SHViT, defaults, family="shvit", image_size=res,
+                     doc=f"timm's {name} (pretrained at {res}x{res}).")
 
 
 _register_variants()

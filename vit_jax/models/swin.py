@@ -43,45 +43,9 @@ import numpy as np
 from vit_jax import kernels
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
-from vit_jax.models.vit import _timm_attention, _timm_mlp
+from vit_jax.models.registry import register_variant
 
 Array = Any
-
-
-def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
-  return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def relative_position_index(window: tuple[int, int]) -> np.ndarray:
-  """``[P, P]`` indices into a ``[(2h-1)(2w-1), heads]`` table (Swin's layout).
-
-  Entry ``(p, q)`` encodes the offset of query ``p`` from key ``q``:
-  ``(dy + h - 1) * (2w - 1) + (dx + w - 1)`` with ``dy, dx = p - q`` in window rows and
-  columns.
-  """
-  h, w = window
-  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-  rows, cols = rows.reshape(-1), cols.reshape(-1)
-  dy = rows[:, None] - rows[None, :] + h - 1
-  dx = cols[:, None] - cols[None, :] + w - 1
-  return dy * (2 * w - 1) + dx
-
-
-class RelativePositionBias(nn.Module):
-  """A learned bias per head and relative offset inside a window: ``[heads, P, P]``."""
-  window: tuple[int, int]
-  num_heads: int
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self) -> Array:
-    h, w = self.window
-    table = self.param("relative_position_bias_table",
-                       nn.initializers.truncated_normal(stddev=0.02),
-                       ((2 * h - 1) * (2 * w - 1), self.num_heads), self.param_dtype)
-    index = relative_position_index(self.window)
-    return jnp.transpose(table[index], (2, 0, 1))
 
 
 def stage_windows(grid: tuple[int, int], window: tuple[int, int], num_stages: int
@@ -150,8 +114,8 @@ class SwinBlock(nn.Module):
     if shifted:
       mask = jnp.asarray(shifted_window_mask((height + pad_h, width + pad_w),
                                              self.window, self.shift))
-    bias = RelativePositionBias(self.window, self.num_heads, self.param_dtype,
-                                name="relative_position_bias")()
+    bias = layers.RelativePositionBias(self.window, self.num_heads, self.param_dtype,
+                                       name="relative_position_bias")()
     attention_fn = functools.partial(kernels.window_attention, window=self.window,
                                      mode="block", impl=self.attention_impl)
     y = layers.MultiHeadDotProductAttention(
@@ -257,15 +221,12 @@ class SwinTransformer(nn.Module):
   def __call__(self, images: Array, *, train: bool = False) -> Array:
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    if len(self.depths) != len(self.num_heads):
-      raise ValueError(f"depths {tuple(self.depths)} and num_heads "
-                       f"{tuple(self.num_heads)} must have one entry per stage")
+    layers.check_images(images)
+    layers.check_per_stage(self, ("num_heads",), len(self.depths))
     self.patch_grid(images.shape[1], images.shape[2])
-    size = _pair(self.image_size)
+    size = layers.to_2tuple(self.image_size)
     windows = stage_windows((size[0] // self.patch_size, size[1] // self.patch_size),
-                            _pair(self.window_size), len(self.depths))
+                            layers.to_2tuple(self.window_size), len(self.depths))
 
     x = nn.Conv(self.embed_dim, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
@@ -285,14 +246,9 @@ class SwinTransformer(nn.Module):
       self.sow("intermediates", f"stage_{i}", x)
 
     x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name="norm")(x)
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-    x = nn.Dense(self.num_classes, kernel_init=head_init, dtype=dtype,
-                 param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes,
+                                  kernel_init=layers.head_init(self.head_zeroinit),
+                                  dtype=dtype, param_dtype=param_dtype)
 
 
 @register_timm_converter("swin")
@@ -313,11 +269,11 @@ def convert_timm_swin(state: StateDict, model: SwinTransformer) -> dict:
       prefix = f"layers.{i}.blocks.{j}"
       stage[f"blocks_{j}"] = {
           "norm1": state.norm(f"{prefix}.norm1"),
-          "attn": _timm_attention(state, f"{prefix}.attn", heads),
+          "attn": layers.timm_attention_params(state, f"{prefix}.attn", heads),
           "relative_position_bias": {"relative_position_bias_table": state.take(
               f"{prefix}.attn.relative_position_bias_table")},
           "norm2": state.norm(f"{prefix}.norm2"),
-          "mlp": _timm_mlp(state, f"{prefix}.mlp"),
+          "mlp": layers.timm_mlp_params(state, f"{prefix}.mlp"),
       }
     params[f"stages_{i}"] = stage
   if model.num_classes:
@@ -340,12 +296,8 @@ def _register_variants():
   for name, (dim, depths, heads, window, res) in VARIANTS.items():
     defaults = dict(embed_dim=dim, depths=depths, num_heads=heads, window_size=window,
                     image_size=res)
-
-    def factory(defaults=defaults, **overrides):
-      return SwinTransformer(**{**defaults, **overrides})
-
-    factory.__doc__ = f"Swin v1 {name} (timm)."
-    register_model(name, family="swin", image_size=res)(factory)
+    register_variant(name, SwinTransformer, defaults, family="swin", image_size=res,
+                     doc=f"Swin v1 {name} (timm).")
 
 
 _register_variants()

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import layers, vit
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 LN_EPS = 1e-5  # PyTorch's default, used throughout the official code
@@ -209,8 +209,7 @@ class T2TViT(nn.Module):
                        f"{self.tokens_type!r}")
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     x = TokensToToken(self.hidden_size, self.token_dim, self.tokens_type,
                       self.t2t_dropout_rate, dtype=dtype, param_dtype=param_dtype,
                       name="tokens_to_token")(images.astype(dtype), train=train)
@@ -233,11 +232,8 @@ class T2TViT(nn.Module):
 
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(x)[:, 0]
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    return nn.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype,
-                    name="head")(x).astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, dtype=dtype,
+                                  param_dtype=param_dtype)
 
 
 # The official configurations (t2t_vit.py): width, depth, heads; MLP ratio 3.
@@ -253,12 +249,8 @@ def _register_variants():
     for tokens_type, infix in (("performer", ""), ("transformer", "t_")):
       name = f"t2t_vit_{infix}{depth}"
       defaults = dict(dims, tokens_type=tokens_type)
-
-      def factory(defaults=defaults, **overrides):
-        return T2TViT(**{**defaults, **overrides})
-
-      factory.__doc__ = f"T2T-ViT-{depth} with {tokens_type} T2T layers, at 224x224."
-      register_model(name, family="t2t_vit", image_size=224)(factory)
+      register_variant(name, T2TViT, defaults, family="t2t_vit", image_size=224,
+                       doc=f"T2T-ViT-{depth} with {tokens_type} T2T layers, at 224x224.")
 
 
 _register_variants()

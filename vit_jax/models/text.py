@@ -103,15 +103,17 @@ class TextTransformer(nn.Module):
                 dtype=dtype, param_dtype=param_dtype,
                 name="Transformer")(x, mask=mask, train=train)
 
-    batch = jnp.arange(tokens.shape[0])
+    # One position per sequence. take_along_axis keeps the batch a batch dimension of
+    # the gather, so a batch-sharded input needs no communication (x[arange, index]
+    # made XLA gather across data-parallel devices).
+    at = lambda index: jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
     if self.pool == "eot":
       if self.eot_id is not None:
-        index = jnp.argmax(tokens == self.eot_id, axis=1)
+        x = at(jnp.argmax(tokens == self.eot_id, axis=1))
       else:
-        index = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
-      x = x[batch, index]
+        x = at(jnp.maximum(jnp.sum(valid, axis=1) - 1, 0))
     elif self.pool == "argmax":
-      x = x[batch, jnp.argmax(tokens, axis=1)]
+      x = at(jnp.argmax(tokens, axis=1))
     elif self.pool == "last":
       x = x[:, -1]
     elif self.pool == "first":
@@ -123,8 +125,5 @@ class TextTransformer(nn.Module):
       x = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                          gelu_approximate=self.gelu_approximate, dtype=dtype,
                          param_dtype=param_dtype, name="MAPHead_0")(x, mask=valid)
-    self.sow("intermediates", "features", x)
-    if self.num_classes:
-      x = nn.Dense(self.num_classes, use_bias=self.head_bias, dtype=dtype,
-                   param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(self, x, self.num_classes, use_bias=self.head_bias,
+                                  dtype=dtype, param_dtype=param_dtype)

@@ -27,11 +27,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from vit_jax.models import layers, vit
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 LN_EPS = 1e-5  # timm's TNT uses PyTorch's default LayerNorm
@@ -113,8 +112,7 @@ class TNT(nn.Module):
     dtype = layers.canonical_dtype(self.dtype)
     param_dtype = layers.canonical_dtype(self.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    layers.check_images(images)
     gh, gw = self.patch_grid(images.shape[1], images.shape[2])
     batch, p, channels = images.shape[0], self.patch_size, images.shape[3]
     num_patches = gh * gw
@@ -153,29 +151,7 @@ class TNT(nn.Module):
       self.sow("intermediates", f"block_{i}", patches)
 
     x = nn.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(patches)[:, 0]
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    return nn.Dense(self.num_classes, name="head", **kw)(x).astype(jnp.float32)
-
-
-def _timm_qk_v_attention(state: StateDict, prefix: str, num_heads: int,
-                         qkv_bias: bool) -> dict:
-  """timm TNT attention (fused ``qk`` Linear, separate ``v``, ``proj``)."""
-  wq, wk = np.split(state.take(f"{prefix}.qk.weight"), 2, axis=0)
-  wv = state.take(f"{prefix}.v.weight")
-  biases = [None] * 3
-  if qkv_bias:
-    biases = np.split(state.take(f"{prefix}.qk.bias"), 2) + [state.take(f"{prefix}.v.bias")]
-  out = {}
-  for name, w, b in zip(("query", "key", "value"), (wq, wk, wv), biases):
-    out[name] = {"kernel": w.T.reshape(w.shape[1], num_heads, -1)}
-    if b is not None:
-      out[name]["bias"] = b.reshape(num_heads, -1)
-  proj = state.take(f"{prefix}.proj.weight")
-  out["out"] = {"kernel": proj.T.reshape(num_heads, -1, proj.shape[0]),
-                "bias": state.take(f"{prefix}.proj.bias")}
-  return out
+    return layers.classifier_head(self, x, self.num_classes, **kw)
 
 
 @register_timm_converter("tnt")
@@ -192,10 +168,11 @@ def convert_timm_tnt(state: StateDict, model: TNT) -> dict:
 
   def encoder_block(prefix, norm1, attn, norm2, mlp, heads):
     return {"LayerNorm_0": state.norm(f"{prefix}.{norm1}"),
-            "MultiHeadDotProductAttention_1": _timm_qk_v_attention(
-                state, f"{prefix}.{attn}", heads, model.qkv_bias),
+            "MultiHeadDotProductAttention_1": layers.timm_attention_params(
+                state, f"{prefix}.{attn}", heads, linears=layers.QK_V,
+                qkv_bias=model.qkv_bias),
             "LayerNorm_2": state.norm(f"{prefix}.{norm2}"),
-            "MlpBlock_3": vit._timm_mlp(state, f"{prefix}.{mlp}")}  # pylint: disable=protected-access
+            "MlpBlock_3": layers.timm_mlp_params(state, f"{prefix}.{mlp}")}
 
   for i in range(model.num_layers):
     prefix = f"blocks.{i}"
@@ -222,12 +199,8 @@ VARIANTS = {
 def _register_variants():
   for size, dims in VARIANTS.items():
     name = f"tnt_{size}_patch16_224"
-
-    def factory(dims=dims, **overrides):
-      return TNT(**{**dims, **overrides})
-
-    factory.__doc__ = f"TNT-{size.upper()} with 16x16 patches at 224x224."
-    register_model(name, family="tnt", image_size=224)(factory)
+    register_variant(name, TNT, dims, family="tnt", image_size=224,
+                     doc=f"TNT-{size.upper()} with 16x16 patches at 224x224.")
 
 
 _register_variants()

@@ -32,6 +32,51 @@ Memory options (``config.model.*`` in the trainer):
   ``stack_block_params`` and ``unstack_block_params`` convert whole trees (parameters,
   optimizer state, checkpoints) between the two layouts, and the timm converter
   produces whichever the model uses.
+
+Hooks (timm's ``forward_features``/``forward_head``/``_pos_embed``, as Linen methods).
+A variant subclasses and overrides the few it changes; every other setting (scan,
+remat, attention backends, dtypes) keeps working, and so does the parameter tree as
+long as an override creates its parameters under the same names. Each hook runs
+inside the compact ``__call__``, so it may create submodules and parameters.
+
+``VisionTransformer`` (images -> logits), in call order:
+
+* ``embed_patches(images) -> (tokens [B, N, D], grid (gh, gw))``: the ``embedding``
+  conv and the size checks. FlexiViT resizes the patch kernel here per call;
+  NaFlex/NaViT take pre-patchified inputs here (patches plus their grid positions).
+* ``add_fixed_position_embedding(tokens, grid)``: the parameter-free ``sincos2d``
+  table, added to the patches before any prefix token (identity for ``learn``).
+* ``add_prefix_tokens(tokens)``: the class token. DeiT adds its distillation token.
+* ``make_encoder()``: the ``Transformer`` module (an ``Encoder``). A variant returns
+  an ``Encoder`` subclass to reach the hooks below.
+* ``pool(tokens)``: token / gap / map pooling to one vector per image (packed
+  NaFlex batches pool per image with their mask here).
+* ``forward_features(images, *, train)``: the four above, ending at the normed tokens.
+* ``forward_head(tokens, *, train)``: pooling, pre-logits and ``head`` via
+  ``layers.classifier_head``. DeiT's two heads override this.
+
+``Encoder`` (the ``Transformer`` scope: tokens -> normed tokens):
+
+* ``add_position_embedding(x, grid)``: the learned ``posembed_input`` table (prefix
+  tokens included). FlexiViT/NaFlex resample the table to ``grid`` (which may hold
+  per-image sizes); MAE adds it and then keeps the visible tokens only, so the
+  blocks run on those.
+* ``make_block(index, name, drop_path_rate)``: the block module for one index (None
+  when scanned). MoE swaps the block (or its MLP) in configured layers; token
+  reduction returns its own blocks. Different block types need ``scan_layers=False``.
+* ``run_blocks(x, *, mask, train)``: the loop (or ``nn.scan``) with remat, batch
+  sharding constraints and the per-block ``block_{i}`` intermediates that early-exit
+  heads read. ToMe overrides it to carry token sizes from block to block.
+
+``Encoder1DBlock`` (one pre-norm block):
+
+* ``attend(y, *, mask, train)``: the attention branch on normed tokens. ToMe's
+  proportional attention passes ``log(size)`` as ``bias`` and reads the keys through
+  a wrapped ``attention_fn`` (it receives the projected query, key and value).
+* ``between(x, *, train)``: identity between the attention and MLP residuals, where
+  ToMe merges and EViT prunes tokens.
+* ``mlp(y, *, train)``: the MLP branch (``MlpBlock_3``). An MoE layer swaps it and
+  sows its auxiliary loss (``self.sow("intermediates", "aux_loss", ...)``).
 """
 
 import re
@@ -47,7 +92,7 @@ from vit_jax import kernels
 from vit_jax import sharding
 from vit_jax.models import layers
 from vit_jax.models.convert import StateDict, register_timm_converter
-from vit_jax.models.registry import register_model
+from vit_jax.models.registry import register_variant
 
 Array = Any
 
@@ -70,10 +115,6 @@ REMAT_POLICIES = {
 }
 
 
-def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
-  return (size, size) if isinstance(size, int) else tuple(size)
-
-
 class AddPositionEmbs(nn.Module):
   """Adds a learned position embedding (``pos_embedding``) to the tokens."""
   param_dtype: Any = jnp.float32
@@ -89,7 +130,8 @@ class Encoder1DBlock(nn.Module):
   """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)).
 
   ``mask`` (boolean, broadcastable to ``[batch, heads, q, k]``, True where attention is
-  allowed) serves the text towers: causal and padding masks.
+  allowed) serves the text towers: causal and padding masks. ``attend``, ``between``
+  and ``mlp`` are the hooks a variant overrides (see the module docstring).
   """
   mlp_dim: int
   num_heads: int
@@ -103,25 +145,38 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def norm(self, name: str) -> nn.Module:
+    return nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=name)
+
+  def attend(self, y: Array, *, mask: Optional[Array], train: bool) -> Array:
+    """The attention branch on normed tokens (before dropout and drop path)."""
+    return layers.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
+        qkv_bias=self.qkv_bias, attention_fn=self.attention_fn, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_1")(
+            y, mask=mask, train=train)
+
+  def between(self, x: Array, *, train: bool) -> Array:
+    """Tokens between the two residual branches; identity here."""
+    del train
+    return x
+
+  def mlp(self, y: Array, *, train: bool) -> Array:
+    """The MLP branch on normed tokens (before drop path)."""
+    return layers.MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                           gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="MlpBlock_3")(y, train=train)
+
   @nn.compact
   def __call__(self, x: Array, *, mask: Optional[Array] = None, train: bool = False,
                drop_path_rate: Optional[Array] = None) -> Array:
     """``drop_path_rate`` (traced, per layer) replaces the field when scanned."""
     rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
-    norm = lambda name: nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
-    y = norm("LayerNorm_0")(x)
-    y = layers.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        qkv_bias=self.qkv_bias, attention_fn=self.attention_fn, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="MultiHeadDotProductAttention_1")(y, mask=mask, train=train)
+    y = self.attend(self.norm("LayerNorm_0")(x), mask=mask, train=train)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
-    x = x + layers.DropPath(rate)(y, train=train)
-
-    y = norm("LayerNorm_2")(x)
-    y = layers.MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                        gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="MlpBlock_3")(y, train=train)
+    x = self.between(x + layers.DropPath(rate)(y, train=train), train=train)
+    y = self.mlp(self.norm("LayerNorm_2")(x), train=train)
     return x + layers.DropPath(rate)(y, train=train)
 
 
@@ -129,7 +184,8 @@ class Encoder(nn.Module):
   """The ``Transformer`` scope: position embedding, blocks and the final norm.
 
   ``pre_norm`` adds a LayerNorm (``norm_pre``) after the position embedding, before
-  the blocks (CLIP's ``ln_pre``).
+  the blocks (CLIP's ``ln_pre``). ``add_position_embedding``, ``make_block`` and
+  ``run_blocks`` are the hooks a variant overrides (see the module docstring).
   """
   num_layers: int
   mlp_dim: int
@@ -147,23 +203,27 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array, *, mask: Optional[Array] = None,
-               train: bool = False) -> Array:
-    if self.learned_posemb:
-      x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
-    if self.pre_norm:
-      x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="norm_pre")(x)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    x = sharding.constrain_batch(x)
-    rates = layers.stochastic_depth_rates(self.drop_path_rate, self.num_layers)
-    block = lambda name, rate=0.0: Encoder1DBlock(
+  def add_position_embedding(self, x: Array, grid: Any = None) -> Array:
+    """Adds the learned table (built for ``x``'s token count); ``grid`` is unused here."""
+    del grid
+    if not self.learned_posemb:
+      return x
+    return AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
+
+  def make_block(self, index: Optional[int], name: str,
+                 drop_path_rate: float = 0.0) -> nn.Module:
+    """The block at ``index`` (None: the one block ``nn.scan`` repeats)."""
+    del index
+    return Encoder1DBlock(
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=rate,
+        attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=drop_path_rate,
         gelu_approximate=self.gelu_approximate, attention_fn=self.attention_fn,
-        norm_epsilon=self.norm_epsilon,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        norm_epsilon=self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=name)
+
+  def run_blocks(self, x: Array, *, mask: Optional[Array], train: bool) -> Array:
+    """Every block in turn (or one ``nn.scan``), sowing ``block_{i}`` after each."""
+    rates = layers.stochastic_depth_rates(self.drop_path_rate, self.num_layers)
     collect = self.is_mutable_collection("intermediates")
 
     def apply_block(module, x, rate):
@@ -177,14 +237,25 @@ class Encoder(nn.Module):
       scan = nn.scan(apply_block, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True}, length=self.num_layers)
       # Rates become a per-layer input (None, i.e. the field's 0.0, without drop path).
-      x, stacked = scan(block("encoderblock"),
+      x, stacked = scan(self.make_block(None, "encoderblock"),
                         x, jnp.asarray(rates) if self.drop_path_rate else None)
       for i in range(self.num_layers if collect else 0):
         self.sow("intermediates", f"block_{i}", stacked[i])
     else:
       for i, rate in enumerate(rates):
-        x, _ = apply_block(block(f"encoderblock_{i}", rate), x, None)
+        x, _ = apply_block(self.make_block(i, f"encoderblock_{i}", rate), x, None)
         self.sow("intermediates", f"block_{i}", x)
+    return x
+
+  @nn.compact
+  def __call__(self, x: Array, *, mask: Optional[Array] = None, grid: Any = None,
+               train: bool = False) -> Array:
+    x = self.add_position_embedding(x, grid)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="norm_pre")(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    x = self.run_blocks(sharding.constrain_batch(x), mask=mask, train=train)
     return nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="encoder_norm")(x)
 
@@ -262,7 +333,7 @@ class VisionTransformer(nn.Module):
 
   def patch_grid(self, height: int, width: int) -> tuple[int, int]:
     """The token grid for an input size, or a ValueError naming the constraint."""
-    expected = _pair(self.image_size)
+    expected = layers.to_2tuple(self.image_size)
     p = self.patch_size
     if height % p or width % p:
       # Suggest the nearest sizes that work (the model's own image_size may not).
@@ -279,84 +350,85 @@ class VisionTransformer(nn.Module):
           "and resample the position embedding when loading weights.")
     return height // p, width // p
 
-  @nn.compact
-  def __call__(self, images: Array, *, train: bool = False) -> Array:
-    self._check_config()
-    dtype = layers.canonical_dtype(self.dtype)
-    param_dtype = layers.canonical_dtype(self.param_dtype)
-    if images.ndim != 4:
-      raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    gh, gw = self.patch_grid(images.shape[1], images.shape[2])
+  # Dtypes from configs may be names ("bfloat16").
+  @property
+  def compute_dtype(self) -> Any:
+    return layers.canonical_dtype(self.dtype)
 
+  @property
+  def storage_dtype(self) -> Any:
+    return layers.canonical_dtype(self.param_dtype)
+
+  def embed_patches(self, images: Array) -> tuple[Array, tuple[int, int]]:
+    """NHWC images -> patch tokens ``[B, gh * gw, hidden_size]`` and the grid."""
+    layers.check_images(images)
+    gh, gw = self.patch_grid(images.shape[1], images.shape[2])
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
-                use_bias=self.patch_bias, dtype=dtype, param_dtype=param_dtype,
-                name="embedding")(
-                    images.astype(dtype))
-    batch = x.shape[0]
-    x = x.reshape(batch, gh * gw, self.hidden_size)
-    if self.posemb == "sincos2d":
-      x = x + layers.posemb_sincos_2d(gh, gw, self.hidden_size, dtype=dtype)
+                use_bias=self.patch_bias, dtype=self.compute_dtype,
+                param_dtype=self.storage_dtype, name="embedding")(
+                    images.astype(self.compute_dtype))
+    return x.reshape(x.shape[0], gh * gw, self.hidden_size), (gh, gw)
+
+  def add_fixed_position_embedding(self, x: Array, grid: tuple[int, int]) -> Array:
+    """The ``sincos2d`` table on the patch tokens (learned tables live in the encoder)."""
+    if self.posemb != "sincos2d":
+      return x
+    return x + layers.posemb_sincos_2d(*grid, self.hidden_size, dtype=self.compute_dtype)
+
+  def add_prefix_tokens(self, x: Array) -> Array:
+    """The class token (``classifier="token"``) in front of the patch tokens."""
+    if self.classifier != "token":
+      return x
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size),
+                     self.storage_dtype)
+    return jnp.concatenate([jnp.tile(cls.astype(self.compute_dtype), [x.shape[0], 1, 1]),
+                            x], axis=1)
+
+  def make_encoder(self) -> nn.Module:
+    """The ``Transformer`` module (an ``Encoder``; a variant may return a subclass)."""
+    return Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim,
+                   num_heads=self.num_heads, learned_posemb=self.posemb == "learn",
+                   pre_norm=self.pre_norm, dropout_rate=self.dropout_rate,
+                   attention_dropout_rate=self.attention_dropout_rate,
+                   drop_path_rate=self.drop_path_rate,
+                   gelu_approximate=self.gelu_approximate,
+                   attention_fn=self._attention_fn(), remat_policy=self.remat_policy,
+                   scan_layers=self.scan_layers, norm_epsilon=self.norm_epsilon,
+                   dtype=self.compute_dtype, param_dtype=self.storage_dtype,
+                   name="Transformer")
+
+  def pool(self, x: Array) -> Array:
+    """Normed tokens -> one vector per image (``classifier``)."""
     if self.classifier == "token":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size),
-                       param_dtype)
-      x = jnp.concatenate([jnp.tile(cls.astype(dtype), [batch, 1, 1]), x], axis=1)
+      return x[:, 0]
+    if self.classifier == "gap":
+      return jnp.mean(x, axis=1)
+    return layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                          gelu_approximate=self.gelu_approximate, dtype=self.compute_dtype,
+                          param_dtype=self.storage_dtype, name="MAPHead_0")(x)
 
-    x = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim,
-                num_heads=self.num_heads, learned_posemb=self.posemb == "learn",
-                pre_norm=self.pre_norm, dropout_rate=self.dropout_rate,
-                attention_dropout_rate=self.attention_dropout_rate,
-                drop_path_rate=self.drop_path_rate,
-                gelu_approximate=self.gelu_approximate,
-                attention_fn=self._attention_fn(), remat_policy=self.remat_policy,
-                scan_layers=self.scan_layers, norm_epsilon=self.norm_epsilon,
-                dtype=dtype, param_dtype=param_dtype, name="Transformer")(x, train=train)
+  def forward_features(self, images: Array, *, train: bool = False) -> Array:
+    """Images -> the encoder's normed tokens (prefix tokens first)."""
+    x, grid = self.embed_patches(images)
+    x = self.add_prefix_tokens(self.add_fixed_position_embedding(x, grid))
+    return self.make_encoder()(x, grid=grid, train=train)
 
-    if self.classifier == "token":
-      x = x[:, 0]
-    elif self.classifier == "gap":
-      x = jnp.mean(x, axis=1)
-    else:
-      x = layers.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                         gelu_approximate=self.gelu_approximate, dtype=dtype,
-                         param_dtype=param_dtype, name="MAPHead_0")(x)
-
+  def forward_head(self, x: Array, *, train: bool = False) -> Any:
+    """Normed tokens -> float32 logits (the pooled features when ``num_classes=0``)."""
+    del train
+    x = self.pool(x)
     if self.representation_size is not None:
-      x = nn.Dense(self.representation_size, dtype=dtype, param_dtype=param_dtype,
-                   name="pre_logits")(x)
-      x = jnp.tanh(x)
-    self.sow("intermediates", "features", x)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-    x = nn.Dense(self.num_classes, kernel_init=head_init, dtype=dtype,
-                 param_dtype=param_dtype, name="head")(x)
-    return x.astype(jnp.float32)
+      x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.compute_dtype,
+                            param_dtype=self.storage_dtype, name="pre_logits")(x))
+    return layers.classifier_head(self, x, self.num_classes,
+                                  kernel_init=layers.head_init(self.head_zeroinit),
+                                  dtype=self.compute_dtype, param_dtype=self.storage_dtype)
 
-
-def _timm_attention(state: StateDict, prefix: str, num_heads: int, *,
-                    fused_qkv: bool = True) -> dict:
-  """timm attention (``qkv`` or ``q``+``kv`` Linear, ``proj``) -> query/key/value/out."""
-  if fused_qkv:
-    w, b = state.take(f"{prefix}.qkv.weight"), state.take(f"{prefix}.qkv.bias")
-    ws, bs = np.split(w, 3, axis=0), np.split(b, 3)
-  else:  # attention pooling: the query comes from the probe, key/value from tokens
-    wkv, bkv = state.take(f"{prefix}.kv.weight"), state.take(f"{prefix}.kv.bias")
-    ws = [state.take(f"{prefix}.q.weight")] + np.split(wkv, 2, axis=0)
-    bs = [state.take(f"{prefix}.q.bias")] + np.split(bkv, 2)
-  dim = ws[0].shape[1]
-  head_dim = ws[0].shape[0] // num_heads
-  out = {name: {"kernel": w.T.reshape(dim, num_heads, head_dim),
-                "bias": bias.reshape(num_heads, head_dim)}
-         for name, w, bias in zip(("query", "key", "value"), ws, bs)}
-  proj = state.take(f"{prefix}.proj.weight")
-  out["out"] = {"kernel": proj.T.reshape(num_heads, head_dim, proj.shape[0]),
-                "bias": state.take(f"{prefix}.proj.bias")}
-  return out
-
-
-def _timm_mlp(state: StateDict, prefix: str) -> dict:
-  return {"Dense_0": state.linear(f"{prefix}.fc1"), "Dense_1": state.linear(f"{prefix}.fc2")}
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False) -> Any:
+    self._check_config()
+    return self.forward_head(self.forward_features(images, train=train), train=train)
 
 
 @register_timm_converter("vit")
@@ -375,10 +447,10 @@ def convert_timm_vit(state: StateDict, model: VisionTransformer) -> dict:
     block = f"blocks.{i}"
     encoder[f"encoderblock_{i}"] = {
         "LayerNorm_0": state.norm(f"{block}.norm1"),
-        "MultiHeadDotProductAttention_1": _timm_attention(state, f"{block}.attn",
-                                                          model.num_heads),
+        "MultiHeadDotProductAttention_1": layers.timm_attention_params(
+            state, f"{block}.attn", model.num_heads),
         "LayerNorm_2": state.norm(f"{block}.norm2"),
-        "MlpBlock_3": _timm_mlp(state, f"{block}.mlp"),
+        "MlpBlock_3": layers.timm_mlp_params(state, f"{block}.mlp"),
     }
   params = {"embedding": state.conv("patch_embed.proj", bias=model.patch_bias),
             "Transformer": encoder}
@@ -387,10 +459,10 @@ def convert_timm_vit(state: StateDict, model: VisionTransformer) -> dict:
   if model.classifier == "map":
     params["MAPHead_0"] = {
         "probe": state.take("attn_pool.latent"),
-        "MultiHeadDotProductAttention_0": _timm_attention(
-            state, "attn_pool", model.num_heads, fused_qkv=False),
+        "MultiHeadDotProductAttention_0": layers.timm_attention_params(
+            state, "attn_pool", model.num_heads, linears=layers.Q_KV),
         "LayerNorm_0": state.norm("attn_pool.norm"),
-        "MlpBlock_0": _timm_mlp(state, "attn_pool.mlp"),
+        "MlpBlock_0": layers.timm_mlp_params(state, "attn_pool.mlp"),
     }
   if model.num_classes:
     params["head"] = state.linear("head")
@@ -445,12 +517,8 @@ def _register_variants():
       for res in resolutions:
         name = f"vit_{size}_patch{patch}_{res}"
         defaults = dict(dims, patch_size=patch, image_size=res)
-
-        def factory(defaults=defaults, **overrides):
-          return VisionTransformer(**{**defaults, **overrides})
-
-        factory.__doc__ = f"ViT-{size[0].upper()}/{patch} at {res}x{res}."
-        register_model(name, family="vit", image_size=res)(factory)
+        register_variant(name, VisionTransformer, defaults, family="vit", image_size=res,
+                         doc=f"ViT-{size[0].upper()}/{patch} at {res}x{res}.")
 
 
 # CLIP image towers under timm's names (OpenAI CLIP / open_clip layout: pre-norm, no
@@ -466,12 +534,8 @@ def _register_clip_variants():
   for name, dims in CLIP_VARIANTS.items():
     defaults = dict(dims, image_size=224, pre_norm=True, patch_bias=False,
                     norm_epsilon=1e-5)
-
-    def factory(defaults=defaults, **overrides):
-      return VisionTransformer(**{**defaults, **overrides})
-
-    factory.__doc__ = f"CLIP image tower {name} (pre-norm, no patch bias)."
-    register_model(name, family="vit", image_size=224)(factory)
+    register_variant(name, VisionTransformer, defaults, family="vit", image_size=224,
+                     doc=f"CLIP image tower {name} (pre-norm, no patch bias).")
 
 
 _register_variants()

@@ -1,4 +1,3 @@
-"""Global softmax attention: reference (``layers.dot_product_attention``) and a
-flash-style Pallas kernel."""
+"""Global softmax attention: the reference (the spec) and a flash-style Pallas kernel."""
 
 from vit_jax.kernels.attention.reference import attention_reference
