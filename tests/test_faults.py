@@ -225,7 +225,7 @@ def _bad_settings():
                        ("optimizer.b2", 1.0), ("schedule.warmup_steps", -1),
                        ("input.eval_batch_size", 0), ("grad_accum_steps", 0),
                        ("input.shuffle_buffer", 0), ("input.shards_per_window", 0),
-                       ("input.decode_threads", 0), ("tokenizer.context_length", 0),
+                       ("input.threads", 0), ("tokenizer.context_length", 0),
                        ("label_smoothing", 1.0), ("max_logit_scale", 0.0)):
       node = config
       *parents, leaf = key.split(".")

@@ -59,7 +59,7 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("input.shuffle_buffer", _POSITIVE_INT),
     ("input.data_shards", _POSITIVE_INT),
     ("input.shards_per_window", _POSITIVE_INT),
-    ("input.decode_threads", _POSITIVE_INT),
+    ("input.threads", _POSITIVE_INT),
     ("tokenizer.context_length", _POSITIVE_INT),
     ("mesh.data", _MESH_AXIS),
     ("mesh.fsdp", _MESH_AXIS),
