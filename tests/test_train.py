@@ -251,6 +251,9 @@ def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path)
     ("--config.input.batch_size=30",
      "input.batch_size=30 must be divisible by the data-parallel devices (1) times "
      "grad_accum_steps (4)"),
+    # Checked before anything is built or written (all such settings: test_faults.py).
+    ("--config.log_every=0", "error: ValueError: config.log_every=0: must be an integer "
+     ">= 1"),
 ])
 def test_bad_input_is_one_clear_line(tfds_dir, tmp_path, override, message):
   proc = run_main(CONFIG, str(tmp_path / "bad"), *tiny(tfds_dir),
