@@ -60,10 +60,12 @@ def env():
 
 
 def final_state(workdir, steps):
+  import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpoint, tree  # pylint: disable=g-import-not-at-top
   state = checkpoint.load_state_arrays(os.path.join(workdir, "checkpoints", str(steps)))
-  return {k: np.asarray(v) for k, v in tree.flatten(
-      {"params": state["params"], "opt_state": state["opt_state"]}).items()}
+  leaves = jax.tree_util.tree_flatten_with_path(
+      {"params": state["params"], "opt_state": state["opt_state"]})[0]
+  return {tree.path_name(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def main():
