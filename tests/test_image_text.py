@@ -17,6 +17,7 @@ from PIL import Image
 
 from helpers import run_command
 from vit_jax.data import image_text, preprocess, tokenizer
+from vit_jax.data import digit_pool
 from vit_jax.tools import filter_pool, make_pool
 
 
@@ -340,7 +341,7 @@ def test_make_pool_is_deterministic_and_marks_mismatches(tmp_path):
     assert a["key"] == b["key"]
     np.testing.assert_array_equal(a["image"], b["image"])  # same scenes
     assert a["image"].shape == (32, 32, 3)
-    name = make_pool.CLASS_NAMES[a["meta"]["label"]]
+    name = digit_pool.CLASS_NAMES[a["meta"]["label"]]
     assert name in a["caption"] or str(a["meta"]["label"]) in a["caption"]
     if b["meta"]["mismatched"]:  # a caption about another digit
       assert b["caption"] != a["caption"]
@@ -364,7 +365,7 @@ def test_make_pool_attribute_fraction_sets_which_captions_name_attributes(tmp_pa
     return [s["caption"] for s in image_text.iterate_samples(
         image_text.expand_shards(directory / split), decode_image=False)]
 
-  words = {w for name in (*make_pool.FOREGROUNDS, *make_pool.BACKGROUNDS)
+  words = {w for name in (*digit_pool.FOREGROUNDS, *digit_pool.BACKGROUNDS)
            for w in name.split()} | {"small", "large", "corner", "middle"}
   names_attribute = lambda text: bool(words & set(text.replace(",", " ").split()))
   assert not any(names_attribute(c) for c in captions(0.0, "train"))

@@ -14,9 +14,6 @@ re-reading). 1,797 grayscale images, 10 classes; a fixed stratified split holds 
 import numpy as np
 import tensorflow_datasets as tfds
 
-NUM_TEST = 360
-SPLIT_SEED = 0
-
 
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's handwritten digits (UCI ML optical recognition, 8x8)."""
@@ -39,15 +36,14 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: the data ships with scikit-learn.
-    from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    from vit_jax.data import digit_pool  # pylint: disable=g-import-not-at-top
     digits = datasets.load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    indices = np.arange(len(images))
-    train, test = model_selection.train_test_split(
-        indices, test_size=NUM_TEST, stratify=digits.target, random_state=SPLIT_SEED)
+    train, test = digit_pool.split_indices(digits.target)
     return {
-        "train": self._generate_examples(images, digits.target, np.sort(train)),
-        "test": self._generate_examples(images, digits.target, np.sort(test)),
+        "train": self._generate_examples(images, digits.target, train),
+        "test": self._generate_examples(images, digits.target, test),
     }
 
   def _generate_examples(self, images, labels, indices):
@@ -76,13 +72,13 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    from vit_jax.tools import make_pool  # pylint: disable=g-import-not-at-top
-    train_images, train_labels, test_images, test_labels = make_pool.digits_split()
+    from vit_jax.data import digit_pool  # pylint: disable=g-import-not-at-top
+    train_images, train_labels, test_images, test_labels = digit_pool.digits_split()
     return {"train": self._generate_examples(train_images, train_labels, seed=0),
             "test": self._generate_examples(test_images, test_labels, seed=1)}
 
   def _generate_examples(self, images, labels, seed):
-    from vit_jax.tools import make_pool  # pylint: disable=g-import-not-at-top
+    from vit_jax.data import digit_pool  # pylint: disable=g-import-not-at-top
     for i, (digit, label) in enumerate(zip(images, labels)):
-      image, _ = make_pool.render(digit, np.random.default_rng([seed, i]), self.IMAGE_SIZE)
-      yield i, {"image": make_pool.encode_image(image, "jpg"), "label": int(label)}
+      image, _ = digit_pool.render(digit, np.random.default_rng([seed, i]), self.IMAGE_SIZE)
+      yield i, {"image": digit_pool.encode_image(image, "jpg"), "label": int(label)}

@@ -20,7 +20,7 @@ reports what it skipped) and printing its progress:
    ``vit_jax/kernels/auto_table.json``: copying it there makes ``impl="auto"`` follow
    the measurement.
 3. **Training**: the ViT-B/16 bfloat16 training step at batch 256 (AdamW) with
-   ``vit_jax.benchmark``: img/s and MFU (model FLOPs = 3x the forward FLOPs of XLA's
+   ``vit_jax.tools.benchmark``: img/s and MFU (model FLOPs = 3x the forward FLOPs of XLA's
    cost analysis, over the ``benchmark.PEAK_TFLOPS`` peak of the device kind), beside
    timm + ``torch.compile`` with bf16 autocast, same batch, AdamW, repeats interleaved.
 4. **Inference**: Swin-T, MaxViT-T and EfficientViT-B2 at batch 256 in bfloat16,
@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import benchmark
+from vit_jax.tools import benchmark
 from vit_jax import kernels
 from vit_jax.kernels import _backend
 from vit_jax.kernels import bench
