@@ -216,3 +216,30 @@ def linear_attention_fn(impl: str = "xla", *, feature_map: str = "elu+1",
 
 __all__ = ["IMPLEMENTATIONS", "OPS", "resolve", "auto_table", "check_auto_table", "window_attention", "linear_attention",
            "dot_product_attention", "attention_fn", "linear_attention_fn"]
+
+
+# Imported before the function is defined, which it must shadow (the package's
+# ``gated_scan`` attribute would otherwise become the subpackage on first import).
+from vit_jax.kernels.gated_scan import chunked as _gated_chunked  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+def gated_scan(query, key, value, log_decay, *, reverse: bool = False,
+               impl: str = "xla", chunk=None):
+  """Gated linear recurrence over ``[batch, tokens, heads, dim]`` (GLA, retention, Mamba).
+
+  ``h_t = diag(exp(g_t)) h_{t-1} + k_t^T v_t``, ``o_t = q_t h_t`` (``reverse``: from the
+  last token); see ``vit_jax.kernels.gated_scan.reference``. ``"xla"`` is the chunked
+  form with a hand-written backward; ``"pallas"`` the Mosaic TPU kernels (interpret
+  mode on CPU); ``"auto"`` picks Pallas on TPU and XLA elsewhere: there is no GPU
+  Pallas kernel for it (nor a Triton one: ``"pallas_triton"`` is an error).
+  """
+  _check_impl(impl, ("xla", "pallas", "auto"))
+  if impl == "auto":
+    impl = "pallas" if _backend.platform() == "tpu" else "xla"
+  if impl == "pallas":
+    from vit_jax.kernels.gated_scan import pallas  # pylint: disable=g-import-not-at-top
+    return pallas.gated_scan(query, key, value, log_decay, reverse=reverse, chunk=chunk)
+  return _gated_chunked.gated_scan(query, key, value, log_decay, reverse=reverse, chunk=chunk)
+
+
+__all__ += ["gated_scan"]
