@@ -74,8 +74,10 @@ def get_config(arg="small"):
   config.input.train_shards = config_dict.placeholder(str)  # required
   config.input.batch_size = hp["batch"]
   config.input.eval_batch_size = 1024
-  config.input.shards_per_window = 2  # memory: 2 shards of encoded images at a time
-  config.input.decode_threads = 8
+  # Memory: 2 windows of 2 shards of encoded images (one read ahead).
+  config.input.shards_per_window = 2
+  # tf.data threads (decoding, augmentation, tokenizing); None: one per core.
+  config.input.threads = config_dict.placeholder(int)
   config.input.record_keys = False
   config.input.pp_train = f"decode|random_resized_crop(224, scale=(0.9, 1.0))|{normalize}"
   config.input.pp_eval = (f"decode|resize_small(224, method='bicubic')|central_crop(224)|"

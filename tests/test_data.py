@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vit_jax.data import input_pipeline, preprocess
+from vit_jax.data import digits, input_pipeline, preprocess
 
 PP_TRAIN = "decode|resize(16)|random_crop(16, pad=2)|value_range(-1, 1)"
 PP_EVAL = "decode|resize(16)|value_range(-1, 1)"
@@ -64,10 +64,71 @@ def test_train_stream_is_deterministic_and_resumes_exactly(tfds_dir):
     np.testing.assert_array_equal(resumed["image"], batches[resume_at]["image"])
     np.testing.assert_array_equal(resumed["label"], batches[resume_at]["label"])
   assert not np.array_equal(next(make(0, seed=1))["label"], batches[0]["label"])
+  serial = iter(input_pipeline.make_train_dataset(
+      builder, "train", preprocess_fn=pp, batch_size=32, seed=0, threads=1
+  ).as_numpy_iterator())
+  for b in batches[:3]:  # the thread count does not change the stream
+    np.testing.assert_array_equal(b["image"], next(serial)["image"])
   # Every example once per epoch: the first 1437 labels are the split's labels.
   labels = np.concatenate([b["label"] for b in batches])
-  split_labels = np.sort([x["label"] for x in builder.as_dataset("train").as_numpy_iterator()])
+  split_labels = np.sort([x["label"] for x in builder.as_data_source("train")])
   np.testing.assert_array_equal(np.sort(labels[:1437]), split_labels)
+
+
+def test_resume_reads_only_the_records_it_uses(tfds_dir, monkeypatch):
+  """ArrayRecord files are read by index: a resume deep into an epoch (986 records in,
+  at batch 10,000) reads a batch and some read-ahead before its first batch, like one
+  at batch 10, not the 986 records before its position."""
+  builder = input_pipeline.get_builder("digits", data_dir=tfds_dir)
+  read = input_pipeline._read
+  counts = []
+  monkeypatch.setattr(input_pipeline, "CHUNK", 16)
+  monkeypatch.setattr(input_pipeline, "_read",
+                      lambda source, indices: counts.append(len(indices)) or read(
+                          source, indices))
+  first_read = {}
+  for batches in (10, 10_000):
+    counts.clear()
+    ds = input_pipeline.make_train_dataset(
+        builder, "train", preprocess_fn=preprocess.parse(PP_TRAIN), batch_size=32, seed=0,
+        start_position=32 * batches)
+    next(iter(ds.as_numpy_iterator()))
+    first_read[batches] = sum(counts)
+  assert (32 * 10_000) % 1437 == 986
+  print(first_read)
+  assert first_read[10_000] == first_read[10] < 986
+
+
+def test_tfrecord_datasets_stream_and_resume_exactly(tmp_path, caplog):
+  """Without ArrayRecord files: a shuffle buffer, and a resume that skips (and says so)."""
+  builder = digits.Digits(data_dir=str(tmp_path))
+  builder.download_and_prepare()  # TFDS's default format, TFRecord
+  assert input_pipeline.record_source(builder, "train") is None
+  pp = preprocess.parse(PP_TRAIN)
+  make = lambda start: iter(input_pipeline.make_train_dataset(
+      builder, "train", preprocess_fn=pp, batch_size=32, seed=0, start_position=start,
+      shuffle_buffer=500).as_numpy_iterator())
+  stream = make(0)
+  batches = [next(stream) for _ in range(47)]
+  with caplog.at_level("WARNING"):
+    resumed = next(make(32 * 46))
+  np.testing.assert_array_equal(resumed["image"], batches[46]["image"])
+  assert "resuming re-reads 35 records" in caplog.text  # 46 * 32 - 1437
+  assert "tfds build digits --file_format=array_record" in caplog.text
+  ds, num_batches = input_pipeline.make_eval_dataset(
+      builder, "test", preprocess_fn=preprocess.parse(PP_EVAL), batch_size=64)
+  assert num_batches == 6 and sum(b["_mask"].sum() for b in ds.as_numpy_iterator()) == 360
+
+
+def test_class_subset_is_relabelled_and_complete(tfds_dir):
+  builder = input_pipeline.get_builder("digits", data_dir=tfds_dir)
+  labels = np.array([x["label"] for x in builder.as_data_source("train")])
+  kept = np.flatnonzero(np.isin(labels, [7, 2]))
+  ds = input_pipeline.make_train_dataset(
+      builder, "train", preprocess_fn=preprocess.parse(PP_EVAL), batch_size=len(kept),
+      seed=0, keep_labels=[7, 2])
+  epoch = next(iter(ds.as_numpy_iterator()))["label"]  # exactly one epoch
+  np.testing.assert_array_equal(np.sort(epoch), np.sort(np.where(labels[kept] == 7, 0, 1)))
 
 
 def test_eval_pads_and_masks_every_example_once(tfds_dir):

@@ -7,6 +7,8 @@ Everything here is plain Python over small shards written by the tests (no model
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -14,7 +16,8 @@ import pytest
 from PIL import Image
 
 from helpers import run_command
-from vit_jax.data import image_text, tokenizer
+from vit_jax.data import image_text, preprocess, tokenizer
+from vit_jax.data import digit_pool
 from vit_jax.tools import filter_pool, make_pool
 
 
@@ -38,6 +41,10 @@ def write_shards(directory, num_shards, per_shard, prefix="s"):
   return paths
 
 
+TOKENIZER = tokenizer.train_bpe(["one two three four caption of", "broken"] * 4,
+                                vocab_size=40, context_length=8)
+
+
 def keys_of(stream, n):
   iterator = iter(stream)
   out = []
@@ -55,7 +62,7 @@ def test_expand_shards_globs_braces_directories_and_errors(tmp_path):
   assert image_text.expand_shards(str(tmp_path / "s-*.tar")) == paths
   assert image_text.expand_shards(str(tmp_path / "s-{000..001}.tar")) == paths[:2]
   assert image_text.expand_shards(f"{paths[2]},{paths[0]}") == [paths[2], paths[0]]
-  with pytest.raises(image_text.DataError, match="no shards match"):
+  with pytest.raises(image_text.DataError, match=r"no shards match '.*/nothing-\*\.tar'"):
     image_text.expand_shards(str(tmp_path / "nothing-*.tar"))
   with pytest.raises(image_text.DataError, match="does not exist"):
     image_text.expand_shards(str(tmp_path / "missing.tar"))
@@ -87,10 +94,9 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
                              "2 missing caption, 1 missing image)")
   assert "skipped sample 'corrupt'" in caplog.text and "corrupt image" in caplog.text
 
-  # The training stream skips them too, and never stops on them.
+  # The stream leaves the images to the decoding threads; it skips everything else.
   stream = image_text.ImageTextStream([path], seed=0, stats=image_text.SkipStats())
-  assert sorted(k for k, _ in keys_of(stream, 6)) == ["good1", "good1", "good1",
-                                                      "good2", "good2", "good2"]
+  assert sorted(k for k, _ in keys_of(stream, 3)) == ["corrupt", "good1", "good2"]
 
 
 def test_truncated_shard_yields_what_precedes_the_damage(tmp_path):
@@ -113,6 +119,114 @@ def test_a_stream_without_usable_samples_is_an_error(tmp_path):
     writer.write("a", {"txt": "no image"})
   with pytest.raises(image_text.DataError, match="no usable samples"):
     next(iter(image_text.ImageTextStream([path], seed=0)))
+
+
+# ---------------------------------------------------------------- tf.data pipeline
+
+PP = "decode|random_crop(6)|value_range(0, 1)"
+
+
+def train_batches(paths, n, *, batch_size=4, threads=None, position=None, **stream_kwargs):
+  stream_kwargs = {"seed": 0, "shards_per_window": 2, **stream_kwargs}
+  stream = image_text.ImageTextStream(paths, position=position, **stream_kwargs)
+  data = image_text.TrainData(stream, tokenizer=TOKENIZER, batch_size=batch_size,
+                              preprocess_fn=preprocess.parse(PP), threads=threads)
+  iterator = iter(data)
+  return [next(iterator) for _ in range(n)], stream.stats
+
+
+def bad_pool(tmp_path):
+  """A shard with undecodable and otherwise bad samples, a truncated and a 0-byte one."""
+  path = str(tmp_path / "bad.tar")
+  with image_text.ShardWriter(path, 100) as writer:
+    for key, files in (("good1", {"png": png(), "txt": "one"}),
+                       ("corrupt", {"jpg": b"\xff\xd8 not a jpeg", "txt": "broken"}),
+                       ("good2", {"png": png(), "txt": "two"}),
+                       ("latin1", {"png": png(), "txt": "caf\xe9".encode("latin-1")}),
+                       ("zerobyte", {"png": b"", "txt": "an empty image file"}),
+                       ("good3", {"png": png(), "txt": "three", "json": "{not json"}),
+                       ("good4", {"png": png(), "txt": "four"})):
+      writer.write(key, files)
+  [whole] = write_shards(tmp_path, 1, 6, prefix="t")
+  with tarfile.open(whole) as tar:
+    cut_at = tar.getmembers()[9].offset_data + 10  # inside t000_003.png
+  truncated = str(tmp_path / "truncated.tar")
+  with open(whole, "rb") as src, open(truncated, "wb") as dst:
+    dst.write(src.read()[:cut_at])
+  empty = str(tmp_path / "empty.tar")
+  open(empty, "wb").close()
+  return [path, truncated, empty]
+
+
+def test_training_and_eval_pipelines_skip_and_count_bad_data(tmp_path, caplog):
+  paths = bad_pool(tmp_path)
+  good = ["good1", "good2", "good4", "t000_000", "t000_001", "t000_002"]
+  with caplog.at_level("WARNING"):
+    batches, stats = train_batches(paths, 6, shards_per_window=3)  # 4 epochs of 6
+  keys = [k.decode() for b in batches for k in b["_key"]]
+  for epoch in range(4):
+    assert sorted(keys[6 * epoch:6 * epoch + 6]) == sorted(good)
+  # Undecodable images are counted when a later sample comes out: exactly those the
+  # stream put before the last sample consumed.
+  stream = iter(image_text.ImageTextStream(paths, seed=0, shards_per_window=3))
+  raw_keys = [next(stream)[0]["key"] for _ in range(4 * 8)]
+  before_last = raw_keys[:len(raw_keys) - raw_keys[::-1].index(keys[-1])]
+  counts = stats.as_dict()
+  assert counts["corrupt_image"] == sum(k in ("corrupt", "zerobyte") for k in before_last)
+  for reason in ("bad_caption", "bad_json", "truncated_shard", "empty_shard"):
+    assert counts[reason] >= 4, reason  # once per epoch read (the reader reads ahead)
+  assert "skipped sample 'corrupt' of " + paths[0] in caplog.text
+  assert "the image does not decode" in caplog.text
+  assert batches[0]["image"].shape == (4, 6, 6, 3) and batches[0]["text"].shape == (4, 8)
+
+  eval_stats = image_text.SkipStats()
+  evaluated = list(image_text.make_eval_batches(
+      paths, preprocess_fn=preprocess.parse("decode|resize(6)"), batch_size=4,
+      tokenizer=TOKENIZER, stats=eval_stats))
+  assert [k.decode() for b in evaluated for k, m in zip(b["_key"], b["_mask"]) if m] == [
+      "good1", "good2", "good4", "t000_000", "t000_001", "t000_002"]
+  assert eval_stats.as_dict() == {"corrupt_image": 2, "bad_caption": 1, "bad_json": 1,
+                                  "truncated_shard": 1, "empty_shard": 1}
+
+
+def test_a_pool_whose_images_never_decode_is_an_error(tmp_path, monkeypatch):
+  path = str(tmp_path / "garbage.tar")
+  with image_text.ShardWriter(path, 10) as writer:
+    for i in range(5):
+      writer.write(f"g{i}", {"jpg": b"garbage", "txt": "a caption"})
+  monkeypatch.setattr(image_text, "MAX_UNDECODED_RUN", 50)
+  with pytest.raises(Exception, match="none of the last 64 images decoded"):
+    train_batches([path], 1, batch_size=1)
+
+
+def test_training_pipeline_resumes_exactly_for_each_process(tmp_path):
+  """Stopped after any batch and restarted from its last position, each of 2 processes
+  continues with the same batches (keys, pixels, tokens), whatever the thread count."""
+  paths = write_shards(tmp_path, 5, 6)
+  with tarfile.open(paths[2], "a") as tar:  # an undecodable image inside a window
+    for name, data in (("zz.jpg", b"\xff\xd8 broken"), ("zz.txt", b"broken")):
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  for process in range(2):
+    kwargs = {"process_index": process, "process_count": 2}
+    reference, _ = train_batches(paths, 8, threads=2, **kwargs)  # ~2 epochs
+    serial, _ = train_batches(paths, 8, threads=1, **kwargs)
+    for a, b in zip(reference, serial):
+      assert_same_batch(a, b)
+    for stop in (0, 3, 5):
+      position = image_text.StreamPosition.from_list(reference[stop]["_position"][-1])
+      resumed, _ = train_batches(paths, 7 - stop, position=position, **kwargs)
+      for a, b in zip(resumed, reference[stop + 1:]):
+        assert_same_batch(a, b)
+    keys = {k for b in reference for k in b["_key"]}
+    assert {k.decode()[:4] for k in keys} == {f"s{s:03d}" for s in range(process, 5, 2)}
+
+
+def assert_same_batch(a, b):
+  assert sorted(a) == sorted(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 # ---------------------------------------------------------------- stream
@@ -156,20 +270,6 @@ def test_stream_shuffles_per_epoch_and_resumes_without_repeats_or_gaps(tmp_path)
       json.loads(json.dumps(position.to_list()))) == position
 
 
-def test_resume_skips_corrupt_samples_consistently(tmp_path):
-  paths = write_shards(tmp_path, 2, 6)
-  with image_text.ShardWriter(str(tmp_path / "z-{:03d}.tar"), 10) as writer:
-    writer.write("broken", {"png": b"garbage", "txt": "x"})
-    writer.write("fine", {"png": png(), "txt": "y"})
-  paths.append(writer.paths[0])
-  reference = keys_of(image_text.ImageTextStream(paths, seed=0, shards_per_window=3), 26)
-  assert "broken" not in [k for k, _ in reference]
-  for n in range(1, 14):
-    resumed = image_text.ImageTextStream(paths, seed=0, shards_per_window=3,
-                                         position=reference[n - 1][1])
-    assert keys_of(resumed, 26 - n) == reference[n:]
-
-
 # ---------------------------------------------------------------- tokenizer
 
 def test_tokenizer_trains_saves_loads_and_encodes(tmp_path):
@@ -206,7 +306,22 @@ def test_tokenizer_command_trains_on_shard_captions(tmp_path):
   ids = tok.encode(["caption of s001_003"])[0]
   assert tok.decode(ids) == "caption of s001_003"
   # "caption" is in every training caption: BPE merged it into one token.
-  assert tok.backend.encode("caption", add_special_tokens=False).tokens == ["caption</w>"]
+  assert tok.backend.encode("caption", add_special_tokens=False).tokens == ["\u2581caption"]
+
+
+def test_tokenizer_training_gives_the_same_file_in_every_process(tmp_path):
+  """The Rust trainer's hash maps are seeded per process; the vocabulary must not be."""
+  path = os.path.join(os.path.dirname(tokenizer.__file__), "tokenizer.py")
+  script = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('tok', {path!r})\n"
+            "tok = importlib.util.module_from_spec(spec); spec.loader.exec_module(tok)\n"
+            "captions = ['ab cd ef gh ij kl', 'ba dc fe hg ji lk', 'ab ba cd, dc! ef-fe'] * 3\n"
+            "tok.train_bpe(captions, vocab_size=60, context_length=8).save(sys.argv[1])\n")
+  outputs = [str(tmp_path / f"tok{i}.json") for i in range(3)]
+  procs = [subprocess.Popen([sys.executable, "-c", script, out]) for out in outputs]
+  assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+  files = [open(out, "rb").read() for out in outputs]
+  assert files[0] == files[1] == files[2]
 
 
 # ---------------------------------------------------------------- offline pool
@@ -226,7 +341,7 @@ def test_make_pool_is_deterministic_and_marks_mismatches(tmp_path):
     assert a["key"] == b["key"]
     np.testing.assert_array_equal(a["image"], b["image"])  # same scenes
     assert a["image"].shape == (32, 32, 3)
-    name = make_pool.CLASS_NAMES[a["meta"]["label"]]
+    name = digit_pool.CLASS_NAMES[a["meta"]["label"]]
     assert name in a["caption"] or str(a["meta"]["label"]) in a["caption"]
     if b["meta"]["mismatched"]:  # a caption about another digit
       assert b["caption"] != a["caption"]
@@ -250,7 +365,7 @@ def test_make_pool_attribute_fraction_sets_which_captions_name_attributes(tmp_pa
     return [s["caption"] for s in image_text.iterate_samples(
         image_text.expand_shards(directory / split), decode_image=False)]
 
-  words = {w for name in (*make_pool.FOREGROUNDS, *make_pool.BACKGROUNDS)
+  words = {w for name in (*digit_pool.FOREGROUNDS, *digit_pool.BACKGROUNDS)
            for w in name.split()} | {"small", "large", "corner", "middle"}
   names_attribute = lambda text: bool(words & set(text.replace(",", " ").split()))
   assert not any(names_attribute(c) for c in captions(0.0, "train"))

@@ -5,14 +5,20 @@ input against the pure-JAX reference: float32 within 1e-5 (relative to the large
 reference value when that exceeds 1, e.g. a bias gradient summed over windows),
 bfloat16 within 2e-2 relative to the float32 reference on the same inputs. Shapes
 are small but awkward: 197 tokens, 7x7 windows (49 positions), head dims 32/64/96,
-token counts that no block divides, batch 1. Cases run the GPU (Triton) block
-configuration unless marked "tpu" (Mosaic configuration and layout). The lowering
-tests lower each kernel, without running it, for CUDA (Triton IR) and TPU (Mosaic),
-which rejects block shapes and operations those backends cannot take.
+token counts that no block divides, batch 1. The ``pallas_call`` cases name their
+block configuration: "triton" (the explicit GPU fallback) or "tpu" (Mosaic). The
+Mosaic GPU kernel runs in GPU interpret mode. The lowering tests lower each kernel,
+without running it, for CUDA (Mosaic GPU MLIR; Triton IR for the fallback) and TPU
+(Mosaic), which rejects block shapes, layouts and operations those backends cannot
+take.
 """
 
+import contextlib
 import functools
 
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +26,9 @@ import pytest
 
 from vit_jax import kernels, models
 from vit_jax.kernels import bench
+from vit_jax.kernels import parity
 from vit_jax.kernels.attention import pallas as attention_pallas
+from vit_jax.kernels.linear_attention import mosaic_gpu as linear_mosaic_gpu
 from vit_jax.kernels.linear_attention import pallas as linear_pallas
 from vit_jax.kernels.linear_attention import reference as linear_reference
 from vit_jax.kernels.window_attention import pallas as window_pallas
@@ -28,47 +36,14 @@ from vit_jax.kernels.window_attention import reference as window_reference
 from vit_jax.models import layers
 
 
-def _outputs_and_grads(fn, args, argnums, cotangent):
-  """``fn(*args)`` and the VJP of ``cotangent`` w.r.t. ``args[argnums]`` (one jit)."""
-  def run(*args):
-    def partial(*diff):
-      full = list(args)
-      for i, d in zip(argnums, diff):
-        full[i] = d
-      return fn(*full)
-    out, vjp = jax.vjp(partial, *(args[i] for i in argnums))
-    return out, vjp(cotangent.astype(out.dtype))
-  return jax.jit(run)(*args)
-
-
 def assert_matches(kernel_fn, reference_fn, args, argnums, dtype=jnp.float32):
-  """Kernel vs reference: outputs and gradients, at the issue's tolerances."""
-  args = [None if a is None else jnp.asarray(a) for a in args]
-  out_shape = jax.eval_shape(reference_fn, *args)
-  cotangent = _normal(99, out_shape.shape)
-  cast = lambda a: a if a is None or a.ndim < 4 else a.astype(dtype)
-  got = _outputs_and_grads(kernel_fn, [cast(a) for a in args], argnums, cotangent)
-  # The truth: float32 reference on the same (possibly bf16-rounded) inputs.
-  exact = [None if a is None else cast(a).astype(jnp.float32) for a in args]
-  want = _outputs_and_grads(reference_fn, exact, argnums, cotangent)
-  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
-  assert len(got_leaves) == len(want_leaves) == 1 + len(argnums)
-  for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
-    what = "output" if i == 0 else f"gradient of argument {argnums[i - 1]}"
-    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-    assert g.shape == w.shape, what
-    scale = float(np.abs(w).max())
-    assert scale > 0, what
-    err = float(np.abs(g - w).max())
-    if dtype == jnp.float32:
-      assert err <= 1e-5 * max(1.0, scale), f"{what}: max |diff| {err:.3g} (scale {scale:.3g})"
-    else:
-      assert err <= 2e-2 * scale, f"{what}: max |diff| {err:.3g} (scale {scale:.3g})"
+  """Kernel vs reference: outputs and gradients, at the package's tolerances."""
+  for d in parity.compare(kernel_fn, reference_fn, args, argnums, dtype):
+    assert d.scale > 0, d.what
+    assert d.ok, f"{d.what}: max |diff| {d.max_error:.3g} (scale {d.scale:.3g})"
 
 
-def _normal(seed, shape):
-  # numpy, not jax.random: compiling threefry for every shape costs seconds on CPU.
-  return jnp.asarray(np.random.RandomState(seed).randn(*shape).astype(np.float32))
+_normal = parity.normal
 
 
 # -----------------------------------------------------------------------------
@@ -78,9 +53,9 @@ def _normal(seed, shape):
 LINEAR_CASES = [
     # (backend, batch, q_tokens, kv_tokens, heads, head_dim, feature_map, normalize,
     #  dtype, block_tokens, chunk_blocks)
-    ("gpu", 1, 197, 197, 2, 32, "relu", True, jnp.float32, 64, 2),
-    ("gpu", 2, 37, 50, 1, 96, "elu+1", True, jnp.float32, 16, 2),
-    ("gpu", 1, 197, 197, 2, 64, "identity", False, jnp.bfloat16, None, None),
+    ("triton", 1, 197, 197, 2, 32, "relu", True, jnp.float32, 64, 2),
+    ("triton", 2, 37, 50, 1, 96, "elu+1", True, jnp.float32, 16, 2),
+    ("triton", 1, 197, 197, 2, 64, "identity", False, jnp.bfloat16, None, None),
     ("tpu", 1, 197, 197, 2, 32, "elu+1", True, jnp.float32, 64, 2),
 ]
 
@@ -113,15 +88,32 @@ def test_linear_attention_reference_is_the_formula():
   np.testing.assert_allclose(unnormalized[0, :, 0], pq @ s, rtol=1e-5)
 
 
+def test_linear_attention_mosaic_gpu_matches_reference():
+  """The Mosaic GPU kernel in GPU interpret mode: 70 query / 130 key tokens (partial
+  64-token blocks, three gram chunks), head dim 48 (padded to 64), and elu+1, whose
+  phi(0) = 1 makes the masking of padded tokens and features matter."""
+  q, k, v = _normal(20, (1, 70, 2, 48)), _normal(21, (1, 130, 2, 48)), _normal(22, (1, 130, 2, 48))
+  kernel = functools.partial(linear_mosaic_gpu.linear_attention, feature_map="elu+1",
+                             chunk_blocks=1)
+  ref = functools.partial(linear_reference.linear_attention_reference, feature_map="elu+1")
+  assert_matches(kernel, ref, (q, k, v), (0, 1, 2), jnp.bfloat16)
+
+
+def test_linear_attention_mosaic_gpu_refuses_float32():
+  x = jnp.zeros((1, 8, 1, 64), jnp.float32)
+  with pytest.raises(ValueError, match="takes bfloat16 or float16 .* use impl='xla'"):
+    linear_mosaic_gpu.linear_attention(x, x, x)
+
+
 # -----------------------------------------------------------------------------
 # Global (flash) attention
 # -----------------------------------------------------------------------------
 
 FLASH_CASES = [
     # (backend, batch, q_tokens, kv_tokens, heads, head_dim, dtype, block_q, block_k)
-    ("gpu", 1, 197, 197, 2, 64, jnp.float32, None, None),
-    ("gpu", 2, 37, 53, 1, 96, jnp.float32, 16, 32),
-    ("gpu", 1, 197, 197, 2, 32, jnp.bfloat16, None, None),
+    ("triton", 1, 197, 197, 2, 64, jnp.float32, None, None),
+    ("triton", 2, 37, 53, 1, 96, jnp.float32, 16, 32),
+    ("triton", 1, 197, 197, 2, 32, jnp.bfloat16, None, None),
     ("tpu", 1, 197, 197, 2, 32, jnp.float32, 64, 64),
 ]
 
@@ -142,9 +134,9 @@ def test_flash_attention_matches_reference(case):
 
 WINDOW_CASES = [
     # (backend, batch, height, width, heads, head_dim, window, mode, bias, swin mask, dtype)
-    ("gpu", 1, 14, 14, 2, 32, (7, 7), "block", True, True, jnp.float32),  # Swin-T-like
-    ("gpu", 2, 14, 7, 1, 96, (7, 7), "grid", True, False, jnp.float32),  # MaxViT grid
-    ("gpu", 1, 6, 4, 2, 64, (3, 2), "block", False, False, jnp.bfloat16),
+    ("triton", 1, 14, 14, 2, 32, (7, 7), "block", True, True, jnp.float32),  # Swin-T-like
+    ("triton", 2, 14, 7, 1, 96, (7, 7), "grid", True, False, jnp.float32),  # MaxViT grid
+    ("triton", 1, 6, 4, 2, 64, (3, 2), "block", False, False, jnp.bfloat16),
     ("tpu", 1, 14, 14, 2, 32, (7, 7), "block", True, True, jnp.float32),
 ]
 
@@ -178,13 +170,31 @@ def test_swin_shift_mask_blocks_the_wrapped_regions():
 # The kernels lower for CUDA (Triton) and TPU (Mosaic)
 # -----------------------------------------------------------------------------
 
+def _target(platform):
+  """Lowering for CUDA without a GPU: JAX >= 0.11's Triton lowering asks the device
+  for its compute capability, so name one (an H100) through an abstract mesh."""
+  if platform != "cuda" or not hasattr(jax.sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                       platform="gpu")
+  return jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
 def _lowers(fn, args, platform):
   grad = jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-  for f in (fn, grad):
-    jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
+  with _target(platform):
+    for f in (fn, grad):
+      jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
 
 
-@pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
+# Lowering the explicit Triton fallback makes JAX (>= 0.11) warn that the Triton
+# lowering is deprecated: expected there, and only there.
+TRITON_DEPRECATION = "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(TRITON_DEPRECATION)
+@pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("tpu", "tpu")])
 def test_kernels_lower_for_gpu_and_tpu(backend, platform):
   tokens = jnp.zeros((2, 197, 3, 96), jnp.bfloat16)
   _lowers(functools.partial(linear_pallas.linear_attention, feature_map="elu+1",
@@ -200,13 +210,26 @@ def test_kernels_lower_for_gpu_and_tpu(backend, platform):
         interpret=False), (fmap, fmap, fmap), platform)
 
 
+def test_mosaic_gpu_kernel_lowers_for_cuda():
+  """Forward and backward through the Mosaic GPU lowering (layouts, tilings, wgmma
+  shapes), with 197 tokens and head dim 96."""
+  tokens = jnp.zeros((2, 197, 3, 96), jnp.bfloat16)
+  fn = functools.partial(linear_mosaic_gpu.linear_attention, feature_map="elu+1",
+                         interpret=False)
+  _lowers(fn, (tokens, tokens, tokens), "cuda")
+  lowered = jax.jit(fn).trace(tokens, tokens, tokens).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()  # a Mosaic GPU custom call, not Triton
+  assert "triton" not in lowered.as_text()
+
+
+@pytest.mark.filterwarnings(TRITON_DEPRECATION)
 def test_lowering_catches_what_triton_refuses(monkeypatch):
   """The lowering test is not vacuous: a 96-wide (non power-of-two) block fails."""
   from vit_jax.kernels import _backend  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(_backend, "padded_head_dim", lambda d, backend: d)
   x = jnp.zeros((1, 64, 1, 96), jnp.float32)
   with pytest.raises(ValueError, match="power of 2"):
-    _lowers(functools.partial(linear_pallas.linear_attention, backend="gpu",
+    _lowers(functools.partial(linear_pallas.linear_attention, backend="triton",
                               interpret=False), (x, x, x), "cuda")
 
 
@@ -231,12 +254,36 @@ def test_dispatch():
       layers.dot_product_attention(x, x, x, bias=jnp.ones((1, 1, 4, 4))))
 
 
+def test_auto_table_drives_the_choice_on_gpu(monkeypatch):
+  """On a GPU, "auto" reads the table, and falls back to XLA where the table's choice
+  cannot take the call; the Triton fallback is never chosen."""
+  from vit_jax.kernels import _backend  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_backend, "platform", lambda: "gpu")
+  bf16 = jnp.bfloat16
+  assert kernels.resolve("auto", "global", dtype=bf16, head_dim=64) == "cudnn"
+  assert kernels.resolve("auto", "global", dtype=bf16, head_dim=60) == "xla"  # not %8
+  assert kernels.resolve("auto", "global", dtype=bf16, head_dim=64,
+                         has_bias_or_mask=True) == "xla"
+  assert kernels.resolve("auto", "global", dtype=jnp.float32, head_dim=64) == "xla"
+  assert kernels.resolve("auto", "linear", dtype=bf16, head_dim=32) == "pallas"
+  assert kernels.resolve("auto", "linear", dtype=jnp.float32, head_dim=32) == "xla"
+  table = kernels.auto_table()["table"]
+  # Explicit choices on GPU: window/global have no Mosaic GPU kernel.
+  fmap = jnp.zeros((1, 4, 4, 1, 8))
+  with pytest.raises(ValueError, match="no Mosaic GPU kernel for window attention"):
+    kernels.window_attention(fmap, fmap, fmap, window=(2, 2), impl="pallas")
+  for bad in ("fast", "pallas_triton", "auto"):  # the table never names the fallback
+    with pytest.raises(ValueError, match=r"\[linear\]\[gpu\]\[half\] is .* must be one of"):
+      kernels.check_auto_table({**table, "linear": {**table["linear"],
+                                                    "gpu": {"float32": "xla", "half": bad}}})
+
+
 def test_kernel_argument_errors():
   x = jnp.zeros((1, 8, 1, 16))
   with pytest.raises(ValueError, match="feature_map must be one of"):
     kernels.linear_attention(x, x, x, feature_map="softplus", impl="pallas")
   with pytest.raises(ValueError, match="powers of two, got 48"):
-    linear_pallas.linear_attention(x, x, x, backend="gpu", block_tokens=48)
+    linear_pallas.linear_attention(x, x, x, backend="triton", block_tokens=48)
   with pytest.raises(ValueError, match="multiples of 8, got 12"):
     linear_pallas.linear_attention(x, x, x, backend="tpu", block_tokens=12)
   with pytest.raises(ValueError, match="Pallas backend must be one of"):
@@ -363,9 +410,16 @@ def test_vit_attention_options():
 # Benchmark command
 # -----------------------------------------------------------------------------
 
+def _bench(argv):
+  """``python -m vit_jax.kernels.bench ARGV`` in this process; flags restored after."""
+  with flagsaver.flagsaver():
+    flags.FLAGS(["bench"] + argv)
+    return bench.run(bench.config_from_flags())
+
+
 def test_benchmark_runs_and_reports_positive_numbers(tmp_path, capsys):
-  rows = bench.main(["--quick", "--ops=linear,window", "--impls=xla,pallas",
-                     "--repeats=1", f"--json={tmp_path / 'rows.json'}"])
+  rows = _bench(["--quick", "--ops=linear,window", "--impls=xla,pallas",
+                 "--repeats=1", f"--json={tmp_path / 'rows.json'}"])
   printed = capsys.readouterr().out
   assert "| op | shape | impl |" in printed
   measured = [r for r in rows if r.impl == "xla"]
@@ -378,10 +432,12 @@ def test_benchmark_runs_and_reports_positive_numbers(tmp_path, capsys):
   assert pallas and all(r.time_ms is None and "interpret mode" in r.note for r in pallas)
   assert (tmp_path / "rows.json").exists()
   # The memory guard: what would not fit is compiled and reported, never run.
-  guarded = bench.main(["--quick", "--ops=linear", "--impls=xla", "--passes=fwd",
-                        "--max_gib=1e-6"])
+  guarded = _bench(["--quick", "--ops=linear", "--impls=xla", "--passes=fwd",
+                    "--max_gib=1e-6"])
   assert guarded and all(r.time_ms is None and r.peak_mib > 0 and "not run" in r.note
                          for r in guarded)
+  with pytest.raises(app.UsageError, match="unknown --ops softmax; choose from global"):
+    _bench(["--ops=softmax"])
 
 
 def test_kernels_import_nothing_from_models():

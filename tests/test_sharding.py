@@ -178,6 +178,9 @@ SPLIT_KERNELS = {
     "efficientvit_msra": (r"ffn\d?/pw[12]/conv/kernel$",),
     "shvit": (r"ffn\d?/pw[12]/conv/kernel$",),
     "rmt": (r"retention/([qkv]|out)/kernel$", r"ffn/fc[12]/kernel$", r"retention/lepe/kernel$"),
+    "vig": (r"attn/(g_proj|o_proj)/kernel$", r"mlp/down_proj/kernel$"),
+    "vim": (r"mixer/(out_proj|x_proj|dt_proj_b)/kernel$", r"mixer/conv1d(_b)?/kernel$"),
+    "vir": (r"retention/out_proj/kernel$", _MLP),
     "two_tower": (_ATTENTION, _MLP),
 }
 # Attention and MLP kernels that stay whole over ``tensor``, and why.
@@ -189,6 +192,10 @@ WHOLE_KERNELS = {
     # Cascaded group attention (heads in sequence); SHViT's single head.
     "efficientvit_msra": r"mixer/attn/(qkvs|dws)_\d+/conv/kernel$",
     "shvit": r"mixer/(qkv|proj)/conv/kernel$",
+    # Fused q|k|v, SwiGLU's a|b and Mamba's x|z projections.
+    "vig": r"(attn/qkv_proj|mlp/gate_proj)/kernel$",
+    "vim": r"mixer/in_proj/kernel$",
+    "vir": r"retention/qkv/kernel$",
 }
 
 

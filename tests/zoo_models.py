@@ -60,6 +60,12 @@ ZOO = {
     "shvit": ("shvit_s1", dict(embed_dims=(16, 24, 32), partial_dims=(8, 8, 8),
                                qk_dims=(4, 4, 4), depths=(1, 1, 1), mixers=("i", "s", "s")),
               48, ("qk_dims", (4, 4))),
+    "vig": ("vig_tiny", dict(embed_dim=32, depth=2, num_heads=2, patch_size=8,
+                             image_size=32), 32, None),
+    "vim": ("vim_tiny_patch16_224", dict(embed_dim=32, depth=3, patch_size=8, image_size=32),
+            32, None),
+    "vir": ("vir_small_patch16_224", dict(embed_dim=32, depth=2, num_heads=2, patch_size=8,
+                                          image_size=32), 32, None),
 }
 # Two-tower models embed images and texts instead of classifying: their image tower
 # is a registered image model (above), and their own surface is tested in

@@ -6,9 +6,12 @@ A shard is a plain tar file in which consecutive members sharing a key form a sa
   000123.txt    the caption, UTF-8
   000123.json   optional metadata (uid, label, ...)
 
-Bad samples never stop a run: an image that does not decode, a sample without caption
-or image, or unreadable metadata is skipped and counted (``SkipStats``); the trainer
-reports the counts in its logs. A truncated shard yields the samples before the damage.
+Shards may be local or remote (``gs://...``): they are listed and opened through
+``etils.epath``. Bad data never stops a run: a sample without caption or image, a
+caption that is not UTF-8 or unreadable metadata is skipped when its shard is read, an
+image that does not decode is skipped by the decoding threads, and both are counted
+(``SkipStats``); the trainer reports the counts in its logs. A truncated shard yields
+the samples before the damage, a 0-byte shard none; they are counted too.
 
 Training stream, per process (``ImageTextStream``)::
 
@@ -23,6 +26,15 @@ of the last sample it consumed, and a resumed stream starts exactly there: nothi
 repeated or skipped, and resuming costs reading one window, not the whole epoch.
 Shuffling a whole window (rather than a sliding buffer) is what makes the position a
 small exact number.
+
+Input pipeline (``TrainData``): the stream only reads. It parses the tar members in
+one Python thread (the standard library's ``tarfile``, as webdataset's tar iterator
+does; the next window is read while the current one is consumed) and hands encoded
+images and captions to tf.data in chunks. Decoding, cropping and augmentation run as
+TensorFlow ops in tf.data's parallel map, and tokenization runs on whole batches in
+the Rust tokenizer (which releases the interpreter lock), so one process uses as many
+cores as tf.data is given. Every op is keyed by the sample's position and the maps
+keep their order, so the batches are a function of the seed and the start position.
 """
 
 import collections
@@ -39,12 +51,24 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTENSION = "txt"
 META_EXTENSION = "json"
-# Warnings naming individual skipped samples stop after this many (the counts go on).
+# Warnings naming individual skipped samples stop after this many per reason (the
+# counts go on).
 MAX_SKIP_WARNINGS = 20
+# Reasons that count damaged shards, not samples.
+SHARD_REASONS = ("truncated_shard", "empty_shard")
+# Samples per hand-over from the reading thread to tf.data.
+CHUNK = 128
+# Keys remembered per pipeline to name the samples whose image fails to decode; the
+# decoding threads run at most a few batches behind the reader.
+RECENT_KEYS = 1 << 17
+# The reader stops with an error when this many samples (or 64 batches) in a row gave
+# no image: otherwise a pool of undecodable images would wait forever.
+MAX_UNDECODED_RUN = 1 << 17
 
 
 class DataError(ValueError):
@@ -67,6 +91,16 @@ def _expand_braces(pattern: str) -> list[str]:
   return names
 
 
+def _glob(pattern: str) -> list[str]:
+  """Files matching ``pattern``, local or remote, sorted."""
+  parts = pattern.split("/")
+  first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+  base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+  found = epath.Path(base).glob("/".join(parts[first:]))
+  prefix = "" if parts[:first] else "./"  # epath keeps "./" off relative results
+  return sorted(str(p).removeprefix(prefix) for p in found)
+
+
 def expand_shards(spec: Union[str, Sequence[str]]) -> list[str]:
   """Shard files from globs, brace ranges, directories or comma-separated lists.
 
@@ -78,12 +112,17 @@ def expand_shards(spec: Union[str, Sequence[str]]) -> list[str]:
   shards = []
   for pattern in patterns:
     for name in _expand_braces(os.path.expanduser(pattern)):
-      if os.path.isdir(name):
-        found = sorted(glob.glob(os.path.join(name, "*.tar")))
-      elif glob.has_magic(name):
-        found = sorted(glob.glob(name))
+      path = epath.Path(name)
+      if glob.has_magic(name):
+        found = _glob(name)
+      elif "://" in name and name.endswith(".tar"):
+        # Checked when read: a request per shard here would take minutes for a
+        # DataComp-sized brace range.
+        found = [name]
+      elif path.is_dir():
+        found = sorted(str(p) for p in path.glob("*.tar"))
       else:
-        if not os.path.exists(name):
+        if not path.exists():
           raise DataError(f"shard {name} does not exist (from {pattern!r})")
         found = [name]
       shards += found
@@ -112,26 +151,25 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 class SkipStats:
-  """Counts of skipped samples by reason; shared by the reading threads."""
+  """Counts of skipped samples (and damaged shards) by reason; thread-safe."""
 
   def __init__(self):
     self._lock = threading.Lock()
     self.counts: collections.Counter = collections.Counter()
-    self._warned = 0
 
   def record(self, reason: str, key: str, shard: str, detail: str = "") -> None:
     with self._lock:
       self.counts[reason] += 1
-      self._warned += 1
-      warn = self._warned <= MAX_SKIP_WARNINGS
+      warn = self.counts[reason] <= MAX_SKIP_WARNINGS
     if warn:
       logging.warning("skipped sample %r of %s: %s%s", key, shard, reason.replace("_", " "),
                       f" ({detail})" if detail else "")
 
   @property
   def total(self) -> int:
+    """Skipped samples (damaged shards are counted apart)."""
     with self._lock:
-      return sum(v for k, v in self.counts.items() if k != "truncated_shard")
+      return sum(v for k, v in self.counts.items() if k not in SHARD_REASONS)
 
   def as_dict(self) -> dict[str, int]:
     with self._lock:
@@ -149,7 +187,7 @@ def read_shard(path: str, stats: Optional[SkipStats] = None) -> Iterator[RawSamp
   """The samples of one shard, in order, undecoded."""
   key, files = None, {}
   try:
-    with tarfile.open(path, mode="r|*") as tar:
+    with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
       for member in tar:
         if not member.isfile():
           continue
@@ -159,22 +197,23 @@ def read_shard(path: str, stats: Optional[SkipStats] = None) -> Iterator[RawSamp
           files = {}
         key = name_key
         files[ext] = tar.extractfile(member).read()
+  except FileNotFoundError as e:
+    raise DataError(f"shard {path} does not exist") from e
   except (tarfile.TarError, OSError, EOFError) as e:
-    if isinstance(e, FileNotFoundError):
-      raise DataError(f"shard {path} does not exist") from e
     if stats is not None:
-      stats.record("truncated_shard", key or "-", path, str(e))
+      empty = key is None and str(e) == "empty file"
+      stats.record("empty_shard" if empty else "truncated_shard", key or "-", path, str(e))
     # Everything before the damage is usable; a partial last sample is dropped.
     return
   if key is not None:
     yield RawSample(key, path, files)
 
 
-def decode_sample(raw: RawSample, stats: Optional[SkipStats] = None,
-                  *, decode_image: bool = True) -> Optional[dict]:
-  """``{"key", "image" (uint8 HWC RGB), "caption", "meta"}``, or None if unusable."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+def check_sample(raw: RawSample, stats: Optional[SkipStats] = None) -> Optional[dict]:
+  """``{"key", "shard", "image_bytes", "caption", "meta"}``, or None if unusable.
 
+  Everything is checked but the image, which the input pipelines decode.
+  """
   def skip(reason, detail=""):
     if stats is not None:
       stats.record(reason, raw.key, raw.shard, detail)
@@ -198,20 +237,33 @@ def decode_sample(raw: RawSample, stats: Optional[SkipStats] = None,
       meta = json.loads(raw.files[META_EXTENSION])
     except ValueError as e:
       return skip("bad_json", str(e))
-  sample = {"key": raw.key, "caption": caption, "meta": meta,
-            "image_bytes": raw.files[image_ext]}
-  if decode_image:
-    try:
-      with Image.open(io.BytesIO(raw.files[image_ext])) as image:
-        sample["image"] = np.asarray(image.convert("RGB"))
-    except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
-      return skip("corrupt_image", f"{type(e).__name__}: {e}")
+  return {"key": raw.key, "shard": raw.shard, "caption": caption, "meta": meta,
+          "image_bytes": raw.files[image_ext]}
+
+
+def decode_sample(raw: RawSample, stats: Optional[SkipStats] = None,
+                  *, decode_image: bool = True) -> Optional[dict]:
+  """``check_sample`` plus ``"image"`` (uint8 HWC RGB, decoded with PIL), or None.
+
+  For inspection and tools; the input pipelines decode in TensorFlow.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  sample = check_sample(raw, stats)
+  if sample is None or not decode_image:
+    return sample
+  try:
+    with Image.open(io.BytesIO(sample["image_bytes"])) as image:
+      sample["image"] = np.asarray(image.convert("RGB"))
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
+    if stats is not None:
+      stats.record("corrupt_image", raw.key, raw.shard, f"{type(e).__name__}: {e}")
+    return None
   return sample
 
 
 def iterate_samples(shards: Sequence[str], *, stats: Optional[SkipStats] = None,
                     decode_image: bool = True, threads: int = 4) -> Iterator[dict]:
-  """Every usable sample of ``shards`` once, in order (evaluation, filtering)."""
+  """Every usable sample of ``shards`` once, in order (inspection, filtering)."""
   with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
     for shard in shards:
       raws = list(read_shard(shard, stats))
@@ -256,8 +308,9 @@ class ShardWriter:
     self.samples_per_shard = samples_per_shard
     self.paths: list[str] = []
     self.count = 0
+    self._file = None
     self._tar: Optional[tarfile.TarFile] = None
-    os.makedirs(os.path.dirname(os.path.abspath(pattern)) or ".", exist_ok=True)
+    epath.Path(pattern).parent.mkdir(parents=True, exist_ok=True)
 
   def write(self, key: str, files: dict) -> None:
     """``files``: extension -> bytes (or str, encoded as UTF-8)."""
@@ -265,7 +318,8 @@ class ShardWriter:
       self._close_shard()
       path = self.pattern.format(len(self.paths))
       self.paths.append(path)
-      self._tar = tarfile.open(path, "w")
+      self._file = epath.Path(path).open("wb")
+      self._tar = tarfile.open(fileobj=self._file, mode="w")
     for ext, data in files.items():
       data = data.encode("utf-8") if isinstance(data, str) else data
       info = tarfile.TarInfo(f"{key}.{ext}")
@@ -276,7 +330,8 @@ class ShardWriter:
   def _close_shard(self) -> None:
     if self._tar is not None:
       self._tar.close()
-      self._tar = None
+      self._file.close()
+      self._tar = self._file = None
 
   def close(self) -> list[str]:
     self._close_shard()
@@ -317,16 +372,17 @@ def process_shards(shards: Sequence[str], process_index: int, process_count: int
 
 
 class ImageTextStream:
-  """An endless, shuffled, exactly resumable stream of decoded samples for one process.
+  """An endless, shuffled, exactly resumable stream of undecoded samples for one process.
 
-  Iterating yields ``(sample, position)``: the decoded sample and the position of the
-  stream after it. ``ImageTextStream(..., position=p)`` continues right after the
-  sample that returned ``p``.
+  Iterating yields ``(sample, position)``: the sample (``check_sample``'s dict) and the
+  position of the stream after it. ``ImageTextStream(..., position=p)`` continues right
+  after the sample that returned ``p``. Up to two windows are in memory: the one being
+  consumed and the next, read in the background.
   """
 
   def __init__(self, shards: Sequence[str], *, seed: int, process_index: int = 0,
                process_count: int = 1, shards_per_window: int = 4,
-               position: Optional[StreamPosition] = None, decode_threads: int = 4,
+               position: Optional[StreamPosition] = None,
                stats: Optional[SkipStats] = None):
     if not shards:
       raise DataError("the shard list is empty")
@@ -337,8 +393,8 @@ class ImageTextStream:
     self.process_index = process_index
     self.shards_per_window = shards_per_window
     self.position = position or StreamPosition()
-    self.decode_threads = decode_threads
     self.stats = stats if stats is not None else SkipStats()
+    self.num_windows = -(-len(self.shards) // shards_per_window)
 
   def windows(self, epoch: int) -> list[list[str]]:
     rng = np.random.default_rng([self.seed, self.process_index, epoch])
@@ -346,92 +402,202 @@ class ImageTextStream:
     n = self.shards_per_window
     return [order[i:i + n] for i in range(0, len(order), n)]
 
-  def window_samples(self, epoch: int, window: int) -> list[RawSample]:
-    """The undecoded samples of a window, in the stream's shuffled order."""
-    raws = [raw for shard in self.windows(epoch)[window]
-            for raw in read_shard(shard, self.stats)]
-    rng = np.random.default_rng([self.seed, self.process_index, epoch, window, 1])
-    return [raws[i] for i in rng.permutation(len(raws))]
+  def _read_window(self, pool, epoch: int, window: int) -> Callable[[], list[RawSample]]:
+    """Starts reading a window's shards in parallel; returns a function that waits for
+    its undecoded samples, in the stream's shuffled order."""
+    parts = [pool.submit(lambda s=s: list(read_shard(s, self.stats)))
+             for s in self.windows(epoch)[window]]
+
+    def samples():
+      raws = [raw for part in parts for raw in part.result()]
+      rng = np.random.default_rng([self.seed, self.process_index, epoch, window, 1])
+      return [raws[i] for i in rng.permutation(len(raws))]
+
+    return samples
 
   def __iter__(self) -> Iterator[tuple[dict, StreamPosition]]:
     epoch, window, offset = (self.position.epoch, self.position.window,
                              self.position.offset)
-    chunk = 64
-    with concurrent.futures.ThreadPoolExecutor(max(self.decode_threads, 1)) as pool:
+    following = lambda e, w: (e, w + 1) if w + 1 < self.num_windows else (e + 1, 0)
+    pool = concurrent.futures.ThreadPoolExecutor(self.shards_per_window)
+    try:
+      pending = self._read_window(pool, epoch, window)
+      yielded, whole_epoch = 0, window == 0 and offset == 0
       while True:
-        yielded, whole_epoch = 0, window == 0 and offset == 0
-        num_windows = len(self.windows(epoch))
-        for w in range(window, num_windows):
-          raws = self.window_samples(epoch, w)
-          for start in range(offset, len(raws), chunk):
-            batch = raws[start:start + chunk]
-            decoded = pool.map(lambda r: decode_sample(r, self.stats), batch)
-            for i, sample in enumerate(decoded):
-              if sample is not None:
-                yielded += 1
-                yield sample, StreamPosition(epoch, w, start + i + 1)
-          offset = 0
-        if yielded == 0 and whole_epoch:
-          raise DataError(f"no usable samples in {len(self.shards)} shards "
-                          f"({self.stats.summary()}); first shard: {self.shards[0]}")
-        epoch, window = epoch + 1, 0
+        raws = pending()
+        pending = self._read_window(pool, *following(epoch, window))
+        for i in range(offset, len(raws)):
+          sample = check_sample(raws[i], self.stats)
+          if sample is not None:
+            yielded += 1
+            yield sample, StreamPosition(epoch, window, i + 1)
+        offset = 0
+        epoch, window = following(epoch, window)
+        if window == 0:
+          if yielded == 0 and whole_epoch:
+            raise DataError(f"no usable samples in {len(self.shards)} shards "
+                            f"({self.stats.summary()}); first shard: {self.shards[0]}")
+          yielded, whole_epoch = 0, True
+    finally:
+      pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- tf.data pipelines
 
-def _example_seed(seed: int, process_index: int, position: StreamPosition) -> np.ndarray:
+def _example_seed(seed: int, process_index: int, position):
   """A per-sample preprocessing seed that depends only on where the sample is."""
-  mixed = np.random.SeedSequence([seed, process_index, *position.to_list()])
-  return mixed.generate_state(2, np.uint32).astype(np.int64)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = tf.constant([seed, process_index], tf.int64)
+  for i in range(3):
+    rng = tf.random.experimental.stateless_fold_in(rng, position[i])
+  return rng
 
 
-def _apply_pp(preprocess_fn: Callable, example: dict) -> dict:
-  """Runs image preprocessing on ``image`` (and ``_rng``); other keys pass through."""
-  inputs = {"image": example["image"]}
-  if "_rng" in example:
-    inputs["_rng"] = example["_rng"]
-  out = dict(example)
-  out.pop("_rng", None)
-  out["image"] = preprocess_fn(inputs)["image"]
-  return out
+class _Chunks:
+  """Hands samples to tf.data in chunks, numbered, remembering their recent keys.
+
+  The decoding threads drop images that do not decode (``ignore_errors``); the gaps
+  in the numbers of the samples that come out count them, and ``recent`` names them.
+  ``ignore_errors`` would also swallow the reader's errors and end the dataset
+  quietly, so the reader keeps its error in ``error`` for the consumer to raise.
+  """
+
+  def __init__(self, columns: dict[str, Any], batch_size: int):
+    self.columns = columns  # name -> tf.TensorSpec of one sample
+    self.max_run = max(MAX_UNDECODED_RUN, 64 * batch_size)
+    self.recent: dict[int, tuple[str, str]] = {}
+    self.delivered = -1  # the number of the last sample that came out
+    self.error: Optional[Exception] = None
+
+  def signature(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    spec = {k: tf.TensorSpec([None, *v.shape], v.dtype) for k, v in self.columns.items()}
+    return {**spec, "_seq": tf.TensorSpec([None], tf.int64)}
+
+  def generate(self, examples: Iterable[tuple[dict, str]]) -> Iterator[dict]:
+    """``examples``: (columns, shard) pairs; yields chunks of stacked columns."""
+    rows, seq, self.delivered, self.error = [], 0, -1, None
+    try:
+      for example, shard in examples:
+        if seq - self.delivered > self.max_run:
+          raise DataError(f"none of the last {seq - self.delivered - 1} images decoded "
+                          f"(the last one read: {example['_key']} of {shard})")
+        self.recent[seq] = (example["_key"], shard)
+        self.recent.pop(seq - RECENT_KEYS, None)
+        rows.append(example)
+        seq += 1
+        if len(rows) == CHUNK:
+          yield self._stack(rows, seq)
+          rows = []
+    except Exception as e:  # pylint: disable=broad-except  (re-raised by the consumer)
+      self.error = e
+      return
+    if rows:
+      yield self._stack(rows, seq)
+
+  def _stack(self, rows: list[dict], end: int) -> dict:
+    chunk = {k: np.asarray([r[k] for r in rows], dtype=object if v.dtype.name == "string"
+                           else v.dtype.as_numpy_dtype)
+             for k, v in self.columns.items()}
+    chunk["_seq"] = np.arange(end - len(rows), end, dtype=np.int64)
+    return chunk
+
+  def count_dropped(self, seqs: np.ndarray, stats: SkipStats) -> None:
+    """Records the samples before the last of ``seqs`` that did not come out."""
+    delivered = set(seqs.tolist())
+    for seq in range(self.delivered + 1, int(seqs[-1]) + 1):
+      if seq not in delivered:
+        key, shard = self.recent.get(seq, ("?", "?"))
+        stats.record("corrupt_image", key, shard, "the image does not decode")
+    self.delivered = int(seqs[-1])
 
 
-def make_train_dataset(stream: ImageTextStream, *, tokenizer, preprocess_fn: Callable,
-                       batch_size: int):
-  """tf.data batches ``{"image", "text", "_position", "_key"}`` from a stream.
+def _decode_and_preprocess(ds, preprocess_fn: Callable, rng_fn: Optional[Callable] = None):
+  """Parallel maps: decode ``image`` (dropping what does not decode), then preprocess.
 
-  ``_position`` of each example is the stream position after it: the last row of a
-  batch is where the stream continues after that batch.
+  ``rng_fn(example) -> [2] int64`` gives the random ops their per-sample seed.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  def generate():
-    for sample, position in stream:
-      yield {"image": sample["image"],
-             "text": tokenizer.encode([sample["caption"]])[0],
-             "_rng": _example_seed(stream.seed, stream.process_index, position),
-             "_position": np.asarray(position.to_list(), np.int64),
-             "_key": sample["key"]}
+  def decode(ex):  # RGB, as the pp's decode op would make it
+    image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+    return {**ex, "image": image}
 
-  signature = {"image": tf.TensorSpec([None, None, 3], tf.uint8),
-               "text": tf.TensorSpec([tokenizer.context_length], tf.int32),
-               "_rng": tf.TensorSpec([2], tf.int64),
-               "_position": tf.TensorSpec([3], tf.int64),
-               "_key": tf.TensorSpec([], tf.string)}
-  ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-  ds = ds.map(lambda ex: _apply_pp(preprocess_fn, ex), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  options = tf.data.Options()
-  options.deterministic = True
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+  def preprocess(ex):
+    inputs = {"image": ex["image"]}
+    if rng_fn is not None:
+      inputs["_rng"] = rng_fn(ex)
+    return {**ex, "image": preprocess_fn(inputs)["image"]}
+
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # Only the decode map may drop: an error in preprocessing is a configuration error.
+  ds = ds.ignore_errors()
+  return ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _tokenize(ds, tokenizer):
+  """Batches' ``caption`` -> ``text`` (int32 ``[batch, context_length]``)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def tokenize(batch):
+    batch = dict(batch)
+    batch["text"] = tokenizer.encode_tf(batch.pop("caption"))
+    return batch
+
+  return ds.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+class TrainData:
+  """tf.data batches of one process's stream, and an iterator over them.
+
+  ``dataset`` holds ``{"image", "text", "_position", "_key", "_seq"}`` batches;
+  ``_position`` of each row is the stream position after it, so the last row of a
+  batch is where the stream continues after that batch. Iterating gives numpy
+  batches (without ``_seq``) and records the images that did not decode in
+  ``stream.stats``.
+
+  Args:
+    threads: tf.data's threads (decoding, preprocessing, tokenizing); None: as many
+      as the machine has cores.
+  """
+
+  def __init__(self, stream: ImageTextStream, *, tokenizer, preprocess_fn: Callable,
+               batch_size: int, threads: Optional[int] = None):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from vit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    self.stream = stream
+    self._chunks = _Chunks({"image": tf.TensorSpec([], tf.string),
+                            "caption": tf.TensorSpec([], tf.string),
+                            "_key": tf.TensorSpec([], tf.string),
+                            "_position": tf.TensorSpec([3], tf.int64)}, batch_size)
+
+    def examples():
+      for sample, position in stream:
+        yield {"image": sample["image_bytes"], "caption": sample["caption"],
+               "_key": sample["key"], "_position": position.to_list()}, sample["shard"]
+
+    ds = tf.data.Dataset.from_generator(lambda: self._chunks.generate(examples()),
+                                        output_signature=self._chunks.signature())
+    ds = _decode_and_preprocess(
+        ds.unbatch(), preprocess_fn,
+        lambda ex: _example_seed(stream.seed, stream.process_index, ex["_position"]))
+    ds = _tokenize(ds.batch(batch_size, drop_remainder=True), tokenizer)
+    self.dataset = ds.prefetch(tf.data.AUTOTUNE).with_options(
+        input_pipeline.dataset_options(threads))
+
+  def __iter__(self) -> Iterator[dict]:
+    for batch in self.dataset.as_numpy_iterator():
+      self._chunks.count_dropped(batch.pop("_seq"), self.stream.stats)
+      yield batch
+    raise self._chunks.error or DataError("the training stream ended")
 
 
 def make_eval_batches(shards: Sequence[str], *, preprocess_fn: Callable, batch_size: int,
                       tokenizer=None, label_key: Optional[str] = None,
                       process_index: int = 0, process_count: int = 1,
                       num_batches: Optional[int] = None,
-                      stats: Optional[SkipStats] = None) -> Iterator[dict]:
+                      stats: Optional[SkipStats] = None,
+                      threads: Optional[int] = None) -> Iterator[dict]:
   """This process's samples once, in order, as padded numpy batches with ``_mask``.
 
   Batches hold ``image``, ``_key``, ``_mask`` and, with a tokenizer, ``text``; with
@@ -440,35 +606,42 @@ def make_eval_batches(shards: Sequence[str], *, preprocess_fn: Callable, batch_s
   that every process runs the same number of steps.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   stats = stats if stats is not None else SkipStats()
   local = list(shards[process_index::process_count])
-
-  def generate():
-    for sample in iterate_samples(local, stats=stats):
-      example = {"image": sample["image"], "_key": sample["key"]}
-      if tokenizer is not None:
-        example["text"] = tokenizer.encode([sample["caption"]])[0]
-      if label_key is not None:
-        if label_key not in sample["meta"]:
-          stats.record("missing_label", sample["key"], "", f"no {label_key!r} in json")
-          continue
-        example["label"] = np.int32(sample["meta"][label_key])
-      yield example
-
-  signature = {"image": tf.TensorSpec([None, None, 3], tf.uint8),
-               "_key": tf.TensorSpec([], tf.string)}
+  columns = {"image": tf.TensorSpec([], tf.string), "_key": tf.TensorSpec([], tf.string)}
   if tokenizer is not None:
-    signature["text"] = tf.TensorSpec([tokenizer.context_length], tf.int32)
+    columns["caption"] = tf.TensorSpec([], tf.string)
   if label_key is not None:
-    signature["label"] = tf.TensorSpec([], tf.int32)
-  ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-  ds = ds.map(lambda ex: _apply_pp(preprocess_fn, ex), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
-  ds = ds.map(lambda ex: {**ex, "_mask": tf.constant(True)})
-  ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    columns["label"] = tf.TensorSpec([], tf.int32)
+  chunks = _Chunks(columns, batch_size)
+
+  def examples():
+    for shard in local:
+      for raw in read_shard(shard, stats):
+        sample = check_sample(raw, stats)
+        if sample is None:
+          continue
+        example = {"image": sample["image_bytes"], "_key": sample["key"],
+                   "caption": sample["caption"]}
+        if label_key is not None:
+          if label_key not in sample["meta"]:
+            stats.record("missing_label", sample["key"], shard, f"no {label_key!r} in json")
+            continue
+          example["label"] = int(sample["meta"][label_key])
+        yield example, shard
+
+  ds = tf.data.Dataset.from_generator(lambda: chunks.generate(examples()),
+                                      output_signature=chunks.signature())
+  ds = _decode_and_preprocess(ds.unbatch(), preprocess_fn)
+  ds = ds.map(lambda ex: {**ex, "_mask": tf.constant(True)}).batch(batch_size)
+  if tokenizer is not None:
+    ds = _tokenize(ds, tokenizer)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(input_pipeline.dataset_options(threads))
 
   emitted, template = 0, None
   for batch in ds.as_numpy_iterator():
+    chunks.count_dropped(batch.pop("_seq"), stats)
     n = len(batch["_mask"])
     if n < batch_size:
       batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
@@ -476,6 +649,8 @@ def make_eval_batches(shards: Sequence[str], *, preprocess_fn: Callable, batch_s
     template = template or {k: np.zeros_like(v) for k, v in batch.items()}
     emitted += 1
     yield batch
+  if chunks.error is not None:
+    raise chunks.error
   if num_batches is not None:
     if template is None:
       raise DataError(f"no usable evaluation samples on process {process_index} "

@@ -188,8 +188,9 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0,
                 in_max: float = 255.0, clip_values: bool = False):
   """Maps pixel values from [in_min, in_max] linearly to [vmin, vmax] (float32)."""
   def fn(image, _):
-    image = (tf.cast(image, tf.float32) - in_min) / (in_max - in_min)
-    image = vmin + image * (vmax - vmin)
+    # In TF, not Python: an empty input range gives non-finite pixels, not an exception.
+    scale = tf.constant(vmax - vmin, tf.float32) / tf.constant(in_max - in_min, tf.float32)
+    image = tf.cast(image, tf.float32) * scale + (vmin - in_min * scale)  # two passes
     return tf.clip_by_value(image, vmin, vmax) if clip_values else image
   return _image_op(fn)
 
@@ -199,9 +200,11 @@ def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """``(image/255 - mean) / std``; mean and std are in [0, 1] units (timm's)."""
   if mean == "imagenet":
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+  # One multiply and one add per pixel: ((x / 255) - mean) / std, rearranged.
+  scale = tf.constant([1.0 / (255.0 * s) for s in std], tf.float32)
+  offset = tf.constant([-m / s for m, s in zip(mean, std)], tf.float32)
   def fn(image, _):
-    image = tf.cast(image, tf.float32) / 255.0
-    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    return tf.cast(image, tf.float32) * scale + offset
   return _image_op(fn)
 
 

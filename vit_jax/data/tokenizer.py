@@ -87,6 +87,21 @@ class Tokenizer:
       out[i, :len(ids)] = ids
     return out
 
+  def encode_tf(self, texts):
+    """``encode`` inside tf.data: string tensor ``[n]`` -> int32 ``[n, context_length]``.
+
+    The Rust tokenizer runs through ``tf.py_function``: call it on whole batches, so
+    that the interpreter is entered once per batch (the Rust part releases its lock).
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    def encode(batch):
+      return self.encode([text.decode("utf-8") for text in batch.numpy()])
+
+    ids = tf.py_function(encode, [texts], tf.int32)
+    ids.set_shape(texts.shape.concatenate([self.context_length]))
+    return ids
+
   def decode(self, ids: Sequence[int]) -> str:
     """Text of one sequence, special tokens and padding removed (for inspection)."""
     specials = {self.pad_id, self.eot_id, self.sot_id}
@@ -95,19 +110,24 @@ class Tokenizer:
 
 def train_bpe(texts: Iterable[str], *, vocab_size: int, context_length: int,
               min_frequency: int = 2) -> Tokenizer:
-  """A lower-casing BPE vocabulary learned from ``texts``.
+  """A lower-casing BPE vocabulary learned from ``texts``, the same in every process.
 
   Words are split on whitespace and punctuation first, so merges never cross word
-  boundaries, and a word's last piece carries ``</w>`` (as in CLIP's BPE), so decoding
-  restores the spaces. The special tokens take ids 0-3 (``[PAD]`` is 0).
+  boundaries, and a word's first piece carries ``▁`` (SentencePiece's word-start
+  marker), so decoding restores the spaces. The special tokens take ids 0-3
+  (``[PAD]`` is 0). The marker is a prefix symbol rather than CLIP's ``</w>`` suffix
+  because the trainer numbers suffixed symbols in the iteration order of a Rust hash
+  map, which changes from process to process: the same captions gave other ids (and
+  tie-broken merges) on every run, and so a differently initialised text tower.
   """
-  backend = tokenizers.Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+  backend = tokenizers.Tokenizer(models.BPE(unk_token=UNK))
   backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-  backend.pre_tokenizer = pre_tokenizers.Whitespace()
-  backend.decoder = decoders.BPEDecoder(suffix="</w>")
+  backend.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Whitespace(),
+      pre_tokenizers.Metaspace(prepend_scheme="always", split=False)])
+  backend.decoder = decoders.Metaspace(prepend_scheme="always", split=False)
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                special_tokens=[PAD, UNK, SOT, EOT], show_progress=False,
-                                end_of_word_suffix="</w>")
+                                special_tokens=[PAD, UNK, SOT, EOT], show_progress=False)
   backend.train_from_iterator(texts, trainer=trainer)
   return Tokenizer(backend, context_length=context_length)
 

@@ -29,7 +29,7 @@ CLASSNAMES = {
 }
 TEMPLATES = {
     # None of these phrasings is a caption template of the offline pool
-    # (vit_jax/tools/make_pool.py): they test whether the text tower generalises.
+    # (vit_jax/data/digit_pool.py): they test whether the text tower generalises.
     "digits_heldout": (
         "a picture of the number {}.",
         "an image showing a {}.",

@@ -1,23 +1,29 @@
-"""What each Pallas backend allows, and the helpers the kernels share.
+"""What each Pallas target allows, and the helpers the kernels share.
 
-Three targets, one kernel body per operation where the hardware allows it:
+The ``pallas_call`` kernels (``*/pallas.py``) have two block configurations:
 
-- ``"gpu"``: Pallas' Triton lowering (selected by passing Triton compiler params; the
-  default GPU lowering of JAX 0.10+ is Mosaic GPU, which wants warpgroup-level
-  kernels). Every value a kernel loads or stores must have a power-of-two number of
-  elements and ``jnp.dot`` operands need every dimension >= 16, so token blocks are
-  powers of two >= 16 and head dims are padded to the next power of two. Grid
-  programs run concurrently: a reduction across programs is a race, so reductions
-  loop inside one program and write per-program partial results.
-- ``"tpu"``: Mosaic. The last two dimensions of every block must be multiples of
-  (8, 128) or equal to the array's, so kernels use the head-major layout
+- ``"tpu"``: Mosaic (TPU). The last two dimensions of every block must be multiples
+  of (8, 128) or equal to the array's, so kernels use the head-major layout
   ``[batch, heads, tokens, head_dim]`` (tokens on the sublane axis, head_dim whole)
   with token blocks that are multiples of 128.
-- interpret mode (CPU): runs either layout in order with no tiling limits; the tests
-  run both the GPU and the TPU configurations here and additionally *lower* each
-  kernel for CUDA (Triton IR) and TPU (Mosaic MLIR) to catch block shapes or
-  operations those backends refuse. Lowering is not compiling: the device compilers
-  can still reject a kernel; only a run on the hardware settles it.
+- ``"triton"``: Pallas' Triton lowering on GPU, selected by passing Triton compiler
+  params. JAX deprecates that lowering in favour of Mosaic GPU (from 0.11), so it
+  runs only when asked for (``impl="pallas_triton"``): an explicit fallback. Every
+  value a kernel loads or stores must have a power-of-two number of elements and
+  ``jnp.dot`` operands need every dimension >= 16, so token blocks are powers of two
+  >= 16 and head dims are padded to the next power of two. Grid programs run
+  concurrently: a reduction across programs is a race, so reductions loop inside
+  one program and write per-program partial results.
+
+GPU kernels on the supported path are Mosaic GPU kernels (``plgpu.kernel``, in
+``*/mosaic_gpu.py``), which have their own tiling rules (64-row ``wgmma`` tiles,
+128-byte swizzled shared-memory tiles).
+
+On CPU every kernel runs in an interpret mode (``pallas_call``: either configuration;
+Mosaic GPU: GPU interpret mode). The tests additionally *lower* each kernel for CUDA
+and TPU to catch block shapes, layouts or operations those backends refuse. Lowering
+is not compiling: the device compilers can still reject a kernel; only a run on the
+hardware settles it (``python -m vit_jax.tools.device_check``).
 """
 
 import functools
@@ -26,7 +32,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("gpu", "tpu")
+BACKENDS = ("triton", "tpu")  # pallas_call block configurations
+ACCELERATORS = ("gpu", "tpu")  # platforms where kernels compile
 
 # dot operands on Triton need every dimension >= 16.
 TRITON_MIN_DIM = 16
@@ -36,20 +43,21 @@ TPU_SUBLANES, TPU_LANES = 8, 128
 
 def platform() -> str:
   """``"cpu"``, ``"gpu"`` or ``"tpu"``: where arrays live by default."""
-  return jax.default_backend()
+  here = jax.default_backend()
+  return here if here in ACCELERATORS else "cpu"
 
 
 def resolve(backend: Optional[str], interpret: Optional[bool]) -> tuple[str, bool]:
-  """Fills in the kernel configuration for the current platform.
+  """Fills in the ``pallas_call`` configuration for the current platform.
 
-  On CPU, kernels run in interpret mode with the GPU configuration unless told
-  otherwise (the tests exercise both).
+  TPU: ``"tpu"``; GPU and CPU: ``"triton"`` (on CPU in interpret mode, where the
+  tests exercise both configurations).
   """
   here = platform()
   if interpret is None:
-    interpret = here not in BACKENDS
+    interpret = here not in ACCELERATORS
   if backend is None:
-    backend = here if here in BACKENDS else "gpu"
+    backend = "tpu" if here == "tpu" else "triton"
   if backend not in BACKENDS:
     raise ValueError(f"Pallas backend must be one of {BACKENDS}, got {backend!r}")
   return backend, interpret
@@ -78,8 +86,8 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
 
 
 def padded_head_dim(head_dim: int, backend: str) -> int:
-  """GPU: next power of two (>= 16); TPU: the head dim itself (whole-axis blocks)."""
-  if backend == "gpu":
+  """Triton: next power of two (>= 16); TPU: the head dim itself (whole-axis blocks)."""
+  if backend == "triton":
     return max(TRITON_MIN_DIM, next_pow2(head_dim))
   return head_dim
 
@@ -87,10 +95,10 @@ def padded_head_dim(head_dim: int, backend: str) -> int:
 def compiler_params(backend: str, interpret: bool, num_grid_dims: int, *,
                     num_warps: int = 4, num_stages: int = 2,
                     arbitrary: tuple[int, ...] = ()):
-  """Triton params on GPU (this is what selects the Triton lowering), Mosaic on TPU."""
+  """Triton params (they select the Triton lowering) or Mosaic (TPU) params."""
   if interpret:
     return None
-  if backend == "gpu":
+  if backend == "triton":
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top

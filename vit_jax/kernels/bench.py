@@ -28,17 +28,20 @@ Examples::
       --tokens=196,1024,4096,16384 --batch=1 --heads=4 --head_dim=64
   python -m vit_jax.kernels.bench --ops=window --windows=maxvit_t_224,swin_t_224
   python -m vit_jax.kernels.bench --quick               # tiny shapes (a smoke test)
+
+``vit_jax.tools.device_check`` times the same rows (``measure``, ``token_rows``,
+``window_rows``) as its second stage.
 """
 
-import argparse
 import dataclasses
 import json
-import math
 import statistics
-import sys
 import time
+from types import SimpleNamespace
 from typing import Callable, Optional
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,11 +104,13 @@ def _memory(compiled) -> tuple[Optional[float], Optional[float]]:
     return None, None
 
 
-def _run(op: str, shape: str, impl: str, passes: str, fn: Callable, args: tuple,
-         flops: float, bytes_fwd: float, bytes_bwd: float, cfg) -> Row:
-  on_cpu = _backend.platform() not in _backend.BACKENDS
-  interpret = impl == "pallas" and on_cpu
-  if interpret and not cfg.interpret:
+def measure(op: str, shape: str, impl: str, passes: str, fn: Callable, args: tuple,
+            flops: float, bytes_fwd: float, bytes_bwd: float, *, repeats: int,
+            max_gib: float, interpret: bool = False) -> Row:
+  """Compiles ``fn`` (or its forward+backward) on ``args`` and times it."""
+  on_cpu = _backend.platform() not in _backend.ACCELERATORS
+  in_interpret = impl != "xla" and impl != "cudnn" and on_cpu
+  if in_interpret and not interpret:
     return Row(op, shape, impl, passes, None, None, None, None, None,
                "skipped: interpret mode, not a speed measurement (--interpret runs it)")
   if passes == "fwd":
@@ -123,22 +128,40 @@ def _run(op: str, shape: str, impl: str, passes: str, fn: Callable, args: tuple,
     total_flops, total_bytes = 3 * flops, bytes_fwd + bytes_bwd
   compiled = f.lower(*call_args).compile()
   peak, temp = _memory(compiled)
-  note = "interpret mode, not a speed measurement" if interpret else ""
-  if peak is not None and peak * 2**20 > cfg.max_gib * 2**30:  # peak is in MiB
+  note = "interpret mode, not a speed measurement" if in_interpret else ""
+  if peak is not None and peak * 2**20 > max_gib * 2**30:  # peak is in MiB
     return Row(op, shape, impl, passes, None, None, None, peak, temp,
-               f"not run: peak memory exceeds --max_gib={cfg.max_gib}")
-  seconds = _median_time(compiled, call_args, cfg.repeats)
+               f"not run: peak memory exceeds max_gib={max_gib}")
+  seconds = _median_time(compiled, call_args, repeats)
   return Row(op, shape, impl, passes, seconds * 1e3, total_flops / seconds / 1e12,
              total_bytes / seconds / 1e9, peak, temp, note)
 
 
+def _run(op, shape, impl, passes, fn, args, flops, bytes_fwd, bytes_bwd, cfg) -> Row:
+  return measure(op, shape, impl, passes, fn, args, flops, bytes_fwd, bytes_bwd,
+                 repeats=cfg.repeats, max_gib=cfg.max_gib, interpret=cfg.interpret)
+
+
 def _impls(op: str, cfg) -> list[str]:
-  impls = [i for i in cfg.impls if i != "cudnn" or (op == "global" and
-                                                      _backend.platform() == "gpu")]
-  return impls
+  """The requested implementations that exist for ``op`` on this platform."""
+  here = _backend.platform()
+  def exists(impl):
+    if impl == "cudnn":
+      return op == "global" and here == "gpu"
+    if impl == "pallas" and here == "gpu":
+      return op == "linear"  # the one Mosaic GPU kernel
+    if impl == "pallas_triton":
+      return here != "tpu"
+    return True
+  return [i for i in cfg.impls if exists(i)]
 
 
-def _token_rows(op: str, cfg) -> list[Row]:
+def _skip_after(cfg) -> bool:
+  """True once ``cfg.deadline`` (a ``time.monotonic()`` value, optional) has passed."""
+  return getattr(cfg, "deadline", None) is not None and time.monotonic() > cfg.deadline
+
+
+def token_rows(op: str, cfg) -> list[Row]:
   rows = []
   dtype = jnp.dtype(cfg.dtype)
   b, h, d = cfg.batch, cfg.heads, cfg.head_dim
@@ -155,8 +178,12 @@ def _token_rows(op: str, cfg) -> list[Row]:
         fn = lambda q, k, v, impl=impl: kernels.linear_attention(q, k, v, impl=impl)
         flops = 4 * b * h * n * d * d
       for passes in cfg.passes:
-        rows.append(_run(op, shape, impl, passes, fn, (q, k, v), flops, 4 * size,
-                         8 * size, cfg))
+        if _skip_after(cfg):
+          rows.append(Row(op, shape, impl, passes, None, None, None, None, None,
+                          "skipped: time box"))
+        else:
+          rows.append(_run(op, shape, impl, passes, fn, (q, k, v), flops, 4 * size,
+                           8 * size, cfg))
         _print_row(rows[-1], cfg)
   return rows
 
@@ -175,10 +202,11 @@ def _shift_mask(height: int, width: int, window: int) -> np.ndarray:
   return np.where(ids[:, :, None] != ids[:, None, :], -100.0, 0.0).astype(np.float32)
 
 
-def _window_rows(cfg) -> list[Row]:
+def window_rows(cfg) -> list[Row]:
   rows = []
   dtype = jnp.dtype(cfg.dtype)
   configs = QUICK_WINDOWS if cfg.quick else {k: WINDOW_CONFIGS[k] for k in cfg.windows}
+  configs = getattr(cfg, "window_configs", None) or configs
   for name, stages in configs.items():
     for height, width, heads, d, win, modes, shifted in stages:
       b = cfg.window_batch
@@ -199,8 +227,12 @@ def _window_rows(cfg) -> list[Row]:
                 kernels.window_attention(q, k, v, window=(win, win), mode=mode,
                                          bias=bias, mask=mask, impl=impl))
           for passes in cfg.passes:
-            rows.append(_run("window", label, impl, passes, fn, (q, k, v), flops,
-                             4 * size, 8 * size, cfg))
+            if _skip_after(cfg):
+              rows.append(Row("window", label, impl, passes, None, None, None, None,
+                              None, "skipped: time box"))
+            else:
+              rows.append(_run("window", label, impl, passes, fn, (q, k, v), flops,
+                               4 * size, 8 * size, cfg))
             _print_row(rows[-1], cfg)
   return rows
 
@@ -222,36 +254,45 @@ def _print_row(row: Row, cfg) -> None:
         f"{_fmt(row.temp_mib, '.1f')} | {row.note} |", flush=True)
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="python -m vit_jax.kernels.bench",
-                                   description=__doc__.split("\n\n")[0])
-  csv = lambda s: [x for x in s.split(",") if x]
-  parser.add_argument("--ops", type=csv, default=list(OPS))
-  parser.add_argument("--impls", type=csv, default=["xla", "pallas", "cudnn"])
-  parser.add_argument("--passes", type=csv, default=list(PASSES))
-  parser.add_argument("--tokens", type=lambda s: [int(x) for x in csv(s)],
-                      default=[196, 1024, 4096, 16384])
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--head_dim", type=int, default=64)
-  parser.add_argument("--windows", type=csv, default=list(WINDOW_CONFIGS))
-  parser.add_argument("--window_batch", type=int, default=8)
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--max_gib", type=float, default=2.0)
-  parser.add_argument("--interpret", action="store_true",
-                      help="run Pallas rows in interpret mode on CPU (not a speed "
-                      "measurement)")
-  parser.add_argument("--quick", action="store_true", help="tiny shapes")
-  parser.add_argument("--json", default=None, help="also write the rows to this file")
-  parser.add_argument("--json_only", action="store_true", help=argparse.SUPPRESS)
-  cfg = parser.parse_args(argv)
+_OPS = flags.DEFINE_list("ops", list(OPS), f"operations: {', '.join(OPS)}")
+_IMPLS = flags.DEFINE_list("impls", ["xla", "pallas", "cudnn"],
+                           "implementations (those that do not exist for an op on this "
+                           "platform are left out): xla, pallas, pallas_triton, cudnn")
+_PASSES = flags.DEFINE_list("passes", list(PASSES), "fwd and/or fwd+bwd")
+_TOKENS = flags.DEFINE_list("tokens", ["196", "1024", "4096", "16384"],
+                            "token counts for global and linear attention")
+_BATCH = flags.DEFINE_integer("batch", 1, "batch for global and linear attention")
+_HEADS = flags.DEFINE_integer("heads", 4, "heads for global and linear attention")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "head dim for global and linear attention")
+_WINDOWS = flags.DEFINE_list("windows", list(WINDOW_CONFIGS),
+                             f"window shape sets: {', '.join(WINDOW_CONFIGS)}")
+_WINDOW_BATCH = flags.DEFINE_integer("window_batch", 8, "batch for window attention")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                           "input dtype")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per row (median)")
+_MAX_GIB = flags.DEFINE_float("max_gib", 2.0, "compile but do not run rows whose peak "
+                              "memory exceeds this")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "run Pallas rows in interpret mode on "
+                               "CPU (not a speed measurement)")
+_QUICK = flags.DEFINE_bool("quick", False, "tiny shapes (a smoke test)")
+_JSON = flags.DEFINE_string("json", None, "also write the rows to this file")
+
+
+def config_from_flags() -> SimpleNamespace:
+  """The parsed flags as one settings object; one clear error for a bad value."""
+  cfg = SimpleNamespace(
+      ops=_OPS.value, impls=_IMPLS.value, passes=_PASSES.value,
+      tokens=[int(t) for t in _TOKENS.value], batch=_BATCH.value, heads=_HEADS.value,
+      head_dim=_HEAD_DIM.value, windows=_WINDOWS.value, window_batch=_WINDOW_BATCH.value,
+      dtype=_DTYPE.value, repeats=_REPEATS.value, max_gib=_MAX_GIB.value,
+      interpret=_INTERPRET.value, quick=_QUICK.value, json=_JSON.value, json_only=False)
   for name, values, allowed in (("ops", cfg.ops, OPS), ("passes", cfg.passes, PASSES),
-                                ("impls", cfg.impls, kernels.IMPLEMENTATIONS + ("cudnn",)),
+                                ("impls", cfg.impls, kernels.IMPLEMENTATIONS[:-1] + ("cudnn",)),
                                 ("windows", cfg.windows, tuple(WINDOW_CONFIGS))):
     bad = sorted(set(values) - set(allowed))
     if bad:
-      parser.error(f"unknown --{name} {', '.join(bad)}; choose from {', '.join(allowed)}")
+      raise app.UsageError(f"unknown --{name} {', '.join(bad)}; choose from "
+                           f"{', '.join(allowed)}")
   if cfg.quick:
     cfg.tokens = [int(t) for t in cfg.tokens if t <= 64] or [49]
     cfg.window_batch, cfg.repeats = 1, min(cfg.repeats, 2)
@@ -259,15 +300,15 @@ def parse_args(argv):
   return cfg
 
 
-def main(argv=None) -> list[Row]:
-  cfg = parse_args(sys.argv[1:] if argv is None else argv)
+def run(cfg) -> list[Row]:
+  """Every requested row, printed as a Markdown table (and written to ``cfg.json``)."""
   if not cfg.json_only:
     print(f"# backend: {_backend.platform()} ({jax.devices()[0].device_kind}), "
           f"jax {jax.__version__}")
     print(HEADER)
   rows = []
   for op in cfg.ops:
-    rows += _window_rows(cfg) if op == "window" else _token_rows(op, cfg)
+    rows += window_rows(cfg) if op == "window" else token_rows(op, cfg)
   if cfg.json:
     with open(cfg.json, "w") as f:
       json.dump({"backend": _backend.platform(),
@@ -276,5 +317,11 @@ def main(argv=None) -> list[Row]:
   return rows
 
 
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  run(config_from_flags())
+
+
 if __name__ == "__main__":
-  main()
+  app.run(main)

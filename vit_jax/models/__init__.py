@@ -34,6 +34,9 @@ from vit_jax.models import cvt  # noqa: F401
 from vit_jax.models import t2t_vit  # noqa: F401
 from vit_jax.models import tnt  # noqa: F401
 from vit_jax.models import rmt  # noqa: F401
+from vit_jax.models import vig  # noqa: F401
+from vit_jax.models import vim  # noqa: F401
+from vit_jax.models import vir  # noqa: F401
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):

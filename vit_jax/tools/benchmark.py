@@ -294,8 +294,13 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
               compare: Optional[str] = None, timm_impls=("eager", "compile"),
               warmup: int = 2, steps: int = 3, repeats: int = 5,
               threads: Optional[int] = None,
-              peak: Optional[float] = None) -> Row:
-  """Benchmarks one model in one mode; see the module docstring."""
+              peak: Optional[float] = None,
+              timm_kwargs: Optional[dict] = None) -> Row:
+  """Benchmarks one model in one mode; see the module docstring.
+
+  ``timm_kwargs``: with ``overrides``, the ``timm.create_model`` arguments that build
+  the same architecture, so that timm is compared (the caller vouches for the match).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
 
@@ -322,15 +327,16 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
 
   worker = None
   if compare == "timm":
-    if user_overrides:
+    if user_overrides and timm_kwargs is None:
       row.note = "timm not compared: model overrides have no timm equivalent"
     elif row.backend not in ("cpu", "gpu"):
       row.note = f"timm not compared: PyTorch does not run on {row.backend}"
     else:
-      image_size = models.input_shape(name)[1]
+      image_size = models.input_shape(name, **user_overrides)[1]
       worker = TimmWorker(dict(
           model=name, mode=mode, batch=batch, dtype=dtype, image_size=image_size,
-          num_classes=getattr(models.create(name), "num_classes", 1000),
+          num_classes=getattr(models.create(name, **user_overrides), "num_classes", 1000),
+          kwargs=timm_kwargs or {},
           threads=threads or len(os.sched_getaffinity(0)), impls=list(timm_impls),
           warmup=warmup, steps=steps,
           device="cuda" if row.backend == "gpu" else "cpu"))

@@ -44,7 +44,7 @@ def main(spec: dict) -> None:
 
   try:
     model = timm.create_model(spec["model"], pretrained=False,
-                              num_classes=spec["num_classes"])
+                              num_classes=spec["num_classes"], **spec.get("kwargs", {}))
   except RuntimeError as e:  # timm: "Unknown model (...)"
     _emit({"error": f"timm cannot create {spec['model']!r}: {e}"})
     return

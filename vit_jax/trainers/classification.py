@@ -256,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
                "learning_rate": schedule(state.step),
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}

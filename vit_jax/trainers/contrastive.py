@@ -186,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = optax.apply_updates(state.params, updates)
     # CLIP's clamp: the temperature may not sharpen logits beyond max_logit_scale.
     params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, max_logit_scale)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
                "logit_scale": jnp.exp(params["logit_scale"]),
                "learning_rate": schedule(state.step),
@@ -243,10 +243,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stream = image_text.ImageTextStream(
       shards, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), shards_per_window=config.input.shards_per_window,
-      position=position, decode_threads=config.input.decode_threads, stats=skip_stats)
-  dataset = image_text.make_train_dataset(stream, tokenizer=tokenizer,
-                                          preprocess_fn=pp_train, batch_size=local_batch)
-  batches = image_text.device_batches(dataset.as_numpy_iterator(), batch_sharding)
+      position=position, stats=skip_stats)
+  train_data = image_text.TrainData(stream, tokenizer=tokenizer, preprocess_fn=pp_train,
+                                    batch_size=local_batch,
+                                    threads=config.input.get("threads"))
+  batches = image_text.device_batches(train_data, batch_sharding)
   key_log = None
   if config.input.get("record_keys"):
     # Which samples each step consumed, per process: exact samples-seen accounting.

@@ -28,7 +28,7 @@ from vit_jax.kernels import _backend as bk
 Array = jax.Array
 f32 = jnp.float32
 
-BLOCKS = {"gpu": (64, 64), "tpu": (128, 128)}  # (block_q, block_k)
+BLOCKS = {"triton": (64, 64), "tpu": (128, 128)}  # (block_q, block_k)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -41,24 +41,24 @@ class _Config:
 
 
 def _block(n: int, block: int, backend: str) -> int:
-  if backend == "gpu":
+  if backend == "triton":
     return min(block, max(bk.TRITON_MIN_DIM, bk.next_pow2(n)))
   return min(block, bk.round_up(n, bk.TPU_SUBLANES))
 
 
 def _to_kernel(x, n_pad, d_pad, backend):
   x = bk.pad_axis(bk.pad_axis(x, 1, n_pad), 3, d_pad)
-  return x if backend == "gpu" else jnp.swapaxes(x, 1, 2)
+  return x if backend == "triton" else jnp.swapaxes(x, 1, 2)
 
 
 def _from_kernel(x, n, d, backend):
-  if backend != "gpu":
+  if backend != "triton":
     x = jnp.swapaxes(x, 1, 2)
   return x[:, :n, :, :d]
 
 
 def _token_spec(backend, rows, cols, index):
-  if backend == "gpu":
+  if backend == "triton":
     return pl.BlockSpec((None, rows, None, cols),
                         lambda *g: (index(*g)[0], index(*g)[2], index(*g)[1], 0))
   return pl.BlockSpec((None, None, rows, cols),
@@ -286,7 +286,7 @@ def flash_attention(query: Array, key: Array, value: Array, *,
   for name, block in (("block_q", block_q), ("block_k", block_k)):
     if block is None:
       continue
-    if backend == "gpu" and bk.next_pow2(block) != block:
+    if backend == "triton" and bk.next_pow2(block) != block:
       raise ValueError(f"GPU (Triton) {name} must be a power of two, got {block}")
     if backend == "tpu" and block % bk.TPU_SUBLANES:
       raise ValueError(f"TPU {name} must be a multiple of {bk.TPU_SUBLANES}, got {block}")

@@ -36,7 +36,7 @@ Array = jax.Array
 f32 = jnp.float32
 
 # (token block, blocks per chunk) per backend. A chunk is what one program reduces.
-BLOCKS = {"gpu": (64, 16), "tpu": (128, 8)}
+BLOCKS = {"triton": (64, 16), "tpu": (128, 8)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _token_tiling(n: int, cfg: _Config) -> tuple[int, int, int]:
   block = cfg.block
   if cfg.backend == "tpu" and n < block:  # whole (8-aligned) axis: a legal TPU block
     block = bk.round_up(n, bk.TPU_SUBLANES)
-  if cfg.backend == "gpu":
+  if cfg.backend == "triton":
     block = min(block, max(bk.TRITON_MIN_DIM, bk.next_pow2(n)))
   steps = max(1, min(cfg.steps, bk.cdiv(n, block)))
   return block, steps, bk.round_up(n, block * steps)
@@ -68,18 +68,18 @@ def _token_tiling(n: int, cfg: _Config) -> tuple[int, int, int]:
 
 def _to_kernel(x: Array, n_pad: int, d_pad: int, backend: str) -> Array:
   x = bk.pad_axis(bk.pad_axis(x, 1, n_pad), 3, d_pad)
-  return x if backend == "gpu" else jnp.swapaxes(x, 1, 2)
+  return x if backend == "triton" else jnp.swapaxes(x, 1, 2)
 
 
 def _from_kernel(x: Array, n: int, d: int, backend: str) -> Array:
-  if backend != "gpu":
+  if backend != "triton":
     x = jnp.swapaxes(x, 1, 2)
   return x[:, :n, :, :d]
 
 
 def _token_spec(backend: str, rows: int, cols: int, index):
   """Blocks of ``rows`` tokens; ``index(*grid) -> (batch, head, row_block)``."""
-  if backend == "gpu":
+  if backend == "triton":
     def gpu_map(*g):
       b, h, t = index(*g)
       return b, t, h, 0
@@ -100,13 +100,7 @@ def _state_spec(shape_tail: tuple[int, int], index):
 # Kernel bodies (shared by both backends: refs are [tokens, dim] blocks).
 # ----------------------------------------------------------------------------
 
-def _phi_and_grad(x: Array, name: str) -> tuple[Array, Array]:
-  if name == "relu":
-    return jnp.maximum(x, 0.0), (x > 0).astype(x.dtype)
-  if name == "elu+1":
-    e = jnp.exp(jnp.minimum(x, 0.0))
-    return jnp.where(x > 0, x + 1.0, e), jnp.where(x > 0, 1.0, e)
-  return x, jnp.ones_like(x)
+_phi_and_grad = reference.feature_map_and_grad
 
 
 def _valid(shape, row0, n_valid: int, d_valid: int) -> Array:
@@ -205,8 +199,8 @@ def _key_grad_kernel(k_ref, v_ref, ds_ref, dz_ref, dk_ref, dv_ref, *, cfg: _Conf
 
 def _state(k, v, cfg: _Config, n: int, d: int):
   """Kernel-layout k, v -> summed f32 ``S [B, H, D, E]`` and ``z [B, H, 1, D]``."""
-  batch, heads = (k.shape[0], k.shape[2]) if cfg.backend == "gpu" else k.shape[:2]
-  n_pad, dp, ep = (k.shape[1], k.shape[3], v.shape[3]) if cfg.backend == "gpu" else (
+  batch, heads = (k.shape[0], k.shape[2]) if cfg.backend == "triton" else k.shape[:2]
+  n_pad, dp, ep = (k.shape[1], k.shape[3], v.shape[3]) if cfg.backend == "triton" else (
       k.shape[2], k.shape[3], v.shape[3])
   block, steps, _ = _token_tiling(n, cfg)
   chunks = n_pad // (block * steps)
@@ -234,9 +228,9 @@ def _state(k, v, cfg: _Config, n: int, d: int):
 def _output(q, s, z, cfg: _Config, n: int, out_dtype):
   batch, heads = s.shape[:2]
   dp, ep = s.shape[2:]
-  n_pad = q.shape[1] if cfg.backend == "gpu" else q.shape[2]
+  n_pad = q.shape[1] if cfg.backend == "triton" else q.shape[2]
   block, _, _ = _token_tiling(n, cfg)
-  out_shape = ((batch, n_pad, heads, ep) if cfg.backend == "gpu"
+  out_shape = ((batch, n_pad, heads, ep) if cfg.backend == "triton"
                else (batch, heads, n_pad, ep))
   whole = lambda b, h, t: (b, h, 0, 0)
   return pl.pallas_call(
@@ -261,7 +255,7 @@ def _check_and_config(query, key, value, feature_map, normalize, eps, backend,
   backend, interpret = bk.resolve(backend, interpret)
   block, steps = BLOCKS[backend]
   if block_tokens is not None:
-    if backend == "gpu" and bk.next_pow2(block_tokens) != block_tokens:
+    if backend == "triton" and bk.next_pow2(block_tokens) != block_tokens:
       raise ValueError(f"GPU (Triton) token blocks must be powers of two, got {block_tokens}")
     if backend == "tpu" and block_tokens % bk.TPU_SUBLANES:
       raise ValueError(f"TPU token blocks must be multiples of {bk.TPU_SUBLANES}, "
@@ -366,7 +360,7 @@ def linear_attention(query: Array, key: Array, value: Array, *,
 
   Args:
     query, key, value: ``[batch, tokens, heads, head_dim]``; any token count.
-    backend: ``"gpu"`` or ``"tpu"`` block configuration (default: the platform's;
+    backend: ``"triton"`` or ``"tpu"`` block configuration (default: the platform's;
       GPU's on CPU). interpret: run in interpret mode (default: on CPU).
     block_tokens, chunk_blocks: override the token block and the number of blocks
       one program reduces (tests use small values to cross block boundaries).

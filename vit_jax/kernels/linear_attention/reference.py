@@ -30,6 +30,19 @@ def feature_map(x: Array, name: str) -> Array:
   raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {name!r}")
 
 
+def feature_map_and_grad(x: Array, name: str) -> tuple[Array, Array]:
+  """``(phi(x), phi'(x))`` elementwise, for kernels with a hand-written backward pass.
+
+  Written with ``where``/``maximum`` only, so that Pallas kernel bodies can use it.
+  """
+  if name == "relu":
+    return jnp.maximum(x, 0.0), (x > 0).astype(x.dtype)
+  if name == "elu+1":
+    e = jnp.exp(jnp.minimum(x, 0.0))
+    return jnp.where(x > 0, x + 1.0, e), jnp.where(x > 0, 1.0, e)
+  return x, jnp.ones_like(x)
+
+
 def check_inputs(query: Array, key: Array, value: Array, feature_map_name: str) -> None:
   if feature_map_name not in FEATURE_MAPS:
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map_name!r}")

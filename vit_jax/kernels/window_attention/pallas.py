@@ -74,7 +74,7 @@ class _Geometry:
   @property
   def pp(self) -> int:
     """Positions per window as the kernel holds them (GPU: power of two >= 16)."""
-    if self.backend == "gpu":
+    if self.backend == "triton":
       return max(bk.TRITON_MIN_DIM, bk.next_pow2(self.p))
     return self.p
 
@@ -107,27 +107,27 @@ def _map_spec(g: _Geometry, bb: int):
   else:
     dims = (bb, g.ph, None, g.pw, None)
     pos = lambda i, j: (0, i, 0, j)
-  if g.backend == "gpu":
+  if g.backend == "triton":
     return pl.BlockSpec(dims + (None, g.dp), lambda c, i, j, h: (c,) + pos(i, j) + (h, 0))
   return pl.BlockSpec(dims + (g.heads, g.dp), lambda c, i, j: (c,) + pos(i, j) + (0, 0))
 
 
 def _bias_spec(g: _Geometry):
-  if g.backend == "gpu":
+  if g.backend == "triton":
     return pl.BlockSpec((None, g.pp, g.pp), lambda c, i, j, h: (h, 0, 0))
   return pl.BlockSpec((g.heads, g.pp, g.pp), lambda c, i, j: (0, 0, 0))
 
 
 def _mask_spec(g: _Geometry):
   nw = g.windows[1]
-  if g.backend == "gpu":
+  if g.backend == "triton":
     return pl.BlockSpec((None, g.pp, g.pp), lambda c, i, j, h: (i * nw + j, 0, 0))
   return pl.BlockSpec((None, g.pp, g.pp), lambda c, i, j: (i * nw + j, 0, 0))
 
 
 def _dlogits_spec(g: _Geometry):
   nw = g.windows[1]
-  if g.backend == "gpu":
+  if g.backend == "triton":
     return pl.BlockSpec((None, None, None, g.pp, g.pp),
                         lambda c, i, j, h: (c, i * nw + j, h, 0, 0))
   return pl.BlockSpec((None, None, g.heads, g.pp, g.pp),
@@ -137,7 +137,7 @@ def _dlogits_spec(g: _Geometry):
 def _grid(g: _Geometry, bb: int) -> tuple[int, ...]:
   nh, nw = g.windows
   base = (g.batch // bb, nh, nw)
-  return base + (g.heads,) if g.backend == "gpu" else base
+  return base + (g.heads,) if g.backend == "triton" else base
 
 
 # ----------------------------------------------------------------------------
@@ -156,7 +156,7 @@ class _Tile:
 
   def load(self, ref, b, h) -> Array:
     g = self.g
-    if g.backend == "gpu":  # padded positions alias position P-1
+    if g.backend == "triton":  # padded positions alias position P-1
       rows, cols, feats = self._gather_index()
       return ref[b, rows, cols, feats]
     return ref[b, :, :, h, :].reshape(g.p, g.dp)
@@ -164,7 +164,7 @@ class _Tile:
   def store(self, ref, b, h, value) -> None:
     g = self.g
     value = value.astype(ref.dtype)
-    if g.backend == "gpu":
+    if g.backend == "triton":
       rows, cols, feats = self._gather_index()
       ref[b, rows, cols, feats] = value
     else:
@@ -174,7 +174,7 @@ class _Tile:
 def _extra_logits(g: _Geometry, bias_ref, mask_ref, h) -> Optional[Array]:
   extra = None
   if bias_ref is not None:
-    extra = (bias_ref[...] if g.backend == "gpu" else bias_ref[h]).astype(f32)
+    extra = (bias_ref[...] if g.backend == "triton" else bias_ref[h]).astype(f32)
   if mask_ref is not None:
     mask = mask_ref[...].astype(f32)
     extra = mask if extra is None else extra + mask
@@ -217,7 +217,7 @@ def _split_refs(refs, g: _Geometry, n_in: int):
 
 
 def _heads_per_program(g: _Geometry) -> int:
-  return 1 if g.backend == "gpu" else g.heads
+  return 1 if g.backend == "triton" else g.heads
 
 
 def _cdt(dtype):
@@ -274,7 +274,7 @@ def _bwd_kernel(*refs, g: _Geometry, bb: int):
                                                             else 0))
   dlogits = jax.lax.fori_loop(0, bb, per_image, init)
   if dl_ref is not None:
-    if g.backend == "gpu":
+    if g.backend == "triton":
       dl_ref[...] = dlogits[0]
     else:
       for h in range(heads):
@@ -293,7 +293,7 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 def _batch_block(g: _Geometry, backward: bool) -> int:
   """Images per program: GPU folds the batch only when summing dlogits."""
   nh, nw = g.windows
-  if g.backend == "gpu":
+  if g.backend == "triton":
     if not (backward and (g.has_bias or g.has_mask)):
       return 1
     wanted = g.batch * nh * nw * g.heads // GPU_TARGET_PROGRAMS
