@@ -22,7 +22,8 @@ import ml_collections
 import optax
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import config_checks, finetune, lora, models, optim, sharding, weights
+from vit_jax import (config_checks, finetune, lora, models, optim, quantization, sharding,
+                     sparsity, weights)
 from vit_jax.data import input_pipeline, preprocess
 from vit_jax.evaluators import classification as classification_eval
 from vit_jax.trainers import common, distillation
@@ -86,6 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- model and optimizer
   model_kwargs = {"num_classes": num_classes, **config.model.to_dict()}
   model = models.create(config.model_name, **model_kwargs)
+  model = quantization.from_config(model, config.get("quantization"))  # QAT
   lora_config = config.get("lora")
   if lora_config and lora_config.get("rank"):
     model = lora.LoRA(base=model, rank=lora_config.rank, alpha=lora_config.alpha,
@@ -105,6 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   abstract_params = jax.eval_shape(init_variables, init_key)["params"]
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
+  tx = sparsity.from_config(tx, abstract_params, config.get("sparsity"))
   train_only = config.get("train_only")
   if lora_config and lora_config.get("rank") and not train_only:
     train_only = r"^lora__|^head/"  # LoRA trains the adapters and the head only
