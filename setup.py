@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
+    "qwix>=0.1.8",  # quantization (PTQ and QAT) of Flax models
     "safetensors>=0.4",  # reading and writing timm-compatible weight files
     "scikit-learn>=1.4",  # ships the offline digits dataset used by the demo
     "tensorflow-cpu>=2.18",  # tf.data input pipelines and TFDS dataset building

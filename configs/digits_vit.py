@@ -64,6 +64,13 @@ def get_config(arg=None):
       rules=dict(embed="none", heads="tensor", head_dim="none", mlp="tensor",
                  layers="none"),
       fsdp_min_size=2**14))
+  # Quantization-aware training through qwix (mode "int8" | "int4" | "w4a8" | "fp8";
+  # "" trains in float; see vit_jax/quantization.py) and pruning during training
+  # (n:m, e.g. 2:4, or a global magnitude sparsity; see vit_jax/sparsity.py).
+  config.quantization = ml_collections.ConfigDict(dict(mode="", targets=".*", exclude=""))
+  config.sparsity = ml_collections.ConfigDict(dict(
+      n=0, m=0, sparsity=0.0, targets=r"^Transformer/.*kernel$", start_step=0,
+      update_every=100))
   config.log_every = 100
   config.eval_every = 500
   config.checkpoint_every = 500

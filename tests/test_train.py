@@ -108,6 +108,19 @@ def start_main(workdir, *overrides):
                           stderr=subprocess.STDOUT, text=True)
 
 
+def largest_file(directory):
+  paths = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+  return max(paths, key=os.path.getsize)
+
+
+def flip_byte(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 1]))
+
+
 def test_sigkill_mid_run_then_resume_is_exact(reference_run, tfds_dir, tmp_path):
   reference, _ = reference_run
   workdir = str(tmp_path / "killed")
@@ -126,6 +139,15 @@ def test_sigkill_mid_run_then_resume_is_exact(reference_run, tfds_dir, tmp_path)
                     resumed.stdout)
   assert match and 0 < int(match.group(1)) < TOTAL_STEPS, resumed.stdout[-1500:]
   assert f"compiling the train step (first step {int(match.group(1)) + 1})" in resumed.stdout
+  assert_same_run(workdir, reference)
+  # A flipped byte in the newest checkpoint: the rerun sets it aside, resumes from the
+  # step before and ends where the uninterrupted run did, bit for bit.
+  flip_byte(largest_file(os.path.join(workdir, "checkpoints", str(TOTAL_STEPS))))
+  again = run_main(CONFIG, workdir, *tiny(tfds_dir))
+  assert (f"checkpoint {workdir}/checkpoints/{TOTAL_STEPS} is corrupt: files changed "
+          "since the save:") in again.stderr and "SHA-256 mismatch" in again.stderr
+  assert f"resumed from {workdir}/checkpoints/60 (step 60)" in again.stdout
+  assert f"{TOTAL_STEPS}.corrupt" in os.listdir(os.path.join(workdir, "checkpoints"))
   assert_same_run(workdir, reference)
 
 
@@ -185,12 +207,23 @@ def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path)
   # A relative --workdir (as `make demo` passes) works like an absolute one.
   run_main(CONFIG, "ckpt", *tiny(tfds_dir, "--config.total_steps=10"), cwd=str(tmp_path))
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
+  config_json = open(os.path.join(workdir, "config.json"), "rb").read()
   proc = run_main(CONFIG, workdir, *tiny(tfds_dir, "--config.total_steps=20",
                                          "--config.model.hidden_size=48"), check=False)
   assert proc.returncode == 1
   assert "does not fit this model" in proc.stderr
   assert "Transformer/encoder_norm/bias: expected (48,), found (32,)" in proc.stderr
   assert "use a new --workdir" in proc.stderr
+  assert ("Settings changed since it was saved: model.hidden_size: 32 -> 48; "
+          "total_steps: 10 -> 20") in proc.stderr
+  # The workdir still describes the model it holds.
+  assert open(os.path.join(workdir, "config.json"), "rb").read() == config_json
+  # Another optimizer cannot continue the saved optimizer state: named, not an Orbax dump.
+  proc = run_main(CONFIG, workdir, *tiny(tfds_dir, "--config.optimizer.name=sgd"),
+                  check=False)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert "holds an optimizer state that does not fit this run" in proc.stderr
+  assert "optimizer.name: 'adamw' -> 'sgd'" in proc.stderr
 
   data_dir = os.path.join(workdir, "checkpoints", "10", "state", "ocdbt.process_0", "d")
   for name in os.listdir(data_dir):
@@ -198,7 +231,11 @@ def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path)
       f.truncate(8)
   proc = run_main(CONFIG, workdir, *tiny(tfds_dir, "--config.total_steps=20"), check=False)
   assert proc.returncode == 1
-  assert f"cannot restore checkpoint {workdir}/checkpoints/10" in proc.stderr
+  # No good step to fall back to: the run stops rather than start afresh (which would
+  # in time delete the damaged checkpoint).
+  assert (f"no usable checkpoint in {workdir}/checkpoints (step 10: files changed since "
+          "the save:") in proc.stderr
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
 
 
 @pytest.mark.parametrize("override,message", [
@@ -214,6 +251,9 @@ def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path)
     ("--config.input.batch_size=30",
      "input.batch_size=30 must be divisible by the data-parallel devices (1) times "
      "grad_accum_steps (4)"),
+    # Checked before anything is built or written (all such settings: test_faults.py).
+    ("--config.log_every=0", "error: ValueError: config.log_every=0: must be an integer "
+     ">= 1"),
 ])
 def test_bad_input_is_one_clear_line(tfds_dir, tmp_path, override, message):
   proc = run_main(CONFIG, str(tmp_path / "bad"), *tiny(tfds_dir),

@@ -40,6 +40,10 @@ class DistilledVisionTransformer(vit.VisionTransformer):
   """
   distilled_training: bool = True
 
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 2
+
   def _check_config(self):
     super()._check_config()
     if (self.classifier, self.posemb, self.representation_size) != ("token", "learn", None):

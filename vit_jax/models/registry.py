@@ -21,6 +21,14 @@ class ModelInfo:
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
+# Settings some families offer, with why a family without them cannot: see create.
+_SETTING_SCOPES: dict[str, str] = {}
+
+
+def explain_setting(names, why: str) -> None:
+  """Makes ``create`` answer a family lacking the settings ``names`` with ``why``."""
+  for name in names:
+    _SETTING_SCOPES[name] = why
 
 
 def register_model(name: str, *, family: str, image_size: int = 224):
@@ -68,6 +76,10 @@ def create(name: str, **overrides) -> nn.Module:
   module = info.factory()
   fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
   unknown = sorted(set(overrides) - fields)
+  scoped = [key for key in unknown if key in _SETTING_SCOPES]
+  if scoped:
+    raise ValueError(f"model {name!r} (family {info.family!r}) has no setting "
+                     f"{scoped[0]!r}: {_SETTING_SCOPES[scoped[0]]}")
   if unknown:
     hints = []
     for key in unknown:

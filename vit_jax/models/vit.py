@@ -61,20 +61,26 @@ inside the compact ``__call__``, so it may create submodules and parameters.
   tokens included). FlexiViT/NaFlex resample the table to ``grid`` (which may hold
   per-image sizes); MAE adds it and then keeps the visible tokens only, so the
   blocks run on those.
-* ``make_block(index, name, drop_path_rate)``: the block module for one index (None
-  when scanned). MoE swaps the block (or its MLP) in configured layers; token
-  reduction returns its own blocks. Different block types need ``scan_layers=False``.
+* ``make_block(index, name, drop_path_rate, **settings)``: the block module for one
+  index (None when scanned), a ``block_type`` (class attribute) built with the
+  encoder's settings plus ``settings``. MoE swaps the block (or its MLP) in
+  configured layers; token reduction builds ``TokenReductionBlock``\ s. Different
+  block types need ``scan_layers=False``.
 * ``run_blocks(x, *, mask, train)``: the loop (or ``nn.scan``) with remat, batch
   sharding constraints and the per-block ``block_{i}`` intermediates that early-exit
-  heads read. ToMe overrides it to carry token sizes from block to block.
+  heads read. ``TokenReductionEncoder`` overrides it to carry token sizes (and
+  sources) from block to block.
 
 ``Encoder1DBlock`` (one pre-norm block):
 
-* ``attend(y, *, mask, train)``: the attention branch on normed tokens. ToMe's
-  proportional attention passes ``log(size)`` as ``bias`` and reads the keys through
-  a wrapped ``attention_fn`` (it receives the projected query, key and value).
-* ``between(x, *, train)``: identity between the attention and MLP residuals, where
-  ToMe merges and EViT prunes tokens.
+* ``attend(y, *, mask, train, bias=None, attention_fn=None)``: the attention branch
+  on normed tokens. ToMe's proportional attention passes ``log(size)`` as ``bias``
+  and reads the keys through a wrapped ``attention_fn`` (it receives the projected
+  query, key and value).
+* ``between(x, *, train)``: identity between the attention and MLP residuals (a
+  variant that changes the tokens there). Token reduction also changes the token
+  sizes there, so ``TokenReductionBlock`` runs the same steps on
+  ``(tokens, size, source)`` and reduces in ``reduce`` (see ``token_reduction``).
 * ``mlp(y, *, train)``: the MLP branch (``MlpBlock_3``). An MoE layer swaps it and
   sows its auxiliary loss (``self.sow("intermediates", "aux_loss", ...)``).
 """
@@ -82,6 +88,7 @@ inside the compact ``__call__``, so it may create submodules and parameters.
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,7 +97,7 @@ import numpy as np
 
 from vit_jax import kernels
 from vit_jax import sharding
-from vit_jax.models import layers
+from vit_jax.models import layers, token_reduction
 from vit_jax.models.convert import StateDict, register_timm_converter
 from vit_jax.models.registry import register_variant
 
@@ -149,13 +156,19 @@ class Encoder1DBlock(nn.Module):
     return nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
                         param_dtype=self.param_dtype, name=name)
 
-  def attend(self, y: Array, *, mask: Optional[Array], train: bool) -> Array:
-    """The attention branch on normed tokens (before dropout and drop path)."""
+  def attend(self, y: Array, *, mask: Optional[Array], train: bool,
+             bias: Optional[Array] = None,
+             attention_fn: Optional[Callable] = None) -> Array:
+    """The attention branch on normed tokens (before dropout and drop path).
+
+    ``bias`` is added to the attention logits; ``attention_fn`` replaces the field's
+    for this call (token reduction reads the projected query and key through it).
+    """
     return layers.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        qkv_bias=self.qkv_bias, attention_fn=self.attention_fn, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_1")(
-            y, mask=mask, train=train)
+        qkv_bias=self.qkv_bias, attention_fn=attention_fn or self.attention_fn,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        name="MultiHeadDotProductAttention_1")(y, bias=bias, mask=mask, train=train)
 
   def between(self, x: Array, *, train: bool) -> Array:
     """Tokens between the two residual branches; identity here."""
@@ -178,6 +191,53 @@ class Encoder1DBlock(nn.Module):
     x = self.between(x + layers.DropPath(rate)(y, train=train), train=train)
     y = self.mlp(self.norm("LayerNorm_2")(x), train=train)
     return x + layers.DropPath(rate)(y, train=train)
+
+
+class TokenReductionBlock(Encoder1DBlock):
+  """A block that merges (ToMe) or keeps and fuses (EViT) tokens between its residuals.
+
+  Called with and returning ``(tokens, size, source)`` (``token_reduction``'s token
+  state): the plain block's steps, with the sizes that proportional attention reads
+  and the merge changes carried alongside the tokens. Same parameters as the plain
+  block; the algorithms live in ``token_reduction``.
+  """
+  merge: int = 0  # ToMe's r in this block (0: no merging here)
+  proportional_attention: bool = False  # add log(size) to the logits (ToMe models)
+  keep_rate: float = 1.0  # EViT's keep rate in this block (1: no pruning here)
+  num_prefix_tokens: int = 1  # class (and distillation) tokens, never reduced
+
+  def reduce(self, x: Array, size: Array, source: Optional[Array], query: Array,
+             key: Array) -> tuple[Array, Array, Optional[Array]]:
+    """The ``between`` step: fewer tokens, their sizes and sources."""
+    if self.merge:
+      return token_reduction.merge_tokens(x, size, source, key, self.merge,
+                                          self.num_prefix_tokens)
+    if self.keep_rate < 1.0:
+      attention = token_reduction.class_attention(query, key, self.num_prefix_tokens)
+      return token_reduction.keep_and_fuse(x, size, source, attention, self.keep_rate,
+                                           self.num_prefix_tokens)
+    return x, size, source
+
+  @nn.compact
+  def __call__(self, state: tuple[Array, Array, Optional[Array]], *,
+               mask: Optional[Array] = None, train: bool = False,
+               drop_path_rate: Optional[Array] = None):
+    x, size, source = state
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+    seen = {}
+
+    def recording_attention(query, key, value, **kwargs):
+      seen.update(query=query, key=key)
+      return self.attention_fn(query, key, value, **kwargs)
+
+    bias = jnp.log(size)[:, None, None, :] if self.proportional_attention else None
+    y = self.attend(self.norm("LayerNorm_0")(x), mask=mask, train=train, bias=bias,
+                    attention_fn=recording_attention)
+    y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
+    x, size, source = self.reduce(x + layers.DropPath(rate)(y, train=train), size,
+                                  source, seen["query"], seen["key"])
+    y = self.mlp(self.norm("LayerNorm_2")(x), train=train)
+    return x + layers.DropPath(rate)(y, train=train), size, source
 
 
 class Encoder(nn.Module):
@@ -210,16 +270,21 @@ class Encoder(nn.Module):
       return x
     return AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
 
-  def make_block(self, index: Optional[int], name: str,
-                 drop_path_rate: float = 0.0) -> nn.Module:
-    """The block at ``index`` (None: the one block ``nn.scan`` repeats)."""
+  block_type = Encoder1DBlock  # what make_block builds (a class attribute, not a field)
+
+  def make_block(self, index: Optional[int], name: str, drop_path_rate: float = 0.0,
+                 **settings) -> nn.Module:
+    """The block at ``index`` (None: the one block ``nn.scan`` repeats).
+
+    ``settings`` are further fields of ``block_type`` (a subclass's own).
+    """
     del index
-    return Encoder1DBlock(
+    return self.block_type(
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=drop_path_rate,
         gelu_approximate=self.gelu_approximate, attention_fn=self.attention_fn,
         norm_epsilon=self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)
+        name=name, **settings)
 
   def run_blocks(self, x: Array, *, mask: Optional[Array], train: bool) -> Array:
     """Every block in turn (or one ``nn.scan``), sowing ``block_{i}`` after each."""
@@ -260,6 +325,56 @@ class Encoder(nn.Module):
                         param_dtype=self.param_dtype, name="encoder_norm")(x)
 
 
+class TokenReductionEncoder(Encoder):
+  """An ``Encoder`` whose blocks merge (ToMe) or keep and fuse (EViT) tokens.
+
+  ``token_merging``: ``r`` per block (a tuple, one per block); ``token_keep_rate`` in
+  the blocks ``token_keep_layers``. Sows each block's tokens (``block_{i}``, fewer
+  as they go), ``token_size_{i}`` (patches per token after block ``i``) and, when
+  intermediates are collected, ``token_source_{i}`` ``[B, tokens, input_tokens]``.
+  """
+  block_type = TokenReductionBlock
+  token_merging: tuple[int, ...] = ()
+  token_keep_rate: float = 1.0
+  token_keep_layers: tuple[int, ...] = ()
+  num_prefix_tokens: int = 1
+
+  def make_block(self, index: Optional[int], name: str, drop_path_rate: float = 0.0,
+                 **settings) -> nn.Module:
+    merging = any(self.token_merging)
+    return super().make_block(
+        index, name, drop_path_rate, merge=self.token_merging[index] if merging else 0,
+        proportional_attention=merging, num_prefix_tokens=self.num_prefix_tokens,
+        keep_rate=self.token_keep_rate if index in self.token_keep_layers else 1.0,
+        **settings)
+
+  def run_blocks(self, x: Array, *, mask: Optional[Array], train: bool) -> Array:
+    if any(self.token_merging):
+      token_reduction.check_merge_schedule(self.token_merging, x.shape[1],
+                                           self.num_prefix_tokens)
+    rates = layers.stochastic_depth_rates(self.drop_path_rate, self.num_layers)
+    collect = self.is_mutable_collection("intermediates")
+    batch, tokens = x.shape[:2]
+    # Sources cost [B, N, N] per block: tracked only for forward_intermediates.
+    source = jnp.broadcast_to(jnp.eye(tokens, dtype=jnp.float32),
+                              (batch, tokens, tokens)) if collect else None
+    state = (x, jnp.ones((batch, tokens), jnp.float32), source)
+
+    def apply_block(module, state):
+      x, size, source = module(state, mask=mask, train=train)
+      return sharding.constrain_batch(x), size, source
+
+    if self.remat_policy != "none":
+      apply_block = nn.remat(apply_block, policy=REMAT_POLICIES[self.remat_policy])
+    for i, rate in enumerate(rates):
+      state = apply_block(self.make_block(i, f"encoderblock_{i}", rate), state)
+      self.sow("intermediates", f"block_{i}", state[0])
+      self.sow("intermediates", f"token_size_{i}", state[1])
+      if collect:
+        self.sow("intermediates", f"token_source_{i}", state[2])
+    return state[0]
+
+
 class VisionTransformer(nn.Module):
   """ViT classifier. Call with NHWC images; returns float32 logits (or features).
 
@@ -281,6 +396,10 @@ class VisionTransformer(nn.Module):
     pre_norm: LayerNorm before the blocks (CLIP image towers).
     patch_bias: whether the patch embedding has a bias (CLIP's has none).
     norm_epsilon: epsilon of every LayerNorm in the encoder (1e-6; CLIP uses 1e-5).
+    token_merging: ToMe's ``r``, tokens merged in every block (an int) or per block
+      (a tuple); 0 is the plain model. See ``token_reduction``.
+    token_keep_rate: EViT's fraction of patch tokens kept in ``token_keep_layers``
+      (default: the blocks at 1/4, 1/2 and 3/4 depth); 1.0 is the plain model.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
   """
   num_classes: int = 1000
@@ -306,8 +425,16 @@ class VisionTransformer(nn.Module):
   pre_norm: bool = False
   patch_bias: bool = True
   norm_epsilon: float = 1e-6
+  token_merging: Union[int, Sequence[int]] = 0
+  token_keep_rate: float = 1.0
+  token_keep_layers: Optional[Sequence[int]] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens in front of the patches (token reduction never merges them)."""
+    return 1 if self.classifier == "token" else 0
 
   def _attention_fn(self) -> Callable:
     if self.attention not in ("softmax", "linear"):
@@ -320,6 +447,13 @@ class VisionTransformer(nn.Module):
                                          feature_map=self.linear_feature_map)
     if self.attention_impl == "xla":
       return layers.dot_product_attention  # exactly the original model
+    if (self.attention_impl in ("pallas", "pallas_triton")
+        and any(np.atleast_1d(self.token_merging))):
+      logging.log_first_n(
+          logging.WARNING, "token_merging: proportional attention adds log(token size) "
+          f"to the logits and the flash kernel ({self.attention_impl!r}) takes no bias; "
+          "using the XLA attention (attention_impl='xla') instead", 1)
+      return layers.dot_product_attention
     return kernels.attention_fn(self.attention_impl)
 
   def _check_config(self):
@@ -330,6 +464,10 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"classifier must be 'token', 'gap' or 'map', got {self.classifier!r}")
     if self.posemb not in ("learn", "sincos2d"):
       raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+    token_reduction.check_settings(
+        token_merging=self.token_merging, token_keep_rate=self.token_keep_rate,
+        num_prefix_tokens=self.num_prefix_tokens, scan_layers=self.scan_layers,
+        attention=self.attention, attention_dropout_rate=self.attention_dropout_rate)
 
   def patch_grid(self, height: int, width: int) -> tuple[int, int]:
     """The token grid for an input size, or a ValueError naming the constraint."""
@@ -386,8 +524,21 @@ class VisionTransformer(nn.Module):
                             x], axis=1)
 
   def make_encoder(self) -> nn.Module:
-    """The ``Transformer`` module (an ``Encoder``; a variant may return a subclass)."""
-    return Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim,
+    """The ``Transformer`` module (an ``Encoder``; a variant may return a subclass).
+
+    With token reduction set, a ``TokenReductionEncoder`` (same parameters).
+    """
+    settings = {}
+    encoder = Encoder
+    schedule = token_reduction.merge_schedule(self.token_merging, self.num_layers)
+    if any(schedule) or self.token_keep_rate < 1.0:
+      encoder = TokenReductionEncoder
+      settings = dict(
+          token_merging=schedule, token_keep_rate=self.token_keep_rate,
+          token_keep_layers=token_reduction.keep_layers(self.token_keep_layers,
+                                                        self.num_layers),
+          num_prefix_tokens=self.num_prefix_tokens)
+    return encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim,
                    num_heads=self.num_heads, learned_posemb=self.posemb == "learn",
                    pre_norm=self.pre_norm, dropout_rate=self.dropout_rate,
                    attention_dropout_rate=self.attention_dropout_rate,
@@ -396,7 +547,7 @@ class VisionTransformer(nn.Module):
                    attention_fn=self._attention_fn(), remat_policy=self.remat_policy,
                    scan_layers=self.scan_layers, norm_epsilon=self.norm_epsilon,
                    dtype=self.compute_dtype, param_dtype=self.storage_dtype,
-                   name="Transformer")
+                   name="Transformer", **settings)
 
   def pool(self, x: Array) -> Array:
     """Normed tokens -> one vector per image (``classifier``)."""

@@ -26,12 +26,24 @@ Writes to ``--output_dir``:
                       the precision where the score's recall reaches 0.8
 
 Samples that cannot be used at all (corrupt image, no caption) are dropped and
-counted like the trainer does.
+counted like the trainer does; so are samples whose member names could escape a
+directory (``../``, absolute paths): they are never copied. Samples are told apart by
+shard and key: a key found in several shards is written as ``<shard name>/<key>``.
+
+Nothing is written into ``--output_dir`` until the end: the output is built in a fresh
+directory beside it and swapped in whole, so a failed run leaves the previous output
+as it was, and a rerun leaves no extra shards behind. An output directory that holds
+one of the input shards is refused.
 """
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import sys
+import tarfile
+import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -104,9 +116,10 @@ def precision_at_recall(scores: dict[str, float], bad_pairs: dict[str, bool],
 
 
 def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
-                stats: Any) -> dict[str, float]:
-  """Image-caption cosine similarity of every usable sample, by key (``stats``: the
-  ``image_text.SkipStats`` that count the samples that cannot be used)."""
+                stats: Any) -> dict[tuple[int, str], float]:
+  """Image-caption cosine similarity of every usable sample, by (shard index, key)
+  (``stats``: the ``image_text.SkipStats`` that count the samples that cannot be
+  used)."""
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding  # pylint: disable=g-import-not-at-top
   from vit_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
@@ -118,18 +131,66 @@ def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
   encode_images, encode_texts = common.embedding_fns(trained.model)
   score = jax.jit(lambda v, images, texts: jax.numpy.sum(
       encode_images(v, images) * encode_texts(v, texts), axis=-1))
-  batches = image_text.make_eval_batches(
-      shards, preprocess_fn=preprocess.parse(trained.pp_eval), batch_size=batch_size,
-      tokenizer=trained.tokenizer, stats=stats)
+  pp = preprocess.parse(trained.pp_eval)
   scores = {}
   with jax.set_mesh(mesh):
-    for batch in batches:
-      put = lambda x: jax.device_put(x, batch_sharding)
-      values = np.asarray(score(trained.variables, put(batch["image"]), put(batch["text"])))
-      for key, value, real in zip(batch["_key"], values, batch["_mask"]):
-        if real:
-          scores[key.decode()] = float(value)
+    for index, shard in enumerate(shards):  # one shard at a time: keys are per shard
+      # Closed on any error: a live input stream keeps the process from exiting.
+      with contextlib.closing(image_text.make_eval_batches(
+          [shard], preprocess_fn=pp, batch_size=batch_size, tokenizer=trained.tokenizer,
+          stats=stats)) as batches:
+        for batch in batches:
+          put = lambda x: jax.device_put(x, batch_sharding)
+          values = np.asarray(score(trained.variables, put(batch["image"]),
+                                    put(batch["text"])))
+          for key, value, real in zip(batch["_key"], values, batch["_mask"]):
+            if real:
+              scores[(index, key.decode())] = float(value)
   return scores
+
+
+def _unsafe(key: str) -> bool:
+  """Whether a member name could land outside the directory it is extracted to."""
+  return (key.startswith(("/", "\\")) or os.path.isabs(key)
+          or ".." in key.replace("\\", "/").split("/"))
+
+
+def _check_paths(shards: Sequence[str], output_dir: str) -> None:
+  """ValueError for a non-tar shard, or an output directory holding an input shard."""
+  output = os.path.realpath(output_dir)
+  for shard in shards:
+    real = os.path.realpath(shard)
+    if real == output or real.startswith(output + os.sep):
+      raise ValueError(f"--output_dir={output_dir} holds the input shard {shard}: the "
+                       "output replaces that directory whole; choose another one")
+    if not _is_tar(shard):
+      raise ValueError(f"{shard} (matched by the shard spec) is not a tar file; give "
+                       ".tar shards only")
+
+
+def _is_tar(shard: str) -> bool:
+  """Whether ``shard`` (local or remote) opens as a tar archive; an empty file does
+  (the reader counts it as an empty shard)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    with epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+      tar.next()
+  except tarfile.ReadError as e:
+    return str(e) == "empty file"
+  except (tarfile.TarError, OSError, EOFError):
+    return False
+  return True
+
+
+def _swap_in(built: str, output_dir: str) -> None:
+  """Replaces ``output_dir`` by the finished directory ``built``."""
+  if os.path.exists(output_dir):
+    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(built))
+    os.rename(output_dir, os.path.join(old, "output"))
+    os.rename(built, output_dir)
+    shutil.rmtree(old)
+  else:
+    os.rename(built, output_dir)
 
 
 def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: int = 0,
@@ -146,26 +207,46 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
                      "scores the pairs)")
   if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
     raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
-  os.makedirs(output_dir, exist_ok=True)
+  output_dir = os.path.abspath(output_dir)
+  _check_paths(shards, output_dir)
   stats = image_text.SkipStats()
 
-  # Pass 1: basic filters from captions and image headers (no decoding).
+  # Pass 1: basic filters from captions and image headers (no decoding). A sample is
+  # (shard index, key): the same key in two shards is two samples.
   order, rejected, bad_pairs = [], {}, {}
-  for sample in image_text.iterate_samples(shards, stats=stats, decode_image=False):
-    key = sample["key"]
-    order.append(key)
-    if ground_truth_key is not None:
-      bad_pairs[key] = bool(sample["meta"].get(ground_truth_key, False))
-    reason = basic_filter(sample, min_caption_words=min_caption_words,
-                          min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio)
-    if reason:
-      rejected[key] = reason
+  for index, shard in enumerate(shards):
+    for sample in image_text.iterate_samples([shard], stats=stats, decode_image=False):
+      sample_id = (index, sample["key"])
+      order.append(sample_id)
+      if ground_truth_key is not None:
+        meta = sample["meta"]  # any JSON value; only an object can mark a pair
+        bad_pairs[sample_id] = bool(isinstance(meta, dict)
+                                    and meta.get(ground_truth_key, False))
+      reason = ("unsafe_name" if _unsafe(sample["key"]) else basic_filter(
+          sample, min_caption_words=min_caption_words, min_image_size=min_image_size,
+          max_aspect_ratio=max_aspect_ratio))
+      if reason:
+        rejected[sample_id] = reason
+  if not order:
+    raise image_text.DataError(f"no usable sample in the {len(shards)} shard(s) given "
+                               f"({stats.summary()})")
+  counts = {}
+  for _, key in order:
+    counts[key] = counts.get(key, 0) + 1
+  # What kept_ids.txt, scores.tsv and the output shards call each sample.
+  name = lambda i: (i[1] if counts[i[1]] == 1 else
+                    f"{os.path.basename(shards[i[0]]).split('.')[0]}/{i[1]}")
   candidates = [k for k in order if k not in rejected]
 
   # Pass 2: CLIP scores, then the top fraction or a threshold.
   scores, threshold = {}, None
   if clip_workdir:
-    scores = clip_scores(shards, clip_workdir, batch_size=batch_size, stats=stats)
+    try:
+      scores = clip_scores(shards, clip_workdir, batch_size=batch_size, stats=stats)
+    except Exception as e:  # pylint: disable=broad-except
+      from vit_jax.checkpoint import first_line  # pylint: disable=g-import-not-at-top
+      raise ValueError(f"scoring with --clip_workdir={clip_workdir} failed: "
+                       f"{first_line(e)}") from e
     for key in candidates:
       if key not in scores:  # its image did not decode
         rejected[key] = "corrupt_image"
@@ -183,29 +264,49 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
         rejected[key] = "clip_score"
   kept = [k for k in order if k not in rejected]
 
-  # Pass 3: re-shard the kept samples with all their files.
+  # Pass 3: re-shard the kept samples with all their files, into a fresh directory
+  # that replaces output_dir once everything is written.
   kept_set = set(kept)
-  pattern = os.path.join(output_dir, "shards", "filtered-{:05d}.tar")
-  with image_text.ShardWriter(pattern, samples_per_shard) as writer:
-    for shard in shards:
-      for raw in image_text.read_shard(shard):
-        if raw.key in kept_set:
-          writer.write(raw.key, raw.files)
-  with open(os.path.join(output_dir, "kept_ids.txt"), "w") as f:
-    f.writelines(k + "\n" for k in kept)
-  with open(os.path.join(output_dir, "scores.tsv"), "w") as f:
-    f.write("key\tclip_score\tkept\n")
-    for key in order:
-      value = f"{scores[key]:.6f}" if key in scores else ""
-      f.write(f"{key}\t{value}\t{int(key in kept_set)}\n")
+  os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+  built = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-",
+                           dir=os.path.dirname(output_dir))
+  try:
+    pattern = os.path.join(built, "shards", "filtered-{:05d}.tar")
+    with image_text.ShardWriter(pattern, samples_per_shard) as writer:
+      for index, shard in enumerate(shards):
+        for raw in image_text.read_shard(shard):
+          if (index, raw.key) in kept_set:
+            writer.write(name((index, raw.key)), raw.files)
+    with open(os.path.join(built, "kept_ids.txt"), "w") as f:
+      f.writelines(name(k) + "\n" for k in kept)
+    with open(os.path.join(built, "scores.tsv"), "w") as f:
+      f.write("key\tclip_score\tkept\n")
+      for sample_id in order:
+        value = f"{scores[sample_id]:.6f}" if sample_id in scores else ""
+        f.write(f"{name(sample_id)}\t{value}\t{int(sample_id in kept_set)}\n")
+    summary = _summary(order, kept, rejected, stats, threshold, scores, bad_pairs,
+                       ground_truth_key)
+    summary["shards"] = [os.path.join(output_dir, os.path.relpath(p, built))
+                         for p in writer.paths]
+    with open(os.path.join(built, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    _swap_in(built, output_dir)
+  finally:
+    if os.path.exists(built):
+      shutil.rmtree(built)
+  return summary
 
+
+def _summary(order, kept, rejected, stats, threshold, scores, bad_pairs,
+             ground_truth_key) -> dict:
+  """summary.json's counts (``shards`` is added by the caller)."""
+  kept_set = set(kept)
   reasons = {}
   for reason in rejected.values():
     reasons[reason] = reasons.get(reason, 0) + 1
   summary = {"pool_samples": len(order), "kept": len(kept),
              "kept_fraction": len(kept) / max(len(order), 1), "rejected": reasons,
-             "unusable": stats.as_dict(), "clip_threshold": threshold,
-             "shards": writer.paths}
+             "unusable": stats.as_dict(), "clip_threshold": threshold}
   if ground_truth_key is not None:
     # Pairs whose image does not decode are no one's to keep: they count nowhere.
     good = {k for k in order if not bad_pairs[k] and rejected.get(k) != "corrupt_image"}
@@ -219,8 +320,6 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
           scores, bad_pairs)
       summary["ground_truth"]["at_recall_0.8"] = precision_at_recall(scores, bad_pairs,
                                                                      0.8)
-  with open(os.path.join(output_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
   return summary
 
 
@@ -246,13 +345,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from vit_jax.data import image_text  # pylint: disable=g-import-not-at-top
-  summary = filter_pool(
-      image_text.expand_shards(FLAGS.shards), FLAGS.output_dir,
-      min_caption_words=FLAGS.min_caption_words, min_image_size=FLAGS.min_image_size,
-      max_aspect_ratio=FLAGS.max_aspect_ratio, clip_workdir=FLAGS.clip_workdir,
-      keep_fraction=FLAGS.keep_fraction, clip_threshold=FLAGS.clip_threshold,
-      samples_per_shard=FLAGS.samples_per_shard, ground_truth_key=FLAGS.ground_truth_key,
-      batch_size=FLAGS.batch_size)
+  try:
+    summary = filter_pool(
+        image_text.expand_shards(FLAGS.shards), FLAGS.output_dir,
+        min_caption_words=FLAGS.min_caption_words, min_image_size=FLAGS.min_image_size,
+        max_aspect_ratio=FLAGS.max_aspect_ratio, clip_workdir=FLAGS.clip_workdir,
+        keep_fraction=FLAGS.keep_fraction, clip_threshold=FLAGS.clip_threshold,
+        samples_per_shard=FLAGS.samples_per_shard,
+        ground_truth_key=FLAGS.ground_truth_key, batch_size=FLAGS.batch_size)
+  except (ValueError, OSError) as e:  # DataError is a ValueError
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   line = (f"kept {summary['kept']} of {summary['pool_samples']} samples "
           f"({100 * summary['kept_fraction']:.1f}%) in {len(summary['shards'])} shards "
           f"under {FLAGS.output_dir}/shards; rejected: {summary['rejected']}")

@@ -22,7 +22,8 @@ import ml_collections
 import optax
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import finetune, lora, models, optim, sharding, weights
+from vit_jax import (config_checks, finetune, lora, models, optim, quantization, sharding,
+                     sparsity, weights)
 from vit_jax.data import input_pipeline, preprocess
 from vit_jax.evaluators import classification as classification_eval
 from vit_jax.trainers import common, distillation
@@ -44,9 +45,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ``train_loss_history``, the (step, mean loss) pairs of this run's log lines.
   """
   # ---------------------------------------------------------------- setup
+  config_checks.validate(config)
   workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  common.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   writer = common.make_writer(workdir / "tensorboard")
   base_key = jax.random.key(config.seed)
   init_key, dropout_key = jax.random.split(base_key)
@@ -86,6 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- model and optimizer
   model_kwargs = {"num_classes": num_classes, **config.model.to_dict()}
   model = models.create(config.model_name, **model_kwargs)
+  model = quantization.from_config(model, config.get("quantization"))  # QAT
   lora_config = config.get("lora")
   if lora_config and lora_config.get("rank"):
     model = lora.LoRA(base=model, rank=lora_config.rank, alpha=lora_config.alpha,
@@ -105,6 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   abstract_params = jax.eval_shape(init_variables, init_key)["params"]
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
+  tx = sparsity.from_config(tx, abstract_params, config.get("sparsity"))
   train_only = config.get("train_only")
   if lora_config and lora_config.get("rank") and not train_only:
     train_only = r"^lora__|^head/"  # LoRA trains the adapters and the head only
@@ -147,14 +150,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- checkpoint restore
   checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"),
-                                       keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    # Restored straight into this run's shardings, whatever mesh wrote it.
-    state, meta = checkpointer.restore(
-        latest, ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+                                       keep=config.keep_checkpoints, config=config)
+  # The newest checkpoint that verifies, restored straight into this run's shardings
+  # whatever mesh wrote it; one that does not fit this config is an error.
+  restored = checkpointer.restore_latest(
+      ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+  if restored is not None:
+    state, meta = restored.state, restored.meta
     examples_seen = meta["examples_seen"]
-    common.console(f"resumed from {checkpointer.directory / str(latest)} (step {latest})")
+    common.console(f"resumed from {checkpointer.directory / str(restored.step)} "
+                   f"(step {restored.step})")
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
     meta, examples_seen = {}, 0
@@ -173,6 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), model_state=ms),
           out_shardings=state_shardings)(params, variables)
   start_step = int(state.step)
+  # Only now that the checkpoint is known to fit: the workdir describes what it holds.
+  common.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   # The data stream is fixed by its shard count (default: one shard per process, or
   # what the checkpoint used), so a run resumes identically on another process count.
   data_shards = (config.input.get("data_shards") or meta.get("data_shards")
@@ -310,7 +317,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = common.ProgressLine(total_steps, start_step, global_batch)
   guard = common.NonFiniteGuard()
   pending = []  # per-step metrics on device, fetched at the next sync point
-  last_saved = latest
   eval_result = None
   loss_history = []  # (step, mean train loss since the previous log line)
 
@@ -332,8 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if not (do_log or do_eval or do_save):
         continue
       # Sync point: nothing diverged may reach a checkpoint.
-      guard.check(str(checkpointer.directory / str(last_saved))
-                  if last_saved is not None else None)
+      guard.check(checkpointer.newest_committed)
       if do_log:
         fetched = jax.device_get(pending)
         means = {k: float(sum(m[k] for m in fetched) / len(fetched)) for k in fetched[0]}
@@ -346,7 +351,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_result = evaluate(step)
       if do_save:
         save(step)
-        last_saved = step
 
     if eval_result is None:  # resumed after the last step: report the final state
       eval_result = evaluate(int(state.step))

@@ -5,7 +5,8 @@ import datetime
 import json
 import sys
 import time
-from typing import Any, Optional
+import uuid
+from typing import Any, Callable, Optional, Union
 
 import flax
 import jax
@@ -43,9 +44,23 @@ def make_writer(logdir: epath.Path) -> metric_writers.MetricWriter:
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(logdir)))
 
 
+def write_text_atomic(path: epath.PathLike, text: str) -> None:
+  """Writes ``path`` whole or not at all: a temporary file beside it, then a rename
+  (through etils.epath, so gs:// works too). A killed writer leaves the old file."""
+  path = epath.Path(path)
+  temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+  try:
+    temporary.write_text(text)
+    temporary.replace(path)
+  finally:
+    if temporary.exists():
+      temporary.unlink()
+
+
 def write_json(path: epath.Path, data: Any) -> None:
+  """JSON from the main process, written atomically (``write_text_atomic``)."""
   if is_main_process():
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def format_duration(seconds: float) -> str:
@@ -105,7 +120,13 @@ class NonFiniteGuard:
   def add(self, step: int, finite_flag: Any) -> None:
     self._flags.append((step, finite_flag))
 
-  def check(self, last_good_checkpoint: Optional[str]) -> None:
+  def check(self, last_good_checkpoint: Union[Optional[str],
+                                              Callable[[], Optional[str]]]) -> None:
+    """DivergenceError if a collected step was not finite.
+
+    ``last_good_checkpoint``: the path the message names, or a function giving it,
+    called only on divergence (e.g. one that waits for a save in flight first).
+    """
     if not self._flags:
       return
     steps, flags = zip(*self._flags)
@@ -113,6 +134,8 @@ class NonFiniteGuard:
     self._flags.clear()
     if not flags.all():
       bad_step = steps[int(np.argmin(flags))]
+      if callable(last_good_checkpoint):
+        last_good_checkpoint = last_good_checkpoint()
       kept = (f"The last good checkpoint is kept intact: {last_good_checkpoint}."
               if last_good_checkpoint else "No checkpoint had been written yet.")
       raise DivergenceError(

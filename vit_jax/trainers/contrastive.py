@@ -25,7 +25,7 @@ import optax
 from absl import logging
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import losses, models, optim, sharding
+from vit_jax import config_checks, losses, models, optim, sharding
 from vit_jax.data import image_text, preprocess
 from vit_jax.data.tokenizer import Tokenizer
 from vit_jax.evaluators import retrieval as retrieval_eval
@@ -75,9 +75,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ``train_loss_history``, the (step, mean loss) pairs of this run's log lines.
   """
   # ---------------------------------------------------------------- setup
+  config_checks.validate(config)
   workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  common.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   writer = common.make_writer(workdir / "tensorboard")
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
 
@@ -90,8 +90,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   shards = image_text.expand_shards(config.input.train_shards)
   tokenizer = Tokenizer.load(config.tokenizer.path,
                              context_length=config.tokenizer.context_length)
-  if common.is_main_process() and not os.path.exists(workdir / TOKENIZER_FILE):
-    shutil.copyfile(config.tokenizer.path, workdir / TOKENIZER_FILE)
   global_batch = config.input.batch_size
   if global_batch % data_parallel:
     raise ValueError(f"input.batch_size={global_batch} must be divisible by the "
@@ -139,18 +137,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.console(f"model {config.model_name} ({config.loss} loss): {num_params:,} "
                  f"parameters; mesh {dict(mesh.shape)}; {total_steps} steps of "
                  f"{global_batch} pairs from {len(shards)} shards")
-  common.write_json(workdir / MODEL_FILE, {
-      "model_name": config.model_name, "model": model_kwargs, "loss": config.loss,
-      "context_length": tokenizer.context_length, "pp_eval": config.input.pp_eval})
 
   # ---------------------------------------------------------------- checkpoint restore
   checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"),
-                                       keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
+                                       keep=config.keep_checkpoints, config=config)
+  restored = checkpointer.restore_latest(
+      ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
   position = image_text.StreamPosition()
-  if latest is not None:
-    state, meta = checkpointer.restore(
-        latest, ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+  if restored is not None:
+    state, meta = restored.state, restored.meta
     examples_seen = meta["examples_seen"]
     positions = meta["data_positions"]
     if len(positions) != jax.process_count():
@@ -158,13 +153,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"the checkpoint was written by {len(positions)} processes; resume with the "
           f"same number (now {jax.process_count()}) to continue the data stream exactly")
     position = image_text.StreamPosition.from_list(positions[jax.process_index()])
-    common.console(f"resumed from {checkpointer.directory / str(latest)} (step {latest}, "
+    common.console(f"resumed from {checkpointer.directory / str(restored.step)} "
+                   f"(step {restored.step}, "
                    f"data position epoch {position.epoch} window {position.window} "
                    f"sample {position.offset})")
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
     examples_seen = 0
   start_step = int(state.step)
+  # Only now that the checkpoint is known to fit: the workdir describes what it holds
+  # (config, model and tokenizer: enough to rebuild the model, see workdir.py).
+  common.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  common.write_json(workdir / MODEL_FILE, {
+      "model_name": config.model_name, "model": model_kwargs, "loss": config.loss,
+      "context_length": tokenizer.context_length, "pp_eval": config.input.pp_eval})
+  if common.is_main_process() and not os.path.exists(workdir / TOKENIZER_FILE):
+    shutil.copyfile(config.tokenizer.path, workdir / TOKENIZER_FILE)
 
   # ---------------------------------------------------------------- step function
   def train_step(state: TrainState, batch):
@@ -262,7 +266,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = common.ProgressLine(total_steps, start_step, global_batch)
   guard = common.NonFiniteGuard()
   pending = []
-  last_saved = latest
   eval_result = None
   reported_skips = 0
   loss_history = []
@@ -289,8 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       do_save = step % config.checkpoint_every == 0 or is_last
       if not (do_log or do_eval or do_save):
         continue
-      guard.check(str(checkpointer.directory / str(last_saved))
-                  if last_saved is not None else None)
+      guard.check(checkpointer.newest_committed)
       if key_log is not None:
         key_log.flush()
       if do_log:
@@ -314,7 +316,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_result = evaluate(step)
       if do_save:
         save(step)
-        last_saved = step
 
     # Release the input pipeline now: its Python generator thread must finish while
     # the interpreter is still up.

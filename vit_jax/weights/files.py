@@ -124,6 +124,16 @@ def read_state_dict(source: Source) -> dict[str, np.ndarray]:
     if isinstance(state, dict) and isinstance(state.get(key), dict):
       state = state[key]
       break
+  if not isinstance(state, dict):
+    raise LoadError(f"{path} holds a {type(state).__name__}, not a mapping of parameter "
+                    "names to tensors")
+  others = [f"{k!r} ({type(v).__name__})" for k, v in state.items()
+            if not isinstance(v, torch.Tensor)]
+  if others:
+    raise LoadError(
+        f"{path} is not a flat mapping of parameter names to tensors (not tensors: "
+        f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}). Save the model's state_dict(), or nest it under one of "
+        f"{', '.join(map(repr, _STATE_DICT_KEYS))}")
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
           for k, v in state.items()}
 

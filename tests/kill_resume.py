@@ -1,0 +1,134 @@
+r"""Repeated ``kill -9``: a training run killed at random moments ends bit-identical.
+
+  PYTHONPATH=$PWD python tests/kill_resume.py --trainer=digits --kills=10
+  PYTHONPATH=$PWD python tests/kill_resume.py --trainer=clip --kills=10
+
+Runs one uninterrupted reference run, then reruns the same command in a fresh workdir
+and SIGKILLs it ``--kills`` times, each at a random moment after the train step
+compiled (checkpoints are written every step, so about half the kills land while a
+save is in flight), rerunning after each kill; the run that finishes must hold final
+parameters and optimizer state bit-identical to the reference. Too slow for the test
+suite (a few minutes); tests/test_train.py and tests/test_contrastive_train.py kill
+each trainer once or twice. Prints one line per kill and a summary; exits 1 on any
+difference.
+"""
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+TRAINERS = {
+    "digits": ("configs/digits_vit.py", [
+        "--config.model.hidden_size=32", "--config.model.num_layers=2",
+        "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+        "--config.input.batch_size=32", "--config.schedule.warmup_steps=5",
+        "--config.log_every=5", "--config.eval_every=0", "--config.checkpoint_every=1",
+        "--config.keep_checkpoints=3"]),
+    "clip": ("configs/clip_digits.py", [
+        "--config.input.batch_size=16", "--config.input.shards_per_window=2",
+        "--config.input.decode_threads=1", "--config.model.image.hidden_size=32",
+        "--config.model.image.num_layers=1", "--config.model.image.num_heads=2",
+        "--config.model.image.mlp_dim=64", "--config.model.text.hidden_size=32",
+        "--config.model.text.num_layers=1", "--config.model.text.num_heads=2",
+        "--config.model.text.mlp_dim=64", "--config.model.embed_dim=32",
+        "--config.schedule.warmup_steps=2", "--config.log_every=5",
+        "--config.eval_every=0", "--config.checkpoint_every=1",
+        "--config.keep_checkpoints=3"]),
+}
+
+
+def command(trainer, workdir, steps, data):
+  config, overrides = TRAINERS[trainer]
+  data_flag = (f"--config.input.data_dir={data}" if trainer == "digits"
+               else f"--config.input.pool={data}")
+  return [sys.executable, "-m", "vit_jax.main", f"--config={os.path.join(REPO, config)}",
+          f"--workdir={workdir}", f"--config.total_steps={steps}", data_flag, *overrides]
+
+
+def env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def final_state(workdir, steps):
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint, tree  # pylint: disable=g-import-not-at-top
+  state = checkpoint.load_state_arrays(os.path.join(workdir, "checkpoints", str(steps)))
+  leaves = jax.tree_util.tree_flatten_with_path(
+      {"params": state["params"], "opt_state": state["opt_state"]})[0]
+  return {tree.path_name(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--trainer", choices=sorted(TRAINERS), default="digits")
+  parser.add_argument("--kills", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--max_delay", type=float, default=3.0,
+                      help="kill within this many seconds after the first step")
+  args = parser.parse_args()
+  rng = random.Random(args.seed)
+  root = tempfile.mkdtemp(prefix=f"kill_resume_{args.trainer}_")
+  data = os.path.join(root, "data")
+  if args.trainer == "digits":
+    from vit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    input_pipeline.get_builder("digits", data_dir=data)
+  else:
+    from vit_jax.tools import make_pool  # pylint: disable=g-import-not-at-top
+    make_pool.make_pool(data, num_samples=120, samples_per_shard=24, eval_renders=1)
+  reference = os.path.join(root, "reference")
+  subprocess.run(command(args.trainer, reference, args.steps, data), env=env(),
+                 check=True, capture_output=True)
+  workdir = os.path.join(root, "killed")
+  kills = mid_save = runs = 0
+  while True:
+    runs += 1
+    proc = subprocess.Popen(command(args.trainer, workdir, args.steps, data), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if kills < args.kills:
+      for line in proc.stdout:
+        if line.startswith("step "):  # the first logged step: compiled and running
+          break
+      time.sleep(rng.uniform(0, args.max_delay))
+      ckpt_dir = os.path.join(workdir, "checkpoints")
+      in_flight = any("tmp" in e for e in os.listdir(ckpt_dir))
+      proc.kill()
+      proc.wait()
+      if proc.returncode == -9:
+        kills += 1
+        mid_save += in_flight
+        done = sorted(int(e) for e in os.listdir(ckpt_dir) if e.isdigit())
+        print(f"kill {kills}: committed steps {done}, save in flight: {in_flight}",
+              flush=True)
+        continue
+      print(f"run {runs} finished before its kill (exit {proc.returncode}); "
+            f"use more --steps for {args.kills} kills", flush=True)
+      break
+    else:
+      output = proc.stdout.read()
+      proc.wait()
+      if proc.returncode:
+        print(output[-3000:])
+        sys.exit(f"the rerun failed ({proc.returncode})")
+      if os.path.exists(os.path.join(workdir, "results.json")):
+        break
+  a, b = final_state(workdir, args.steps), final_state(reference, args.steps)
+  differ = [k for k in b if k not in a or not np.array_equal(a[k], b[k])]
+  print(f"{args.trainer}: {kills} kills ({mid_save} with a save in flight), {runs} runs; "
+        f"final params and optimizer state: {len(b) - len(differ)} of {len(b)} arrays "
+        f"bit-identical to the uninterrupted run")
+  sys.exit(1 if differ or len(a) != len(b) else 0)
+
+
+if __name__ == "__main__":
+  main()

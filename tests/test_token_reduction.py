@@ -1,0 +1,180 @@
+"""Token reduction (ToMe, EViT): parity with a PyTorch re-creation on timm, shapes, errors.
+
+The re-creation (``tome_ref.py``, one subprocess for every case) runs the papers'
+algorithms on timm's ViT and distilled DeiT with random weights.
+"""
+
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
+from helpers import run_timm_reference, state_dict_of
+from vit_jax import models, visualize
+from vit_jax.models import convert, token_reduction
+
+# 56 px, patch 8: 49 patches; three blocks keep the compiles small. r=16 merges 16, 16
+# and then (clamped to half of the 17 unprotected tokens left) 8.
+TIMM_KWARGS = dict(img_size=56, patch_size=8, depth=3, num_classes=10)
+OURS = dict(image_size=56, patch_size=8, num_layers=3, num_classes=10)
+CASES = {  # name: (timm model, our settings)
+    "vit_r0": ("vit_tiny_patch16_224", dict(token_merging=0)),
+    "vit_r4": ("vit_tiny_patch16_224", dict(token_merging=4)),
+    "vit_r16": ("vit_tiny_patch16_224", dict(token_merging=16)),
+    "vit_schedule": ("vit_tiny_patch16_224", dict(token_merging=(8, 0, 12))),
+    "deit_distilled_r16": ("deit_tiny_distilled_patch16_224", dict(token_merging=16)),
+    "vit_evit": ("vit_tiny_patch16_224",
+                 dict(token_keep_rate=0.7, token_keep_layers=(1, 2))),
+    "deit_distilled_evit": ("deit_tiny_distilled_patch16_224",
+                            dict(token_keep_rate=0.5, token_keep_layers=(0, 2))),
+}
+
+
+def _job(model_name, settings):
+  prefix = 2 if "distilled" in model_name else 1
+  merging = token_reduction.merge_schedule(settings.get("token_merging", 0), 3)
+  return {"model": model_name, "kwargs": TIMM_KWARGS, "randomize": 0.2,
+          "num_prefix_tokens": prefix, "token_merging": list(merging),
+          "token_keep_rate": settings.get("token_keep_rate", 1.0),
+          "token_keep_layers": list(settings.get("token_keep_layers", ()))}
+
+
+@pytest.fixture(scope="module")
+def images():
+  return np.random.RandomState(0).randn(2, 56, 56, 3).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def references(images, tmp_path_factory):
+  jobs = [dict(_job(*case), images=images) for case in CASES.values()]
+  outputs = run_timm_reference(jobs, tmp_path_factory.mktemp("tome"), script="tome_ref.py")
+  return dict(zip(CASES, outputs))
+
+
+def _jit_intermediates(model, traces):
+  def run(params, x):
+    traces.append(x.shape)
+    return models.forward_intermediates(model, {"params": params}, x)
+  return jax.jit(run)
+
+
+@pytest.fixture(scope="module")
+def ours(references):
+  """``ours(case) -> (jitted forward_intermediates, params, traces)``, built once."""
+  built = {}
+
+  def get(case):
+    if case not in built:
+      model_name, settings = CASES[case]
+      model = models.create(model_name, head_zeroinit=False, **OURS, **settings)
+      params = convert.from_timm(model_name, state_dict_of(references[case]), model=model)
+      traces = []
+      built[case] = (_jit_intermediates(model, traces), params, traces)
+    return built[case]
+  return get
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_the_pytorch_recreation_on_timm(case, references, ours, images):
+  model_name, _ = CASES[case]
+  ref = references[case]
+  run, params, _ = ours(case)
+  logits, inter = run(params, images)
+  assert np.abs(ref["logits"]).mean() > 0.3  # logits of order 1, not ~0
+  print(case, f"max |logit diff| {np.abs(logits - ref['logits']).max():.1e}",
+        f"mean |logit| {np.abs(ref['logits']).mean():.2f}")
+  np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(inter["features"], ref["features"], atol=1e-4, rtol=0)
+  for i in range(3):
+    ours, theirs = np.asarray(inter[f"Transformer/block_{i}"]), ref[f"tokens/{i}"]
+    assert ours.shape == theirs.shape, (i, ours.shape, theirs.shape)
+    if "evit" in case:  # EViT's published order is by attention; ours by position
+      ours, theirs = np.sort(ours, axis=1), np.sort(theirs, axis=1)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * max(1, np.abs(theirs).max()))
+  if case == "vit_r0":  # exactly the plain model: same code path, same numbers
+    plain = models.create(model_name, head_zeroinit=False, **OURS)
+    np.testing.assert_array_equal(_jit_intermediates(plain, [])(params, images)[0], logits)
+
+
+def test_token_counts_sizes_and_sources_are_static_and_consistent(ours, images):
+  run, params, traces = ours("deit_distilled_r16")
+  run(params, images)
+  _, inter = run(params, images[::-1])
+  assert len(traces) == 1  # a new batch, no retrace
+  counts = [inter[f"Transformer/block_{i}"].shape[1] for i in range(3)]
+  assert counts == [51 - 16, 51 - 32, 51 - 32 - 8]  # last block clamped to (19 - 2) // 2
+  size, source = inter["Transformer/token_size_2"], inter["Transformer/token_source_2"]
+  assert source.shape == (2, 11, 51)
+  np.testing.assert_array_equal(source.sum(axis=1), 1)  # every input token in one token
+  np.testing.assert_array_equal(source.sum(axis=2), size)
+  np.testing.assert_array_equal(source[:, :2, :2], np.eye(2)[None].repeat(2, 0))  # prefix
+
+  assignment = visualize.token_assignment(source, 2, (7, 7))
+  assert assignment.shape == (2, 7, 7) and assignment.min() >= 2
+  picture = visualize.merged_regions_image(images[0], assignment[0], size=112)
+  assert picture.size == (112, 112) and picture.mode == "RGB"
+  png = io.BytesIO()
+  picture.save(png, format="PNG")
+  assert png.getvalue()[:4] == b"\x89PNG"
+  # The patches of one token share one colour away from the outlines.
+  pixels = np.asarray(picture)
+  token = np.bincount(assignment[0].ravel()).argmax()
+  rows, cols = np.nonzero(assignment[0] == token)
+  colours = {tuple(pixels[r * 16 + 8, c * 16 + 8]) for r, c in zip(rows, cols)}
+  assert len(colours) == 1 and len(rows) > 1
+
+
+def test_pallas_falls_back_to_xla_and_clip_towers_merge(images):
+  """Proportional attention needs a bias the flash kernel lacks: same numbers as XLA."""
+  xla = models.create("vit_tiny_patch16_224", token_merging=4, **OURS)
+  pallas = models.create("vit_tiny_patch16_224", token_merging=4,
+                         attention_impl="pallas", **OURS)
+  variables = jax.eval_shape(xla.init, jax.random.key(0), images)
+  program = lambda model: str(jax.make_jaxpr(model.apply)(variables, images))
+  assert program(pallas) == program(xla)  # the very same computation, no kernel call
+  assert "pallas_call" in program(models.create("vit_tiny_patch16_224",
+                                                attention_impl="pallas", **OURS))
+  # A CLIP image tower (pre-norm, no patch bias; with remat) and the two-tower image side.
+  tower = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, image_size=56,
+               patch_size=8, token_merging=12, remat_policy="full")
+  clip = models.create("vit_base_patch32_clip_224", num_classes=0, **tower)
+  shape = jax.eval_shape(lambda x: models.forward_intermediates(
+      clip, clip.init(jax.random.key(0), x), x)[1], images)
+  assert shape["Transformer/block_1"].shape == (2, 50 - 24, 32)
+  two = models.create("clip_vit_base_patch32_224", image=tower, text=dict(
+      hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, context_length=8,
+      vocab_size=64), embed_dim=16)
+  text = jnp.ones((2, 8), jnp.int32)
+  inter = jax.eval_shape(lambda x, t: models.forward_intermediates(
+      two, two.init(jax.random.key(0), x, t), x)[1], images, text)
+  assert inter["img/Transformer/block_1"].shape == (2, 50 - 24, 32)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(token_merging=20), "block 2 would merge 20 of the 9 patch tokens left"),
+    (dict(token_merging=(4, 4)), "one r per block"),
+    (dict(token_merging=-1), "token_merging must be >= 0"),
+    (dict(token_keep_rate=0.0), r"token_keep_rate must be in \(0, 1\], got 0.0"),
+    (dict(token_keep_rate=1.5), r"token_keep_rate must be in \(0, 1\]"),
+    (dict(token_keep_rate=0.5, token_keep_layers=(3,)), r"in \[0, 3\)"),
+    (dict(token_merging=4, token_keep_rate=0.5), "set one of them"),
+    (dict(token_merging=4, scan_layers=True), "scan_layers=False"),
+    (dict(token_keep_rate=0.5, classifier="gap"), "needs classifier='token'"),
+    (dict(token_merging=4, attention="linear"), "attention='softmax'"),
+])
+def test_bad_settings_are_one_line_errors(settings, message, images):
+  model = models.create("vit_tiny_patch16_224", **{**OURS, **settings})
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(model.init, jax.random.key(0), images)
+
+
+def test_families_that_cannot_merge_say_so():
+  for name in ("swin_tiny_patch4_window7_224", "pvt_v2_b0"):
+    with pytest.raises(ValueError, match=r"has no setting 'token_merging': token "
+                                         r"reduction .* plain-ViT families"):
+      models.create(name, token_merging=8)
+  with pytest.raises(ValueError, match="token_keep_rate"):
+    models.create("maxvit_tiny_tf_224", token_keep_rate=0.7)

@@ -1,0 +1,218 @@
+"""Token reduction for plain ViTs: ToMe merging and EViT fusion, with static shapes.
+
+* ToMe (Bolya et al., 2023, "Token Merging: Your ViT but Faster"): between the
+  attention and MLP residuals, split the tokens into alternating sets A (even
+  positions) and B (odd), match every A token to its most similar B token (cosine of
+  the attention keys, averaged over heads), and merge the ``r`` best-matched A tokens
+  into their partners, averaging features weighted by how many patches each token
+  holds. Attention then adds ``log(size)`` to the logits (proportional attention), so
+  a merged token counts as the patches it stands for.
+* EViT (Liang et al., 2022, "Not All Patches are What You Need"): in chosen blocks,
+  keep the ``ceil(keep_rate * n)`` patch tokens the class token attends to most
+  (attention averaged over heads) and fuse the others into one token, their sum
+  weighted by that attention.
+
+Prefix tokens (class, distillation) are never merged, pruned or fused. How many
+tokens a block removes depends only on the setting and the token count, so every
+shape is static: one compile, no retracing. ToMe's own code patches timm's PyTorch
+modules and no maintained JAX library offers either method, hence this module.
+
+Token state carried from block to block: ``size`` ``[batch, tokens]`` (patches per
+token, 1 at the start) and, when intermediates are collected, ``source``
+``[batch, tokens, input_tokens]`` (1 where a token holds an input token).
+"""
+
+import math
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models import registry
+
+Array = jax.Array
+
+# Model settings; families without them get this explanation from the registry.
+SETTINGS = ("token_merging", "token_keep_rate", "token_keep_layers")
+UNSUPPORTED_FAMILY = (
+    "token reduction (ToMe token_merging, EViT token_keep_rate) works on the plain-ViT "
+    "families (vit, deit, the CLIP image towers and the two-tower image side): their "
+    "blocks see a flat token sequence. Hierarchical, windowed and convolutional "
+    "families need their token grid intact.")
+registry.explain_setting(SETTINGS, UNSUPPORTED_FAMILY)
+
+
+def merge_schedule(token_merging: Union[int, Sequence[int]], num_layers: int
+                   ) -> tuple[int, ...]:
+  """``r`` for every block from an int (the same in each block) or a per-block tuple."""
+  if isinstance(token_merging, (int, np.integer)):
+    schedule = (int(token_merging),) * num_layers
+  else:
+    schedule = tuple(int(r) for r in token_merging)
+    if len(schedule) != num_layers:
+      raise ValueError(f"token_merging as a tuple needs one r per block ({num_layers}), "
+                       f"got {len(schedule)}: {schedule}")
+  if any(r < 0 for r in schedule):
+    raise ValueError(f"token_merging must be >= 0 in every block, got {schedule}")
+  return schedule
+
+
+def keep_layers(token_keep_layers: Optional[Sequence[int]], num_layers: int
+                ) -> tuple[int, ...]:
+  """EViT's reducing blocks; by default at 1/4, 1/2 and 3/4 depth ((3, 6, 9) of 12)."""
+  if token_keep_layers is None:
+    return tuple(sorted({num_layers // 4, num_layers // 2, 3 * num_layers // 4}))
+  layers = tuple(int(i) for i in token_keep_layers)
+  bad = [i for i in layers if not 0 <= i < num_layers]
+  if bad or len(set(layers)) != len(layers):
+    raise ValueError(f"token_keep_layers must be distinct block indices in [0, "
+                     f"{num_layers}), got {tuple(token_keep_layers)}")
+  return tuple(sorted(layers))
+
+
+def check_settings(*, token_merging, token_keep_rate: float, num_prefix_tokens: int,
+                   scan_layers: bool, attention: str, attention_dropout_rate: float) -> None:
+  """The errors every model with token reduction shares (one line each)."""
+  merging = any(np.atleast_1d(token_merging))
+  if not 0.0 < token_keep_rate <= 1.0:
+    raise ValueError(f"token_keep_rate must be in (0, 1], got {token_keep_rate}")
+  pruning = token_keep_rate < 1.0
+  if merging and pruning:
+    raise ValueError("token_merging (ToMe) and token_keep_rate < 1 (EViT) are two ways "
+                     "to reduce tokens: set one of them")
+  if not (merging or pruning):
+    return
+  setting = "token_merging" if merging else "token_keep_rate"
+  if scan_layers:
+    raise ValueError(f"{setting} changes the token count from block to block, which "
+                     "nn.scan cannot carry: set scan_layers=False")
+  if attention != "softmax":
+    raise ValueError(f"{setting} reads softmax attention (keys, class attention): "
+                     f"it needs attention='softmax', got {attention!r}")
+  if attention_dropout_rate:
+    raise ValueError(f"{setting} reads the attention inputs, which the dropout path "
+                     "does not expose: set attention_dropout_rate=0")
+  if pruning and num_prefix_tokens < 1:
+    raise ValueError("token_keep_rate (EViT) ranks tokens by the class token's "
+                     "attention: it needs classifier='token'")
+  if num_prefix_tokens > 2:
+    raise ValueError(f"token reduction protects at most 2 prefix tokens, got "
+                     f"{num_prefix_tokens}")
+
+
+def check_merge_schedule(schedule: Sequence[int], num_tokens: int,
+                         num_prefix_tokens: int) -> None:
+  """Raises when the requested merges would leave a block without patch tokens.
+
+  Each block merges at most half of its unprotected tokens (the matching pairs A with
+  B), as ToMe does; this check is on the requested ``r``, before that clamp.
+  """
+  patches = left = num_tokens - num_prefix_tokens
+  for i, r in enumerate(schedule):
+    if r >= left:
+      raise ValueError(
+          f"token_merging: block {i} would merge {r} of the {left} patch tokens left "
+          f"(of {patches}, after {patches - left} merged before it), leaving none; "
+          f"request at most {patches - 1} merges in total "
+          f"(e.g. r <= {(patches - 1) // len(schedule)} in every block)")
+    left -= r
+
+
+def bipartite_soft_matching(metric: Array, r: int, num_prefix_tokens: int
+                            ) -> tuple[Array, Array, Array]:
+  """ToMe's matching of the A tokens (even positions) to the B tokens (odd positions).
+
+  Args:
+    metric: ``[batch, tokens, dim]``, the keys averaged over heads.
+    r: how many A tokens to merge (already clamped to what A can give).
+    num_prefix_tokens: protected tokens at the front (class at 0, distillation at 1).
+
+  Returns:
+    ``(kept, src, dst)``: indices into A of the tokens that stay (ascending, so the
+    class token stays first), of the ``r`` merged ones, and of each one's partner in B.
+  """
+  metric = metric.astype(jnp.float32)
+  metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
+  a, b = metric[:, ::2], metric[:, 1::2]
+  scores = jnp.einsum("bic,bjc->bij", a, b)
+  # Protected A tokens (rows) never merge; nothing merges into protected B tokens.
+  scores = scores.at[:, :(num_prefix_tokens + 1) // 2, :].set(-jnp.inf)
+  scores = scores.at[:, :, :num_prefix_tokens // 2].set(-jnp.inf)
+  best, partner = scores.max(axis=-1), scores.argmax(axis=-1)
+  order = jnp.argsort(-best, axis=-1)  # most similar first; protected rows last
+  src = order[:, :r]
+  kept = jnp.sort(order[:, r:], axis=-1)
+  dst = jnp.take_along_axis(partner, src, axis=-1)
+  return kept, src, dst
+
+
+def _merge_sum(x: Array, kept: Array, src: Array, dst: Array,
+               num_prefix_tokens: int) -> Array:
+  """Adds each merged A token into its B partner; ``[B, N, ...] -> [B, N - r, ...]``."""
+  a, b = x[:, ::2], x[:, 1::2]
+  take = lambda t, idx: jnp.take_along_axis(
+      t, idx.reshape(idx.shape + (1,) * (t.ndim - 2)), axis=1)
+  rows = jnp.arange(x.shape[0])[:, None]
+  b = b.at[rows, dst].add(take(a, src))
+  kept = take(a, kept)
+  if num_prefix_tokens == 2:  # class (first of A), distillation (first of B), the rest
+    return jnp.concatenate([kept[:, :1], b[:, :1], kept[:, 1:], b[:, 1:]], axis=1)
+  return jnp.concatenate([kept, b], axis=1)
+
+
+def merge_tokens(x: Array, size: Array, source: Optional[Array], keys: Array, r: int,
+                 num_prefix_tokens: int) -> tuple[Array, Array, Optional[Array]]:
+  """One ToMe step: ``x`` ``[B, N, D]`` -> ``[B, N - r', D]``, sizes and sources too.
+
+  ``keys`` are the block's attention keys ``[B, N, heads, head_dim]``; ``r' = min(r,
+  (N - num_prefix_tokens) // 2)`` (A holds about half the unprotected tokens).
+  Features average weighted by ``size``.
+  """
+  r = min(r, (x.shape[1] - num_prefix_tokens) // 2)
+  if r <= 0:
+    return x, size, source
+  kept, src, dst = bipartite_soft_matching(keys.mean(axis=2), r, num_prefix_tokens)
+  merge = lambda t: _merge_sum(t, kept, src, dst, num_prefix_tokens)
+  weight = size.astype(x.dtype)[..., None]
+  new_size = merge(size)
+  x = merge(x * weight) / new_size.astype(x.dtype)[..., None]
+  return x, new_size, None if source is None else merge(source)
+
+
+def class_attention(query: Array, key: Array, num_prefix_tokens: int) -> Array:
+  """The class token's softmax attention to each patch token, mean over heads: ``[B, n]``."""
+  q = query[:, 0].astype(jnp.float32) * query.shape[-1] ** -0.5
+  weights = jax.nn.softmax(jnp.einsum("bhd,bkhd->bhk", q, key.astype(jnp.float32)), -1)
+  return weights.mean(axis=1)[:, num_prefix_tokens:]
+
+
+def keep_and_fuse(x: Array, size: Array, source: Optional[Array], attention: Array,
+                  keep_rate: float, num_prefix_tokens: int
+                  ) -> tuple[Array, Array, Optional[Array]]:
+  """One EViT step: keep ``ceil(keep_rate * n)`` patch tokens, fuse the rest into one.
+
+  ``attention`` is ``class_attention`` ``[B, n]`` over the ``n`` patch tokens (a fused
+  token from an earlier block counts as one). The kept tokens stay in input order;
+  the fused token, ``sum(attention * token)`` over the others, goes last.
+  """
+  p = num_prefix_tokens
+  n = x.shape[1] - p
+  keep = math.ceil(keep_rate * n)
+  if keep >= n:
+    return x, size, source
+  order = jnp.argsort(-attention, axis=-1)
+  kept, fused = jnp.sort(order[:, :keep], axis=-1), order[:, keep:]
+  weight = jnp.take_along_axis(attention, fused, axis=-1)
+
+  def reduce(t, weight):
+    idx = lambda i: i.reshape(i.shape + (1,) * (t.ndim - 2))
+    patches = t[:, p:]
+    others = jnp.take_along_axis(patches, idx(fused), axis=1)
+    return jnp.concatenate([t[:, :p], jnp.take_along_axis(patches, idx(kept), axis=1),
+                            jnp.sum(others * idx(weight), axis=1, keepdims=True)], axis=1)
+
+  x = reduce(x, weight.astype(x.dtype))
+  ones = jnp.ones_like(weight)  # sizes and sources add up: the fused token holds all
+  return (x, reduce(size, ones.astype(size.dtype)),
+          None if source is None else reduce(source, ones.astype(source.dtype)))

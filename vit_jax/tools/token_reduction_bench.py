@@ -1,0 +1,125 @@
+r"""Inference speed and FLOPs of ToMe and EViT settings, side by side in one run.
+
+  python -m vit_jax.tools.token_reduction_bench --model=vit_base_patch16_224 \
+      --merging=0,8,16 --keep_rates=0.7,0.5 --batch=16 --markdown=docs/token_reduction.md
+
+For each model, every setting (the plain model, ToMe ``token_merging=r``, EViT
+``token_keep_rate=k`` at its default blocks) is compiled first; then the timed
+repeats are interleaved (plain, r=8, r=16, k=0.7, ..., plain, r=8, ...), so that a
+loaded machine slows each setting alike and the ratios to the plain model stay
+meaningful. Timing, FLOPs (XLA's cost analysis of the compiled forward pass) and the
+program are those of ``vit_jax.tools.benchmark``: the median repeat's images/s.
+"""
+
+import dataclasses
+import os
+import statistics
+import subprocess
+from typing import Optional
+
+from absl import app, flags
+
+from vit_jax.tools import benchmark
+
+FLAGS = flags.FLAGS
+TABLE_BEGIN = "<!-- token-reduction-table:begin -->"
+TABLE_END = "<!-- token-reduction-table:end -->"
+
+
+@dataclasses.dataclass
+class Result:
+  model: str
+  setting: str
+  gflops: Optional[float]
+  images_per_s: float
+  speedup: float
+  repeats_ms: str
+
+
+def settings(merging: list[int], keep_rates: list[float]) -> dict[str, dict]:
+  """Setting label -> model overrides; the plain model first."""
+  out = {"plain": {}}
+  out.update({f"ToMe r={r}": {"token_merging": r} for r in merging if r})
+  out.update({f"EViT keep={k}": {"token_keep_rate": k} for k in keep_rates if k < 1})
+  return out
+
+
+def run(model: str, setting_overrides: dict[str, dict], *, batch: int, dtype: str,
+        warmup: int, steps: int, repeats: int) -> list[Result]:
+  """Compiles every setting, then times them interleaved; returns one row each."""
+  programs = {}
+  for label, overrides in setting_overrides.items():
+    overrides = dict(overrides, dtype=dtype)
+    step, args, _, fwd, _, _ = benchmark.build_programs(model, "infer", batch, overrides)
+    for _ in range(warmup):
+      benchmark._time_repeat(step, args, "infer", 1)  # pylint: disable=protected-access
+    programs[label] = (step, args, benchmark._flops(fwd))  # pylint: disable=protected-access
+  times = {label: [] for label in programs}
+  for _ in range(repeats):
+    for label, (step, args, _) in programs.items():
+      seconds, _ = benchmark._time_repeat(step, args, "infer", steps)  # pylint: disable=protected-access
+      times[label].append(seconds)
+  plain = batch / statistics.median(times["plain"])
+  rows = []
+  for label, (_, _, flops) in programs.items():
+    rate = batch / statistics.median(times[label])
+    rows.append(Result(model, label, flops / batch / 1e9 if flops else None, rate,
+                       rate / plain, " ".join(f"{t * 1e3:.0f}" for t in times[label])))
+  return rows
+
+
+def markdown(rows: list[Result]) -> str:
+  lines = ["| model | setting | GFLOPs/img | img/s | vs plain | repeats (ms/step) |",
+           "|---|---|---:|---:|---:|---|"]
+  for r in rows:
+    gflops = f"{r.gflops:.1f}" if r.gflops else "-"
+    lines.append(f"| {r.model} | {r.setting} | {gflops} | {r.images_per_s:.1f} | "
+                 f"{r.speedup:.2f}x | {r.repeats_ms} |")
+  return "\n".join(lines)
+
+
+def define_flags():
+  flags.DEFINE_list("model", ["vit_base_patch16_224"], "Registered models (plain ViTs).")
+  flags.DEFINE_list("merging", ["0", "8", "16"], "ToMe r values (0: the plain model).")
+  flags.DEFINE_list("keep_rates", ["1.0", "0.7", "0.5"],
+                    "EViT keep rates (1.0: the plain model).")
+  flags.DEFINE_integer("batch", 16, "Images per step.")
+  flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+  flags.DEFINE_integer("warmup", 1, "Untimed steps per setting after compiling.")
+  flags.DEFINE_integer("steps", 2, "Steps per timed repeat.")
+  flags.DEFINE_integer("repeats", 5, "Interleaved repeats per setting.")
+  flags.DEFINE_string("markdown", None, "Write the table into this file (between the "
+                      f"{TABLE_BEGIN} markers when present).")
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  chosen = settings([int(r) for r in FLAGS.merging],
+                    [float(k) for k in FLAGS.keep_rates])
+  rows = []
+  for model in FLAGS.model:
+    rows += run(model, chosen, batch=FLAGS.batch, dtype=FLAGS.dtype, warmup=FLAGS.warmup,
+                steps=FLAGS.steps, repeats=FLAGS.repeats)
+  load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+  device = jax.devices()[0]
+  header = (f"{device.platform} ({device.device_kind}), batch {FLAGS.batch}, "
+            f"{FLAGS.dtype}; uptime: {load}")
+  table = markdown(rows)
+  print(header)
+  print(table)
+  if FLAGS.markdown:
+    block = f"{TABLE_BEGIN}\n{header}\n\n{table}\n{TABLE_END}"
+    text = open(FLAGS.markdown).read() if os.path.exists(FLAGS.markdown) else ""
+    if TABLE_BEGIN in text and TABLE_END in text:
+      text = text[:text.index(TABLE_BEGIN)] + block + text[text.index(TABLE_END) +
+                                                           len(TABLE_END):]
+    else:
+      text = text + ("\n" if text else "") + block + "\n"
+    with open(FLAGS.markdown, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
