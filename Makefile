@@ -18,16 +18,23 @@ DEMO_WORKDIR ?= workdirs/digits_demo
 # batched timm subprocess) are built once. `make test PYTEST_ARGS=` runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: demo test test-oldest install install-oldest clean
+.PHONY: demo test test-oldest install install-runtime install-oldest clean
 
 install: $(VENV)/.installed
+install-runtime: $(VENV)/.installed-runtime
 install-oldest: $(VENV_OLDEST)/.installed
 
-# uv resolves and unpacks the ~5 GB of wheels (torch pulls CUDA libraries from PyPI)
-# several times faster than pip; it is itself a pip-installed wheel.
-$(VENV)/.installed: setup.py
+# `make demo` installs the package and its runtime dependencies only (no torch);
+# `make test` adds the test extra: timm, open_clip and the torch they bring (~5 GB with
+# CUDA libraries from PyPI). uv resolves and unpacks wheels several times faster than
+# pip; it is itself a pip-installed wheel.
+$(VENV)/.installed-runtime: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip uv
+	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python --upgrade -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-runtime
 	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python --upgrade -e '.[test]'
 	touch $@
 
@@ -38,7 +45,7 @@ $(VENV_OLDEST)/.installed: setup.py .ci/oldest-constraints.txt
 	    -c .ci/oldest-constraints.txt -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-runtime
 	rm -rf $(DEMO_WORKDIR)
 	$(VENV)/bin/python -m vit_jax.main --config=configs/digits_vit.py --workdir=$(DEMO_WORKDIR)
 

@@ -1,6 +1,11 @@
 """vit_jax: vision transformers in JAX/Flax, from a laptop CPU to a TPU pod."""
 
+import re
+
 import setuptools
+
+with open("vit_jax/__init__.py", encoding="utf-8") as f:  # one home for the version
+  VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 # Lower bounds only (never git URLs or nightlies). The JAX-stack bounds are the oldest
 # versions CI tests (`make test-oldest`, Python 3.11, pinned by
@@ -26,6 +31,7 @@ INSTALL_REQUIRES = [
     "importlib_resources",  # needed by TFDS at import time in some environments
     "tensorboard>=2.18",
     "tokenizers>=0.19",  # BPE caption tokenizers for contrastive training
+    "huggingface_hub>=0.24",  # pretrained weights (hf-hub: sources) and the Hub's cache
     "Pillow>=10",  # decoding and writing the images of image-text shards
 ]
 
@@ -50,7 +56,7 @@ EXTRAS_REQUIRE = {
 
 setuptools.setup(
     name="vit_jax",
-    version="0.1.0",
+    version=VERSION,
     description="Vision transformers in JAX/Flax: models, Pallas attention kernels, "
     "supervised and contrastive trainers that scale from one CPU to a TPU pod.",
     long_description=open("README.md", encoding="utf-8").read(),

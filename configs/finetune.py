@@ -9,7 +9,8 @@ r"""Fine-tune a pretrained model on a dataset at a resolution: `<model>,<dataset
       --workdir=workdirs/ft_digits
 
 `--config.init` takes a vision_transformer/big_vision `.npz`, a timm
-`.safetensors`/`.pth`, or a vit_jax workdir/checkpoint (see vit_jax/weights/): a
+`.safetensors`/`.pth`, a Hub repository (`hf-hub:timm/vit_base_patch16_224.augreg_in1k`,
+downloaded into the Hub's cache), or a vit_jax workdir/checkpoint (see vit_jax/weights/): a
 new head is made for the dataset's classes, the position embedding is resampled to
 the new resolution, and anything else that does not fit stops the run with the key
 names (`--config.init_allow_partial=True` loads what fits, knowingly).

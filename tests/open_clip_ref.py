@@ -10,7 +10,13 @@ Each job: ``{"model": open_clip name, "images": "x.npy" (NHWC float32), "tokens"
 ``"kind": "timm"`` is handed to ``timm_ref.run`` instead (one torch start-up for both).
 The ``.npz`` holds ``state/<name>`` for every state-dict entry, ``image_embedding`` and
 ``text_embedding`` (``encode_image``/``encode_text`` without normalisation),
-``image_normalized``, ``text_normalized`` and ``num_params``.
+``image_normalized``, ``text_normalized`` and ``num_params``. Optional ``"kwargs"``
+go to ``open_clip.create_model`` (e.g. ``vision_cfg`` with fewer layers).
+
+A job with ``"transform"`` runs an eval transform on the PNG ``"image"`` and writes
+``output`` (HWC, normalised): ``{"timm": "name.tag"}`` is timm's ``create_transform``
+for that pretrained config, ``{"open_clip": [model, tag]}`` open_clip's
+``image_transform`` for that pretrained config.
 """
 
 import json
@@ -25,10 +31,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timm_ref  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+def run_transform(job: dict) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  spec = job["transform"]
+  if "timm" in spec:
+    import timm  # pylint: disable=g-import-not-at-top
+    from timm import data  # pylint: disable=g-import-not-at-top
+    cfg = timm.models.get_pretrained_cfg(spec["timm"]).to_dict()
+    transform = data.create_transform(**data.resolve_data_config({}, pretrained_cfg=cfg))
+  else:
+    cfg = open_clip.get_pretrained_cfg(*spec["open_clip"])
+    size = open_clip.get_model_config(spec["open_clip"][0])["vision_cfg"]["image_size"]
+    transform = open_clip.image_transform(
+        size, is_train=False, mean=cfg["mean"], std=cfg["std"],
+        resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"])
+  with Image.open(job["image"]) as image:
+    np.savez(job["out"], output=transform(image.convert("RGB")).permute(1, 2, 0).numpy())
+
+
 def run(job: dict) -> None:
+  if "transform" in job:
+    run_transform(job)
+    return
   torch.manual_seed(job.get("seed", 0))
   model = open_clip.create_model(job["model"], pretrained=None, device="cpu",
-                                 precision="fp32")
+                                 precision="fp32", **job.get("kwargs", {}))
   if job.get("randomize"):
     # open_clip zero-initialises biases and sets norms to 1/0, which would let a
     # converter that confuses those tensors pass.
@@ -37,7 +64,8 @@ def run(job: dict) -> None:
     with torch.no_grad():
       model.logit_scale.fill_(np.log(1 / 0.07))
   model.eval()
-  images = torch.from_numpy(np.load(job["images"])).permute(0, 3, 1, 2).contiguous()
+  images = np.load(job.get("images") or job["input"])  # helpers.run_timm_reference: input
+  images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   tokens = torch.from_numpy(np.load(job["tokens"]).astype(np.int64))
   out = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}
   with torch.no_grad():

@@ -129,10 +129,34 @@ def resize(size, method: str = "bilinear", antialias: bool = True):
   return _image_op(fn)
 
 
+def _pil_resize(image, size, method: str):
+  """Resizes as PIL does on uint8 images: a horizontal pass, then a vertical one,
+  each rounded and clipped to [0, 255] (PIL keeps 8 bits between the passes)."""
+  def quantize(x):
+    return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+  image = tf.cast(image, tf.float32)
+  image = quantize(tf.image.resize(image, [tf.shape(image)[0], size[1]], method=method,
+                                   antialias=True))
+  return quantize(tf.image.resize(image, size, method=method, antialias=True))
+
+
 @register("resize_small")
-def resize_small(smaller_side: int, method: str = "bilinear", antialias: bool = True):
-  """Resizes so the shorter side is ``smaller_side``, keeping the aspect ratio."""
+def resize_small(smaller_side: int, method: str = "bilinear", antialias: bool = True,
+                 torchvision: bool = False):
+  """Resizes so the shorter side is ``smaller_side``, keeping the aspect ratio.
+
+  ``torchvision=True`` matches torchvision's ``Resize(smaller_side)`` on a PIL image
+  (timm's and open_clip's eval transforms) within one level of 255: the long side is
+  truncated, not rounded, and the resize is PIL's (``_pil_resize``, antialiased).
+  """
   def fn(image, _):
+    if torchvision:
+      height, width = tf.shape(image)[0], tf.shape(image)[1]
+      short, long = tf.minimum(height, width), tf.maximum(height, width)
+      new_long = smaller_side * long // short
+      size = tf.where(height <= width, tf.stack([smaller_side, new_long]),
+                      tf.stack([new_long, smaller_side]))
+      return _pil_resize(image, size, method)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = smaller_side / tf.reduce_min(shape)
     new_shape = tf.cast(tf.round(shape * scale), tf.int32)
@@ -141,11 +165,17 @@ def resize_small(smaller_side: int, method: str = "bilinear", antialias: bool = 
 
 
 @register("central_crop")
-def central_crop(size):
+def central_crop(size, torchvision: bool = False):
+  """The central ``size`` crop; ``torchvision=True`` rounds the offsets half to even,
+  as torchvision's ``CenterCrop`` does (big_vision's, the default, floors them)."""
   def fn(image, _):
     h, w = _size(size)
-    top = (tf.shape(image)[0] - h) // 2
-    left = (tf.shape(image)[1] - w) // 2
+    if torchvision:
+      offset = lambda extra: tf.cast(tf.round(tf.cast(extra, tf.float32) / 2), tf.int32)
+    else:
+      offset = lambda extra: extra // 2
+    top = offset(tf.shape(image)[0] - h)
+    left = offset(tf.shape(image)[1] - w)
     return image[top:top + h, left:left + w]
   return _image_op(fn)
 

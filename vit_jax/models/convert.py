@@ -110,10 +110,15 @@ def register_official_converter(family: str):
   return register_converter("official", family)
 
 
+def families_with(source: str) -> list[str]:
+  """The families with a registered converter from the ``source`` layout."""
+  return sorted(f for s, f in _CONVERTERS if s == source)
+
+
 def converter(source: str, family: str) -> Converter:
   """The registered converter, or ConversionError naming the families that have one."""
   if (source, family) not in _CONVERTERS:
-    have = sorted(f for s, f in _CONVERTERS if s == source)
+    have = families_with(source)
     raise ConversionError(f"no {SOURCES.get(source, source)} converter for the {family!r} "
                           f"family (families with one: {', '.join(have)})")
   return _CONVERTERS[(source, family)]

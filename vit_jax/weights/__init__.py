@@ -10,8 +10,10 @@ the source (``readers.py``: our Orbax workdirs, ``.npz`` of the vision_transform
 big_vision layouts, timm ``.safetensors``/``.pth`` through the family's converter,
 open_clip image towers) and fits it to the model (``adapt.py``: a new head,
 position embeddings and relative position tables resampled, scanned/unscanned
-blocks). Where a source comes from is ``files.py``'s scheme table; what a file
-means is ``readers.READERS``, keyed by suffix: a new source or format is one entry.
+blocks). Where a source comes from is ``files.py``'s scheme table (a path,
+``hf-hub:ORG/REPO[@revision][/file]`` through the Hub's cache); what a file means is
+``readers.READERS``, keyed by suffix: a new source or format is one entry.
+``pretrained.py`` names Hub weights by model and tag (timm's and open_clip's).
 
 The per-family converters live beside their models and are registered with
 ``vit_jax.models.convert``.
@@ -43,7 +45,9 @@ def load(source: Any, model: Any, fresh_variables: Mapping[str, Any], *,
     source: a path (or a registered scheme's source).
     model: the Flax module to load into.
     fresh_variables: the model's freshly initialised variables (``model.init``), the
-      source of re-initialised parameters and the reference for names and shapes.
+      source of re-initialised parameters and the reference for names and shapes;
+      shapes alone (``jax.eval_shape`` of ``model.init``) do when the source gives
+      every parameter (an error names what it lacks).
     model_name: the registered name (needed for timm and open_clip state dicts).
     reinit: regex of parameter names that may be re-initialised when missing or of
       another shape (the head for a new class count).
@@ -61,10 +65,16 @@ def load(source: Any, model: Any, fresh_variables: Mapping[str, Any], *,
       continue
     prefix = "" if collection == "params" else f"{collection}:"
     for name, value in tree.flatten(variables).items():
-      target[prefix + name] = jax.ShapeDtypeStruct(np.shape(value), jnp.asarray(value).dtype)
+      dtype = value.dtype if hasattr(value, "dtype") else jnp.asarray(value).dtype
+      target[prefix + name] = jax.ShapeDtypeStruct(np.shape(value), dtype)
       fresh[prefix + name] = value
   flat = adapt(arrays, target, fresh, report, reinit=reinit, allow_partial=allow_partial,
                posemb_method=posemb_method, posemb_antialias=posemb_antialias)
+  abstract = [k for k, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+  if abstract:
+    raise LoadError(f"{report.source} leaves {', '.join(abstract)} to the fresh "
+                    "initialisation, but fresh_variables are shapes only "
+                    "(jax.eval_shape): pass initialised variables")
   loaded: dict = {}
   for key, value in flat.items():
     collection, name = key.split(":", 1) if ":" in key else ("params", key)

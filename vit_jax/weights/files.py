@@ -3,8 +3,11 @@
 Nothing here knows a parameter name (``readers.py`` maps names onto a model):
 
 * ``SCHEMES``: a source prefix -> a function giving a local path for the rest of the
-  source. Remote sources (a Hub repository, a bucket) register a fetcher here
-  (``register_scheme("hf-hub:", download)``) and every reader takes them.
+  source; every reader takes what a scheme gives. ``hf-hub:ORG/REPO[@revision][/file]``
+  downloads through ``huggingface_hub`` into the Hub's own cache (``HF_HOME``,
+  ``HF_HUB_CACHE``) and honours ``HF_HUB_OFFLINE=1``; without ``/file`` the repository's
+  weights file is the first of ``HUB_WEIGHTS_FILES`` it holds. Other remote sources
+  register a fetcher (``register_scheme(prefix, fetch)``).
 * ``read_state_dict``: a PyTorch-style state dict from ``.safetensors`` (no code
   runs) or ``.pth``/``.pt``/``.bin`` through ``torch.load(weights_only=True)``, which
   refuses anything but tensors: pickled objects are never executed.
@@ -12,7 +15,7 @@ Nothing here knows a parameter name (``readers.py`` maps names onto a model):
 """
 
 import os
-from typing import Callable, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -26,7 +29,64 @@ class LoadError(ValueError):
   """Weights cannot be read, or do not fit the model; the message names the keys."""
 
 
-SCHEMES: dict[str, Callable[[str], str]] = {"file://": lambda rest: rest}
+# What a Hub repository's weights file is called, in the order we look: timm's, then
+# open_clip's; safetensors (no code runs) before PyTorch's pickles.
+HUB_WEIGHTS_FILES = ("model.safetensors", "open_clip_model.safetensors",
+                     "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def parse_hf_hub(spec: str) -> tuple[str, Optional[str], Optional[str]]:
+  """``ORG/REPO[@revision][/file]`` -> ``(repo_id, revision, filename)``."""
+  parts = spec.split("/", 2)
+  if len(parts) < 2 or not parts[0] or not parts[1] or (len(parts) == 3 and not parts[2]):
+    raise LoadError(f"hf-hub:{spec} is not a Hub source; expected "
+                    "hf-hub:ORG/REPO[@revision][/file], e.g. "
+                    "hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
+  repo, _, revision = parts[1].partition("@")
+  return f"{parts[0]}/{repo}", revision or None, parts[2] if len(parts) == 3 else None
+
+
+def hf_hub_file(spec: str, names: Sequence[str] = HUB_WEIGHTS_FILES) -> str:
+  """The local copy of a Hub file (``parse_hf_hub``), downloaded into the Hub's cache.
+
+  Without a file in ``spec``, the first of ``names`` that the repository holds.
+  """
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import constants, errors  # pylint: disable=g-import-not-at-top
+  repo_id, revision, filename = parse_hf_hub(spec)
+  names = (filename,) if filename else tuple(names)
+  for name in names:  # a cached candidate wins without asking the Hub
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, name, revision=revision)
+    if isinstance(cached, str):
+      return cached
+  offline = constants.HF_HUB_OFFLINE
+  where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
+  if not offline:
+    for name in names:
+      try:
+        return huggingface_hub.hf_hub_download(repo_id, name, revision=revision,
+                                               library_name="vit_jax")
+      except errors.LocalEntryNotFoundError as e:  # unreachable; an EntryNotFoundError too
+        raise LoadError(f"cannot reach the Hub for {where} and its cache "
+                        f"({constants.HF_HUB_CACHE}) has no "
+                        f"{' or '.join(names)}: {e}") from e
+      except errors.EntryNotFoundError:
+        continue  # the repository has no such file: try the next name
+      except errors.RepositoryNotFoundError as e:
+        raise LoadError(f"no Hub repository {repo_id} (or it is private and no token is "
+                        "set: huggingface-cli login)") from e
+      except errors.RevisionNotFoundError as e:
+        raise LoadError(f"the Hub repository {repo_id} has no revision {revision}") from e
+    raise LoadError(f"the Hub repository {where} has no {' or '.join(names)}; name the "
+                    f"file: hf-hub:{repo_id}/FILE")
+  raise LoadError(f"HF_HUB_OFFLINE is set and the Hub cache "
+                  f"({constants.HF_HUB_CACHE}) has no {' or '.join(names)} "
+                  f"of {where}; download it once with the network on (unset "
+                  "HF_HUB_OFFLINE) or copy the cache here")
+
+
+SCHEMES: dict[str, Callable[[str], str]] = {"file://": lambda rest: rest,
+                                            "hf-hub:": hf_hub_file}
 
 
 def register_scheme(prefix: str, fetch: Callable[[str], str]) -> None:

@@ -114,8 +114,11 @@ def read_state_dict(path: str, model: Any = None, model_name: Optional[str] = No
                                                      for k in state_dict):
     return (_open_clip_image_tower(state_dict, path, model_name),
             "open_clip state dict (image tower)")
-  head = [k for k in state_dict if re.search(r"(^|\.)head(\.fc)?\.weight$", k)]
-  num_classes = int(np.shape(state_dict[head[0]])[0]) if head else 0
+  # The class count: the last matrix of the head (head.weight, head.fc.weight,
+  # EfficientViT-M's head.linear after its BatchNorm, an MLP head's fc2, ...).
+  head = [k for k in state_dict if re.match(r"head\.(.+\.)?weight$", k)
+          and np.ndim(state_dict[k]) == 2]
+  num_classes = int(np.shape(state_dict[head[-1]])[0]) if head else 0
   source_model = model.clone(num_classes=num_classes) if hasattr(
       model, "num_classes") else model
   family = registry.model_info(model_name).family
