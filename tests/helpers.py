@@ -196,3 +196,17 @@ def check_trained_batch_stats(tfds_dir: str, workdir, result: dict, model, *,
   np.testing.assert_allclose(with_trained["loss"], result["eval_loss"], rtol=1e-5)
   assert abs(with_initial["loss"] - with_trained["loss"]) > 1e-3
   return state
+
+
+def intermediate_shapes(model, shape):
+  """(logits shape, {sown name: shape}) of ``model`` on float32 images of ``shape``:
+  traced only, nothing computed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+
+  def run(x):
+    return models.forward_intermediates(model, model.init(jax.random.key(0), x), x)
+
+  logits, inter = jax.eval_shape(run, jax.ShapeDtypeStruct(shape, jnp.float32))
+  return logits.shape, {k: v.shape for k, v in inter.items()}

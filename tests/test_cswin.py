@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from scipy import special
 
-from helpers import (assert_matches_reference, run_timm_reference, state_dict_of,
-                     train_in_process)
+from helpers import (assert_matches_reference, intermediate_shapes, run_timm_reference,
+                     state_dict_of, train_in_process)
 from vit_jax import models
 from vit_jax.models import convert, cswin, official
 
@@ -183,32 +183,22 @@ def test_lepe_is_a_depthwise_conv_inside_each_stripe():
 # ------------------------------------------------------------ model surface
 
 
-def _shapes(model, shape):
-  images = jax.ShapeDtypeStruct(shape, jnp.float32)
-
-  def run(x):
-    return models.forward_intermediates(model, model.init(jax.random.key(0), x), x)
-
-  logits, inter = jax.eval_shape(run, images)
-  return logits.shape, {k: v.shape for k, v in inter.items()}
-
-
 def test_input_sizes_and_the_stripe_constraint():
   model = models.create("cswin_tiny_224", **TINY)
-  logits, inter = _shapes(model, (2, 224, 336, 3))
+  logits, inter = intermediate_shapes(model, (2, 224, 336, 3))
   assert logits == (2, 10) and inter["features"] == (2, 64)
   assert [inter[f"stage_{i}"] for i in range(4)] == [
       (2, 56, 84, 8), (2, 28, 42, 16), (2, 14, 21, 32), (2, 7, 11, 64)]
   with pytest.raises(ValueError, match=r"stage 2 cuts its 12x12 feature map \(from a "
                                        r"192x192 input\) into stripes of width 7: both "
                                        r"sides must be multiples of 7.*multiples of 112"):
-    _shapes(model, (1, 192, 192, 3))
+    intermediate_shapes(model, (1, 192, 192, 3))
   model_384 = models.create("cswin_base_384", **{**TINY, "num_heads": (2, 2, 2, 2)})
-  assert _shapes(model_384, (1, 384, 192, 3))[1]["stage_3"] == (1, 12, 6, 64)
+  assert intermediate_shapes(model_384, (1, 384, 192, 3))[1]["stage_3"] == (1, 12, 6, 64)
   with pytest.raises(ValueError, match="multiples of 192"):
-    _shapes(model_384, (1, 224, 224, 3))
+    intermediate_shapes(model_384, (1, 224, 224, 3))
   with pytest.raises(ValueError, match="num_heads must be even, got 3"):
-    _shapes(models.create("cswin_tiny_224", **{**TINY, "num_heads": (2, 3, 4, 4)}),
+    intermediate_shapes(models.create("cswin_tiny_224", **{**TINY, "num_heads": (2, 3, 4, 4)}),
             (1, 224, 224, 3))
 
 

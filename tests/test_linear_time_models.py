@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import run_timm_reference, state_dict_of, train_in_process
+from helpers import intermediate_shapes, run_timm_reference, state_dict_of, train_in_process
 from vit_jax import models
 from vit_jax.models import convert, official, vir
 
@@ -126,20 +126,14 @@ TINY = {
 }
 
 
-def _shapes(model, shape):
-  def run(x):
-    return models.forward_intermediates(model, model.init(jax.random.key(0), x), x)
-  return jax.eval_shape(run, jax.ShapeDtypeStruct(shape, jnp.float32))
-
-
 def test_input_sizes():
   vig = models.create("vig_tiny", **TINY["vig_tiny"])
-  assert _shapes(vig, (1, 56, 40, 3))[1]["block_0"].shape == (1, 7, 5, 32)  # resampled
+  assert intermediate_shapes(vig, (1, 56, 40, 3))[1]["block_0"] == (1, 7, 5, 32)  # resampled
   for name in ("vim_tiny_patch16_224", "vir_small_patch16_224"):
     with pytest.raises(ValueError, match=r"built for 32x32 images .* got 40x32"):
-      _shapes(models.create(name, **TINY[name]), (1, 40, 32, 3))
+      intermediate_shapes(models.create(name, **TINY[name]), (1, 40, 32, 3))
   with pytest.raises(ValueError, match="widths divisible by num_heads=3"):
-    _shapes(models.create("vig_tiny", **{**TINY["vig_tiny"], "num_heads": 3}),
+    intermediate_shapes(models.create("vig_tiny", **{**TINY["vig_tiny"], "num_heads": 3}),
             (1, 32, 32, 3))
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import run_timm_reference, state_dict_of, train_in_process
+from helpers import intermediate_shapes, run_timm_reference, state_dict_of, train_in_process
 from vit_jax import models
 from vit_jax.models import convert, pvt_v2
 
@@ -107,34 +107,22 @@ def test_adaptive_pool_matches_pytorch_bins():
                              [[1, 0], [1, 0], [0, 1], [0, 1]])
 
 
-def _shapes(model, shape):
-  """Sown shapes for an input shape, traced only (nothing is computed)."""
-  images = jax.ShapeDtypeStruct(shape, jnp.float32)
-
-  def run(x):
-    variables = model.init(jax.random.key(0), x)
-    return models.forward_intermediates(model, variables, x)
-
-  logits, inter = jax.eval_shape(run, images)
-  return logits.shape, {k: v.shape for k, v in inter.items()}
-
-
 def test_input_sizes_and_the_sr_constraint():
   model = models.create("pvt_v2_b0", **TINY)
-  logits, inter = _shapes(model, (2, 224, 160, 3))
+  logits, inter = intermediate_shapes(model, (2, 224, 160, 3))
   assert logits == (2, 10)
   assert [inter[f"stage_{i}"] for i in range(4)] == [
       (2, 56, 40, 8), (2, 28, 20, 16), (2, 14, 10, 24), (2, 7, 5, 32)]
   assert inter["features"] == (2, 32)
   # 29 is the smallest side whose stage-0 map (ceil(29 / 4) = 8) fits the 8x8 reduction.
-  assert _shapes(model, (1, 29, 29, 3))[0] == (1, 10)
+  assert intermediate_shapes(model, (1, 29, 29, 3))[0] == (1, 10)
   with pytest.raises(ValueError, match=r"stage 0 reduces keys/values with a 8x8 stride-8 "
                                        r"conv, so its map must be at least 8x8; a 28x64 "
                                        r"input gives 7x16"):
-    _shapes(model, (1, 28, 64, 3))
+    intermediate_shapes(model, (1, 28, 64, 3))
   # Linear SRA pools to 7x7 from any size.
   linear = models.create("pvt_v2_b2_li", **TINY)
-  assert _shapes(linear, (1, 8, 12, 3))[1]["stage_3"] == (1, 1, 1, 32)
+  assert intermediate_shapes(linear, (1, 8, 12, 3))[1]["stage_3"] == (1, 1, 1, 32)
 
 
 def test_parameter_layout():

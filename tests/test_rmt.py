@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA compiles)
-from helpers import (assert_matches_reference, run_timm_reference, state_dict_of,
-                     train_in_process)
+from helpers import (assert_matches_reference, intermediate_shapes, run_timm_reference,
+                     state_dict_of, train_in_process)
 from vit_jax import models
 from vit_jax.models import convert, official, rmt
 
@@ -152,34 +152,24 @@ def test_decomposed_attention_is_rows_then_columns():
 # ------------------------------------------------------------ model surface
 
 
-def _shapes(model, shape):
-  images = jax.ShapeDtypeStruct(shape, jnp.float32)
-
-  def run(x):
-    return models.forward_intermediates(model, model.init(jax.random.key(0), x), x)
-
-  logits, inter = jax.eval_shape(run, images)
-  return logits.shape, {k: v.shape for k, v in inter.items()}
-
-
 def test_sizes_and_errors():
   model = models.create("rmt_tiny", **TINY)
-  logits, inter = _shapes(model, (2, 33, 50, 3))
+  logits, inter = intermediate_shapes(model, (2, 33, 50, 3))
   assert logits == (2, 10) and inter["features"] == (2, 48)
   assert [inter[f"stage_{i}"] for i in range(4)] == [
       (2, 9, 13, 8), (2, 5, 7, 16), (2, 3, 4, 24), (2, 2, 2, 32)]
-  assert _shapes(models.create("rmt_tiny", **{**TINY, "num_classes": 0}),
+  assert intermediate_shapes(models.create("rmt_tiny", **{**TINY, "num_classes": 0}),
                  (1, 8, 8, 3))[0] == (1, 48)
   with pytest.raises(ValueError, match=r"RMT stage 3: embed_dims\[3\]=32 must split into "
                                        r"num_heads\[3\]=3 heads of an even width"):
-    _shapes(models.create("rmt_tiny", **{**TINY, "num_heads": (2, 2, 2, 3)}),
+    intermediate_shapes(models.create("rmt_tiny", **{**TINY, "num_heads": (2, 2, 2, 3)}),
             (1, 32, 32, 3))
   with pytest.raises(ValueError, match=r"RMT.decomposed=\(True, False\) has 2 entries; "
                                        "the model has 4 stages"):
-    _shapes(models.create("rmt_tiny", **{**TINY, "decomposed": (True, False)}),
+    intermediate_shapes(models.create("rmt_tiny", **{**TINY, "decomposed": (True, False)}),
             (1, 32, 32, 3))
   with pytest.raises(ValueError, match="expected NHWC images"):
-    _shapes(model, (32, 32, 3))
+    intermediate_shapes(model, (32, 32, 3))
   with pytest.raises(ValueError, match="has no setting 'window_size'"):
     models.create("rmt_tiny", window_size=7)
 

@@ -188,7 +188,7 @@ def _memory_mib(compiled) -> Optional[float]:
     return None
 
 
-def _flops(compiled) -> Optional[float]:
+def compiled_flops(compiled) -> Optional[float]:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
     analysis = analysis[0] if analysis else {}
@@ -209,7 +209,7 @@ def forward_gflops_per_image(name: str, batch: int = 1, **overrides) -> float:
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
   compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
       variables, images).compile()
-  return _flops(compiled) / batch / 1e9
+  return compiled_flops(compiled) / batch / 1e9
 
 
 def build_programs(name: str, mode: str, batch: int, overrides: dict):
@@ -274,7 +274,7 @@ def build_programs(name: str, mode: str, batch: int, overrides: dict):
   return compiled, args, compiled, fwd, params_count, time.perf_counter() - start
 
 
-def _time_repeat(step, args, mode: str, steps: int):
+def time_repeat(step, args, mode: str, steps: int):
   """Runs ``steps`` steps; returns (seconds per step, the args to continue with)."""
   import jax  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
@@ -317,11 +317,11 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
 
   step, args, compiled, fwd, row.params, row.compile_s = build_programs(
       name, mode, batch, overrides)
-  fwd_flops = _flops(fwd)
+  fwd_flops = compiled_flops(fwd)
   if fwd_flops:
     row.fwd_gflops_per_image = fwd_flops / batch / 1e9
   if mode == "train":
-    step_flops = _flops(compiled)
+    step_flops = compiled_flops(compiled)
     if step_flops:
       row.step_gflops_per_image = step_flops / batch / 1e9
 
@@ -349,11 +349,11 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
 
   try:
     for _ in range(warmup):
-      _, args = _time_repeat(step, args, mode, 1)
+      _, args = time_repeat(step, args, mode, 1)
     ours = []
     theirs = {impl: [] for impl in timm_impls}
     for _ in range(repeats):  # interleaved: ours, timm eager, timm compiled, ours, ...
-      seconds, args = _time_repeat(step, args, mode, steps)
+      seconds, args = time_repeat(step, args, mode, steps)
       ours.append(seconds)
       if worker is not None:
         for impl in timm_impls:

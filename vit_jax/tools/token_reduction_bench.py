@@ -52,12 +52,12 @@ def run(model: str, setting_overrides: dict[str, dict], *, batch: int, dtype: st
     overrides = dict(overrides, dtype=dtype)
     step, args, _, fwd, _, _ = benchmark.build_programs(model, "infer", batch, overrides)
     for _ in range(warmup):
-      benchmark._time_repeat(step, args, "infer", 1)  # pylint: disable=protected-access
-    programs[label] = (step, args, benchmark._flops(fwd))  # pylint: disable=protected-access
+      benchmark.time_repeat(step, args, "infer", 1)
+    programs[label] = (step, args, benchmark.compiled_flops(fwd))
   times = {label: [] for label in programs}
   for _ in range(repeats):
     for label, (step, args, _) in programs.items():
-      seconds, _ = benchmark._time_repeat(step, args, "infer", steps)  # pylint: disable=protected-access
+      seconds, _ = benchmark.time_repeat(step, args, "infer", steps)
       times[label].append(seconds)
   plain = batch / statistics.median(times["plain"])
   rows = []
