@@ -16,7 +16,10 @@ INSTALL_REQUIRES = [
     "chex>=0.1.92",
     "clu>=0.0.12",
     "flax>=0.12.8",
-    "jax>=0.10.2",
+    # 0.12.1: a two-process run resumed from a checkpoint deadlocks in its first train
+    # step on CPU (tests/test_sharding.py::test_two_processes_kill_resume_match_one_process;
+    # 0.12.0.1 passes with every other package equal). Not yet known whose bug it is.
+    "jax>=0.10.2,!=0.12.1",
     "ml_collections>=1.0",
     "numpy>=1.26",
     "optax>=0.2.8",

@@ -64,7 +64,7 @@ inside the compact ``__call__``, so it may create submodules and parameters.
 * ``make_block(index, name, drop_path_rate, **settings)``: the block module for one
   index (None when scanned), a ``block_type`` (class attribute) built with the
   encoder's settings plus ``settings``. MoE swaps the block (or its MLP) in
-  configured layers; token reduction builds ``TokenReductionBlock``\ s. Different
+  configured layers; token reduction builds ``TokenReductionBlock`` blocks. Different
   block types need ``scan_layers=False``.
 * ``run_blocks(x, *, mask, train)``: the loop (or ``nn.scan``) with remat, batch
   sharding constraints and the per-block ``block_{i}`` intermediates that early-exit
