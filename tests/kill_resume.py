@@ -35,7 +35,7 @@ TRAINERS = {
         "--config.keep_checkpoints=3"]),
     "clip": ("configs/clip_digits.py", [
         "--config.input.batch_size=16", "--config.input.shards_per_window=2",
-        "--config.input.decode_threads=1", "--config.model.image.hidden_size=32",
+        "--config.input.threads=1", "--config.model.image.hidden_size=32",
         "--config.model.image.num_layers=1", "--config.model.image.num_heads=2",
         "--config.model.image.mlp_dim=64", "--config.model.text.hidden_size=32",
         "--config.model.text.num_layers=1", "--config.model.text.num_heads=2",

@@ -8,11 +8,14 @@ before, bit-identical; kills mid-save) are in tests/test_train.py and
 tests/test_contrastive_train.py, where the runs they need already exist.
 """
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -135,47 +138,48 @@ def test_no_good_checkpoint_stops_and_moves_nothing(three_steps, tmp_path):
     checkpoint.load_state_arrays(os.path.join(directory, "3"))
 
 
-DISK_FULL = r"""
-import os, resource, signal, sys
-import jax.numpy as jnp
-from vit_jax import checkpoint
-from vit_jax.trainers import common
-state = common.TrainState(step=jnp.int32(0), params={"w": jnp.arange(50_000.0)},
-                          opt_state={}, model_state={})
-checkpointer = checkpoint.Checkpointer(sys.argv[1], keep=3)
-for step in (1, 2):
-  checkpointer.save(step, state, {"step": step, "examples_seen": step})
-checkpointer.wait()
-print("SAVED", flush=True)
-# The disk fills: no file may grow past 50 kB (the array takes 200 kB).
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
-try:
-  checkpointer.save(3, state, {"step": 3, "examples_seen": 3})
-  checkpointer.wait()
-except checkpoint.CheckpointError as e:
-  print("ERROR", e, flush=True)
-  sys.exit(1)
-"""
+@contextlib.contextmanager
+def disk_full_after(limit):
+  """No file of this process may grow past ``limit`` bytes inside the block: writes
+  fail with EFBIG, as on a full disk (the soft limit goes back up afterwards)."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a kill
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_disk_full_save_keeps_earlier_checkpoints_and_the_rerun_resumes(tmp_path):
   directory = str(tmp_path / "checkpoints")
-  proc = subprocess.run([sys.executable, "-c", DISK_FULL, directory], env=subprocess_env(),
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
-  error = proc.stdout.split("ERROR ", 1)[1]
+  big = lambda w: common.TrainState(step=jnp.int32(0), params={"w": w}, opt_state={},
+                                    model_state={})
+  state = big(jnp.arange(1_000_000.0))  # 4 MB: more than the disk will take
+  checkpointer = checkpoint.Checkpointer(directory, keep=3)
+  for step in (1, 2):
+    checkpointer.save(step, state, {"step": step, "examples_seen": step})
+  checkpointer.wait()
+  before = digests(directory)
+  with pytest.raises(checkpoint.CheckpointError) as e, disk_full_after(1_000_000):
+    checkpointer.save(3, state, {"step": 3, "examples_seen": 3})
+    checkpointer.wait()
+  error = str(e.value)
   assert error.startswith(f"saving checkpoint {directory}/3 failed (")
   assert "File too large" in error
-  assert error.strip().endswith(
+  assert error.endswith(
       "the earlier checkpoints are intact (steps 1, 2); free space (or fix the storage) "
       "and rerun the same command to resume from step 2")
-  abstract = jax.eval_shape(lambda: common.TrainState(
-      step=jnp.int32(0), params={"w": jnp.zeros(50_000)}, opt_state={}, model_state={}))
+  checkpointer.close()
+  assert {k: v for k, v in digests(directory).items() if k.split(os.sep)[0] in ("1", "2")
+          } == before
+  # The rerun: a new process would start here.
   checkpointer = checkpoint.Checkpointer(directory)
-  restored = checkpointer.restore_latest(abstract)
+  restored = checkpointer.restore_latest(jax.eval_shape(lambda: big(jnp.zeros(1_000_000))))
   assert restored.step == 2
-  np.testing.assert_array_equal(np.asarray(restored.state.params["w"]), np.arange(50_000.0))
+  np.testing.assert_array_equal(np.asarray(restored.state.params["w"]),
+                                np.arange(1_000_000.0))
   checkpointer.save(3, restored.state, {"step": 3, "examples_seen": 3})  # space again
   checkpointer.close()
   assert checkpoint.verify(checkpoint.epath.Path(directory) / "3") is None
@@ -361,6 +365,26 @@ def test_filter_keys_by_shard_and_rejects_unsafe_names(tmp_path, capsys):
   assert sorted(names) == sorted(f"{k}.{e}" for k in kept for e in ("json", "png", "txt"))
   for name in ("one.tar", "two.tar"):
     assert hashlib.sha256(open(tmp_path / name, "rb").read()).hexdigest() == before[name]
+
+
+def test_a_member_over_the_size_cap_is_skipped_unread(tmp_path, monkeypatch):
+  write_shard(str(tmp_path / "pool.tar"), ["a", "b", "c"])
+  with tarfile.open(tmp_path / "pool.tar", "a") as tar:  # d's caption is huge
+    for name, data in (("d.png", png()), ("d.txt", b"x" * 5000)):
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  monkeypatch.setattr(image_text, "MAX_MEMBER_BYTES", 4096)
+  read = []
+  monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                      lambda self, m, real=tarfile.TarFile.extractfile: (
+                          read.append(m.name), real(self, m))[1])
+  stats = image_text.SkipStats()
+  keys = [s["key"] for s in image_text.iterate_samples([str(tmp_path / "pool.tar")],
+                                                        stats=stats)]
+  assert keys == ["a", "b", "c"]
+  assert stats.as_dict() == {"member_too_large": 1}
+  assert "d.txt" not in read and "d.png" in read
 
 
 def test_filter_input_errors_exit_non_zero_in_one_line(tmp_path, capsys):

@@ -8,7 +8,8 @@ A shard is a plain tar file in which consecutive members sharing a key form a sa
 
 Shards may be local or remote (``gs://...``): they are listed and opened through
 ``etils.epath``. Bad data never stops a run: a sample without caption or image, a
-caption that is not UTF-8 or unreadable metadata is skipped when its shard is read, an
+caption that is not UTF-8, unreadable metadata or a member larger than
+``MAX_MEMBER_BYTES`` (left unread) is skipped when its shard is read, an
 image that does not decode is skipped by the decoding threads, and both are counted
 (``SkipStats``); the trainer reports the counts in its logs. A truncated shard yields
 the samples before the damage, a 0-byte shard none; they are counted too.
@@ -59,6 +60,9 @@ META_EXTENSION = "json"
 # Warnings naming individual skipped samples stop after this many per reason (the
 # counts go on).
 MAX_SKIP_WARNINGS = 20
+# A sample with a bigger member (file) is skipped unread: one huge or hostile member
+# must not take the reader's memory. DataComp's images are well under 1 MiB.
+MAX_MEMBER_BYTES = 64 << 20
 # Reasons that count damaged shards, not samples.
 SHARD_REASONS = ("truncated_shard", "empty_shard")
 # Samples per hand-over from the reading thread to tf.data.
@@ -184,8 +188,20 @@ class SkipStats:
 
 
 def read_shard(path: str, stats: Optional[SkipStats] = None) -> Iterator[RawSample]:
-  """The samples of one shard, in order, undecoded."""
-  key, files = None, {}
+  """The samples of one shard, in order, undecoded.
+
+  A sample with a member larger than ``MAX_MEMBER_BYTES`` is skipped (counted as
+  ``member_too_large``) without reading that member into memory.
+  """
+  key, files, too_large = None, {}, None
+
+  def finished():
+    if too_large is None:
+      return RawSample(key, path, files)
+    if stats is not None:
+      stats.record("member_too_large", key, path, too_large)
+    return None
+
   try:
     with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
       for member in tar:
@@ -193,9 +209,14 @@ def read_shard(path: str, stats: Optional[SkipStats] = None) -> Iterator[RawSamp
           continue
         name_key, ext = _split_name(member.name)
         if name_key != key and key is not None:
-          yield RawSample(key, path, files)
-          files = {}
+          if (raw := finished()) is not None:
+            yield raw
+          files, too_large = {}, None
         key = name_key
+        if member.size > MAX_MEMBER_BYTES:  # the stream reads past it in small blocks
+          too_large = (f"{member.name} has {member.size} bytes, more than "
+                       f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES}")
+          continue
         files[ext] = tar.extractfile(member).read()
   except FileNotFoundError as e:
     raise DataError(f"shard {path} does not exist") from e
@@ -205,8 +226,8 @@ def read_shard(path: str, stats: Optional[SkipStats] = None) -> Iterator[RawSamp
       stats.record("empty_shard" if empty else "truncated_shard", key or "-", path, str(e))
     # Everything before the damage is usable; a partial last sample is dropped.
     return
-  if key is not None:
-    yield RawSample(key, path, files)
+  if key is not None and (raw := finished()) is not None:
+    yield raw
 
 
 def check_sample(raw: RawSample, stats: Optional[SkipStats] = None) -> Optional[dict]:
