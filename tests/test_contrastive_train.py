@@ -249,6 +249,43 @@ def test_clip_score_filtering_with_a_trained_workdir(trained, pool, tmp_path):
   assert summary["kept"] == sum(s >= threshold for s in scores.values())
 
 
+def test_filter_scoring_error_is_one_line_and_closes_its_stream(trained, pool, tmp_path,
+                                                               monkeypatch):
+  # A workdir whose model.json does not fit its checkpoint (another embedding width).
+  workdir = str(tmp_path / "mismatched")
+  shutil.copytree(trained["workdir"], workdir,
+                  ignore=shutil.ignore_patterns("tensorboard", "samples_*"))
+  with open(os.path.join(workdir, "model.json")) as f:
+    info = json.load(f)
+  info["model"]["embed_dim"] *= 2
+  with open(os.path.join(workdir, "model.json"), "w") as f:
+    json.dump(info, f)
+  # The scoring stream (a tf.data iterator over a Python generator) must be closed
+  # when the error surfaces, not whenever its traceback is freed: one still open at
+  # interpreter exit can hang the exit.
+  streams, make_eval_batches = [], image_text.make_eval_batches
+
+  def tracked(*args, **kwargs):
+    stream = {"closed": False}
+    streams.append(stream)
+    try:
+      yield from make_eval_batches(*args, **kwargs)
+    finally:
+      stream["closed"] = True
+
+  monkeypatch.setattr(image_text, "make_eval_batches", tracked)
+  shards = image_text.expand_shards(os.path.join(pool, "train"))
+  with pytest.raises(ValueError) as e:
+    filter_pool.filter_pool(shards, str(tmp_path / "out"), clip_workdir=workdir,
+                            keep_fraction=0.5, batch_size=40)
+  # e still holds the traceback, and with it the frame that iterated the stream.
+  assert len(streams) == 1 and streams[0]["closed"]
+  assert str(e.value).startswith(f"scoring with --clip_workdir={workdir} failed: "
+                                 "ScopeParamShapeError: For parameter \"kernel\" in ")
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "out")
+
+
 def test_zero_shot_colab_runs(trained, pool):
   import nbclient  # pylint: disable=g-import-not-at-top
   import nbformat  # pylint: disable=g-import-not-at-top
