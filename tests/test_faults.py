@@ -230,7 +230,10 @@ def _bad_settings():
                        ("input.eval_batch_size", 0), ("grad_accum_steps", 0),
                        ("input.shuffle_buffer", 0), ("input.shards_per_window", 0),
                        ("input.threads", 0), ("tokenizer.context_length", 0),
-                       ("label_smoothing", 1.0), ("max_logit_scale", 0.0)):
+                       ("label_smoothing", 1.0), ("max_logit_scale", 0.0), ("seed", -1),
+                       ("model.hidden_size", 0), ("model.num_layers", -1),
+                       ("model.image.num_heads", 0), ("model.text.mlp_dim", 0),
+                       ("sparsity.update_every", 0), ("sparsity.sparsity", 1.0)):
       node = config
       *parents, leaf = key.split(".")
       for part in parents:
@@ -243,7 +246,8 @@ def _bad_settings():
 BAD_SETTINGS = _bad_settings()
 ALLOWED = {"input.batch_size": "an integer >= 1", "mesh.fsdp": "an integer >= 1, or -1 "
            "for all remaining devices", "optimizer.b2": "a number in [0, 1)",
-           "optimizer.learning_rate": "a finite number >= 0"}
+           "optimizer.learning_rate": "a finite number >= 0", "seed": "an integer >= 0",
+           "model.text.mlp_dim": "an integer >= 1"}
 
 
 @pytest.mark.parametrize("config_name,key,value", BAD_SETTINGS)
@@ -264,7 +268,7 @@ def test_every_bad_numeric_setting_is_named(config_name, key, value):
 
 
 def test_both_demo_configs_validate():
-  assert len(BAD_SETTINGS) >= 30  # both trainers' keys are covered
+  assert len(BAD_SETTINGS) == 39  # both trainers' keys are covered
   config_checks.validate(digits_vit.get_config())
   config_checks.validate(clip_digits.get_config())
 
@@ -281,8 +285,12 @@ def test_changed_settings_name_what_a_resume_changed():
 
 
 PTH = r"""
-import sys, torch
-from vit_jax.weights import files
+import importlib.util, sys, torch
+# files.py alone, without the vit_jax.weights package (it imports jax): torch is the
+# only heavy import this process needs.
+spec = importlib.util.spec_from_file_location("files", sys.argv[2])
+files = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(files)
 torch.save({"epoch": 3, "w": torch.ones(2)}, sys.argv[1] + "/mixed.pth")
 torch.save([torch.ones(2)], sys.argv[1] + "/list.pth")
 for name in ("mixed.pth", "list.pth"):
@@ -295,7 +303,9 @@ for name in ("mixed.pth", "list.pth"):
 
 def test_pth_that_is_not_a_flat_tensor_mapping_is_named(tmp_path):
   # torch and TensorFlow abort when imported into one process: a subprocess.
-  proc = subprocess.run([sys.executable, "-c", PTH, str(tmp_path)], env=subprocess_env(),
+  proc = subprocess.run([sys.executable, "-c", PTH, str(tmp_path),
+                         os.path.join(REPO, "vit_jax", "weights", "files.py")],
+                        env=subprocess_env(),
                         capture_output=True, text=True, timeout=300, check=True)
   assert proc.stdout.splitlines() == [
       f"{tmp_path}/mixed.pth is not a flat mapping of parameter names to tensors (not "

@@ -37,11 +37,15 @@ _POSITIVE = (lambda v: _number(v) and v > 0, "a finite number > 0")
 _NON_NEGATIVE = (lambda v: _number(v) and v >= 0, "a finite number >= 0")
 _FRACTION = (_in_range(0.0, 1.0, high_open=True), "a number in [0, 1)")
 _PROBABILITY = (_in_range(0.0, 1.0), "a number in [0, 1]")
+# A model size: an int must be >= 1; other types (a per-stage tuple) are the model
+# registry's to check.
+_SIZE = (lambda v: isinstance(v, bool) or not isinstance(v, (int, float))
+         or (_integer(v) and v >= 1), "an integer >= 1")
 _MESH_AXIS = (lambda v: _integer(v) and (v >= 1 or v == -1),
               "an integer >= 1, or -1 for all remaining devices")
 
 RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
-    ("seed", (_integer, "an integer")),
+    ("seed", _NON_NEGATIVE_INT),  # numpy's seed sequences take no negative seed
     ("total_steps", _POSITIVE_INT),
     ("num_epochs", _POSITIVE),
     ("total_samples", _POSITIVE_INT),
@@ -84,7 +88,15 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("distillation.tau", _POSITIVE),
     ("lora.rank", _NON_NEGATIVE_INT),
     ("lora.alpha", _POSITIVE),
-))
+    ("sparsity.n", _NON_NEGATIVE_INT),
+    ("sparsity.m", _NON_NEGATIVE_INT),
+    ("sparsity.sparsity", _FRACTION),
+    ("sparsity.start_step", _NON_NEGATIVE_INT),
+    ("sparsity.update_every", _POSITIVE_INT),
+)) + tuple((f"model.{tower}{key}", *_SIZE)
+           for tower in ("", "image.", "text.")
+           for key in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size",
+                       "image_size", "embed_dim", "context_length", "vocab_size"))
 
 
 def _lookup(config: Any, key: str) -> Any:
