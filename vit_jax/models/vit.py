@@ -42,8 +42,9 @@ inside the compact ``__call__``, so it may create submodules and parameters.
 ``VisionTransformer`` (images -> logits), in call order:
 
 * ``embed_patches(images) -> (tokens [B, N, D], grid (gh, gw))``: the ``embedding``
-  conv and the size checks. FlexiViT resizes the patch kernel here per call;
-  NaFlex/NaViT take pre-patchified inputs here (patches plus their grid positions).
+  conv and the size checks. FlexiViT (``flexi_patch_size``) resizes the patch kernel
+  here per call (``FlexiPatchEmbed``); NaFlex/NaViT (``models/naflex.py``) take
+  pre-patchified inputs here (patches plus their grid positions).
 * ``add_fixed_position_embedding(tokens, grid)``: the parameter-free ``sincos2d``
   table, added to the patches before any prefix token (identity for ``learn``).
 * ``add_prefix_tokens(tokens)``: the class token. DeiT adds its distillation token.
