@@ -7,6 +7,10 @@ PI-resized every step to a size drawn from ``flexi_patch_sizes`` (4, 8 or 16: 64
 or 4 tokens), the position table resampled to the grid. ``:fixed8`` trains at patch
 8 only, the model the README's PI-resize vs bilinear comparison evaluates at patch 16
 (``python -m vit_jax.tools.flexi_eval --workdir=...``).
+
+Measured (README, 360 test digits, CPU): this config evaluates 98.06% at patch 8
+(99.44% at 4, 99.17% at 16); ``:fixed8`` reaches 98.33% at patch 8 and, evaluated at
+patch 16 on 64x64 images, 97.78% with PI-resize vs 38.89% with bilinear resizing.
 """
 
 import importlib.util
