@@ -244,3 +244,56 @@ def keep(*keys):
   def op(example):
     return {k: v for k, v in example.items() if k in keys or k.startswith("_")}
   return op
+
+
+def naflex_grid(height, width, max_patches: int):
+  """The patch grid (rows, cols) NaFlex resizes an image to: at most ``max_patches``
+  patches, near the image's aspect ratio, at least 1x1."""
+  h = tf.cast(height, tf.float32)
+  w = tf.cast(width, tf.float32)
+  # Sides at the scale where rows * cols == max_patches, rounded down (so the
+  # product fits), at least one patch each.
+  scale = tf.sqrt(max_patches / (h * w))
+  rows = tf.clip_by_value(tf.floor(h * scale), 1, max_patches)
+  cols = tf.clip_by_value(tf.floor(w * scale), 1, tf.floor(max_patches / rows))
+  return tf.cast(rows, tf.int32), tf.cast(cols, tf.int32)
+
+
+@register("naflex")
+def naflex(patch_size: int, max_patches: int, antialias: bool = True):
+  """NaFlex (SigLIP 2): aspect-preserving resize to at most ``max_patches`` patches of
+  ``patch_size``, patchified and padded to ``max_patches``.
+
+  Replaces ``image`` with ``patches [max_patches, p*p*C]`` (row, column, channel
+  order), ``positions [max_patches, 2]`` (row, column), ``segment_ids
+  [max_patches]`` (1 for patches, 0 for padding) and ``grid_sizes [1, 2]``: a pack
+  of one image for ``vit_jax.models.naflex``, or input to ``vit_jax.data.packing``.
+  """
+  if not (isinstance(patch_size, int) and patch_size >= 1 and isinstance(max_patches, int)
+          and max_patches >= 1):
+    raise ValueError(f"naflex(patch_size, max_patches) takes positive integers, got "
+                     f"({patch_size!r}, {max_patches!r})")
+  p = patch_size
+
+  def op(example):
+    example = dict(example)
+    image = tf.convert_to_tensor(example.pop("image"))
+    rows, cols = naflex_grid(tf.shape(image)[0], tf.shape(image)[1], max_patches)
+    image = tf.image.resize(tf.cast(image, tf.float32), (rows * p, cols * p),
+                            antialias=antialias)
+    channels = image.shape[-1]
+    patches = tf.reshape(tf.transpose(tf.reshape(image, (rows, p, cols, p, channels)),
+                                      (0, 2, 1, 3, 4)), (rows * cols, p * p * channels))
+    count = rows * cols
+    grid_r, grid_c = tf.meshgrid(tf.range(rows), tf.range(cols), indexing="ij")
+    positions = tf.stack([tf.reshape(grid_r, [-1]), tf.reshape(grid_c, [-1])], -1)
+    pad = max_patches - count
+    example["patches"] = tf.ensure_shape(tf.pad(patches, [[0, pad], [0, 0]]),
+                                         (max_patches, p * p * channels))
+    example["positions"] = tf.ensure_shape(tf.pad(positions, [[0, pad], [0, 0]]),
+                                           (max_patches, 2))
+    example["segment_ids"] = tf.ensure_shape(
+        tf.pad(tf.ones([count], tf.int32), [[0, pad]]), (max_patches,))
+    example["grid_sizes"] = tf.reshape(tf.stack([rows, cols]), (1, 2))
+    return example
+  return op

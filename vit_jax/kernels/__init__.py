@@ -96,13 +96,15 @@ def _can_take(impl: str, op: str, platform: str, precision: str,
 
 
 def resolve(impl: str, op: str = "window", *, dtype=None, head_dim: Optional[int] = None,
-            has_bias_or_mask: bool = False) -> str:
+            has_bias_or_mask: bool = False, has_segment_ids: bool = False) -> str:
   """The implementation ``impl`` stands for here: never ``"auto"``."""
   _check_impl(impl, _GLOBAL_IMPLEMENTATIONS if op == "global" else IMPLEMENTATIONS)
   if impl != "auto":
     return impl
   platform, precision = _backend.platform(), _precision(dtype)
   choice = auto_table()["table"][op][platform][precision]
+  if has_segment_ids and choice == "cudnn":
+    return "xla"
   if _can_take(choice, op, platform, precision, head_dim, has_bias_or_mask):
     return choice
   return "xla"
@@ -161,19 +163,25 @@ def linear_attention(query, key, value, *, feature_map: str = "relu",
 
 
 def dot_product_attention(query, key, value, *, bias=None, mask=None,
-                          impl: str = "xla"):
+                          segment_ids=None, impl: str = "xla"):
   """Global softmax attention, ``[batch, tokens, heads, head_dim]``.
 
   ``"xla"`` is the reference (``kernels.attention.reference``); ``"cudnn"`` is
   cuDNN's fused attention on GPU; ``"pallas"`` (TPU, or interpret mode on CPU) and
   ``"pallas_triton"`` are the flash kernel (no ``bias``/``mask``: it masks only its
-  own padding).
+  own padding and, given ``segment_ids``, pairs of tokens in different segments).
+  ``segment_ids`` (packed sequences) make ``"auto"`` pick XLA or the flash kernel,
+  never cuDNN here (its packed-sequence API is not wired).
   """
   impl = resolve(impl, "global", dtype=query.dtype, head_dim=query.shape[-1],
-                 has_bias_or_mask=bias is not None or mask is not None)
+                 has_bias_or_mask=bias is not None or mask is not None,
+                 has_segment_ids=segment_ids is not None)
   if impl == "xla":
     return _attention_reference.attention_reference(query, key, value, bias=bias,
-                                                    mask=mask)
+                                                    mask=mask, segment_ids=segment_ids)
+  if impl == "cudnn" and segment_ids is not None:
+    raise ValueError("attention implementation 'cudnn' takes no segment_ids here; use "
+                     "'xla' or 'auto'")
   if impl == "cudnn":
     if _backend.platform() != "gpu":
       raise ValueError("attention implementation 'cudnn' needs a GPU; this process "
@@ -186,7 +194,8 @@ def dot_product_attention(query, key, value, *, bias=None, mask=None,
     raise ValueError("the Pallas flash-attention kernel takes no bias or mask; use "
                      "impl='xla' (or 'auto', which falls back to it)")
   from vit_jax.kernels.attention import pallas  # pylint: disable=g-import-not-at-top
-  return pallas.flash_attention(query, key, value, backend=_pallas_call_backend(impl))
+  return pallas.flash_attention(query, key, value, backend=_pallas_call_backend(impl),
+                                segment_ids=segment_ids)
 
 
 def attention_fn(impl: str = "xla") -> Callable:

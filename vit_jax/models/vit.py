@@ -42,8 +42,9 @@ inside the compact ``__call__``, so it may create submodules and parameters.
 ``VisionTransformer`` (images -> logits), in call order:
 
 * ``embed_patches(images) -> (tokens [B, N, D], grid (gh, gw))``: the ``embedding``
-  conv and the size checks. FlexiViT resizes the patch kernel here per call;
-  NaFlex/NaViT take pre-patchified inputs here (patches plus their grid positions).
+  conv and the size checks. FlexiViT (``flexi_patch_size``) resizes the patch kernel
+  here per call (``FlexiPatchEmbed``); NaFlex/NaViT (``models/naflex.py``) take
+  pre-patchified inputs here (patches plus their grid positions).
 * ``add_fixed_position_embedding(tokens, grid)``: the parameter-free ``sincos2d``
   table, added to the patches before any prefix token (identity for ``learn``).
 * ``add_prefix_tokens(tokens)``: the class token. DeiT adds its distillation token.
@@ -103,6 +104,13 @@ from vit_jax.models.registry import register_variant
 
 Array = Any
 
+
+def _resample():
+  # Imported on use: vit_jax.weights (resampling's home) imports this module.
+  from vit_jax.models import resample  # pylint: disable=g-import-not-at-top
+  return resample
+
+
 # Width, depth, MLP width and heads of the standard sizes (ViT paper, DeiT, timm).
 VARIANTS = {
     "tiny": dict(hidden_size=192, num_layers=12, mlp_dim=768, num_heads=3),
@@ -123,14 +131,72 @@ REMAT_POLICIES = {
 
 
 class AddPositionEmbs(nn.Module):
-  """Adds a learned position embedding (``pos_embedding``) to the tokens."""
+  """Adds a learned position embedding (``pos_embedding``) to the tokens.
+
+  With ``stored_grid`` the table holds the prefix tokens plus that patch grid and is
+  resampled (bilinear, as FlexiViT) to the call's ``grid``; without it, the table is
+  built for ``x``'s token count.
+  """
+  param_dtype: Any = jnp.float32
+  stored_grid: Optional[tuple[int, int]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, grid: Optional[tuple[int, int]] = None) -> Array:
+    if self.stored_grid is None or grid is None:
+      shape = (1,) + x.shape[1:]
+    else:
+      prefix = x.shape[1] - grid[0] * grid[1]
+      shape = (1, prefix + self.stored_grid[0] * self.stored_grid[1], x.shape[-1])
+    pos_embedding = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                               shape, self.param_dtype)
+    if self.stored_grid is not None and grid is not None and (
+        tuple(grid) != tuple(self.stored_grid)):
+      pos_embedding = _resample().resample_posemb(
+          pos_embedding, grid, old_size=self.stored_grid, num_prefix_tokens=prefix,
+          method="bilinear")
+    return x + pos_embedding.astype(x.dtype)
+
+
+class FlexiPatchEmbed(nn.Module):
+  """The ``embedding`` conv with its kernel stored at ``patch_size`` and run at
+  ``run_patch_size`` (FlexiViT): same parameters as ``nn.Conv`` (``kernel`` HWIO,
+  ``bias``), the kernel resized in every call so gradients reach the stored one.
+
+  Takes NHWC images, or (NaFlex) flat patches ``[B, L, run_patch_size**2 * C]``
+  flattened in (row, column, channel) order, which the flattened kernel multiplies.
+  """
+  features: int
+  patch_size: int
+  run_patch_size: int
+  resize_method: str = "pi"
+  use_bias: bool = True
+  dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    pos_embedding = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
-                               (1,) + x.shape[1:], self.param_dtype)
-    return x + pos_embedding.astype(x.dtype)
+  def __call__(self, images: Array) -> Array:
+    p, q = self.patch_size, self.run_patch_size
+    flat = images.ndim == 3
+    channels = images.shape[-1]
+    if flat:
+      if channels % (q * q):
+        raise ValueError(f"flat patches of {channels} values are not {q}x{q} patches "
+                         f"(patch size {q}) of whole channels")
+      channels //= q * q
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (p, p, channels, self.features), self.param_dtype)
+    kernel = _resample().resize_patch_kernel(kernel, (q, q), method=self.resize_method)
+    if flat:
+      x = jnp.dot(images.astype(self.dtype),
+                  kernel.reshape(-1, self.features).astype(self.dtype))
+    else:
+      x = jax.lax.conv_general_dilated(
+          images.astype(self.dtype), kernel.astype(self.dtype), (q, q), "VALID",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      x = x + self.param("bias", nn.initializers.zeros, (self.features,),
+                         self.param_dtype).astype(self.dtype)
+    return x
 
 
 class Encoder1DBlock(nn.Module):
@@ -260,15 +326,17 @@ class Encoder(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False
   norm_epsilon: float = 1e-6
+  posemb_grid: Optional[tuple[int, int]] = None  # stored table's grid (then resampled)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def add_position_embedding(self, x: Array, grid: Any = None) -> Array:
-    """Adds the learned table (built for ``x``'s token count); ``grid`` is unused here."""
-    del grid
+    """Adds the learned table: built for ``x``'s token count, or (``posemb_grid``
+    set) stored for that grid and resampled to ``grid``."""
     if not self.learned_posemb:
       return x
-    return AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
+    return AddPositionEmbs(param_dtype=self.param_dtype, stored_grid=self.posemb_grid,
+                           name="posembed_input")(x, grid)
 
   block_type = Encoder1DBlock  # what make_block builds (a class attribute, not a field)
 
@@ -400,6 +468,12 @@ class VisionTransformer(nn.Module):
       (a tuple); 0 is the plain model. See ``token_reduction``.
     token_keep_rate: EViT's fraction of patch tokens kept in ``token_keep_layers``
       (default: the blocks at 1/4, 1/2 and 3/4 depth); 1.0 is the plain model.
+    flexi_patch_size: FlexiViT: run at this patch size. The ``embedding`` kernel stays
+      stored at ``patch_size`` (any checkpoint loads unchanged) and is resized per
+      call by ``flexi_resize`` ("pi": pseudo-inverse resize; "bilinear": the naive
+      baseline); the learned position table stays stored for ``image_size /
+      patch_size`` and is resampled (bilinear) to the input's grid, so any input
+      whose sides divide by ``flexi_patch_size`` runs. None: the plain model.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
   """
   num_classes: int = 1000
@@ -428,8 +502,15 @@ class VisionTransformer(nn.Module):
   token_merging: Union[int, Sequence[int]] = 0
   token_keep_rate: float = 1.0
   token_keep_layers: Optional[Sequence[int]] = None
+  flexi_patch_size: Optional[int] = None
+  flexi_resize: str = "pi"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  @property
+  def run_patch_size(self) -> int:
+    """The patch size the model runs at (``flexi_patch_size`` or ``patch_size``)."""
+    return self.patch_size if self.flexi_patch_size is None else self.flexi_patch_size
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -464,6 +545,15 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"classifier must be 'token', 'gap' or 'map', got {self.classifier!r}")
     if self.posemb not in ("learn", "sincos2d"):
       raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+    if self.flexi_patch_size is not None and (
+        not isinstance(self.flexi_patch_size, (int, np.integer))
+        or isinstance(self.flexi_patch_size, bool) or self.flexi_patch_size < 1):
+      raise ValueError("flexi_patch_size must be a positive integer (the patch size to "
+                       f"resize the {self.patch_size}x{self.patch_size} kernel to), got "
+                       f"{self.flexi_patch_size!r}")
+    if self.flexi_resize not in _resample().PATCH_KERNEL_METHODS:
+      raise ValueError(f"flexi_resize must be one of {_resample().PATCH_KERNEL_METHODS}, "
+                       f"got {self.flexi_resize!r}")
     token_reduction.check_settings(
         token_merging=self.token_merging, token_keep_rate=self.token_keep_rate,
         num_prefix_tokens=self.num_prefix_tokens, scan_layers=self.scan_layers,
@@ -472,7 +562,7 @@ class VisionTransformer(nn.Module):
   def patch_grid(self, height: int, width: int) -> tuple[int, int]:
     """The token grid for an input size, or a ValueError naming the constraint."""
     expected = layers.to_2tuple(self.image_size)
-    p = self.patch_size
+    p = self.run_patch_size
     if height % p or width % p:
       # Suggest the nearest sizes that work (the model's own image_size may not).
       down = f"{max(height // p, 1) * p}x{max(width // p, 1) * p}"
@@ -480,7 +570,9 @@ class VisionTransformer(nn.Module):
       raise ValueError(
           f"ViT with patch size {p} needs image sides divisible by {p}; got "
           f"{height}x{width}. Resize or crop the input (e.g. to {down} or {up}).")
-    if (height, width) != expected and self.posemb == "learn":
+    # FlexiViT resamples the learned table to any grid.
+    if ((height, width) != expected and self.posemb == "learn"
+        and self.flexi_patch_size is None):
       raise ValueError(
           f"this ViT's learned position embedding is built for {expected[0]}x"
           f"{expected[1]} images ({expected[0] // p}x{expected[1] // p} patches); got "
@@ -501,6 +593,12 @@ class VisionTransformer(nn.Module):
     """NHWC images -> patch tokens ``[B, gh * gw, hidden_size]`` and the grid."""
     layers.check_images(images)
     gh, gw = self.patch_grid(images.shape[1], images.shape[2])
+    if self.flexi_patch_size is not None:
+      x = FlexiPatchEmbed(self.hidden_size, self.patch_size, self.flexi_patch_size,
+                          resize_method=self.flexi_resize, use_bias=self.patch_bias,
+                          dtype=self.compute_dtype, param_dtype=self.storage_dtype,
+                          name="embedding")(images)
+      return x.reshape(x.shape[0], gh * gw, self.hidden_size), (gh, gw)
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID",
                 use_bias=self.patch_bias, dtype=self.compute_dtype,
@@ -546,8 +644,16 @@ class VisionTransformer(nn.Module):
                    gelu_approximate=self.gelu_approximate,
                    attention_fn=self._attention_fn(), remat_policy=self.remat_policy,
                    scan_layers=self.scan_layers, norm_epsilon=self.norm_epsilon,
-                   dtype=self.compute_dtype, param_dtype=self.storage_dtype,
-                   name="Transformer", **settings)
+                   posemb_grid=self.stored_posemb_grid, dtype=self.compute_dtype,
+                   param_dtype=self.storage_dtype, name="Transformer", **settings)
+
+  @property
+  def stored_posemb_grid(self) -> Optional[tuple[int, int]]:
+    """The grid the learned table is stored for when it is resampled per call."""
+    if self.flexi_patch_size is None:
+      return None
+    h, w = layers.to_2tuple(self.image_size)
+    return h // self.patch_size, w // self.patch_size
 
   def pool(self, x: Array) -> Array:
     """Normed tokens -> one vector per image (``classifier``)."""

@@ -6,6 +6,8 @@ resampled position embedding),
 ``input.classes`` (a class subset), ``freeze``/``train_only`` regexes,
 ``optimizer.layer_decay``, ``ema_decay`` (the EMA is what gets evaluated),
 ``mixup`` (mixup/cutmix) and ``lora``; see ``vit_jax/finetune.py``.
+``flexi_patch_sizes`` (FlexiViT) trains a ViT at a patch size drawn per step from the
+list (one compiled step per size; the model's ``flexi_patch_size`` is what evaluates).
 
 Read top to bottom: setup, mesh, data, model and optimizer, distillation teacher
 (optional), train state and its sharding, checkpoint restore, step functions,
@@ -13,8 +15,11 @@ evaluators, loop. One process per host runs this same code; JAX's multi-controll
 runtime joins them into one program.
 """
 
+import functools
 import json
 import time
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +41,21 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     return optax.softmax_cross_entropy(logits, labels).mean()
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
   return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def flexi_patch_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """``config.flexi_patch_sizes`` (a list, or "8,12,16" from the command line) checked."""
+  sizes = config.get("flexi_patch_sizes") or ()
+  if isinstance(sizes, str):
+    sizes = [s for s in sizes.replace(" ", "").split(",") if s]
+  try:
+    sizes = tuple(int(s) for s in sizes)
+  except (TypeError, ValueError):
+    raise ValueError("config.flexi_patch_sizes must be a list of positive integers, got "
+                     f"{config.get('flexi_patch_sizes')!r}") from None
+  if any(s < 1 for s in sizes):
+    raise ValueError(f"config.flexi_patch_sizes must be positive integers, got {sizes}")
+  return sizes
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -121,6 +141,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       common.console(finetune.describe_trainable(abstract_params, finetune.trainable_mask(
           abstract_params, freeze=config.get("freeze"), train_only=train_only)))
 
+  # FlexiViT: the stored kernel and position table serve every patch size in the list.
+  flexi_sizes = flexi_patch_sizes(config)
+  if flexi_sizes and not hasattr(model, "flexi_patch_size"):
+    raise ValueError(f"config.flexi_patch_sizes needs a plain ViT; {config.model_name} "
+                     "(with its quantization/LoRA wrappers) has no flexi_patch_size")
+  for size in flexi_sizes:  # fail now if a size cannot run on the training images
+    jax.eval_shape(lambda key, size=size: model.clone(flexi_patch_size=size).init(
+        {"params": key, "dropout": key}, jnp.zeros(image_shape, jnp.float32)), init_key)
+
   # ---------------------------------------------------------------- distillation teacher
   # DeiT-style (see trainers/distillation.py): a frozen teacher from another run's
   # checkpoint labels each batch in eval mode; it is not trained and not checkpointed.
@@ -189,13 +218,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"({state_bytes_total / 2**20:,.2f} MiB in all)")
 
   # ---------------------------------------------------------------- step functions
-  def compute_grads(params, model_state, images, labels, rng, teacher_variables):
+  def compute_grads(params, model_state, images, labels, rng, teacher_variables,
+                    step_model):
     mutable = list(model_state) or False
     teacher_logits = (None if teacher is None else
                       teacher.apply(teacher_variables, images, train=False))
 
     def loss_fn(params):
-      out = model.apply({"params": params, **model_state}, images, train=True,
+      out = step_model.apply({"params": params, **model_state}, images, train=True,
                         rngs={"dropout": rng}, mutable=mutable)
       outputs, new_model_state = out if mutable else (out, model_state)
       # A distilled model (DeiT) returns (class head, distillation head) in training.
@@ -227,7 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError("distillation with mixup/cutmix is not supported: the distillation "
                      "loss takes hard labels")
 
-  def train_step(state: TrainState, batch, teacher_variables):
+  def train_step(state: TrainState, batch, teacher_variables, patch_size=None):
+    step_model = model if patch_size is None else model.clone(flexi_patch_size=patch_size)
     rng = jax.random.fold_in(dropout_key, state.step)
     images, labels = batch["image"], batch["label"]
     if mixing:  # soft targets (label smoothing folded in)
@@ -239,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           label_smoothing=config.label_smoothing)
     if accum == 1:
       grads, loss, accuracy, model_state = compute_grads(
-          state.params, state.model_state, images, labels, rng, teacher_variables)
+          state.params, state.model_state, images, labels, rng, teacher_variables,
+          step_model)
     else:
       # Microbatch i takes every accum-th example, so each device keeps its rows.
       split = lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
@@ -249,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         grads_sum, loss_sum, acc_sum, model_state = carry
         grads, loss, accuracy, model_state = compute_grads(
             state.params, model_state, images[:, i], labels[:, i],
-            jax.random.fold_in(rng, i), teacher_variables)
+            jax.random.fold_in(rng, i), teacher_variables, step_model)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
                 acc_sum + accuracy, model_state)
 
@@ -269,10 +301,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               model_state=model_state)
     return new_state, metrics
 
-  train_step = jax.jit(train_step, donate_argnums=0,
-                       in_shardings=(state_shardings, batch_sharding,
-                                     sharding.replicated(mesh)),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)))
+  # One compiled step per FlexiViT patch size (None: the model's own), built on use.
+  compiled_steps = {}
+
+  def compiled_step(patch_size=None):
+    if patch_size not in compiled_steps:
+      compiled_steps[patch_size] = jax.jit(
+          functools.partial(train_step, patch_size=patch_size), donate_argnums=0,
+          in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
+          out_shardings=(state_shardings, sharding.replicated(mesh)))
+    return compiled_steps[patch_size]
 
   # ---------------------------------------------------------------- evaluators
   def predict(variables, images):
@@ -324,7 +362,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step < total_steps:
       common.console(f"compiling the train step (first step {start_step + 1})...")
     for step in range(start_step + 1, total_steps + 1):
-      state, metrics = train_step(state, next(batches), teacher_variables)
+      patch_size = None
+      if flexi_sizes:  # a function of (seed, step): a resumed run draws the same sizes
+        draw = np.random.default_rng((config.seed, step)).integers(len(flexi_sizes))
+        patch_size = flexi_sizes[draw]
+      state, metrics = compiled_step(patch_size)(state, next(batches), teacher_variables)
       examples_seen += global_batch
       guard.add(step, metrics.pop("finite"))
       pending.append(metrics)

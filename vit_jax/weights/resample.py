@@ -12,6 +12,13 @@
   (Swin-style flat ``[(2w-1)*(2w-1), heads]`` or MaxViT-style ``[heads, 2w-1, 2w-1]``)
   resized for a new window, as timm's ``resize_rel_pos_bias_table_simple``
   (bicubic, no antialias).
+* ``resize_patch_kernel``: a patch-embedding kernel ``[p, p, C, D]`` for another patch
+  size, by FlexiViT's pseudo-inverse resize (PI-resize, Beyer et al. 2023): the new
+  kernel ``w'`` minimises ``|<x, w> - <B x, w'>|`` over patches ``x``, where ``B`` is
+  bilinear resizing (half-pixel centres, no antialias, as ``tf.image.resize``), i.e.
+  ``w' = pinv(B^T) w``. Upsampling a patch together with the kernel then gives the
+  same tokens. ``method="bilinear"`` resizes the kernel like an image instead (the
+  baseline the paper compares with).
 """
 
 import math
@@ -104,6 +111,51 @@ def resample_posemb(posemb: Array, new_size: Sequence[int], *,
   grid = resize_grid(grid.reshape(old_size + (-1,)), new_size, method=method,
                      antialias=antialias)
   return jnp.concatenate([prefix, grid.reshape(1, -1, grid.shape[-1])], axis=1)
+
+
+PATCH_KERNEL_METHODS = ("pi", "bilinear")
+
+
+def _pi_resize_matrix(old_hw: Sequence[int], new_hw: Sequence[int]) -> np.ndarray:
+  """``[new_h*new_w, old_h*old_w]`` matrix taking a flat old kernel to the new one."""
+  # B maps a flat old patch to the flat bilinearly resized patch (row-major, as the
+  # kernel's spatial axes flatten); PyTorch's and TF's non-antialiased bilinear
+  # weights agree (half-pixel centres, borders clamped).
+  resize = np.kron(_torch_resize_matrix(old_hw[0], new_hw[0], "bilinear"),
+                   _torch_resize_matrix(old_hw[1], new_hw[1], "bilinear"))
+  return np.linalg.pinv(resize.astype(np.float64).T).astype(np.float32)
+
+
+def resize_patch_kernel(kernel: Array, new_hw: Sequence[int], *,
+                        method: str = "pi") -> Array:
+  """A ``[h, w, C, D]`` patch-embedding kernel resized to ``new_hw`` (see above).
+
+  Traceable (the resize matrix is a constant of the shapes): models call it on
+  their parameters in every forward pass, so gradients reach the stored kernel.
+  """
+  if method not in PATCH_KERNEL_METHODS:
+    raise ValueError(f"patch kernel resize method must be one of {PATCH_KERNEL_METHODS}, "
+                     f"got {method!r}")
+  kernel = jnp.asarray(kernel)
+  if kernel.ndim != 4:
+    raise ValueError(f"expected a patch-embedding kernel [h, w, in, out], got {kernel.shape}")
+  new_hw = tuple(new_hw)
+  if len(new_hw) != 2 or not all(isinstance(s, (int, np.integer)) and s >= 1
+                                 for s in new_hw):
+    raise ValueError(f"a patch kernel can be resized to positive integer sizes only, got "
+                     f"{new_hw}")
+  old_hw = tuple(kernel.shape[:2])
+  if old_hw == new_hw:
+    return kernel
+  if method == "bilinear":
+    flat = kernel.reshape(old_hw + (-1,))
+    out = resize_grid(flat, new_hw, method="bilinear", antialias=False)
+    return out.reshape(new_hw + kernel.shape[2:])
+  matrix = _pi_resize_matrix(old_hw, new_hw)
+  out = jnp.einsum("no,oc->nc", matrix,
+                   kernel.reshape(old_hw[0] * old_hw[1], -1).astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(new_hw + kernel.shape[2:]).astype(kernel.dtype)
 
 
 def resize_rel_pos_bias_table(table: Array, new_window: Sequence[int]) -> Array:
