@@ -1,4 +1,5 @@
-"""Token reduction (ToMe, EViT): parity with a PyTorch re-creation on timm, shapes, errors.
+"""Token reduction (ToMe, EViT, DynamicViT): parity with a PyTorch re-creation on timm,
+shapes, errors.
 
 The re-creation (``tome_ref.py``, one subprocess for every case) runs the papers'
 algorithms on timm's ViT and distilled DeiT with random weights.
@@ -30,6 +31,11 @@ CASES = {  # name: (timm model, our settings)
                  dict(token_keep_rate=0.7, token_keep_layers=(1, 2))),
     "deit_distilled_evit": ("deit_tiny_distilled_patch16_224",
                             dict(token_keep_rate=0.5, token_keep_layers=(0, 2))),
+    # DynamicViT at inference: 49 patches, then int(0.7 * 49) = 34, int(0.49 * 49) = 24.
+    "vit_dynamic": ("vit_tiny_patch16_224",
+                    dict(token_pruning=0.7, token_pruning_layers=(1, 2))),
+    "deit_distilled_dynamic": ("deit_tiny_distilled_patch16_224",
+                               dict(token_pruning=0.5, token_pruning_layers=(0, 2))),
 }
 
 
@@ -39,7 +45,22 @@ def _job(model_name, settings):
   return {"model": model_name, "kwargs": TIMM_KWARGS, "randomize": 0.2,
           "num_prefix_tokens": prefix, "token_merging": list(merging),
           "token_keep_rate": settings.get("token_keep_rate", 1.0),
-          "token_keep_layers": list(settings.get("token_keep_layers", ()))}
+          "token_keep_layers": list(settings.get("token_keep_layers", ())),
+          "token_pruning": settings.get("token_pruning", 1.0),
+          "token_pruning_layers": list(settings.get("token_pruning_layers", ()))}
+
+
+def _with_predictors(params, ref, layers):
+  """The reference's PredictorLG weights as our ``score_predictor`` parameters."""
+  params = jax.tree.map(lambda x: x, params)  # a copy to add to
+  for s, i in enumerate(layers):
+    get = lambda name: np.asarray(ref[f"predictor/{s}/{name}"])  # pylint: disable=cell-var-from-loop
+    dense = lambda name: {"kernel": get(f"{name}.weight").T, "bias": get(f"{name}.bias")}
+    params["Transformer"][f"encoderblock_{i}"]["score_predictor"] = {
+        "LayerNorm_0": {"scale": get("in_conv.0.weight"), "bias": get("in_conv.0.bias")},
+        "Dense_0": dense("in_conv.1"), "Dense_1": dense("out_conv.0"),
+        "Dense_2": dense("out_conv.2"), "Dense_3": dense("out_conv.4")}
+  return params
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +91,10 @@ def ours(references):
     if case not in built:
       model_name, settings = CASES[case]
       model = models.create(model_name, head_zeroinit=False, **OURS, **settings)
-      params = convert.from_timm(model_name, state_dict_of(references[case]), model=model)
+      plain = models.create(model_name, head_zeroinit=False, **OURS)
+      params = _with_predictors(
+          convert.from_timm(model_name, state_dict_of(references[case]), model=plain),
+          references[case], settings.get("token_pruning_layers", ()))
       traces = []
       built[case] = (_jit_intermediates(model, traces), params, traces)
     return built[case]
@@ -91,7 +115,7 @@ def test_matches_the_pytorch_recreation_on_timm(case, references, ours, images):
   for i in range(3):
     ours, theirs = np.asarray(inter[f"Transformer/block_{i}"]), ref[f"tokens/{i}"]
     assert ours.shape == theirs.shape, (i, ours.shape, theirs.shape)
-    if "evit" in case:  # EViT's published order is by attention; ours by position
+    if "evit" in case or "dynamic" in case:  # published: by score; ours: by position
       ours, theirs = np.sort(ours, axis=1), np.sort(theirs, axis=1)
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * max(1, np.abs(theirs).max()))
   if case == "vit_r0":  # exactly the plain model: same code path, same numbers
