@@ -20,7 +20,8 @@ with static shapes.
   a hard Gumbel-softmax sample per token (straight-through) marks it kept or dropped,
   the marks multiply into the token ``size`` (0: dropped) and the attention of the
   later blocks ignores dropped keys (``policy_attention``), so the predictor learns
-  through the task loss; ``keep_decision_{i}`` is sown for the keep-ratio loss.
+  through the task loss; each pruning block sows its marks (``keep_decision``, in
+  ``intermediates``) for the keep-ratio loss.
 
 Prefix tokens (class, distillation) are never merged, pruned or fused. How many
 tokens a block removes depends only on the setting and the token count, so every
