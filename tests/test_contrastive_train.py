@@ -403,3 +403,19 @@ def test_datacomp_siglip_config_trains_a_few_steps(pool, tmp_path, capsys):
   assert "retrieval eval 'heldout' skipped" in output
   info = json.load(open(tmp_path / "siglip" / "model.json"))
   assert info["model"]["dtype"] == "bfloat16" and info["model"]["logit_bias_init"] == -10.0
+
+
+def test_quantize_command_takes_a_contrastive_workdir(trained, tmp_path):
+  """int8 PTQ of both towers, zero-shot before and after (docs/quantization.md)."""
+  code, out = run_command("vit_jax.tools.quantize", f"--workdir={trained['workdir']}",
+                          "--mode=int8", f"--out={tmp_path / 'q'}")
+  assert code == 0, out
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["step"] == STEPS and result["zero_shot/digits/count"] == 120
+  assert result["float_zero_shot/digits/top1"] == pytest.approx(
+      trained["result"]["eval/zero_shot/digits/top1"])
+  assert 0 <= result["quantized_zero_shot/digits/top1"] <= 1
+  # Kernels shrink 4x; this tiny model's token and position embeddings stay float.
+  assert result["quantized_param_bytes"] < 0.6 * result["float_param_bytes"]
+  saved = json.loads((tmp_path / "q" / "quantization.json").read_text())
+  assert saved["mode"] == "int8" and saved["model_name"] == "clip_vit_base_patch32_224"

@@ -92,3 +92,48 @@ def test_unreachable_family_and_bad_mode_are_named():
     quantization.ptq(MatmulOnly(), variables, "int8", x)
   with pytest.raises(ValueError, match="quantization.mode='int3'"):
     quantization.rules(quantization.Settings(mode="int3"))
+
+
+def test_qat_trains_through_the_trainer_and_resumes_exactly(tfds_dir, tmp_path):
+  """``config.quantization``: fake-quantized (w4a8) training with float parameters;
+  a rerun after a kill (the newest checkpoint never committed) ends bit-identical."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from helpers import train_in_process  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint, workdir  # pylint: disable=g-import-not-at-top
+
+  def train(path, mode):
+    return train_in_process(
+        tfds_dir, path, "vit_tiny_patch16_224", steps=6, learning_rate=3e-3,
+        image_size=16, patch_size=4, hidden_size=32, num_layers=1, num_heads=2,
+        mlp_dim=64, config_overrides={"quantization.mode": mode, "checkpoint_every": 3,
+                                      "keep_checkpoints": 3})
+
+  def state(path):
+    arrays = checkpoint.load_state_arrays(str(path / "checkpoints" / "6"))
+    return jax.tree_util.tree_leaves_with_path(
+        {"params": arrays["params"], "opt_state": arrays["opt_state"]})
+
+  reference = train(tmp_path / "qat", "w4a8")
+  killed = tmp_path / "killed"
+  shutil.copytree(tmp_path / "qat", killed)
+  shutil.rmtree(killed / "checkpoints" / "6")
+  (killed / "results.json").unlink()
+  resumed = train(killed, "w4a8")
+  drop_history = lambda r: {k: v for k, v in r.items() if k != "train_loss_history"}
+  assert drop_history(resumed) == drop_history(reference)
+  for (name, a), (_, b) in zip(state(tmp_path / "qat"), state(killed), strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(name))
+
+  # The same run in float takes other steps: the trainer trained the quantized model.
+  train(tmp_path / "float", "")
+  qat_params, _ = workdir.read_variables(tmp_path / "qat")
+  float_params, _ = workdir.read_variables(tmp_path / "float")
+  assert jax.tree.structure(qat_params) == jax.tree.structure(float_params)
+  kernel = lambda v: np.asarray(v["params"]["Transformer"]["encoderblock_0"]["MlpBlock_3"]
+                                ["Dense_0"]["kernel"])
+  assert np.abs(kernel(qat_params) - kernel(float_params)).max() > 1e-4
+  # The QAT run's parameters are plain floats that PTQ takes as they are.
+  model = models.create("vit_tiny_patch16_224", num_classes=10, image_size=16,
+                        patch_size=4, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+  _, qvariables = quantization.ptq(model, qat_params, "w4a8", jnp.zeros((1, 16, 16, 3)))
+  assert quantization.quantized_count(qvariables) == 7  # q, k, v, out, 2 MLP, head

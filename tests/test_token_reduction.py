@@ -1,4 +1,5 @@
-"""Token reduction (ToMe, EViT): parity with a PyTorch re-creation on timm, shapes, errors.
+"""Token reduction (ToMe, EViT, DynamicViT): parity with a PyTorch re-creation on timm,
+shapes, errors.
 
 The re-creation (``tome_ref.py``, one subprocess for every case) runs the papers'
 algorithms on timm's ViT and distilled DeiT with random weights.
@@ -30,6 +31,11 @@ CASES = {  # name: (timm model, our settings)
                  dict(token_keep_rate=0.7, token_keep_layers=(1, 2))),
     "deit_distilled_evit": ("deit_tiny_distilled_patch16_224",
                             dict(token_keep_rate=0.5, token_keep_layers=(0, 2))),
+    # DynamicViT at inference: 49 patches, then int(0.7 * 49) = 34, int(0.49 * 49) = 24.
+    "vit_dynamic": ("vit_tiny_patch16_224",
+                    dict(token_pruning=0.7, token_pruning_layers=(1, 2))),
+    "deit_distilled_dynamic": ("deit_tiny_distilled_patch16_224",
+                               dict(token_pruning=0.5, token_pruning_layers=(0, 2))),
 }
 
 
@@ -39,7 +45,22 @@ def _job(model_name, settings):
   return {"model": model_name, "kwargs": TIMM_KWARGS, "randomize": 0.2,
           "num_prefix_tokens": prefix, "token_merging": list(merging),
           "token_keep_rate": settings.get("token_keep_rate", 1.0),
-          "token_keep_layers": list(settings.get("token_keep_layers", ()))}
+          "token_keep_layers": list(settings.get("token_keep_layers", ())),
+          "token_pruning": settings.get("token_pruning", 1.0),
+          "token_pruning_layers": list(settings.get("token_pruning_layers", ()))}
+
+
+def _with_predictors(params, ref, layers):
+  """The reference's PredictorLG weights as our ``score_predictor`` parameters."""
+  params = jax.tree.map(lambda x: x, params)  # a copy to add to
+  for s, i in enumerate(layers):
+    get = lambda name: np.asarray(ref[f"predictor/{s}/{name}"])  # pylint: disable=cell-var-from-loop
+    dense = lambda name: {"kernel": get(f"{name}.weight").T, "bias": get(f"{name}.bias")}
+    params["Transformer"][f"encoderblock_{i}"]["score_predictor"] = {
+        "LayerNorm_0": {"scale": get("in_conv.0.weight"), "bias": get("in_conv.0.bias")},
+        "Dense_0": dense("in_conv.1"), "Dense_1": dense("out_conv.0"),
+        "Dense_2": dense("out_conv.2"), "Dense_3": dense("out_conv.4")}
+  return params
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +91,10 @@ def ours(references):
     if case not in built:
       model_name, settings = CASES[case]
       model = models.create(model_name, head_zeroinit=False, **OURS, **settings)
-      params = convert.from_timm(model_name, state_dict_of(references[case]), model=model)
+      plain = models.create(model_name, head_zeroinit=False, **OURS)
+      params = _with_predictors(
+          convert.from_timm(model_name, state_dict_of(references[case]), model=plain),
+          references[case], settings.get("token_pruning_layers", ()))
       traces = []
       built[case] = (_jit_intermediates(model, traces), params, traces)
     return built[case]
@@ -91,7 +115,7 @@ def test_matches_the_pytorch_recreation_on_timm(case, references, ours, images):
   for i in range(3):
     ours, theirs = np.asarray(inter[f"Transformer/block_{i}"]), ref[f"tokens/{i}"]
     assert ours.shape == theirs.shape, (i, ours.shape, theirs.shape)
-    if "evit" in case:  # EViT's published order is by attention; ours by position
+    if "evit" in case or "dynamic" in case:  # published: by score; ours: by position
       ours, theirs = np.sort(ours, axis=1), np.sort(theirs, axis=1)
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * max(1, np.abs(theirs).max()))
   if case == "vit_r0":  # exactly the plain model: same code path, same numbers
@@ -153,6 +177,52 @@ def test_pallas_falls_back_to_xla_and_clip_towers_merge(images):
   assert inter["img/Transformer/block_1"].shape == (2, 50 - 24, 32)
 
 
+def test_dynamic_pruning_trains_its_predictor_with_static_shapes(images):
+  """DynamicViT in training: every token stays, marked kept (1) or dropped (0) by hard
+  Gumbel samples that only ever drop more; the task loss reaches the predictors."""
+  model = models.create("vit_tiny_patch16_224", head_zeroinit=False, hidden_size=32,
+                        num_heads=2, mlp_dim=64, token_pruning=0.7,
+                        token_pruning_layers=(1, 2), **OURS)
+  variables = model.init(jax.random.key(0), images)
+  traces = []
+
+  @jax.jit
+  def train_forward(params, x, rng):
+    traces.append(x.shape)
+
+    def loss(params):
+      logits, state = model.apply({"params": params}, x, train=True, rngs={"dropout": rng},
+                                  mutable=["intermediates"])
+      return (logits ** 2).mean(), state["intermediates"]["Transformer"]
+    return jax.grad(loss, has_aux=True)(params)
+
+  grads, inter = train_forward(variables["params"], images, jax.random.key(1))
+  train_forward(variables["params"], images[::-1], jax.random.key(2))
+  assert len(traces) == 1  # a new batch and new samples, no retrace
+  first, second = (np.asarray(inter[f"encoderblock_{i}"]["keep_decision"][0]) for i in (1, 2))
+  assert first.shape == second.shape == (2, 49)
+  assert set(np.unique(first)) <= {0.0, 1.0} and 0 < first.sum() < first.size
+  assert (second <= first).all() and second.sum() < first.sum()
+  assert inter["block_2"][0].shape == (2, 50, 32)  # nothing dropped in training
+  np.testing.assert_array_equal(inter["token_size_2"][0][:, 1:], second)
+  for i in (1, 2):
+    predictor = grads["Transformer"][f"encoderblock_{i}"]["score_predictor"]
+    assert np.abs(predictor["Dense_3"]["kernel"]).max() > 0, i
+  # Inference drops them: 49 patches, then 34 and 24.
+  inter = jax.eval_shape(lambda v, x: models.forward_intermediates(model, v, x)[1],
+                         variables, images)
+  assert [inter[f"Transformer/block_{i}"].shape[1] for i in range(3)] == [50, 35, 25]
+
+  # The training attention: a dropped key does not reach the other queries.
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 1, 6, 2, 4))
+  policy = jnp.array([[1.0, 1, 0, 1, 0, 1]])
+  out = token_reduction.policy_attention(q, k, v, policy)
+  moved = token_reduction.policy_attention(q, k, v.at[:, 2].add(100.0), policy)
+  others = np.array([0, 1, 3, 4, 5])
+  np.testing.assert_allclose(out[:, others], moved[:, others], atol=1e-3)
+  assert np.abs(moved[:, 2] - out[:, 2]).min() > 10  # its own query still sees it
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(token_merging=20), "block 2 would merge 20 of the 9 patch tokens left"),
     (dict(token_merging=(4, 4)), "one r per block"),
@@ -164,6 +234,12 @@ def test_pallas_falls_back_to_xla_and_clip_towers_merge(images):
     (dict(token_merging=4, scan_layers=True), "scan_layers=False"),
     (dict(token_keep_rate=0.5, classifier="gap"), "needs classifier='token'"),
     (dict(token_merging=4, attention="linear"), "attention='softmax'"),
+    (dict(token_pruning=0.0), r"token_pruning must be in \(0, 1\], got 0.0"),
+    (dict(token_pruning=0.7, token_keep_rate=0.7), "set one of them"),
+    (dict(token_pruning=0.1), r"keeps int\(0.1\*\*3 \* 49\) = 0 of the 49 patch"),
+    (dict(token_pruning=0.7, classifier="gap"), "token_pruning .*needs classifier='token'"),
+    (dict(token_pruning=0.7, token_pruning_layers=(3,)),
+     r"token_pruning_layers must be distinct block indices in \[0, 3\)"),
 ])
 def test_bad_settings_are_one_line_errors(settings, message, images):
   model = models.create("vit_tiny_patch16_224", **{**OURS, **settings})

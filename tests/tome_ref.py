@@ -1,9 +1,13 @@
-"""ToMe and EViT re-created in PyTorch on timm's ViT, for ``test_token_reduction.py``.
+"""ToMe, EViT and DynamicViT re-created in PyTorch on timm's ViT, for
+``test_token_reduction.py``.
 
 Written from the papers' algorithms (ToMe: Bolya et al., 2023, bipartite soft matching
 on the keys averaged over heads, size-weighted merging, proportional attention; EViT:
 Liang et al., 2022, top-k by the class token's attention averaged over heads, the rest
-fused into one token weighted by that attention). The matching and the merges run
+fused into one token weighted by that attention; DynamicViT: Rao et al., 2021, the
+PredictorLG module and the inference rule of its DynamicViT code, keep the
+``int(rho**s * n)`` tokens of highest keep score before the ``s``-th pruning block).
+The matching, the merges and the top-k run
 one image and one token at a time, in plain Python loops: an independent check of
 the vectorised gathers and scatters in ``vit_jax.models.token_reduction``. The block
 is timm's, re-run step by step (its ``qkv``, ``proj``, norms, layer scales, MLP).
@@ -12,9 +16,10 @@ is timm's, re-run step by step (its ``qkv``, ``proj``, norms, layer scales, MLP)
 
 A job is a ``timm_ref.py`` job (``model``, ``kwargs``, ``input``, ``out``, ``seed``,
 ``randomize``) plus ``num_prefix_tokens`` and either ``token_merging`` (a list, ``r``
-per block) or ``token_keep_rate`` with ``token_keep_layers``. The ``.npz`` holds
-``state/<name>``, ``logits``, ``features`` (the head's input) and ``tokens/<i>``
-(block ``i``'s output tokens).
+per block), ``token_keep_rate`` with ``token_keep_layers``, or ``token_pruning`` with
+``token_pruning_layers``. The ``.npz`` holds ``state/<name>``, ``logits``,
+``features`` (the head's input), ``tokens/<i>`` (block ``i``'s output tokens) and, for
+DynamicViT, ``predictor/<s>/<name>`` (the randomly initialised predictors' weights).
 """
 
 import json
@@ -84,6 +89,34 @@ def evit_image(x, cls_attention, keep_rate, prefix):
   return torch.cat([x[:prefix], patches[top], fused[None]])
 
 
+class PredictorLG(torch.nn.Module):
+  """DynamicViT's prediction module, as published (local and global halves)."""
+
+  def __init__(self, dim):
+    super().__init__()
+    nn = torch.nn
+    self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+    self.out_conv = nn.Sequential(
+        nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+        nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
+
+  def forward(self, x, policy):
+    x = self.in_conv(x)
+    batch, tokens, dim = x.size()
+    local_x = x[:, :, :dim // 2]
+    global_x = (x[:, :, dim // 2:] * policy).sum(dim=1, keepdim=True) / torch.sum(
+        policy, dim=1, keepdim=True)
+    x = torch.cat([local_x, global_x.expand(batch, tokens, dim // 2)], dim=-1)
+    return self.out_conv(x)
+
+
+def dynamic_image(x, scores, keep, prefix):
+  """One image's DynamicViT inference step: the ``keep`` best patches, by score."""
+  patches = x[prefix:]
+  top = sorted(range(patches.shape[0]), key=lambda t: -float(scores[t]))[:keep]
+  return torch.cat([x[:prefix], patches[top]])
+
+
 def run(job):
   torch.manual_seed(job.get("seed", 0))
   model = timm.create_model(job["model"], pretrained=False, **job.get("kwargs", {}))
@@ -94,10 +127,23 @@ def run(job):
   keep_layers = job.get("token_keep_layers") or []
   images = torch.from_numpy(np.load(job["input"])).permute(0, 3, 1, 2).contiguous()
   out = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}
+  pruning_layers = job.get("token_pruning_layers") or []
+  predictors = [PredictorLG(model.embed_dim) for _ in pruning_layers]
+  for s, predictor in enumerate(predictors):
+    out.update({f"predictor/{s}/{k}": v.detach().numpy()
+                for k, v in predictor.state_dict().items()})
   with torch.no_grad():
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     size = torch.ones(x.shape[:2])
+    init_n = x.shape[1] - prefix
     for i, block in enumerate(model.blocks):
+      if i in pruning_layers:
+        s = pruning_layers.index(i)
+        keep = int(init_n * job["token_pruning"] ** (s + 1))
+        decision = torch.ones(x.shape[0], x.shape[1] - prefix, 1)  # all live at inference
+        scores = predictors[s](x[:, prefix:], decision)[:, :, 0]
+        x = torch.stack([dynamic_image(x[b], scores[b], keep, prefix)
+                         for b in range(x.shape[0])])
       y, keys, weights = attention(block.attn, block.norm1(x),
                                    size if any(merging) else None)
       x = x + block.ls1(y)

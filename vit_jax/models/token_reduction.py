@@ -1,4 +1,5 @@
-"""Token reduction for plain ViTs: ToMe merging and EViT fusion, with static shapes.
+"""Token reduction for plain ViTs: ToMe merging, EViT fusion and DynamicViT pruning,
+with static shapes.
 
 * ToMe (Bolya et al., 2023, "Token Merging: Your ViT but Faster"): between the
   attention and MLP residuals, split the tokens into alternating sets A (even
@@ -11,6 +12,16 @@
   keep the ``ceil(keep_rate * n)`` patch tokens the class token attends to most
   (attention averaged over heads) and fuse the others into one token, their sum
   weighted by that attention.
+* DynamicViT (Rao et al., 2021, "DynamicViT: Efficient Vision Transformers with
+  Dynamic Token Sparsification"): before chosen blocks, a small prediction module
+  (``ScorePredictor``, the paper's local + global MLP) scores every patch token; at
+  inference the ``int(rho**s * n)`` best (stage ``s = 1, 2, ...`` of the
+  ``n`` input patches) stay and the rest are dropped. In training nothing is dropped:
+  a hard Gumbel-softmax sample per token (straight-through) marks it kept or dropped,
+  the marks multiply into the token ``size`` (0: dropped) and the attention of the
+  later blocks ignores dropped keys (``policy_attention``), so the predictor learns
+  through the task loss; each pruning block sows its marks (``keep_decision``, in
+  ``intermediates``) for the keep-ratio loss.
 
 Prefix tokens (class, distillation) are never merged, pruned or fused. How many
 tokens a block removes depends only on the setting and the token count, so every
@@ -23,8 +34,9 @@ token, 1 at the start) and, when intermediates are collected, ``source``
 """
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,9 +46,11 @@ from vit_jax.models import registry
 Array = jax.Array
 
 # Model settings; families without them get this explanation from the registry.
-SETTINGS = ("token_merging", "token_keep_rate", "token_keep_layers")
+SETTINGS = ("token_merging", "token_keep_rate", "token_keep_layers", "token_pruning",
+            "token_pruning_layers")
 UNSUPPORTED_FAMILY = (
-    "token reduction (ToMe token_merging, EViT token_keep_rate) works on the plain-ViT "
+    "token reduction (ToMe token_merging, EViT token_keep_rate, DynamicViT "
+    "token_pruning) works on the plain-ViT "
     "families (vit, deit, the CLIP image towers and the two-tower image side): their "
     "blocks see a flat token sequence. Hierarchical, windowed and convolutional "
     "families need their token grid intact.")
@@ -58,32 +72,39 @@ def merge_schedule(token_merging: Union[int, Sequence[int]], num_layers: int
   return schedule
 
 
-def keep_layers(token_keep_layers: Optional[Sequence[int]], num_layers: int
-                ) -> tuple[int, ...]:
-  """EViT's reducing blocks; by default at 1/4, 1/2 and 3/4 depth ((3, 6, 9) of 12)."""
+def keep_layers(token_keep_layers: Optional[Sequence[int]], num_layers: int,
+                setting: str = "token_keep_layers") -> tuple[int, ...]:
+  """EViT's reducing blocks (DynamicViT's pruning blocks, ``setting`` names which);
+  by default at 1/4, 1/2 and 3/4 depth ((3, 6, 9) of 12, the papers' choice)."""
   if token_keep_layers is None:
     return tuple(sorted({num_layers // 4, num_layers // 2, 3 * num_layers // 4}))
   layers = tuple(int(i) for i in token_keep_layers)
   bad = [i for i in layers if not 0 <= i < num_layers]
   if bad or len(set(layers)) != len(layers):
-    raise ValueError(f"token_keep_layers must be distinct block indices in [0, "
+    raise ValueError(f"{setting} must be distinct block indices in [0, "
                      f"{num_layers}), got {tuple(token_keep_layers)}")
   return tuple(sorted(layers))
 
 
 def check_settings(*, token_merging, token_keep_rate: float, num_prefix_tokens: int,
-                   scan_layers: bool, attention: str, attention_dropout_rate: float) -> None:
+                   scan_layers: bool, attention: str, attention_dropout_rate: float,
+                   token_pruning: float = 1.0) -> None:
   """The errors every model with token reduction shares (one line each)."""
   merging = any(np.atleast_1d(token_merging))
-  if not 0.0 < token_keep_rate <= 1.0:
-    raise ValueError(f"token_keep_rate must be in (0, 1], got {token_keep_rate}")
-  pruning = token_keep_rate < 1.0
-  if merging and pruning:
-    raise ValueError("token_merging (ToMe) and token_keep_rate < 1 (EViT) are two ways "
-                     "to reduce tokens: set one of them")
-  if not (merging or pruning):
+  for name, rate in (("token_keep_rate", token_keep_rate), ("token_pruning", token_pruning)):
+    if not 0.0 < rate <= 1.0:
+      raise ValueError(f"{name} must be in (0, 1], got {rate}")
+  chosen = [name for name, on in (("token_merging (ToMe)", merging),
+                                  ("token_keep_rate < 1 (EViT)", token_keep_rate < 1.0),
+                                  ("token_pruning < 1 (DynamicViT)", token_pruning < 1.0))
+            if on]
+  if len(chosen) > 1:
+    raise ValueError(f"{' and '.join(chosen)} are different ways to reduce tokens: set "
+                     "one of them")
+  if not chosen:
     return
-  setting = "token_merging" if merging else "token_keep_rate"
+  setting = chosen[0].split(" ")[0]
+  pruning = setting != "token_merging"
   if scan_layers:
     raise ValueError(f"{setting} changes the token count from block to block, which "
                      "nn.scan cannot carry: set scan_layers=False")
@@ -93,9 +114,13 @@ def check_settings(*, token_merging, token_keep_rate: float, num_prefix_tokens: 
   if attention_dropout_rate:
     raise ValueError(f"{setting} reads the attention inputs, which the dropout path "
                      "does not expose: set attention_dropout_rate=0")
-  if pruning and num_prefix_tokens < 1:
+  if setting == "token_keep_rate" and num_prefix_tokens < 1:
     raise ValueError("token_keep_rate (EViT) ranks tokens by the class token's "
                      "attention: it needs classifier='token'")
+  if setting == "token_pruning" and num_prefix_tokens < 1:
+    raise ValueError("token_pruning (DynamicViT) classifies from the class token (in "
+                     "training the dropped tokens are still there and would enter a "
+                     "mean): it needs classifier='token'")
   if num_prefix_tokens > 2:
     raise ValueError(f"token reduction protects at most 2 prefix tokens, got "
                      f"{num_prefix_tokens}")
@@ -216,3 +241,93 @@ def keep_and_fuse(x: Array, size: Array, source: Optional[Array], attention: Arr
   ones = jnp.ones_like(weight)  # sizes and sources add up: the fused token holds all
   return (x, reduce(size, ones.astype(size.dtype)),
           None if source is None else reduce(source, ones.astype(source.dtype)))
+
+
+def pruning_keep_counts(token_pruning: float, num_stages: int, num_patches: int
+                        ) -> tuple[int, ...]:
+  """DynamicViT's static counts: stage ``s`` (1-based) keeps ``int(rho**s * n)``
+  of the ``n`` input patch tokens, as the published code rounds them."""
+  ratios = [token_pruning ** s for s in range(1, num_stages + 1)]
+  counts = tuple(int(num_patches * ratio) for ratio in ratios)
+  if counts and counts[-1] < 1:
+    raise ValueError(f"token_pruning={token_pruning} over {num_stages} pruning layers "
+                     f"keeps int({token_pruning}**{num_stages} * {num_patches}) = 0 of the "
+                     f"{num_patches} patch tokens in the last: raise token_pruning or use "
+                     "fewer token_pruning_layers")
+  return counts
+
+
+class ScorePredictor(nn.Module):
+  """DynamicViT's prediction module (the paper's PredictorLG).
+
+  ``(patch tokens [B, n, D], policy [B, n])`` -> log-probabilities ``[B, n, 2]`` of
+  (keep, drop). Each token's features are split in half: a local half, and a global
+  half replaced by its mean over the live tokens (``policy`` 1; in training the
+  earlier stages' marks). LayerNorm epsilon 1e-5 and exact GELU, as published.
+  """
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, policy: Array) -> Array:
+    dim = x.shape[-1]
+    dense = lambda features, name: nn.Dense(features, dtype=self.dtype,
+                                            param_dtype=self.param_dtype, name=name)
+    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="LayerNorm_0")(x)
+    x = nn.gelu(dense(dim, "Dense_0")(x), approximate=False)
+    weight = policy.astype(x.dtype)[..., None]
+    local, whole = x[..., :dim // 2], x[..., dim // 2:]
+    whole = (whole * weight).sum(axis=1, keepdims=True) / weight.sum(axis=1, keepdims=True)
+    x = jnp.concatenate([local, jnp.broadcast_to(whole, local.shape[:2] + whole.shape[2:])],
+                        axis=-1)
+    x = nn.gelu(dense(dim // 2, "Dense_1")(x), approximate=False)
+    x = nn.gelu(dense(dim // 4, "Dense_2")(x), approximate=False)
+    return jax.nn.log_softmax(dense(2, "Dense_3")(x).astype(jnp.float32), axis=-1)
+
+
+def keep_top(x: Array, size: Array, source: Optional[Array], scores: Array, keep: int,
+             num_prefix_tokens: int) -> tuple[Array, Array, Optional[Array]]:
+  """DynamicViT at inference: the ``keep`` patch tokens of highest ``scores`` ``[B, n]``.
+
+  Kept tokens stay in input order (the published code orders them by score; the class
+  token's output does not depend on the order of the others).
+  """
+  p = num_prefix_tokens
+  if keep >= x.shape[1] - p:
+    return x, size, source
+  kept = jnp.sort(jnp.argsort(-scores, axis=-1)[:, :keep], axis=-1)
+
+  def select(t):
+    idx = kept.reshape(kept.shape + (1,) * (t.ndim - 2))
+    return jnp.concatenate([t[:, :p], jnp.take_along_axis(t[:, p:], idx, axis=1)], axis=1)
+  return select(x), select(size), None if source is None else select(source)
+
+
+def gumbel_keep(rng: Array, log_probs: Array) -> Array:
+  """A hard Gumbel-softmax sample (temperature 1) of "keep", ``[B, n]`` in {0, 1}, with
+  the soft sample's gradient (straight-through), as ``F.gumbel_softmax(hard=True)``."""
+  gumbel = jax.random.gumbel(rng, log_probs.shape, jnp.float32)
+  soft = jax.nn.softmax(log_probs + gumbel, axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), 2, dtype=soft.dtype)
+  return (hard - jax.lax.stop_gradient(soft) + soft)[..., 0]
+
+
+def policy_attention(query: Array, key: Array, value: Array, policy: Array,
+                     eps: float = 1e-6) -> Array:
+  """DynamicViT's training attention: keys with ``policy`` 0 (dropped) are ignored,
+  except by their own query, with the published ``eps`` smoothing.
+
+  ``query``/``key``/``value`` ``[B, N, heads, head_dim]``, ``policy`` ``[B, N]``.
+  The policy multiplies the weights (so its straight-through gradient reaches the
+  predictor), which a ``log(policy)`` bias could not do.
+  """
+  n = key.shape[1]
+  dtype = query.dtype
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(jnp.float32),
+                      key.astype(jnp.float32)) * query.shape[-1] ** -0.5
+  allowed = policy.astype(jnp.float32)[:, None, None, :]
+  allowed = allowed + (1.0 - allowed) * jnp.eye(n, dtype=jnp.float32)
+  weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True)) * allowed
+  weights = (weights + eps / n) / (weights.sum(axis=-1, keepdims=True) + eps)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(jnp.float32)).astype(dtype)

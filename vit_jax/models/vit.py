@@ -265,12 +265,30 @@ class TokenReductionBlock(Encoder1DBlock):
   Called with and returning ``(tokens, size, source)`` (``token_reduction``'s token
   state): the plain block's steps, with the sizes that proportional attention reads
   and the merge changes carried alongside the tokens. Same parameters as the plain
-  block; the algorithms live in ``token_reduction``.
+  block (DynamicViT's pruning blocks add ``score_predictor``, run in ``prune`` before
+  the block); the algorithms live in ``token_reduction``.
   """
   merge: int = 0  # ToMe's r in this block (0: no merging here)
   proportional_attention: bool = False  # add log(size) to the logits (ToMe models)
   keep_rate: float = 1.0  # EViT's keep rate in this block (1: no pruning here)
+  prune_keep: int = 0  # DynamicViT: patch tokens kept before this block (0: no pruning)
+  policy_attention: bool = False  # DynamicViT training: attention ignores dropped tokens
   num_prefix_tokens: int = 1  # class (and distillation) tokens, never reduced
+
+  def prune(self, x: Array, size: Array, source: Optional[Array], *, train: bool
+            ) -> tuple[Array, Array, Optional[Array]]:
+    """DynamicViT's step before the block: drop tokens (inference) or mark them by
+    a size of 0 (training, Gumbel-softmax samples; see ``token_reduction``)."""
+    p = self.num_prefix_tokens
+    log_probs = token_reduction.ScorePredictor(
+        dtype=self.dtype, param_dtype=self.param_dtype, name="score_predictor")(
+            x[:, p:], size[:, p:])
+    if not train:
+      return token_reduction.keep_top(x, size, source, log_probs[..., 0],
+                                      self.prune_keep, p)
+    keep = token_reduction.gumbel_keep(self.make_rng("dropout"), log_probs) * size[:, p:]
+    self.sow("intermediates", "keep_decision", keep)
+    return x, jnp.concatenate([size[:, :p], keep], axis=1), source
 
   def reduce(self, x: Array, size: Array, source: Optional[Array], query: Array,
              key: Array) -> tuple[Array, Array, Optional[Array]]:
@@ -290,10 +308,14 @@ class TokenReductionBlock(Encoder1DBlock):
                drop_path_rate: Optional[Array] = None):
     x, size, source = state
     rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+    if self.prune_keep:
+      x, size, source = self.prune(x, size, source, train=train)
     seen = {}
 
     def recording_attention(query, key, value, **kwargs):
       seen.update(query=query, key=key)
+      if train and self.policy_attention:  # size holds the keep marks (no bias, mask)
+        return token_reduction.policy_attention(query, key, value, size)
       return self.attention_fn(query, key, value, **kwargs)
 
     bias = jnp.log(size)[:, None, None, :] if self.proportional_attention else None
@@ -405,6 +427,8 @@ class TokenReductionEncoder(Encoder):
   token_merging: tuple[int, ...] = ()
   token_keep_rate: float = 1.0
   token_keep_layers: tuple[int, ...] = ()
+  token_pruning: float = 1.0
+  token_pruning_layers: tuple[int, ...] = ()
   num_prefix_tokens: int = 1
 
   def make_block(self, index: Optional[int], name: str, drop_path_rate: float = 0.0,
@@ -420,6 +444,11 @@ class TokenReductionEncoder(Encoder):
     if any(self.token_merging):
       token_reduction.check_merge_schedule(self.token_merging, x.shape[1],
                                            self.num_prefix_tokens)
+    pruning = {}  # DynamicViT: block index -> patch tokens kept before it
+    if self.token_pruning < 1.0:
+      pruning = dict(zip(self.token_pruning_layers, token_reduction.pruning_keep_counts(
+          self.token_pruning, len(self.token_pruning_layers),
+          x.shape[1] - self.num_prefix_tokens)))
     rates = layers.stochastic_depth_rates(self.drop_path_rate, self.num_layers)
     collect = self.is_mutable_collection("intermediates")
     batch, tokens = x.shape[:2]
@@ -435,7 +464,9 @@ class TokenReductionEncoder(Encoder):
     if self.remat_policy != "none":
       apply_block = nn.remat(apply_block, policy=REMAT_POLICIES[self.remat_policy])
     for i, rate in enumerate(rates):
-      state = apply_block(self.make_block(i, f"encoderblock_{i}", rate), state)
+      dynamic = dict(prune_keep=pruning.get(i, 0),
+                     policy_attention=bool(pruning) and i >= min(pruning, default=0))
+      state = apply_block(self.make_block(i, f"encoderblock_{i}", rate, **dynamic), state)
       self.sow("intermediates", f"block_{i}", state[0])
       self.sow("intermediates", f"token_size_{i}", state[1])
       if collect:
@@ -474,6 +505,9 @@ class VisionTransformer(nn.Module):
       baseline); the learned position table stays stored for ``image_size /
       patch_size`` and is resampled (bilinear) to the input's grid, so any input
       whose sides divide by ``flexi_patch_size`` runs. None: the plain model.
+    token_pruning: DynamicViT's keep ratio ``rho``: before the ``s``-th of
+      ``token_pruning_layers`` (default as EViT's) a learned predictor keeps
+      ``int(rho**s * n)`` of the ``n`` patch tokens; 1.0 is the plain model.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
   """
   num_classes: int = 1000
@@ -504,6 +538,8 @@ class VisionTransformer(nn.Module):
   token_keep_layers: Optional[Sequence[int]] = None
   flexi_patch_size: Optional[int] = None
   flexi_resize: str = "pi"
+  token_pruning: float = 1.0
+  token_pruning_layers: Optional[Sequence[int]] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -557,7 +593,8 @@ class VisionTransformer(nn.Module):
     token_reduction.check_settings(
         token_merging=self.token_merging, token_keep_rate=self.token_keep_rate,
         num_prefix_tokens=self.num_prefix_tokens, scan_layers=self.scan_layers,
-        attention=self.attention, attention_dropout_rate=self.attention_dropout_rate)
+        attention=self.attention, attention_dropout_rate=self.attention_dropout_rate,
+        token_pruning=self.token_pruning)
 
   def patch_grid(self, height: int, width: int) -> tuple[int, int]:
     """The token grid for an input size, or a ValueError naming the constraint."""
@@ -624,17 +661,21 @@ class VisionTransformer(nn.Module):
   def make_encoder(self) -> nn.Module:
     """The ``Transformer`` module (an ``Encoder``; a variant may return a subclass).
 
-    With token reduction set, a ``TokenReductionEncoder`` (same parameters).
+    With token reduction set, a ``TokenReductionEncoder`` (same parameters, plus
+    DynamicViT's ``score_predictor`` in its pruning blocks).
     """
     settings = {}
     encoder = Encoder
     schedule = token_reduction.merge_schedule(self.token_merging, self.num_layers)
-    if any(schedule) or self.token_keep_rate < 1.0:
+    if any(schedule) or self.token_keep_rate < 1.0 or self.token_pruning < 1.0:
       encoder = TokenReductionEncoder
       settings = dict(
           token_merging=schedule, token_keep_rate=self.token_keep_rate,
           token_keep_layers=token_reduction.keep_layers(self.token_keep_layers,
                                                         self.num_layers),
+          token_pruning=self.token_pruning,
+          token_pruning_layers=token_reduction.keep_layers(
+              self.token_pruning_layers, self.num_layers, "token_pruning_layers"),
           num_prefix_tokens=self.num_prefix_tokens)
     return encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim,
                    num_heads=self.num_heads, learned_posemb=self.posemb == "learn",
