@@ -84,6 +84,11 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("distillation.tau", _POSITIVE),
     ("lora.rank", _NON_NEGATIVE_INT),
     ("lora.alpha", _POSITIVE),
+    ("mae.mask_ratio", _FRACTION),
+    ("mae.decoder_width", _POSITIVE_INT),
+    ("mae.decoder_depth", _POSITIVE_INT),
+    ("mae.decoder_heads", _POSITIVE_INT),
+    ("mae.decoder_mlp_dim", _POSITIVE_INT),
 ))
 
 
