@@ -80,6 +80,8 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("mixup.mixup_alpha", _NON_NEGATIVE),
     ("mixup.cutmix_alpha", _NON_NEGATIVE),
     ("mixup.switch_prob", _PROBABILITY),
+    ("mixup.mixpro_alpha", _NON_NEGATIVE),
+    ("mixup.mixpro_cell", _NON_NEGATIVE_INT),
     ("distillation.alpha", _PROBABILITY),
     ("distillation.tau", _POSITIVE),
     ("lora.rank", _NON_NEGATIVE_INT),
