@@ -2,12 +2,14 @@ r"""MAE pretraining of the digits ViT (`configs/finetune.py:digits_vit`), then f
 
   python -m vit_jax.main --config=configs/digits_mae.py --workdir=workdirs/digits_mae
   python -m vit_jax.main --config=configs/finetune.py:digits_vit,digits,16 \
-      --config.init=workdirs/digits_mae --config.total_steps=N --workdir=workdirs/ft_mae
+      --config.init=workdirs/digits_mae --workdir=workdirs/ft_mae  # 300 steps
   # the baseline: the same fine-tune from scratch (no --config.init)
 
 The second command loads the encoder and drops the decoder (its load report says so).
-Measured result: see README ("MAE pretraining"); TensorBoard shows the reconstructions
-under eval/reconstruction.
+Measured (README, "MAE pretraining"; 2-core CPU, seed 0): these 1,000 steps reach a
+masked-patch loss of 0.447 on the test digits; fine-tuned for 300 steps the ViT
+gets 93.61% top-1, against 75.56% for the same 300 steps from scratch. TensorBoard
+shows the reconstructions under eval/reconstruction.
 """
 
 import ml_collections
