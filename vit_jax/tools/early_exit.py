@@ -118,9 +118,9 @@ def markdown(result: dict) -> str:
   full = result["gflops"][-1]
   for row in result["curve"]:
     share = " / ".join(f"{100 * s:.0f}%" for s in row["exit_share"])
+    saved = 100 * (1 - row["gflops"] / full)
     lines.append(f"| {row['threshold']:.2f} | {100 * row['accuracy']:.2f}% | "
-                 f"{row['gflops'] * 1e3:.3f}e-3 | {100 * (1 - row['gflops'] / full):.0f}% | "
-                 f"{share} |")
+                 f"{row['gflops'] * 1e3:.3f}e-3 | {saved:.0f}% | {share} |")
   return "\n".join(lines)
 
 

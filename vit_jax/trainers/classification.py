@@ -5,7 +5,8 @@ Fine-tuning (``configs/finetune.py``) adds, each off unless configured: ``init``
 resampled position embedding),
 ``input.classes`` (a class subset), ``freeze``/``train_only`` regexes,
 ``optimizer.layer_decay``, ``ema_decay`` (the EMA is what gets evaluated),
-``mixup`` (mixup/cutmix, or MixPro with ``mixup.mixpro_alpha``) and ``lora``; see ``vit_jax/finetune.py``.
+``mixup`` (mixup/cutmix, or MixPro with ``mixup.mixpro_alpha``) and ``lora``; see
+``vit_jax/finetune.py``.
 
 Read top to bottom: setup, mesh, data, model and optimizer, distillation teacher
 (optional), train state and its sharding, checkpoint restore, step functions,

@@ -65,7 +65,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"input.batch_size={global_batch} must be divisible by the "
                      f"data-parallel devices ({data_parallel})")
   local_batch = input_pipeline.local_batch_size(global_batch)
-  steps_per_epoch = builder.info.splits[config.input.train_split].num_examples / global_batch
+  train_size = builder.info.splits[config.input.train_split].num_examples
+  steps_per_epoch = train_size / global_batch
   total_steps = config.total_steps
   pp_train = preprocess.parse(config.input.pp_train)
   pp_eval = preprocess.parse(config.input.pp_eval)
