@@ -10,6 +10,10 @@ Stage 2 of LGViT's recipe: each exit learns the final head's soft predictions
 own training data and ``pp_train``; the backbone's parameters are not updated. The
 curve uses the run's ``eval_split``; a threshold above 1 is the full model.
 See ``vit_jax.models.early_exit`` for the exit rule and the cost model.
+
+Measured (README, "Early exits"): on the 4-block digits ViT fine-tuned after MAE
+(93.61%), exits after blocks 0, 1, 2 and threshold 0.72 keep 92.78% top-1 at 33% fewer
+GFLOPs per image.
 """
 
 import json
