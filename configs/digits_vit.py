@@ -5,6 +5,9 @@ r"""A small ViT on scikit-learn's handwritten digits: the offline demo (`make de
 Expected: test top-1 ≈ 98% on the 360 held-out digits, about 2 minutes of training on
 a 2-core CPU (see README for the measured number). The dataset is built offline from
 the copy inside scikit-learn on first use.
+
+MixPro (README, "MixPro"): with --config.total_steps=500, 98.61% without it and 96.67%
+with --config.mixup.mixpro_alpha=1.0 --config.mixup.mixpro_cell=8 (seed 0).
 """
 
 import ml_collections
