@@ -5,6 +5,9 @@ r"""A small ViT on scikit-learn's handwritten digits: the offline demo (`make de
 Expected: test top-1 ≈ 98% on the 360 held-out digits, about 2 minutes of training on
 a 2-core CPU (see README for the measured number). The dataset is built offline from
 the copy inside scikit-learn on first use.
+
+MixPro (README, "MixPro"): with --config.total_steps=500, 98.61% without it and 96.67%
+with --config.mixup.mixpro_alpha=1.0 --config.mixup.mixpro_cell=8 (seed 0).
 """
 
 import ml_collections
@@ -51,6 +54,11 @@ def get_config(arg=None):
   config.schedule = ml_collections.ConfigDict(dict(
       warmup_steps=100, decay="cosine", end_factor=0.01))
   config.label_smoothing = 0.1
+  # Off by default: mixup/cutmix, or MixPro (mixpro_alpha > 0; mixpro_cell pixels per
+  # mask cell, a multiple of the patch size, 0: the patch size). See vit_jax/finetune.py.
+  config.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0,
+                                                switch_prob=0.5, mixpro_alpha=0.0,
+                                                mixpro_cell=0))
   config.total_steps = 1500
   config.num_epochs = config_dict.placeholder(float)  # alternative to total_steps
   config.grad_accum_steps = 1

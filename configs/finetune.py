@@ -21,7 +21,8 @@ after 300 steps, from ≈99% of the 16x16 demo (README, "Fine-tuning").
 
 Controls, all off by default: `freeze` (regex of frozen parameters) or `train_only`,
 `optimizer.layer_decay`, `ema_decay` (the EMA is evaluated), `mixup.mixup_alpha` /
-`mixup.cutmix_alpha`, RandAugment in `input.pp_train` (`randaug(2, 10)`), and
+`mixup.cutmix_alpha` or MixPro (`mixup.mixpro_alpha`, `mixup.mixpro_cell`),
+RandAugment in `input.pp_train` (`randaug(2, 10)`), and
 `lora.rank` (adapters on attention and MLP; only they and the head train).
 """
 
@@ -91,8 +92,11 @@ def get_config(arg: str = "digits_vit,digits,24"):
   config.freeze = config_dict.placeholder(str)  # e.g. "^(embedding|cls|Transformer)(/|$)"
   config.train_only = config_dict.placeholder(str)
   config.ema_decay = config_dict.placeholder(float)  # e.g. 0.999
+  # mixpro_alpha > 0: MixPro instead of mixup/cutmix (grid cells of mixpro_cell
+  # pixels, 0: the patch size; labels from the class token's attention).
   config.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0,
-                                                switch_prob=0.5))
+                                                switch_prob=0.5, mixpro_alpha=0.0,
+                                                mixpro_cell=0))
   config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=""))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -2,6 +2,7 @@ r"""Repeated ``kill -9``: a training run killed at random moments ends bit-ident
 
   PYTHONPATH=$PWD python tests/kill_resume.py --trainer=digits --kills=10
   PYTHONPATH=$PWD python tests/kill_resume.py --trainer=clip --kills=10
+  PYTHONPATH=$PWD python tests/kill_resume.py --trainer=mae --kills=10
 
 Runs one uninterrupted reference run, then reruns the same command in a fresh workdir
 and SIGKILLs it ``--kills`` times, each at a random moment after the train step
@@ -43,12 +44,20 @@ TRAINERS = {
         "--config.schedule.warmup_steps=2", "--config.log_every=5",
         "--config.eval_every=0", "--config.checkpoint_every=1",
         "--config.keep_checkpoints=3"]),
+    "mae": ("configs/digits_mae.py", [
+        "--config.model.hidden_size=32", "--config.model.num_layers=2",
+        "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+        "--config.mae.decoder_width=32", "--config.mae.decoder_depth=1",
+        "--config.mae.decoder_heads=2", "--config.mae.decoder_mlp_dim=64",
+        "--config.input.batch_size=32", "--config.schedule.warmup_steps=5",
+        "--config.log_every=5", "--config.eval_every=0", "--config.checkpoint_every=1",
+        "--config.keep_checkpoints=3"]),
 }
 
 
 def command(trainer, workdir, steps, data):
   config, overrides = TRAINERS[trainer]
-  data_flag = (f"--config.input.data_dir={data}" if trainer == "digits"
+  data_flag = (f"--config.input.data_dir={data}" if trainer in ("digits", "mae")
                else f"--config.input.pool={data}")
   return [sys.executable, "-m", "vit_jax.main", f"--config={os.path.join(REPO, config)}",
           f"--workdir={workdir}", f"--config.total_steps={steps}", data_flag, *overrides]
@@ -80,7 +89,7 @@ def main():
   rng = random.Random(args.seed)
   root = tempfile.mkdtemp(prefix=f"kill_resume_{args.trainer}_")
   data = os.path.join(root, "data")
-  if args.trainer == "digits":
+  if args.trainer in ("digits", "mae"):
     from vit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     input_pipeline.get_builder("digits", data_dir=data)
   else:

@@ -84,6 +84,8 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("mixup.mixup_alpha", _NON_NEGATIVE),
     ("mixup.cutmix_alpha", _NON_NEGATIVE),
     ("mixup.switch_prob", _PROBABILITY),
+    ("mixup.mixpro_alpha", _NON_NEGATIVE),
+    ("mixup.mixpro_cell", _NON_NEGATIVE_INT),
     ("distillation.alpha", _PROBABILITY),
     ("distillation.tau", _POSITIVE),
     ("lora.rank", _NON_NEGATIVE_INT),
@@ -93,6 +95,11 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("sparsity.sparsity", _FRACTION),
     ("sparsity.start_step", _NON_NEGATIVE_INT),
     ("sparsity.update_every", _POSITIVE_INT),
+    ("mae.mask_ratio", _FRACTION),
+    ("mae.decoder_width", _POSITIVE_INT),
+    ("mae.decoder_depth", _POSITIVE_INT),
+    ("mae.decoder_heads", _POSITIVE_INT),
+    ("mae.decoder_mlp_dim", _POSITIVE_INT),
 )) + tuple((f"model.{tower}{key}", *_SIZE)
            for tower in ("", "image.", "text.")
            for key in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size",

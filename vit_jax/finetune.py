@@ -12,8 +12,12 @@ Starting from pretrained weights (``config.init``) is ``vit_jax.weights.load``.
   state (so it is checkpointed, sharded and resumed with it); ``ema_params`` finds
   it for evaluation.
 * ``mix``: mixup / cutmix on a batch, with soft targets.
+* ``mask_mix`` and ``attention_labels``: MixPro (Zhao et al., ICLR 2023), i.e. MaskMix
+  (a grid mask whose cells are a multiple of the patch size) with progressive
+  attention labels (TransMix's class-attention label blended with the area label).
 """
 
+import math
 import re
 from typing import Any, NamedTuple, Optional
 
@@ -178,6 +182,94 @@ def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int, 
   else:
     mixed, lam = do_mixup(None)
   return mixed.astype(images.dtype), lam * targets + (1 - lam) * targets[::-1]
+
+
+# ------------------------------------------------------------------ MixPro
+
+def mask_mix(rng: jax.Array, images: jax.Array, *, alpha: float, cell: int,
+             patch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """MaskMix: each image keeps ``ceil(cells * lam)`` random grid cells (``lam`` from
+  Beta(alpha, alpha), one per batch) and takes the others from the batch reversed.
+
+  ``cell`` (pixels) must be a multiple of ``patch_size``, so every patch comes whole
+  from one image. Returns ``(mixed images, patch mask [B, gh * gw] (1: own image),
+  area label lam [B])`` with lam the kept fraction of cells, as MixPro's MaskMix.
+  """
+  if cell <= 0 or cell % patch_size:
+    raise ValueError(f"mixup.mixpro_cell={cell} must be a positive multiple of the "
+                     f"model's patch size {patch_size}")
+  b, h, w = images.shape[:3]
+  rows, cols = math.ceil(h / cell), math.ceil(w / cell)
+  cells = rows * cols
+  k_lam, k_perm = jax.random.split(rng)
+  lam = jax.random.beta(k_lam, alpha, alpha)
+  count = jnp.ceil(cells * lam)
+  # A random permutation per image: its first `count` cells are kept.
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(k_perm, (b, cells)), axis=1), axis=1)
+  grid = (rank < count).astype(images.dtype).reshape(b, rows, cols)
+  pixels = jnp.repeat(jnp.repeat(grid, cell, axis=1), cell, axis=2)[:, :h, :w, None]
+  per = cell // patch_size
+  patches = jnp.repeat(jnp.repeat(grid, per, axis=1), per, axis=2)
+  patches = patches[:, :h // patch_size, :w // patch_size].reshape(b, -1)
+  mixed = pixels * images + (1 - pixels) * images[::-1]
+  return mixed, patches, jnp.full((b,), count / cells, jnp.float32)
+
+
+def attention_labels(attention: jax.Array, patch_mask: jax.Array, area_lam: jax.Array,
+                     probs: jax.Array, labels: jax.Array, num_classes: int,
+                     label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """MixPro's progressive attention labels: ``(soft targets [B, C], factor)``.
+
+  ``attention [B, N]``: the class token's last-block attention to each patch (mean
+  over heads, TransMix). ``lam_attn = sum(mask * a) / sum(a)``; the label weight of
+  the own image is ``f * lam_attn + (1 - f) * lam_area`` with the progressive factor
+  ``f`` the batch mean cosine similarity between the model's predictions ``probs``
+  on the mixed images and the area-mixed targets (low early in training, when
+  attention is uninformative). Every input is treated as a constant.
+  """
+  attention, probs = jax.lax.stop_gradient(attention), jax.lax.stop_gradient(probs)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  own = jnp.sum(patch_mask * attention, axis=1)
+  lam_attn = own / (own + jnp.sum((1 - patch_mask) * attention, axis=1))
+  area = area_lam[:, None] * targets + (1 - area_lam[:, None]) * targets[::-1]
+  cosine = jnp.sum(probs * area, -1) / (jnp.linalg.norm(probs, axis=-1)
+                                        * jnp.linalg.norm(area, axis=-1) + 1e-12)
+  factor = jnp.mean(cosine)
+  lam = (factor * lam_attn + (1 - factor) * area_lam)[:, None]
+  return lam * targets + (1 - lam) * targets[::-1], factor
+
+
+def check_mixpro_model(model: Any) -> None:
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  if not isinstance(model, vit.VisionTransformer) or model.classifier != "token":
+    raise ValueError("mixup.mixpro_alpha needs a ViT with a class token (its attention "
+                     f"labels the mix); got {type(model).__name__}")
+  if model.scan_layers:
+    raise ValueError("mixup.mixpro_alpha reads the last block's attention: set "
+                     "model.scan_layers=False")
+
+
+def _last_attention(model: Any) -> tuple[str, ...]:
+  return ("Transformer", f"encoderblock_{model.num_layers - 1}",
+          "MultiHeadDotProductAttention_1")
+
+
+def last_block_qk_filter(model: Any):
+  """A ``capture_intermediates`` filter: the last block's query and key projections."""
+  last = _last_attention(model)
+  return lambda mdl, method: (method == "__call__" and len(mdl.scope.path) == 4 and
+                              tuple(mdl.scope.path[:3]) == last and
+                              mdl.scope.path[3] in ("query", "key"))
+
+
+def last_block_class_attention(intermediates: Any, model: Any) -> jax.Array:
+  """The class token's attention to each patch in the last block, mean over heads."""
+  from vit_jax.models import token_reduction  # pylint: disable=g-import-not-at-top
+  node = intermediates
+  for name in _last_attention(model):
+    node = node[name]
+  return token_reduction.class_attention(node["query"]["__call__"][0],
+                                         node["key"]["__call__"][0], 1)
 
 
 def describe_trainable(params: Any, mask: Any) -> str:

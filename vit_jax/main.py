@@ -37,7 +37,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in "
                                    "[0, num_processes) (with --coordinator_address).")
 
-TRAINERS = ("classification", "contrastive")
+TRAINERS = ("classification", "contrastive", "mae")
 
 
 def _unknown_override_message(argv: list[str]) -> str:

@@ -48,8 +48,9 @@ inside the compact ``__call__``, so it may create submodules and parameters.
 * ``add_fixed_position_embedding(tokens, grid)``: the parameter-free ``sincos2d``
   table, added to the patches before any prefix token (identity for ``learn``).
 * ``add_prefix_tokens(tokens)``: the class token. DeiT adds its distillation token.
-* ``make_encoder()``: the ``Transformer`` module (an ``Encoder``). A variant returns
-  an ``Encoder`` subclass to reach the hooks below.
+* ``make_encoder(**settings)``: the ``Transformer`` module, an ``encoder_type``
+  (class attribute, ``Encoder``). A variant names an ``Encoder`` subclass there to
+  reach the hooks below, and passes that subclass's own fields as ``settings``.
 * ``pool(tokens)``: token / gap / map pooling to one vector per image (packed
   NaFlex batches pool per image with their mask here).
 * ``forward_features(images, *, train)``: the four above, ending at the normed tokens.
@@ -658,19 +659,21 @@ class VisionTransformer(nn.Module):
     return jnp.concatenate([jnp.tile(cls.astype(self.compute_dtype), [x.shape[0], 1, 1]),
                             x], axis=1)
 
-  def make_encoder(self) -> nn.Module:
-    """The ``Transformer`` module (an ``Encoder``; a variant may return a subclass).
+  encoder_type = Encoder  # what make_encoder builds (a class attribute, not a field)
+
+  def make_encoder(self, **settings) -> nn.Module:
+    """The ``Transformer`` module, an ``encoder_type`` built with the model's settings
+    plus ``settings`` (a subclass's own fields, e.g. MAE's visible-patch indices).
 
     With token reduction set, a ``TokenReductionEncoder`` (same parameters, plus
     DynamicViT's ``score_predictor`` in its pruning blocks).
     """
-    settings = {}
-    encoder = Encoder
+    encoder = self.encoder_type
     schedule = token_reduction.merge_schedule(self.token_merging, self.num_layers)
     if any(schedule) or self.token_keep_rate < 1.0 or self.token_pruning < 1.0:
       encoder = TokenReductionEncoder
       settings = dict(
-          token_merging=schedule, token_keep_rate=self.token_keep_rate,
+          settings, token_merging=schedule, token_keep_rate=self.token_keep_rate,
           token_keep_layers=token_reduction.keep_layers(self.token_keep_layers,
                                                         self.num_layers),
           token_pruning=self.token_pruning,

@@ -5,7 +5,8 @@ Fine-tuning (``configs/finetune.py``) adds, each off unless configured: ``init``
 resampled position embedding),
 ``input.classes`` (a class subset), ``freeze``/``train_only`` regexes,
 ``optimizer.layer_decay``, ``ema_decay`` (the EMA is what gets evaluated),
-``mixup`` (mixup/cutmix) and ``lora``; see ``vit_jax/finetune.py``.
+``mixup`` (mixup/cutmix, or MixPro with ``mixup.mixpro_alpha``) and ``lora``; see
+``vit_jax/finetune.py``.
 ``flexi_patch_sizes`` (FlexiViT) trains a ViT at a patch size drawn per step from the
 list (one compiled step per size; the model's ``flexi_patch_size`` is what evaluates).
 
@@ -223,29 +224,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mutable = list(model_state) or False
     teacher_logits = (None if teacher is None else
                       teacher.apply(teacher_variables, images, train=False))
+    apply_kwargs = {}
+    if mixpro:  # MixPro reads the last block's query and key of this same forward
+      labels, patch_mask, area_lam = labels
+      apply_kwargs = {"capture_intermediates": finetune.last_block_qk_filter(model)}
+      mutable = list(model_state) + ["intermediates"]
 
     def loss_fn(params):
       out = step_model.apply({"params": params, **model_state}, images, train=True,
-                        rngs={"dropout": rng}, mutable=mutable)
+                             rngs={"dropout": rng}, mutable=mutable, **apply_kwargs)
       outputs, new_model_state = out if mutable else (out, model_state)
       # A distilled model (DeiT) returns (class head, distillation head) in training.
       logits, logits_dist = distillation.split_heads(outputs)
-      loss = cross_entropy(logits, labels, num_classes, config.label_smoothing)
+      if mixpro:
+        targets = finetune.attention_labels(
+            finetune.last_block_class_attention(new_model_state.pop("intermediates"),
+                                                model),
+            patch_mask, area_lam, jax.nn.softmax(logits), labels, num_classes,
+            config.label_smoothing)[0]
+      loss = cross_entropy(logits, targets if mixpro else labels, num_classes,
+                           config.label_smoothing)
       if teacher is not None:  # the distillation head (or the only head) learns the teacher
         distill_loss = distillation.distillation_loss(
             logits if logits_dist is None else logits_dist, teacher_logits,
             distill.type, distill.tau)
         loss = (1 - distill.alpha) * loss + distill.alpha * distill_loss
       elif logits_dist is not None:  # no teacher: both heads learn the labels
-        loss = (loss + cross_entropy(logits_dist, labels, num_classes,
-                                     config.label_smoothing)) / 2
+        loss = (loss + cross_entropy(logits_dist, targets if mixpro else labels,
+                                     num_classes, config.label_smoothing)) / 2
       if logits_dist is not None:  # what the model predicts at eval
         logits = (logits + logits_dist) / 2
       return loss, (logits, new_model_state)
 
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
-    hard = jnp.argmax(labels, -1) if labels.ndim == 2 else labels
+    hard = jnp.argmax(labels, -1) if labels.ndim == 2 else labels  # (MixPro: own label)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == hard)
     return grads, loss, accuracy, new_model_state
 
@@ -253,9 +266,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mixing = bool(mix_config and (mix_config.get("mixup_alpha") or
                                 mix_config.get("cutmix_alpha")))
 
-  if mixing and distill:
-    raise ValueError("distillation with mixup/cutmix is not supported: the distillation "
-                     "loss takes hard labels")
+  mixpro = bool(mix_config and mix_config.get("mixpro_alpha"))
+  if mixpro and mixing:
+    raise ValueError("mixup.mixpro_alpha replaces mixup/cutmix: set mixup.mixup_alpha "
+                     "and mixup.cutmix_alpha to 0")
+  if (mixing or mixpro) and distill:
+    raise ValueError("distillation with mixup/cutmix/MixPro is not supported: the "
+                     "distillation loss takes hard labels")
+  if mixpro:
+    finetune.check_mixpro_model(model)
+    if flexi_sizes:  # MaskMix cells and attention labels assume the stored patch grid
+      raise ValueError("mixup.mixpro_alpha cannot be combined with config.flexi_patch_sizes")
 
   def train_step(state: TrainState, batch, teacher_variables, patch_size=None):
     step_model = model if patch_size is None else model.clone(flexi_patch_size=patch_size)
@@ -268,6 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           cutmix_alpha=mix_config.get("cutmix_alpha", 0.0),
           switch_prob=mix_config.get("switch_prob", 0.5),
           label_smoothing=config.label_smoothing)
+    if mixpro:  # MaskMix now; the labels come from the forward pass (compute_grads)
+      images, patch_mask, area_lam = finetune.mask_mix(
+          jax.random.fold_in(rng, 1 << 20), images, alpha=mix_config.mixpro_alpha,
+          cell=mix_config.get("mixpro_cell") or model.patch_size,
+          patch_size=model.patch_size)
+      labels = (labels, patch_mask, area_lam)
     if accum == 1:
       grads, loss, accuracy, model_state = compute_grads(
           state.params, state.model_state, images, labels, rng, teacher_variables,
@@ -275,12 +302,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       # Microbatch i takes every accum-th example, so each device keeps its rows.
       split = lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
-      images, labels = split(images), split(labels)
+      images, labels = split(images), jax.tree.map(split, labels)
 
       def microbatch(i, carry):
         grads_sum, loss_sum, acc_sum, model_state = carry
         grads, loss, accuracy, model_state = compute_grads(
-            state.params, model_state, images[:, i], labels[:, i],
+            state.params, model_state, images[:, i],
+            jax.tree.map(lambda x: x[:, i], labels),
             jax.random.fold_in(rng, i), teacher_variables, step_model)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
                 acc_sum + accuracy, model_state)

@@ -5,7 +5,8 @@ A directory is one of our Orbax checkpoints; a file is read by its suffix
 non-parameter collections as ``<collection>:<name>``:
 
 * Orbax: a workdir, its ``checkpoints`` directory or one step directory (the latest
-  step); parameters and collections such as ``batch_stats``;
+  step); parameters and collections such as ``batch_stats``. An MAE workdir gives
+  its encoder under the ViT's names (the decoder dropped, named in the format);
 * ``.npz``: the vision_transformer layout (``Transformer/encoderblock_0/...``,
   optionally under ``opt/target/`` or ``params/``) or big_vision's ViT layout
   (``pos_embedding``, ``MultiHeadDotProductAttention_0``, ...), renamed to ours;
@@ -24,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from vit_jax import checkpoint, tree, workdir
-from vit_jax.models import convert, registry, two_tower
+from vit_jax.models import convert, mae, registry, two_tower
 from vit_jax.weights import files
 from vit_jax.weights.files import LoadError
 
@@ -48,7 +49,14 @@ def read_orbax(path: str, model: Any = None, model_name: Optional[str] = None
     variables, _ = workdir.read_variables(path)
   except (FileNotFoundError, checkpoint.CheckpointError) as e:
     raise LoadError(f"{path} is not a readable vit_jax checkpoint: {e}") from e
-  return _flat(variables), "vit_jax orbax checkpoint"
+  flat = _flat(variables)
+  pretrained = mae.encoder_params(flat)
+  if pretrained is not None:  # an MAE run: its encoder is the ViT; the decoder goes
+    flat, dropped = pretrained
+    parts = sorted({name.split("/")[0] for name in dropped})
+    return flat, (f"vit_jax MAE checkpoint: encoder kept, decoder dropped "
+                  f"({len(dropped)} arrays under {', '.join(parts)})")
+  return flat, "vit_jax orbax checkpoint"
 
 
 _BV_BLOCK = {"LayerNorm_0": "LayerNorm_0", "MultiHeadDotProductAttention_0":

@@ -1,0 +1,131 @@
+"""MAE: masking, target and loss against numpy; the encoder sees only the visible
+patches; the trainer runs, writes a reconstruction picture, and its checkpoint
+fine-tunes in the classification trainer (encoder kept, decoder dropped)."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import REPO
+from vit_jax import models, tree, weights, workdir
+from vit_jax.models import mae
+
+TINY = dict(num_classes=10, image_size=16, patch_size=4, hidden_size=32, num_layers=2,
+            num_heads=2, mlp_dim=64)
+
+
+def numpy_patches(images, p):
+  """Patch (i, j) of the grid, row-major, each flattened as (row, column, channel)."""
+  b, h, w, c = images.shape
+  out = [images[:, i * p:(i + 1) * p, j * p:(j + 1) * p, :].reshape(b, -1)
+         for i in range(h // p) for j in range(w // p)]
+  return np.stack(out, axis=1)
+
+
+def test_masking_keeps_the_lowest_noise_patches():
+  noise = np.random.default_rng(0).uniform(size=(3, 16)).astype(np.float32)
+  keep = mae.keep_count(16, 0.75)
+  assert keep == 4 and mae.keep_count(196, 0.75) == 49
+  visible, restore, mask = jax.device_get(mae.masking_from_noise(jnp.asarray(noise), keep))
+  expected_visible = np.argsort(noise, axis=1)[:, :keep]
+  np.testing.assert_array_equal(visible, expected_visible)
+  expected_mask = np.ones((3, 16), np.float32)
+  np.put_along_axis(expected_mask, expected_visible, 0.0, axis=1)
+  np.testing.assert_array_equal(mask, expected_mask)
+  shuffled = np.take_along_axis(np.arange(16)[None].repeat(3, 0),
+                                np.argsort(noise, axis=1), axis=1)
+  np.testing.assert_array_equal(np.take_along_axis(shuffled, restore, axis=1),
+                                np.arange(16)[None].repeat(3, 0))
+  with pytest.raises(ValueError, match="mask_ratio"):
+    mae.keep_count(16, 1.0)
+
+
+def test_normalised_pixel_target_and_loss_on_masked_patches_only():
+  rng = np.random.default_rng(1)
+  images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  patches = numpy_patches(images, 4)
+  mean = patches.mean(-1, keepdims=True)
+  var = patches.var(-1, ddof=1, keepdims=True)  # torch's var, as the paper's code
+  expected_target = (patches - mean) / np.sqrt(var + 1e-6)
+  target = np.asarray(mae.pixel_target(jnp.asarray(images), 4))
+  np.testing.assert_allclose(target, expected_target, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mae.pixel_target(jnp.asarray(images), 4, False), patches)
+  np.testing.assert_allclose(mae.unpatchify(jnp.asarray(patches), 4, (2, 2)), images)
+
+  pred = rng.normal(size=target.shape).astype(np.float32)
+  mask = np.array([[1, 0, 1, 0], [0, 0, 0, 1]], np.float32)
+  per_patch = ((pred - expected_target) ** 2).mean(-1)
+  expected = (per_patch * mask).sum() / mask.sum()
+  loss = float(mae.mae_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask)))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  pred[mask == 0] += 100.0  # the visible patches do not count
+  moved = float(mae.mae_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask)))
+  np.testing.assert_allclose(moved, expected, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_mae():
+  vit = models.create("vit_tiny_patch16_224", **TINY)
+  model = mae.MaskedAutoencoder(backbone=mae.masked_vit(vit), decoder_width=32,
+                                decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  variables = model.init({"params": jax.random.key(1), "mask": jax.random.key(2)}, images)
+  return vit, model, variables, images
+
+
+def test_encoder_runs_on_visible_patches_with_the_vit_parameter_names(tiny_mae):
+  vit, model, variables, images = tiny_mae
+  vit_names = set(tree.flatten(vit.init(jax.random.key(0), images)["params"]))
+  encoder_names = {k[len("encoder/"):] for k in tree.flatten(variables["params"])
+                   if k.startswith("encoder/")}
+  assert encoder_names == vit_names - {"head/kernel", "head/bias"}
+
+  apply = jax.jit(lambda x: model.apply(variables, x, rngs={"mask": jax.random.key(7)}))
+  pred, mask = apply(images)
+  assert pred.shape == (2, 16, 48) and mask.shape == (2, 16)
+  np.testing.assert_array_equal(np.asarray(mask).sum(1), [12, 12])
+  # Pixels of hidden patches cannot reach the prediction; a visible patch's do.
+  pixel_mask = mae.unpatchify(jnp.repeat(mask[..., None], 48, -1), 4, (4, 4))
+  hidden_changed = images + 5.0 * pixel_mask
+  np.testing.assert_array_equal(apply(hidden_changed)[0], pred)
+  visible_changed = images + 5.0 * (1 - pixel_mask)
+  assert not np.allclose(apply(visible_changed)[0], pred)
+
+
+def test_mae_needs_a_plain_vit():
+  with pytest.raises(ValueError, match="plain ViT"):
+    mae.masked_vit(models.create("deit_tiny_distilled_patch16_224", num_classes=0))
+
+
+def test_mae_trainer_then_fine_tune_loads_the_encoder(tfds_dir, tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import digits_mae  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import mae as mae_trainer  # pylint: disable=g-import-not-at-top
+  config = digits_mae.get_config()
+  config.input.data_dir = tfds_dir
+  config.input.batch_size = 32
+  config.model.update(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
+  config.mae.update(decoder_width=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64)
+  config.total_steps, config.schedule.warmup_steps = 4, 1
+  config.log_every, config.eval_every, config.checkpoint_every = 2, 0, 4
+  result = mae_trainer.train_and_evaluate(config, str(tmp_path / "mae"))
+  assert result["step"] == 4 and np.isfinite(result["eval_loss"])
+  events = list((tmp_path / "mae" / "tensorboard").iterdir())
+  assert events and any(e.stat().st_size > 1000 for e in events)  # holds the picture
+
+  # config.init=<the MAE workdir> in the classification trainer goes through this.
+  vit = models.create(config.model_name, num_classes=10, **config.model.to_dict())
+  fresh = vit.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  variables, report = weights.load(str(tmp_path / "mae"), vit, fresh,
+                                   model_name=config.model_name, reinit=r"^head/")
+  assert "MAE checkpoint: encoder kept, decoder dropped" in report.summary()
+  assert "decoder_pred" in report.format and "mask_token" in report.format
+  assert sorted(report.reinitialised) == ["head/bias", "head/kernel"]
+  saved = tree.flatten(workdir.read_variables(str(tmp_path / "mae"))[0]["params"])
+  for name, value in tree.flatten(variables["params"]).items():
+    if not name.startswith("head/"):
+      np.testing.assert_array_equal(value, saved["encoder/" + name])
