@@ -9,7 +9,6 @@ The ViT keeps ViT-S's real width and heads (384, 6) with depth 2 and 64x64 input
 so that it compiles quickly on a CPU.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp

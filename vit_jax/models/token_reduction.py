@@ -104,7 +104,6 @@ def check_settings(*, token_merging, token_keep_rate: float, num_prefix_tokens: 
   if not chosen:
     return
   setting = chosen[0].split(" ")[0]
-  pruning = setting != "token_merging"
   if scan_layers:
     raise ValueError(f"{setting} changes the token count from block to block, which "
                      "nn.scan cannot carry: set scan_layers=False")

@@ -48,13 +48,12 @@ import pathlib
 import sys
 import time
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Optional
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vit_jax.tools import benchmark
 from vit_jax import kernels
