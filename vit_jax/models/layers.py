@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.kernels.attention.reference import attention_reference
+from vit_jax.models.depthwise import DepthwiseConv, depthwise_conv  # noqa: F401
 
 Dtype = Any
 Array = jax.Array
