@@ -347,6 +347,16 @@ class ConvEmbed(nn.Module):
                         param_dtype=self.param_dtype, name="norm")(x)
 
 
+def grouped_conv(features: int, kernel_size: int, in_features: int, groups: int,
+                 **kwargs) -> nn.Module:
+  """``nn.Conv`` with ``feature_group_count=groups``, or ``DepthwiseConv`` (the same
+  parameters) when it is depthwise (one group per channel, width kept)."""
+  if groups == in_features == features:
+    return DepthwiseConv(features, (kernel_size, kernel_size), **kwargs)
+  return nn.Conv(features, (kernel_size, kernel_size), feature_group_count=groups,
+                 **kwargs)
+
+
 class ConvBN(nn.Module):
   """Bias-free conv followed by BatchNorm (timm's ``ConvNorm``/``Conv2d_BN``), NHWC.
 
