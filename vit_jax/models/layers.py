@@ -377,11 +377,11 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     pad = self.kernel_size // 2
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
-                feature_group_count=self.groups, use_bias=False,
-                kernel_init=self.kernel_init, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv")(x)
+    x = grouped_conv(self.features, self.kernel_size, x.shape[-1], self.groups,
+                     strides=(self.strides, self.strides),
+                     padding=((pad, pad), (pad, pad)), use_bias=False,
+                     kernel_init=self.kernel_init, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="conv")(x)
     return batch_norm(train, scale_init=self.bn_scale_init, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="bn")(x)
 
