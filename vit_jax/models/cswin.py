@@ -130,8 +130,8 @@ class CSWinBlock(nn.Module):
       out = kernels.window_attention(split_heads(q), split_heads(k), split_heads(v),
                                      window=window, mode="block",
                                      impl=self.attention_impl)
-      conv = nn.Conv(part, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=part,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name=f"lepe_{b}")
+      conv = layers.DepthwiseConv(part, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name=f"lepe_{b}")
       outs.append(out.reshape(batch, height, width, part) + lepe(conv, v, window))
     y = dense(dim, "proj")(jnp.concatenate(outs, axis=-1))
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)

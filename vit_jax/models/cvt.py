@@ -63,10 +63,9 @@ class ConvProjection(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     dim = x.shape[-1]
-    x = nn.Conv(dim, (self.kernel_size,) * 2, strides=(self.stride,) * 2,
-                padding=((self.padding,) * 2,) * 2, feature_group_count=dim,
-                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="conv")(x)
+    x = layers.DepthwiseConv(dim, (self.kernel_size,) * 2, strides=(self.stride,) * 2,
+                             padding=((self.padding,) * 2,) * 2, use_bias=False,
+                             dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
     x = layers.batch_norm(train, dtype=self.dtype, param_dtype=self.param_dtype,
                           name="bn")(x)
     return x.reshape(x.shape[0], -1, dim)

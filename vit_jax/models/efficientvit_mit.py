@@ -96,10 +96,10 @@ class ConvNormAct(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     pad = self.kernel_size // 2
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-                feature_group_count=self.groups, use_bias=self.use_bias,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+    x = layers.grouped_conv(self.features, self.kernel_size, x.shape[-1], self.groups,
+                            strides=(self.stride, self.stride),
+                            padding=((pad, pad), (pad, pad)), use_bias=self.use_bias,
+                            dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
     if self.norm:
       x = layers.batch_norm(train, epsilon=self.norm_eps, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="norm")(x)
@@ -216,8 +216,8 @@ class LiteMLA(nn.Module):
     batch, height, width, channels = x.shape
     heads = channels // self.head_dim
     total = heads * self.head_dim
-    conv = lambda features, k, groups, name: nn.Conv(
-        features, (k, k), padding=((k // 2, k // 2),) * 2, feature_group_count=groups,
+    conv = lambda features, k, groups, name: layers.grouped_conv(
+        features, k, 3 * total, groups, padding=((k // 2, k // 2),) * 2,
         use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     qkv = ConvNormAct(3 * total, 1, norm=False, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="qkv")(x, train=train)

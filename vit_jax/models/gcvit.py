@@ -69,8 +69,8 @@ class MBConv(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
     dim = x.shape[-1]
     gelu = lambda t: nn.gelu(t, approximate=False)
-    y = gelu(nn.Conv(dim, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=dim,
-                     name="conv_dw", **kw)(x))
+    y = gelu(layers.DepthwiseConv(dim, (3, 3), padding=((1, 1), (1, 1)), name="conv_dw",
+                                  **kw)(x))
     y = layers.squeeze_excite(y, layers.make_divisible(dim * 0.25, 8, round_limit=0.0),
                               act=gelu, conv_kernels=True, names=("se_fc1", "se_fc2"),
                               **kw)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.kernels.attention.reference import attention_reference
+from vit_jax.models.depthwise import DepthwiseConv, depthwise_conv  # noqa: F401
 
 Dtype = Any
 Array = jax.Array
@@ -346,6 +347,16 @@ class ConvEmbed(nn.Module):
                         param_dtype=self.param_dtype, name="norm")(x)
 
 
+def grouped_conv(features: int, kernel_size: int, in_features: int, groups: int,
+                 **kwargs) -> nn.Module:
+  """``nn.Conv`` with ``feature_group_count=groups``, or ``DepthwiseConv`` (the same
+  parameters) when it is depthwise (one group per channel, width kept)."""
+  if groups == in_features == features:
+    return DepthwiseConv(features, (kernel_size, kernel_size), **kwargs)
+  return nn.Conv(features, (kernel_size, kernel_size), feature_group_count=groups,
+                 **kwargs)
+
+
 class ConvBN(nn.Module):
   """Bias-free conv followed by BatchNorm (timm's ``ConvNorm``/``Conv2d_BN``), NHWC.
 
@@ -366,11 +377,11 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     pad = self.kernel_size // 2
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
-                strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
-                feature_group_count=self.groups, use_bias=False,
-                kernel_init=self.kernel_init, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv")(x)
+    x = grouped_conv(self.features, self.kernel_size, x.shape[-1], self.groups,
+                     strides=(self.strides, self.strides),
+                     padding=((pad, pad), (pad, pad)), use_bias=False,
+                     kernel_init=self.kernel_init, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="conv")(x)
     return batch_norm(train, scale_init=self.bn_scale_init, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="bn")(x)
 

@@ -89,8 +89,8 @@ class MBConv(nn.Module):
     x = batch_norm("pre_norm", train, **kw)(x)
     x = nn.Conv(mid, (1, 1), use_bias=False, name="conv1_1x1", **kw)(x)
     x = _gelu(batch_norm("norm1", train, **kw)(x))
-    x = nn.Conv(mid, (3, 3), strides=(self.stride, self.stride), padding="SAME",
-                feature_group_count=mid, use_bias=False, name="conv2_kxk", **kw)(x)
+    x = layers.DepthwiseConv(mid, (3, 3), strides=(self.stride, self.stride), padding="SAME",
+                             use_bias=False, name="conv2_kxk", **kw)(x)
     x = _gelu(batch_norm("norm2", train, **kw)(x))
     x = layers.SqueezeExcite(rd_channels=int(0.25 * self.out_dim), act=nn.silu,
                              conv_kernels=True, name="se", **kw)(x)

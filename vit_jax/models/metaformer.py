@@ -124,8 +124,8 @@ class SepConv(nn.Module):
     x = nn.Dense(mid, name="pwconv1", **kw)(x)  # a 1x1 conv is a Dense over channels
     x = StarReLU(dtype=self.dtype, param_dtype=self.param_dtype, name="act1")(x)
     pad = self.kernel_size // 2
-    x = nn.Conv(mid, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
-                feature_group_count=mid, name="dwconv", **kw)(x)
+    x = layers.DepthwiseConv(mid, (self.kernel_size, self.kernel_size),
+                             padding=((pad, pad), (pad, pad)), name="dwconv", **kw)(x)
     return nn.Dense(dim, name="pwconv2", **kw)(x)
 
 

@@ -171,10 +171,10 @@ class MlpWithDepthwiseConv(nn.Module):
     if self.extra_relu:
       x = nn.relu(x)
     # timm: normal(sqrt(2 / fan_out)) with fan_out = 3 * 3 for a depth-wise kernel.
-    x = nn.Conv(self.hidden_dim, (3, 3), padding=((1, 1), (1, 1)),
-                feature_group_count=self.hidden_dim,
-                kernel_init=nn.initializers.normal(math.sqrt(2.0 / 9)), dtype=self.dtype,
-                param_dtype=self.param_dtype, name="dwconv")(x)
+    x = layers.DepthwiseConv(
+        self.hidden_dim, (3, 3), padding=((1, 1), (1, 1)),
+        kernel_init=nn.initializers.normal(math.sqrt(2.0 / 9)), dtype=self.dtype,
+        param_dtype=self.param_dtype, name="dwconv")(x)
     x = nn.gelu(x, approximate=False)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     x = dense(dim, "Dense_1")(x)

@@ -178,11 +178,11 @@ def manhattan_attention(query: Array, key: Array, value: Array, decay: np.ndarra
 
 
 def depthwise_conv(features: int, kernel: int, name: str, dtype: Any,
-                   param_dtype: Any) -> nn.Conv:
+                   param_dtype: Any) -> nn.Module:
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                 feature_group_count=features, kernel_init=conv_init, dtype=dtype,
-                 param_dtype=param_dtype, name=name)
+  return layers.DepthwiseConv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
+                              kernel_init=conv_init, dtype=dtype, param_dtype=param_dtype,
+                              name=name)
 
 
 class Retention(nn.Module):

@@ -175,9 +175,9 @@ class GatedLinearAttention(nn.Module):
                        f"embed_dim={dim}, expand_k={self.expand_k}, expand_v={self.expand_v}")
     dense = lambda features, name, bias=False: nn.Dense(
         features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    local = nn.Conv(dim, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=dim,
-                    use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="in_proj")(x)
+    local = layers.DepthwiseConv(dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                                 dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name="in_proj")(x)
     if self.conv_act:
       local = _silu(local)
     local = local.reshape(batch, height * width, dim)

@@ -106,9 +106,9 @@ class Mamba(nn.Module):
     dense = lambda features, name, bias=False, **kw: nn.Dense(
         features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name + suffix, **kw)
-    x = nn.silu(nn.Conv(inner, (self.d_conv,), padding=((self.d_conv - 1, 0),),
-                        feature_group_count=inner, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="conv1d" + suffix)(x))
+    x = nn.silu(layers.DepthwiseConv(inner, (self.d_conv,), padding=((self.d_conv - 1, 0),),
+                                     dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name="conv1d" + suffix)(x))
     dt, b, c = jnp.split(dense(rank + 2 * self.d_state, "x_proj")(x),
                          [rank, rank + self.d_state], axis=-1)
     dt_proj = dense(inner, "dt_proj", bias=True,
