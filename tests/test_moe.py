@@ -1,0 +1,191 @@
+"""Mixture-of-experts layers (vit_jax/models/moe.py) against explicit numpy loops.
+
+The references route token by token and expert by expert in float64, filling each
+expert's buffer in priority order and dropping what does not fit, so they check the
+vectorised one-hot/cumsum routing, the dispatch/combine einsums and the vmapped
+experts together.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from vit_jax.models import moe
+
+TOKENS, DIM, HIDDEN, EXPERTS, BATCH = 8, 8, 16, 4, 3
+
+
+def gelu(x):
+  return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def expert_mlp(params, e, x):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64)[e], params["Experts"])
+  h = gelu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+  return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
+def random_variables(module, x, seed=1):
+  """Initialised, then every leaf redrawn so that the experts differ."""
+  variables = module.init(jax.random.key(0), x)
+  leaves, treedef = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [0.5 * jax.random.normal(k, leaf.shape) if leaf.ndim else leaf
+            for k, leaf in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def top_k_reference(params, x, k, capacity_factor, batch_priority, renormalize):
+  """Per image: each token's k best experts; buffers fill 1st choices first."""
+  kernel = np.asarray(params["Router"]["dense"]["kernel"], np.float64)
+  out = np.zeros_like(x)
+  dropped = 0
+  cap = math.ceil(TOKENS * k * capacity_factor / EXPERTS)
+  for g in range(x.shape[0]):
+    logits = x[g] @ kernel
+    gates = np.exp(logits - logits.max(-1, keepdims=True))
+    gates /= gates.sum(-1, keepdims=True)
+    choices = [np.argsort(-gates[s], kind="stable")[:k] for s in range(TOKENS)]
+    order = (np.argsort(-gates.max(-1), kind="stable") if batch_priority
+             else np.arange(TOKENS))
+    filled = [0] * EXPERTS
+    kept = [[] for _ in range(TOKENS)]
+    for rank in range(k):
+      for s in order:
+        e = choices[s][rank]
+        if filled[e] < cap:
+          filled[e] += 1
+          kept[s].append(e)
+        else:
+          dropped += 1
+    for s in range(TOKENS):
+      total = sum(gates[s][e] for e in choices[s]) if renormalize else 1.0
+      for e in kept[s]:
+        out[g, s] += gates[s][e] / total * expert_mlp(params, e, x[g, s])
+  return out, dropped / (x.shape[0] * TOKENS * k)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return np.asarray(jax.random.normal(jax.random.key(7), (BATCH, TOKENS, DIM)), np.float32)
+
+
+@pytest.mark.parametrize("router,capacity_factor,batch_priority,renormalize", [
+    ("top1", 1.0, False, False),
+    ("top1", 0.5, True, False),  # capacity 1: most tokens dropped
+    ("top2", 0.5, False, True),
+    ("top2", 0.75, True, False),
+])
+def test_top_k_layer_equals_a_per_token_loop(tokens, router, capacity_factor,
+                                              batch_priority, renormalize):
+  settings = moe.MoeSettings(layers=(0,), num_experts=EXPERTS, router=router,
+                             capacity_factor=capacity_factor,
+                             batch_priority=batch_priority, renormalize=renormalize)
+  layer = moe.MoeMlp(settings, mlp_dim=HIDDEN)
+  variables = random_variables(layer, tokens)
+  out, state = layer.apply(variables, tokens, train=False, mutable=["intermediates"])
+  expected, dropped = top_k_reference(variables["params"], tokens.astype(np.float64),
+                                      settings.k, capacity_factor, batch_priority,
+                                      renormalize)
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+  metrics = state["intermediates"]["moe_metrics"][0]
+  np.testing.assert_allclose(metrics["dropped_fraction"], dropped, atol=1e-6)
+  if capacity_factor < 1:
+    assert dropped > 0  # the case exercises the capacity limit
+  # Importance loss: CV^2 of the summed gates, per image, averaged.
+  kernel = np.asarray(variables["params"]["Router"]["dense"]["kernel"], np.float64)
+  gates = jax.nn.softmax(tokens.astype(np.float64) @ kernel)
+  importance = np.asarray(gates).sum(1)
+  cv2 = (importance.std(-1) / importance.mean(-1)) ** 2
+  np.testing.assert_allclose(metrics["importance_loss"], cv2.mean(), rtol=1e-5)
+  np.testing.assert_allclose(state["intermediates"]["aux_loss"][0],
+                             settings.importance_loss_weight * cv2.mean(), rtol=1e-5)
+
+
+def test_batch_priority_changes_who_is_dropped(tokens):
+  """Same gates, capacity 1: the two orders keep different tokens."""
+  gates = jax.nn.softmax(jnp.asarray(tokens[..., :EXPERTS]) * 3)
+  plain = moe.top_k_routing(gates, 1, 1, batch_priority=False)[2]
+  priority = moe.top_k_routing(gates, 1, 1, batch_priority=True)[2]
+  assert (np.asarray(plain) != np.asarray(priority)).any()
+
+
+def test_load_loss_equals_its_definition():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, TOKENS, EXPERTS))
+  noise_std = 0.3
+  noisy = logits + noise_std * rng.normal(size=logits.shape)
+  for k in (1, 2):
+    expected = []
+    for g in range(2):
+      prob = np.zeros((TOKENS, EXPERTS))
+      for s in range(TOKENS):
+        threshold = np.sort(noisy[g, s])[::-1][k - 1]
+        for e in range(EXPERTS):
+          z = (threshold - logits[g, s, e]) / noise_std
+          prob[s, e] = 1.0 - 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+      load = prob.mean(0)
+      expected.append((load.std() / load.mean()) ** 2)
+    got = moe.load_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(noisy, jnp.float32),
+                        noise_std, k)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_noisy_gating_trains_with_the_load_loss(tokens):
+  settings = moe.MoeSettings(layers=(0,), num_experts=EXPERTS, router="top2")
+  layer = moe.MoeMlp(settings, mlp_dim=HIDDEN)
+  variables = random_variables(layer, tokens)
+  run = lambda seed: layer.apply(variables, tokens, train=True, mutable=["intermediates"],
+                                 rngs={"dropout": jax.random.key(seed)})
+  (out0, state0), (out1, _) = run(0), run(1)
+  assert not np.allclose(out0, out1)  # the noise reaches the routing
+  metrics = state0["intermediates"]["moe_metrics"][0]
+  aux = state0["intermediates"]["aux_loss"][0]
+  np.testing.assert_allclose(aux, 0.005 * (metrics["importance_loss"]
+                                           + metrics["load_loss"]), rtol=1e-5)
+
+
+def test_soft_moe_layer_equals_a_per_slot_loop(tokens):
+  slots = 2
+  settings = moe.MoeSettings(layers=(0,), num_experts=EXPERTS, router="soft",
+                             num_slots=slots)
+  layer = moe.MoeMlp(settings, mlp_dim=HIDDEN)
+  variables = random_variables(layer, tokens)
+  out = layer.apply(variables, tokens, train=False)
+  params = variables["params"]
+  mu = np.asarray(params["Router"]["mu"], np.float64)
+  scale = float(params["Router"]["scale"])
+  x = tokens.astype(np.float64)
+  expected = np.zeros_like(x)
+  for g in range(BATCH):
+    xn = [v / math.sqrt((v ** 2).sum() + 1e-6) for v in x[g]]
+    logits = np.zeros((TOKENS, EXPERTS, slots))
+    for e in range(EXPERTS):
+      for p in range(slots):
+        m = mu[:, e, p] / math.sqrt((mu[:, e, p] ** 2).sum() + 1e-6)
+        for s in range(TOKENS):
+          logits[s, e, p] = xn[s] @ (scale * m)
+    outputs = {}
+    for e in range(EXPERTS):
+      for p in range(slots):
+        weights = np.exp(logits[:, e, p]) / np.exp(logits[:, e, p]).sum()
+        outputs[e, p] = expert_mlp(params, e, sum(w * x[g, s] for s, w in enumerate(weights)))
+    for s in range(TOKENS):
+      weights = np.exp(logits[s]) / np.exp(logits[s]).sum()
+      expected[g, s] = sum(weights[e, p] * outputs[e, p] for e, p in outputs)
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_settings_errors_name_the_setting():
+  with pytest.raises(ValueError, match="moe.router"):
+    moe.MoeSettings.from_mapping(dict(layers=(1,), router="top3"), 4)
+  with pytest.raises(ValueError, match=r"moe.layers.*\[7\]"):
+    moe.MoeSettings.from_mapping(dict(layers=(1, 7)), 4)
+  with pytest.raises(ValueError, match="num_expert"):
+    moe.MoeSettings.from_mapping(dict(layers=(1,), num_expert=4), 4)
+  assert moe.MoeSettings.from_mapping(dict(layers=()), 4) is None
+  assert moe.MoeSettings.from_mapping(dict(layers="3,1"), 4).layers == (1, 3)
