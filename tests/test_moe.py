@@ -189,3 +189,41 @@ def test_settings_errors_name_the_setting():
     moe.MoeSettings.from_mapping(dict(layers=(1,), num_expert=4), 4)
   assert moe.MoeSettings.from_mapping(dict(layers=()), 4) is None
   assert moe.MoeSettings.from_mapping(dict(layers="3,1"), 4).layers == (1, 3)
+
+
+def vmoe_param_count(*, width, depth, mlp_dim, heads, patch, experts, moe_layers,
+                     classes=1000, classifier="token", representation=None,
+                     qk_norm=False, router="top", slots=1, image=224):
+  """Parameters of vmoe's VisionTransformerMoe from its code's shapes (vmoe/nn/
+  vit_moe.py, routing.py, projects/soft_moe/router.py), summed by hand."""
+  tokens = (image // patch) ** 2 + (classifier == "token")
+  count = patch * patch * 3 * width + width  # embedding conv
+  count += width * (classifier == "token") + tokens * width  # cls, posembed_input
+  attention = 4 * (width * width + width) + (2 * (width // heads) if qk_norm else 0)
+  mlp = 2 * width * mlp_dim + mlp_dim + width
+  gate = width * experts if router == "top" else width * experts * slots + 1
+  for block in range(depth):
+    count += 4 * width + attention  # two LayerNorms
+    count += experts * mlp + gate if block in moe_layers else mlp
+  count += 2 * width  # encoder_norm
+  if representation:
+    count += width * representation + representation
+  return count + (representation or width) * classes + classes
+
+
+VMOE_COUNTS = {
+    "vmoe_s32_e8_top2_last2": dict(width=512, depth=8, mlp_dim=2048, heads=8, patch=32,
+                                   experts=8, moe_layers=(5, 7), representation=512),
+    "vmoe_b16_e8_top2": dict(width=768, depth=12, mlp_dim=3072, heads=12, patch=16,
+                             experts=8, moe_layers=(1, 3, 5, 7, 9, 11),
+                             representation=768),
+    "vit_s16_softmoe_128e": dict(width=384, depth=12, mlp_dim=1536, heads=6, patch=16,
+                                 experts=128, moe_layers=range(6, 12), classifier="gap",
+                                 qk_norm=True, router="soft"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VMOE_COUNTS))
+def test_parameter_counts_equal_vmoes_configurations(name):
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  assert models.param_count(name) == vmoe_param_count(**VMOE_COUNTS[name])
