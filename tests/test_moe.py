@@ -87,13 +87,14 @@ def test_top_k_layer_equals_a_per_token_loop(tokens, router, capacity_factor,
                              batch_priority=batch_priority, renormalize=renormalize)
   layer = moe.MoeMlp(settings, mlp_dim=HIDDEN)
   variables = random_variables(layer, tokens)
-  out, state = layer.apply(variables, tokens, train=False, mutable=["intermediates"])
+  out, state = jax.jit(lambda v, x: layer.apply(v, x, train=False, mutable=["aux"]))(
+      variables, tokens)
   expected, dropped = top_k_reference(variables["params"], tokens.astype(np.float64),
                                       settings.k, capacity_factor, batch_priority,
                                       renormalize)
   np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
-  metrics = state["intermediates"]["moe_metrics"][0]
-  np.testing.assert_allclose(metrics["dropped_fraction"], dropped, atol=1e-6)
+  aux_loss, metrics = moe.auxiliary_losses(state["aux"])
+  np.testing.assert_allclose(metrics["moe/dropped_fraction"], dropped, atol=1e-6)
   if capacity_factor < 1:
     assert dropped > 0  # the case exercises the capacity limit
   # Importance loss: CV^2 of the summed gates, per image, averaged.
@@ -101,9 +102,9 @@ def test_top_k_layer_equals_a_per_token_loop(tokens, router, capacity_factor,
   gates = jax.nn.softmax(tokens.astype(np.float64) @ kernel)
   importance = np.asarray(gates).sum(1)
   cv2 = (importance.std(-1) / importance.mean(-1)) ** 2
-  np.testing.assert_allclose(metrics["importance_loss"], cv2.mean(), rtol=1e-5)
-  np.testing.assert_allclose(state["intermediates"]["aux_loss"][0],
-                             settings.importance_loss_weight * cv2.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["moe/importance_loss"], cv2.mean(), rtol=1e-5)
+  np.testing.assert_allclose(aux_loss, settings.importance_loss_weight * cv2.mean(),
+                             rtol=1e-5)
 
 
 def test_batch_priority_changes_who_is_dropped(tokens):
@@ -139,14 +140,13 @@ def test_noisy_gating_trains_with_the_load_loss(tokens):
   settings = moe.MoeSettings(layers=(0,), num_experts=EXPERTS, router="top2")
   layer = moe.MoeMlp(settings, mlp_dim=HIDDEN)
   variables = random_variables(layer, tokens)
-  run = lambda seed: layer.apply(variables, tokens, train=True, mutable=["intermediates"],
-                                 rngs={"dropout": jax.random.key(seed)})
-  (out0, state0), (out1, _) = run(0), run(1)
+  run = jax.jit(lambda key: layer.apply(variables, tokens, train=True, mutable=["aux"],
+                                         rngs={"dropout": key}))
+  (out0, state0), (out1, _) = run(jax.random.key(0)), run(jax.random.key(1))
   assert not np.allclose(out0, out1)  # the noise reaches the routing
-  metrics = state0["intermediates"]["moe_metrics"][0]
-  aux = state0["intermediates"]["aux_loss"][0]
-  np.testing.assert_allclose(aux, 0.005 * (metrics["importance_loss"]
-                                           + metrics["load_loss"]), rtol=1e-5)
+  aux, metrics = moe.auxiliary_losses(state0["aux"])
+  np.testing.assert_allclose(aux, 0.005 * (metrics["moe/importance_loss"]
+                                           + metrics["moe/load_loss"]), rtol=1e-5)
 
 
 def test_soft_moe_layer_equals_a_per_slot_loop(tokens):
@@ -155,7 +155,7 @@ def test_soft_moe_layer_equals_a_per_slot_loop(tokens):
                              num_slots=slots)
   layer = moe.MoeMlp(settings, mlp_dim=HIDDEN)
   variables = random_variables(layer, tokens)
-  out = layer.apply(variables, tokens, train=False)
+  out = jax.jit(lambda v, x: layer.apply(v, x, train=False))(variables, tokens)
   params = variables["params"]
   mu = np.asarray(params["Router"]["mu"], np.float64)
   scale = float(params["Router"]["scale"])
@@ -211,15 +211,29 @@ def vmoe_param_count(*, width, depth, mlp_dim, heads, patch, experts, moe_layers
   return count + (representation or width) * classes + classes
 
 
+def _vmoe(width, depth, mlp_dim, heads, patch, moe_layers):
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, heads=heads, patch=patch,
+              experts=8, moe_layers=moe_layers, representation=width)
+
+
+def _soft(width, depth, mlp_dim, heads, patch, experts, last):
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, heads=heads, patch=patch,
+              experts=experts, moe_layers=range(depth - last, depth), classifier="gap",
+              qk_norm=True, router="soft")
+
+
+# vmoe/configs/vmoe_paper/common.py (V-MoE's S is 512 wide and 8 deep; "Every 2" is
+# blocks 1, 3, ...; "Last 2" the last two of those) and projects/soft_moe/configs.
 VMOE_COUNTS = {
-    "vmoe_s32_e8_top2_last2": dict(width=512, depth=8, mlp_dim=2048, heads=8, patch=32,
-                                   experts=8, moe_layers=(5, 7), representation=512),
-    "vmoe_b16_e8_top2": dict(width=768, depth=12, mlp_dim=3072, heads=12, patch=16,
-                             experts=8, moe_layers=(1, 3, 5, 7, 9, 11),
-                             representation=768),
-    "vit_s16_softmoe_128e": dict(width=384, depth=12, mlp_dim=1536, heads=6, patch=16,
-                                 experts=128, moe_layers=range(6, 12), classifier="gap",
-                                 qk_norm=True, router="soft"),
+    "vmoe_s32_e8_top2_last2": _vmoe(512, 8, 2048, 8, 32, (5, 7)),
+    "vmoe_b32_e8_top2": _vmoe(768, 12, 3072, 12, 32, range(1, 12, 2)),
+    "vmoe_b16_e8_top2": _vmoe(768, 12, 3072, 12, 16, range(1, 12, 2)),
+    "vmoe_l16_e8_top2": _vmoe(1024, 24, 4096, 16, 16, range(1, 24, 2)),
+    "vit_s16_softmoe_128e": _soft(384, 12, 1536, 6, 16, 128, 6),
+    "vit_s14_softmoe_256e": _soft(384, 12, 1536, 6, 14, 256, 6),
+    "vit_b16_softmoe_128e": _soft(768, 12, 3072, 12, 16, 128, 6),
+    "vit_l16_softmoe_128e": _soft(1024, 24, 4096, 16, 16, 128, 12),
+    "vit_h14_softmoe_256e": _soft(1280, 32, 5120, 16, 14, 256, 16),
 }
 
 

@@ -32,10 +32,12 @@ expert takes ``capacity`` tokens (top-k) or ``num_slots`` slots (soft) per group
   each expert processes its slots, and every token takes the softmax-over-all-slots
   mixture of the slot outputs. Nothing is dropped; no auxiliary loss.
 
-The layer sows ``aux_loss`` (the weighted auxiliary loss of this layer, 0 for soft)
-and ``moe_metrics`` (importance/load losses, the fraction of dropped choices) into
-``intermediates``; the classification trainer adds ``aux_loss`` to the loss and logs
-the metrics (``trainers/common.auxiliary_losses``).
+The layer sows into the ``aux`` collection (``AUX_COLLECTION``; not at init, so it
+never becomes model state): ``loss`` (the weighted auxiliary loss of this layer, 0
+for soft) and ``metrics`` (importance/load losses, the fraction of dropped choices,
+routing weight statistics). A trainer that applies the model with ``aux`` mutable
+adds the losses to its loss and logs the metrics (``auxiliary_losses``; the
+classification trainer does).
 
 Expert parallelism: with an ``expert`` mesh axis (``sharding.EXPERT_AXIS``), expert
 parameters are split over it (the rules below), the batch is split over it outside
@@ -52,12 +54,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax import sharding
+from vit_jax import sharding, tree
 from vit_jax.models import layers
 
 Array = Any
 
 ROUTERS = ("soft", "top1", "top2")
+AUX_COLLECTION = "aux"
 
 # Expert parameters carry the "expert" logical axis; the default rules map it to the
 # "expert" mesh axis (see sharding.partition_spec).
@@ -231,6 +234,25 @@ def from_experts(x: Array) -> Array:
   return _constrain(x, (sharding.BATCH_AXES + (sharding.EXPERT_AXIS,),))
 
 
+def auxiliary_losses(aux: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
+  """The ``aux`` collection of an apply -> (summed loss, metrics averaged over layers).
+
+  Metrics are named ``moe/<metric>``, plus ``moe/aux_loss`` (the sum); an empty
+  collection (a model without MoE layers) gives ``(0.0, {})``.
+  """
+  total, values = 0.0, {}
+  for name, value in tree.sown(aux).items():
+    if name.rsplit("/", 1)[-1] == "loss":
+      total = total + value
+    else:
+      for key, metric in value.items():
+        values.setdefault(key, []).append(metric)
+  if not values and isinstance(total, float):
+    return total, {}
+  metrics = {f"moe/{k}": sum(v) / len(v) for k, v in sorted(values.items())}
+  return total, {"moe/aux_loss": total, **metrics}
+
+
 # ---------------------------------------------------------------- the layer
 
 class Router(nn.Module):
@@ -307,17 +329,17 @@ class MoeMlp(nn.Module):
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     dispatch, combine, aux, metrics = Router(self.settings, self.param_dtype,
                                              name="Router")(x, train=train)
-    self.sow("intermediates", "aux_loss", aux)
-    self.sow("intermediates", "moe_metrics", metrics)
+    if not self.is_initializing():
+      self.sow(AUX_COLLECTION, "loss", aux)
+      self.sow(AUX_COLLECTION, "metrics", metrics)
     dispatch, combine = dispatch.astype(x.dtype), combine.astype(x.dtype)
     slots = to_experts(jnp.einsum("gsec,gsd->gecd", dispatch, x))
-    groups, experts, capacity_, dim = slots.shape
-    experts_mlp = nn.vmap(
-        _Expert, in_axes=0, out_axes=0, variable_axes={"params": 0},
-        split_rngs={"params": False, "dropout": True})(
-            mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-            gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-            param_dtype=self.param_dtype, train=train, name="Experts")
-    y = experts_mlp(jnp.swapaxes(slots, 0, 1).reshape(experts, groups * capacity_, dim))
-    y = from_experts(jnp.swapaxes(y.reshape(experts, groups, capacity_, dim), 0, 1))
+    # Each expert maps its [G, C, D] slice (vmapped over the expert axis, no reshape,
+    # so the expert-axis sharding carries straight through).
+    y = nn.vmap(_Expert, in_axes=1, out_axes=1, variable_axes={"params": 0},
+                split_rngs={"params": False, "dropout": True})(
+                    mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                    gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                    param_dtype=self.param_dtype, train=train, name="Experts")(slots)
+    y = from_experts(y)
     return jnp.einsum("gsec,gecd->gsd", combine, y)

@@ -81,8 +81,9 @@ inside the compact ``__call__``, so it may create submodules and parameters.
   variant that changes the tokens there). Token reduction also changes the token
   sizes there, so ``TokenReductionBlock`` runs the same steps on
   ``(tokens, size, source)`` and reduces in ``reduce`` (see ``token_reduction``).
-* ``mlp(y, *, train)``: the MLP branch (``MlpBlock_3``). An MoE layer swaps it and
-  sows its auxiliary loss (``self.sow("intermediates", "aux_loss", ...)``).
+* ``mlp(y, *, train)``: the MLP branch (``MlpBlock_3``). ``MoeBlock`` swaps it for
+  an MoE layer (``Moe``), which sows its auxiliary loss into the ``aux`` collection
+  (see ``moe``).
 """
 
 import re
