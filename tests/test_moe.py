@@ -6,7 +6,11 @@ vectorised one-hot/cumsum routing, the dispatch/combine einsums and the vmapped
 experts together.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +18,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
+from helpers import REPO, subprocess_env
 from vit_jax.models import moe
 
 TOKENS, DIM, HIDDEN, EXPERTS, BATCH = 8, 8, 16, 4, 3
@@ -67,6 +72,20 @@ def top_k_reference(params, x, k, capacity_factor, batch_priority, renormalize):
       for e in kept[s]:
         out[g, s] += gates[s][e] / total * expert_mlp(params, e, x[g, s])
   return out, dropped / (x.shape[0] * TOKENS * k)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def expert_parallel_run(tmp_path_factory):
+  """tests/moe_sharding_worker.py on 8 virtual devices, started first and read by the
+  last test, so that its compiles overlap the tests in between."""
+  out = tmp_path_factory.mktemp("moe8") / "out.json"
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "tests", "moe_sharding_worker.py"), str(out)],
+      env=subprocess_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  yield proc, out
+  if proc.poll() is None:
+    proc.kill()
+    proc.communicate()
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +260,59 @@ VMOE_COUNTS = {
 def test_parameter_counts_equal_vmoes_configurations(name):
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   assert models.param_count(name) == vmoe_param_count(**VMOE_COUNTS[name])
+
+
+TINY_VIT = dict(image_size=16, patch_size=4, hidden_size=32, num_layers=2, num_heads=2,
+                mlp_dim=64, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory):
+  """A tiny dense ViT's ``.npz`` (random weights, head included) and its logits."""
+  from vit_jax import export, models  # pylint: disable=g-import-not-at-top
+  model = models.create("vit_tiny_patch16_224", **TINY_VIT)
+  images = jax.random.normal(jax.random.key(5), (4, 16, 16, 3))
+  variables = random_variables(model, images, seed=3)
+  path = str(tmp_path_factory.mktemp("dense") / "dense.npz")
+  export.to_npz(variables["params"], path)
+  return path, images, model.apply(variables, images)
+
+
+@pytest.mark.parametrize("router", ["top2", "soft"])
+def test_upcycling_copies_the_mlp_into_every_expert(dense_checkpoint, router):
+  """Top-2 with renormalised gates and room for every token equals the dense model;
+  Soft MoE does not (slots mix tokens before the MLP)."""
+  from vit_jax import models, weights  # pylint: disable=g-import-not-at-top
+  path, images, dense_logits = dense_checkpoint
+  model = models.create("vit_tiny_patch16_224", **TINY_VIT, moe=dict(
+      layers=(1,), num_experts=4, router=router, renormalize=True, capacity_factor=2.0))
+  fresh = model.init(jax.random.key(0), images[:1])
+  variables, report = weights.load(path, model, fresh)
+  assert len(report.upcycled) == 4 and not report.missing and not report.unexpected
+  assert all("Moe/Router" in n for n in report.reinitialised)
+  experts = variables["params"]["Transformer"]["encoderblock_1"]["Moe"]["Experts"]
+  assert experts["Dense_0"]["kernel"].shape == (4, 32, 64)
+  logits = jax.jit(model.apply)(variables, images)
+  if router == "top2":
+    np.testing.assert_allclose(logits, dense_logits, atol=1e-5, rtol=1e-5)
+  else:
+    assert np.max(np.abs(logits - dense_logits)) > 1e-3
+
+
+def test_expert_parallel_meshes_equal_one_device(expert_parallel_run):
+  """expert=8 and data=2 x expert=4 against one device: loss and every gradient within
+  1e-5, expert parameters split by the expert-axis size, tokens moved by all-to-all."""
+  proc, out = expert_parallel_run
+  _, stderr = proc.communicate(timeout=900)
+  assert proc.returncode == 0, stderr[-3000:]
+  with open(out) as f:
+    results = json.load(f)
+  assert sorted(results) == ["soft/data2_expert4", "top2/data2_expert4", "top2/expert8"]
+  for name, result in results.items():
+    assert result["loss_diff"] <= 1e-5 and result["grad_diff"] <= 1e-5, (name, result)
+    assert result["grad_norm"] > 0.1  # the gradients compared are not trivially zero
+    expert_axis = 8 if name.endswith("expert8") else 4
+    assert (result["expert_bytes_per_device"] * expert_axis
+            == result["expert_bytes_single"]), (name, result)
+    assert result["expert_spec"] == "P('expert', None, None)"
+    assert result["all_to_all"] > 0, name
