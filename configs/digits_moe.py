@@ -15,8 +15,17 @@ upcycled model computes exactly the dense one at step 0), then trains 300 steps:
   python -m vit_jax.main --config=configs/digits_moe.py:upcycle \
       --workdir=workdirs/digits_upcycled --config.init=workdirs/digits_demo
 
-Measured (2-core CPU shared with other jobs, seed 0, 1,500 steps): see RESULTS below;
-the numbers are the runs' final `results.json`.
+Measured (2-core CPU heavily shared with other jobs, seed 0):
+* `top2`, 1,500 steps: 99.44% test top-1 (238,922 parameters; the dense demo, same
+  seed and schedule: 98.89%, 139k). Router metrics from step 200 to 1,500:
+  importance loss 0.152 -> 0.063, load loss 0.188 -> 0.056, dropped choices
+  5.4% -> 1.0%. About 19 minutes on that loaded machine.
+* Upcycled from that dense run, evaluated before any update (`--config.total_steps=1
+  --config.optimizer.learning_rate=0 --config.schedule.warmup_steps=0`): top-2
+  98.89% (= dense); Soft MoE (`--config.model.moe.router=soft`) 98.06% (0.83 points
+  below: its slots mix tokens before the experts, so copied experts do not reproduce
+  the dense MLP).
+* `soft` and `top1` from scratch: not measured yet.
 """
 
 import importlib.util
