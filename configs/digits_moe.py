@@ -24,7 +24,7 @@ Measured (2-core CPU heavily shared with other jobs, seed 0):
   --config.optimizer.learning_rate=0 --config.schedule.warmup_steps=0`): top-2
   98.89% (= dense); Soft MoE (`--config.model.moe.router=soft`) 98.06% (0.83 points
   below: its slots mix tokens before the experts, so copied experts do not reproduce
-  the dense MLP).
+  the dense MLP). `upcycle` then trains 300 steps: 98.89%.
 * `soft` and `top1` from scratch: not measured yet.
 """
 

@@ -48,7 +48,7 @@ all-to-all (as vmoe does with pjit) and back after the experts.
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -215,13 +215,13 @@ def _constrain(x: Array, spec: tuple) -> Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or sharding.EXPERT_AXIS not in mesh.axis_names:
     return x
-  for size, axes in zip(x.shape, spec):
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    if size % math.prod(mesh.shape[a] for a in axes if a in mesh.axis_names):
-      return x
-  spec = tuple(tuple(a for a in ((s,) if isinstance(s, str) else (s or ()))
-                     if a in mesh.axis_names) or None for s in spec)
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+  dims = [tuple(a for a in ((s,) if isinstance(s, str) else s) if a in mesh.axis_names)
+          for s in spec]
+  if any(size % math.prod(mesh.shape[a] for a in axes)
+         for size, axes in zip(x.shape, dims)):
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(*(axes or None for axes in dims)))
 
 
 def to_experts(x: Array) -> Array:
