@@ -25,7 +25,7 @@ Measured (2-core CPU heavily shared with other jobs, seed 0):
   98.89% (= dense); Soft MoE (`--config.model.moe.router=soft`) 98.06% (0.83 points
   below: its slots mix tokens before the experts, so copied experts do not reproduce
   the dense MLP). `upcycle` then trains 300 steps: 98.89%.
-* `soft` and `top1` from scratch: not measured yet.
+* `soft`, 1,500 steps: 98.89% test top-1 (as the dense demo). `top1`: not measured.
 """
 
 import importlib.util
