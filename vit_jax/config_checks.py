@@ -124,7 +124,7 @@ def validate(config: Any) -> None:
     if not test(value):
       raise ValueError(f"config.{key}={value!r}: must be {allowed}")
   mesh = _lookup(config, "mesh") or {}
-  if sum(1 for axis in ("data", "fsdp", "tensor") if mesh.get(axis) == -1) > 1:
+  if sum(1 for axis in ("data", "fsdp", "expert", "tensor") if mesh.get(axis) == -1) > 1:
     raise ValueError(f"config.mesh={dict(mesh)!r}: at most one axis may be -1")
 
 

@@ -10,6 +10,13 @@ The mesh has three named axes, sized from ``config.mesh`` (``-1`` takes the rest
 
 Batches (and, inside the models, activations) are split over ``("data", "fsdp")``.
 
+A fourth axis, ``expert`` (``config.mesh.expert``, default 1), exists only when it is
+set above 1, so meshes of configs without it keep their three axes. It is data
+parallel outside mixture-of-experts layers (the batch is split over it too) and
+splits the experts inside them (``models/moe.py``): expert parameters carry the
+``expert`` logical axis, which maps to the ``expert`` mesh axis unless the rules say
+otherwise.
+
 How a train-state array is sharded, in three steps (``partition_spec``):
 
 1. Its name gives each dimension a *logical axis* (``embed``, ``heads``, ``mlp``...)
@@ -46,6 +53,8 @@ from vit_jax import tree
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+EXPERT_AXIS = "expert"  # only in meshes whose config sets it above 1
+ALL_AXES = ("data", "fsdp", EXPERT_AXIS, "tensor")  # the mesh's order when present
 
 # Logical axes by parameter name (searched in the "/"-joined path; first match whose
 # rank fits wins). A parameter with one more dimension than its rule has a stacked
@@ -92,37 +101,54 @@ def param_rules() -> list[tuple[str, tuple[Optional[str], ...]]]:
 
 # ---------------------------------------------------------------- meshes and batches
 
+def mesh_axes(mesh_config: Mapping[str, int]) -> tuple[str, ...]:
+  """The mesh's axis names: ``MESH_AXES``, plus ``expert`` when set above 1."""
+  if int(mesh_config.get(EXPERT_AXIS, 1)) != 1:
+    return ALL_AXES
+  return MESH_AXES
+
+
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-  """Resolves ``{"data": -1, "fsdp": 1, "tensor": 1}`` against a device count."""
-  unknown = set(mesh_config) - set(MESH_AXES)
+  """Resolves ``{"data": -1, "fsdp": 1, "tensor": 1}`` against a device count.
+
+  The sizes follow ``mesh_axes(mesh_config)``.
+  """
+  unknown = set(mesh_config) - set(ALL_AXES)
   if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
-  sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {ALL_AXES}")
+  names = mesh_axes(mesh_config)
+  sizes = [int(mesh_config.get(axis, 1)) for axis in names]
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(names, sizes))}")
   fixed = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % fixed:
       raise ValueError(f"{num_devices} devices cannot be split into a mesh with fixed "
-                       f"axes {dict(zip(MESH_AXES, sizes))}")
+                       f"axes {dict(zip(names, sizes))}")
     sizes[sizes.index(-1)] = num_devices // fixed
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+    raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} "
                      f"devices, but {num_devices} are available")
   return tuple(sizes)
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
-  """The ``(data, fsdp, tensor)`` mesh over all devices of all processes."""
+  """The ``(data, fsdp, tensor)`` mesh (``expert`` too, when set) over all devices."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+  names = mesh_axes(mesh_config)
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names),
                        devices=devices)
+
+
+def batch_axes(mesh: Any) -> tuple[str, ...]:
+  """The mesh axes the batch is split over: ``BATCH_AXES`` (and ``expert``)."""
+  return BATCH_AXES + ((EXPERT_AXIS,) if EXPERT_AXIS in mesh.axis_names else ())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over the data-parallel axes."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -130,7 +156,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
@@ -143,9 +169,10 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
     return x
-  if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+  axes = batch_axes(mesh)
+  if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return x
-  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+  return jax.lax.with_sharding_constraint(x, P(axes))
 
 
 # ---------------------------------------------------------------- train-state rules
@@ -173,11 +200,13 @@ def _mesh_axes(entry: Any) -> tuple[str, ...]:
 def _rule_map(rules: Any) -> dict[str, tuple[str, ...]]:
   pairs = rules.items() if hasattr(rules, "items") else rules
   rule_map = {str(k): _mesh_axes(v) for k, v in pairs}
-  unknown = {a for axes in rule_map.values() for a in axes} - set(MESH_AXES)
+  unknown = {a for axes in rule_map.values() for a in axes} - set(ALL_AXES)
   if unknown:
     raise ValueError(f"sharding rules name unknown mesh axes {sorted(unknown)}; "
-                     f"the mesh axes are {MESH_AXES}")
-  return rule_map
+                     f"the mesh axes are {ALL_AXES}")
+  # Experts split over the expert axis unless a rule says otherwise (configs list
+  # their rules in full, and older ones predate the axis).
+  return {EXPERT_AXIS: (EXPERT_AXIS,), **rule_map}
 
 
 def partition_spec(name: str, shape: Sequence[int], mesh_sizes: Mapping[str, int], *,

@@ -33,6 +33,9 @@ class MultiHeadDotProductAttention(nn.Module):
   that fused kernels can replace the reference without touching parameters.
   ``qkv_bias`` (default: ``use_bias``) drops only the query/key/value biases, as in
   the many timm models built with ``qkv_bias=False`` and a biased output projection.
+  ``qk_norm`` normalises queries and keys per head (LayerNorm over ``head_dim``,
+  scale only: ``query_ln``/``key_ln``, Flax's ``normalize_qk``), as ViT-22B and
+  vmoe's Soft MoE models do.
   """
   num_heads: int
   out_features: Optional[int] = None
@@ -40,6 +43,7 @@ class MultiHeadDotProductAttention(nn.Module):
   attention_dropout_rate: float = 0.0
   use_bias: bool = True
   qkv_bias: Optional[bool] = None
+  qk_norm: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
@@ -67,6 +71,10 @@ class MultiHeadDotProductAttention(nn.Module):
     query = projection("query")(inputs_q)
     key = projection("key")(inputs_kv)
     value = projection("value")(inputs_kv)
+    if self.qk_norm:
+      norm = lambda name: nn.LayerNorm(use_bias=False, dtype=self.dtype,
+                                       param_dtype=self.param_dtype, name=name)
+      query, key = norm("query_ln")(query), norm("key_ln")(key)
 
     dropout_fn = None
     if train and self.attention_dropout_rate > 0.0:

@@ -83,8 +83,9 @@ inside the compact ``__call__``, so it may create submodules and parameters.
   variant that changes the tokens there). Token reduction also changes the token
   sizes there, so ``TokenReductionBlock`` runs the same steps on
   ``(tokens, size, source)`` and reduces in ``reduce`` (see ``token_reduction``).
-* ``mlp(y, *, train)``: the MLP branch (``MlpBlock_3``). An MoE layer swaps it and
-  sows its auxiliary loss (``self.sow("intermediates", "aux_loss", ...)``).
+* ``mlp(y, *, train)``: the MLP branch (``MlpBlock_3``). ``MoeBlock`` swaps it for
+  an MoE layer (``Moe``), which sows its auxiliary loss into the ``aux`` collection
+  (see ``moe``).
 """
 
 import re
@@ -99,7 +100,7 @@ import numpy as np
 
 from vit_jax import kernels
 from vit_jax import sharding
-from vit_jax.models import layers, token_reduction
+from vit_jax.models import layers, moe as moe_lib, token_reduction
 from vit_jax.models.convert import StateDict, register_timm_converter
 from vit_jax.models.registry import register_variant
 
@@ -216,6 +217,7 @@ class Encoder1DBlock(nn.Module):
   attention_fn: Callable = layers.dot_product_attention
   norm_epsilon: float = 1e-6
   qkv_bias: bool = True  # timm's qkv_bias=False drops only the query/key/value biases
+  qk_norm: bool = False  # per-head LayerNorm of queries and keys (Soft MoE models)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -233,7 +235,8 @@ class Encoder1DBlock(nn.Module):
     """
     return layers.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
-        qkv_bias=self.qkv_bias, attention_fn=attention_fn or self.attention_fn,
+        qkv_bias=self.qkv_bias, qk_norm=self.qk_norm,
+        attention_fn=attention_fn or self.attention_fn,
         dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadDotProductAttention_1")(y, bias=bias, mask=mask, train=train)
 
@@ -350,6 +353,7 @@ class Encoder(nn.Module):
   scan_layers: bool = False
   norm_epsilon: float = 1e-6
   posemb_grid: Optional[tuple[int, int]] = None  # stored table's grid (then resampled)
+  qk_norm: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -374,8 +378,8 @@ class Encoder(nn.Module):
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=drop_path_rate,
         gelu_approximate=self.gelu_approximate, attention_fn=self.attention_fn,
-        norm_epsilon=self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name, **settings)
+        norm_epsilon=self.norm_epsilon, qk_norm=self.qk_norm, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name, **settings)
 
   def run_blocks(self, x: Array, *, mask: Optional[Array], train: bool) -> Array:
     """Every block in turn (or one ``nn.scan``), sowing ``block_{i}`` after each."""
@@ -475,6 +479,31 @@ class TokenReductionEncoder(Encoder):
     return state[0]
 
 
+class MoeBlock(Encoder1DBlock):
+  """A block whose MLP is a mixture of experts (``moe_lib.MoeMlp``, scope ``Moe``)
+  when ``moe`` is set; the plain block (``MlpBlock_3``) otherwise."""
+  moe: Optional[moe_lib.MoeSettings] = None
+
+  def mlp(self, y: Array, *, train: bool) -> Array:
+    if self.moe is None:
+      return super().mlp(y, train=train)
+    return moe_lib.MoeMlp(self.moe, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                          gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="Moe")(y, train=train)
+
+
+class MoeEncoder(Encoder):
+  """An ``Encoder`` with MoE MLPs in the blocks ``moe.layers`` (same parameter names
+  elsewhere, so a dense checkpoint loads into every other block unchanged)."""
+  block_type = MoeBlock
+  moe: Optional[moe_lib.MoeSettings] = None
+
+  def make_block(self, index: Optional[int], name: str, drop_path_rate: float = 0.0,
+                 **settings) -> nn.Module:
+    moe = self.moe if index in self.moe.layers else None
+    return super().make_block(index, name, drop_path_rate, moe=moe, **settings)
+
+
 class VisionTransformer(nn.Module):
   """ViT classifier. Call with NHWC images; returns float32 logits (or features).
 
@@ -509,6 +538,10 @@ class VisionTransformer(nn.Module):
     token_pruning: DynamicViT's keep ratio ``rho``: before the ``s``-th of
       ``token_pruning_layers`` (default as EViT's) a learned predictor keeps
       ``int(rho**s * n)`` of the ``n`` patch tokens; 1.0 is the plain model.
+    qk_norm: per-head LayerNorm of queries and keys (vmoe's Soft MoE models).
+    moe: mixture-of-experts MLPs, a mapping of ``moe_lib.MoeSettings`` fields
+      (``layers``, ``num_experts``, ``router`` "soft" | "top1" | "top2",
+      ``capacity_factor``, ``num_slots``, ...); None or empty ``layers``: dense.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
   """
   num_classes: int = 1000
@@ -541,6 +574,8 @@ class VisionTransformer(nn.Module):
   flexi_resize: str = "pi"
   token_pruning: float = 1.0
   token_pruning_layers: Optional[Sequence[int]] = None
+  qk_norm: bool = False
+  moe: Optional[Mapping[str, Any]] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -596,6 +631,17 @@ class VisionTransformer(nn.Module):
         num_prefix_tokens=self.num_prefix_tokens, scan_layers=self.scan_layers,
         attention=self.attention, attention_dropout_rate=self.attention_dropout_rate,
         token_pruning=self.token_pruning)
+    if self.moe_settings is not None:
+      if self.scan_layers:
+        raise ValueError("moe: MoE blocks differ from the dense ones, so the blocks "
+                         "cannot be scanned; set scan_layers=False")
+      if any(np.atleast_1d(self.token_merging)) or self.token_keep_rate < 1.0 or self.token_pruning < 1.0:
+        raise ValueError("moe cannot be combined with token_merging/token_keep_rate/token_pruning "
+                         "(token reduction builds its own blocks)")
+
+  @property
+  def moe_settings(self) -> Optional[moe_lib.MoeSettings]:
+    return moe_lib.MoeSettings.from_mapping(self.moe, self.num_layers)
 
   def patch_grid(self, height: int, width: int) -> tuple[int, int]:
     """The token grid for an input size, or a ValueError naming the constraint."""
@@ -670,7 +716,12 @@ class VisionTransformer(nn.Module):
     """
     encoder = self.encoder_type
     schedule = token_reduction.merge_schedule(self.token_merging, self.num_layers)
-    if any(schedule) or self.token_keep_rate < 1.0 or self.token_pruning < 1.0:
+    reduces = any(schedule) or self.token_keep_rate < 1.0 or self.token_pruning < 1.0
+    if encoder is not Encoder and (reduces or self.moe_settings is not None):
+      raise ValueError(f"{type(self).__name__} builds its own encoder "
+                       f"({encoder.__name__}); it cannot be combined with token "
+                       "reduction or moe")
+    if reduces:
       encoder = TokenReductionEncoder
       settings = dict(
           settings, token_merging=schedule, token_keep_rate=self.token_keep_rate,
@@ -680,6 +731,8 @@ class VisionTransformer(nn.Module):
           token_pruning_layers=token_reduction.keep_layers(
               self.token_pruning_layers, self.num_layers, "token_pruning_layers"),
           num_prefix_tokens=self.num_prefix_tokens)
+    if self.moe_settings is not None:
+      encoder, settings = MoeEncoder, dict(settings, moe=self.moe_settings)
     return encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim,
                    num_heads=self.num_heads, learned_posemb=self.posemb == "learn",
                    pre_norm=self.pre_norm, dropout_rate=self.dropout_rate,
@@ -688,7 +741,8 @@ class VisionTransformer(nn.Module):
                    gelu_approximate=self.gelu_approximate,
                    attention_fn=self._attention_fn(), remat_policy=self.remat_policy,
                    scan_layers=self.scan_layers, norm_epsilon=self.norm_epsilon,
-                   posemb_grid=self.stored_posemb_grid, dtype=self.compute_dtype,
+                   posemb_grid=self.stored_posemb_grid, qk_norm=self.qk_norm,
+                   dtype=self.compute_dtype,
                    param_dtype=self.storage_dtype, name="Transformer", **settings)
 
   @property
@@ -839,5 +893,54 @@ def _register_clip_variants():
                      doc=f"CLIP image tower {name} (pre-norm, no patch bias).")
 
 
+# Mixture-of-experts ViTs under vmoe's configurations (google-research/vmoe):
+# V-MoE (configs/vmoe_paper/common.py: K=2, E=8, MoE in every 2nd block or the last
+# 2 odd ones, capacity factor 1.05, noise 1/E, importance and load loss weights 0.005,
+# pre-logits of the model width; V-MoE's S is 512 wide, 8 deep) and Soft MoE
+# (projects/soft_moe/configs: MoE in the last n blocks, one slot per expert, GAP, QK
+# norm). Every setting stays overridable, e.g. moe=dict(..., router="top1").
+VMOE_SIZES = {"s": dict(hidden_size=512, num_layers=8, mlp_dim=2048, num_heads=8),
+              "b": VARIANTS["base"], "l": VARIANTS["large"], "h": VARIANTS["huge"]}
+VMOE_VARIANTS = {  # name: (size, patch, experts, k, where ("every" | "last"), count)
+    "vmoe_s32_e8_top2_last2": ("s", 32, 8, 2, "last", 2),
+    "vmoe_b32_e8_top2": ("b", 32, 8, 2, "every", 2),
+    "vmoe_b16_e8_top2": ("b", 16, 8, 2, "every", 2),
+    "vmoe_l16_e8_top2": ("l", 16, 8, 2, "every", 2),
+}
+SOFT_MOE_VARIANTS = {  # name: (size, patch, experts, last n blocks)
+    "vit_s16_softmoe_128e": ("small", 16, 128, 6),
+    "vit_s14_softmoe_256e": ("small", 14, 256, 6),
+    "vit_b16_softmoe_128e": ("base", 16, 128, 6),
+    "vit_l16_softmoe_128e": ("large", 16, 128, 12),
+    "vit_h14_softmoe_256e": ("huge", 14, 256, 16),
+}
+
+
+def _register_moe_variants():
+  for name, (size, patch, experts, k, where, count) in VMOE_VARIANTS.items():
+    dims = VMOE_SIZES[size]
+    depth = dims["num_layers"]
+    moe_layers = (tuple(range(count - 1, depth, count)) if where == "every"
+                  else tuple(range(1, depth, 2))[-count:])
+    defaults = dict(dims, patch_size=patch, image_size=224,
+                    representation_size=dims["hidden_size"],
+                    moe=dict(layers=moe_layers, num_experts=experts, router=f"top{k}",
+                             capacity_factor=1.05, noise_std=1.0,
+                             importance_loss_weight=0.005, load_loss_weight=0.005))
+    register_variant(name, VisionTransformer, defaults, family="vit", image_size=224,
+                     doc=f"V-MoE-{size.upper()}/{patch}, E={experts}, K={k}, MoE in "
+                         f"blocks {moe_layers}.")
+  for name, (size, patch, experts, last) in SOFT_MOE_VARIANTS.items():
+    dims = VARIANTS[size]
+    moe_layers = tuple(range(dims["num_layers"]))[-last:]
+    defaults = dict(dims, patch_size=patch, image_size=224, classifier="gap",
+                    qk_norm=True, moe=dict(layers=moe_layers, num_experts=experts,
+                                           router="soft", num_slots=1))
+    register_variant(name, VisionTransformer, defaults, family="vit", image_size=224,
+                     doc=f"Soft MoE {size}/{patch} with {experts} experts (1 slot each) "
+                         f"in the last {last} blocks.")
+
+
 _register_variants()
 _register_clip_variants()
+_register_moe_variants()

@@ -32,6 +32,7 @@ from vit_jax import (config_checks, finetune, lora, models, optim, quantization,
                      sparsity, weights)
 from vit_jax.data import input_pipeline, preprocess
 from vit_jax.evaluators import classification as classification_eval
+from vit_jax.models import moe
 from vit_jax.trainers import common, distillation
 from vit_jax.trainers.common import TrainState
 
@@ -221,19 +222,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- step functions
   def compute_grads(params, model_state, images, labels, rng, teacher_variables,
                     step_model):
-    mutable = list(model_state) or False
+    # "aux": the auxiliary losses MoE routers sow (none for other models).
+    mutable = [*model_state, moe.AUX_COLLECTION]
     teacher_logits = (None if teacher is None else
                       teacher.apply(teacher_variables, images, train=False))
     apply_kwargs = {}
     if mixpro:  # MixPro reads the last block's query and key of this same forward
       labels, patch_mask, area_lam = labels
       apply_kwargs = {"capture_intermediates": finetune.last_block_qk_filter(model)}
-      mutable = list(model_state) + ["intermediates"]
+      mutable = [*mutable, "intermediates"]
 
     def loss_fn(params):
-      out = step_model.apply({"params": params, **model_state}, images, train=True,
-                             rngs={"dropout": rng}, mutable=mutable, **apply_kwargs)
-      outputs, new_model_state = out if mutable else (out, model_state)
+      outputs, new_state = step_model.apply({"params": params, **model_state}, images,
+                                            train=True, rngs={"dropout": rng},
+                                            mutable=mutable, **apply_kwargs)
+      new_model_state, aux_loss, aux_metrics = common.split_auxiliary(new_state)
       # A distilled model (DeiT) returns (class head, distillation head) in training.
       logits, logits_dist = distillation.split_heads(outputs)
       if mixpro:
@@ -254,13 +257,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      num_classes, config.label_smoothing)) / 2
       if logits_dist is not None:  # what the model predicts at eval
         logits = (logits + logits_dist) / 2
-      return loss, (logits, new_model_state)
+      return loss + aux_loss, (logits, new_model_state, aux_metrics)
 
-    (loss, (logits, new_model_state)), grads = jax.value_and_grad(
+    (loss, (logits, new_model_state, aux_metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
     hard = jnp.argmax(labels, -1) if labels.ndim == 2 else labels  # (MixPro: own label)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == hard)
-    return grads, loss, accuracy, new_model_state
+    return grads, loss, accuracy, new_model_state, aux_metrics
 
   mix_config = config.get("mixup")
   mixing = bool(mix_config and (mix_config.get("mixup_alpha") or
@@ -296,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           patch_size=model.patch_size)
       labels = (labels, patch_mask, area_lam)
     if accum == 1:
-      grads, loss, accuracy, model_state = compute_grads(
+      grads, loss, accuracy, model_state, aux_metrics = compute_grads(
           state.params, state.model_state, images, labels, rng, teacher_variables,
           step_model)
     else:
@@ -305,25 +308,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       images, labels = split(images), jax.tree.map(split, labels)
 
       def microbatch(i, carry):
-        grads_sum, loss_sum, acc_sum, model_state = carry
-        grads, loss, accuracy, model_state = compute_grads(
+        grads_sum, loss_sum, acc_sum, aux_sum, model_state = carry
+        grads, loss, accuracy, model_state, aux_metrics = compute_grads(
             state.params, model_state, images[:, i],
             jax.tree.map(lambda x: x[:, i], labels),
             jax.random.fold_in(rng, i), teacher_variables, step_model)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
-                acc_sum + accuracy, model_state)
+                acc_sum + accuracy, jax.tree.map(jnp.add, aux_sum, aux_metrics),
+                model_state)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      grads, loss, accuracy, model_state = jax.lax.fori_loop(
-          0, accum, microbatch, (zeros, 0.0, 0.0, state.model_state))
+      aux_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+          lambda *args: compute_grads(*args, step_model), state.params, state.model_state,
+          images[:, 0], jax.tree.map(lambda x: x[:, 0], labels), rng,
+          teacher_variables)[4])
+      grads, loss, accuracy, aux_metrics, model_state = jax.lax.fori_loop(
+          0, accum, microbatch, (zeros, 0.0, 0.0, aux_zeros, state.model_state))
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss, accuracy = loss / accum, accuracy / accum
+      aux_metrics = jax.tree.map(lambda m: m / accum, aux_metrics)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
+    # "loss" includes the MoE auxiliary losses, logged apart as moe/* (if any).
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
-               "learning_rate": schedule(state.step),
+               "learning_rate": schedule(state.step), **aux_metrics,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)

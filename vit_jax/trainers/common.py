@@ -14,6 +14,8 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
+from vit_jax.models import moe
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -21,6 +23,16 @@ class TrainState:
   params: Any
   opt_state: Any
   model_state: Any  # non-trainable collections, e.g. BatchNorm's batch_stats
+
+
+def split_auxiliary(state: dict) -> tuple[dict, Any, dict]:
+  """The mutable collections of a training ``apply`` -> ``(model_state, aux_loss,
+  metrics)``: auxiliary losses that layers sow into ``moe.AUX_COLLECTION`` (the
+  mixture-of-experts routers' load-balancing losses, see ``models/moe.py``) are
+  summed for the loss and their metrics returned for logging, not kept as state.
+  ``(state, 0.0, {})`` for models that sow none."""
+  aux_loss, metrics = moe.auxiliary_losses(state.get(moe.AUX_COLLECTION, {}))
+  return {k: v for k, v in state.items() if k != moe.AUX_COLLECTION}, aux_loss, metrics
 
 
 class DivergenceError(RuntimeError):

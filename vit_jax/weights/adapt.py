@@ -7,7 +7,10 @@
   bicubic with antialias by default, class token kept); a big_vision embedding
   without a class-token slot gets a zero slot (big_vision adds no position to it);
 * relative position bias tables of windowed models are resized for a new window;
-* ``encoderblock_{i}`` and scanned ``encoderblock`` layouts are converted.
+* ``encoderblock_{i}`` and scanned ``encoderblock`` layouts are converted;
+* upcycling: a mixture-of-experts layer the checkpoint lacks (``.../Moe/Experts/...``,
+  ``models/moe.py``) gets a copy of the checkpoint's dense MLP of that block in every
+  expert (sparse upcycling, Komatsuzaki et al. 2023); its router starts fresh.
 
 Anything else that does not fit -- a missing, unexpected or shape-mismatched
 parameter -- raises ``LoadError`` naming the keys, unless ``allow_partial``.
@@ -28,6 +31,7 @@ from vit_jax.weights.files import LoadError
 DEFAULT_REINIT = r"^head/"
 POSEMB = re.compile(r"(^|/)posembed_input/pos_embedding$")
 REL_POS_TABLE = re.compile(r"(^|/)relative_position_bias_table$")
+EXPERTS = re.compile(r"^(.*)/Moe/Experts/(Dense_[01]/(kernel|bias))$")
 
 
 @dataclasses.dataclass
@@ -41,10 +45,12 @@ class LoadReport:
   missing: list[str] = dataclasses.field(default_factory=list)
   unexpected: list[str] = dataclasses.field(default_factory=list)
   mismatched: list[str] = dataclasses.field(default_factory=list)
+  upcycled: list[str] = dataclasses.field(default_factory=list)
 
   def summary(self) -> str:
     parts = [f"loaded {len(self.loaded)} arrays from {self.source} ({self.format})"]
-    for title, names in (("new (fresh init)", self.reinitialised),
+    for title, names in (("upcycled (dense MLP copied to every expert)", self.upcycled),
+                         ("new (fresh init)", self.reinitialised),
                          ("resampled", self.resampled),
                          ("missing (fresh init)", self.missing),
                          ("unexpected (dropped)", self.unexpected),
@@ -65,6 +71,31 @@ def match_block_layout(flat: dict, target: Mapping[str, Any]) -> dict:
     return flat
   convert_fn = vit.stack_block_params if scanned(target) else vit.unstack_block_params
   return tree.flatten(convert_fn(tree.unflatten(flat)))
+
+
+def upcycle_experts(flat: dict, target: Mapping[str, Any],
+                    report: LoadReport) -> tuple[dict, set[str]]:
+  """Dense MLPs -> the experts of the target's MoE layers the checkpoint lacks.
+
+  Returns the arrays (each used ``MlpBlock_3`` replaced by its ``Moe/Experts`` copies)
+  and the names of the upcycled layers' router parameters, which start fresh.
+  """
+  out, used, routers = dict(flat), set(), set()
+  for name, abstract in target.items():
+    match = EXPERTS.match(name)
+    dense = match and f"{match.group(1)}/MlpBlock_3/{match.group(2)}"
+    if not match or name in flat or dense not in flat:
+      continue
+    value = np.asarray(flat[dense])
+    if tuple(abstract.shape[1:]) != value.shape:
+      continue  # left for the shape-mismatch report
+    out[name] = np.broadcast_to(value, tuple(abstract.shape)).copy()
+    used.add(dense)
+    report.upcycled.append(f"{dense} -> {name} x{abstract.shape[0]}")
+    routers |= {n for n in target if n.startswith(f"{match.group(1)}/Moe/Router/")}
+  for dense in used:
+    del out[dense]
+  return out, routers - set(flat)
 
 
 def resample_posemb(value: np.ndarray, target_shape: tuple, prefix: int,
@@ -107,13 +138,14 @@ def adapt(source: dict[str, np.ndarray], target: Mapping[str, Any], fresh: Mappi
   arrays (what re-initialised and, with ``allow_partial``, missing names get).
   """
   source = match_block_layout(dict(source), target)
+  source, routers = upcycle_experts(source, target, report)
   reinit_re = re.compile(reinit) if reinit else None
   prefix = 1 if "cls" in target else 0
   out, missing, mismatched = {}, [], []
   for name, abstract in target.items():
     shape = tuple(abstract.shape)
     if name not in source:
-      if reinit_re and reinit_re.search(name):
+      if (reinit_re and reinit_re.search(name)) or name in routers:
         report.reinitialised.append(name)
       else:
         missing.append(name)

@@ -1,0 +1,345 @@
+"""Mixture-of-experts MLP layers: Soft MoE and sparse top-k (V-MoE) routing.
+
+Written here because no maintained JAX library offers these as Linen layers (vmoe is
+a research codebase, not a dependency); facts and defaults follow
+google-research/vmoe (V-MoE: Riquelme et al. 2021; Soft MoE: Puigcerver et al. 2023).
+
+``MoeMlp`` replaces a block's MLP (``Encoder1DBlock.mlp``, see ``vit.py``). Its
+parameters, under the block's ``Moe`` scope::
+
+  Router/dense/kernel   [D, E]        top-k routers (no bias, as in vmoe)
+  Router/mu, scale      [D, E, P], () Soft MoE (slot parameters, logit scale)
+  Experts/Dense_{0,1}/{kernel,bias}   the expert MLPs, stacked on a leading E axis
+
+Routing runs per image (one group = one image's tokens), with static shapes: each
+expert takes ``capacity`` tokens (top-k) or ``num_slots`` slots (soft) per group.
+
+* **top-k** (``router="top1"|"top2"``): gates = softmax(x W) over experts; each token
+  picks its k best experts. Expert buffers fill first with every token's 1st choice,
+  then the 2nd; with ``batch_priority`` tokens with a larger top gate go first
+  (Batch Priority Routing), else in token order. A choice that finds its expert's
+  buffer full is dropped (the token's residual passes it by). Capacity per expert
+  and group is ``ceil(tokens * k * capacity_factor / E)``. The output of a token is
+  ``sum over kept choices of gate * expert(x)``; ``renormalize`` divides the gates by
+  their sum over the k choices (then, with identical experts and nothing dropped,
+  the layer equals the dense MLP: what upcycling needs). Training adds noise
+  ``N(0, (noise_std / E)^2)`` to the logits (noisy gating) and the auxiliary losses
+  of V-MoE: importance ``CV(sum_tokens gates)^2`` and load ``CV(sum_tokens P(expert
+  in the noisy top-k))^2``, weighted by ``importance_loss_weight`` and
+  ``load_loss_weight`` (0.005 each in vmoe's configs) and averaged over groups.
+* **soft** (``router="soft"``): logits ``<l2norm(x), scale * l2norm(mu)>`` for every
+  (token, expert, slot); slot inputs are softmax-over-tokens mixtures of the tokens,
+  each expert processes its slots, and every token takes the softmax-over-all-slots
+  mixture of the slot outputs. Nothing is dropped; no auxiliary loss.
+
+The layer sows into the ``aux`` collection (``AUX_COLLECTION``; not at init, so it
+never becomes model state): ``loss`` (the weighted auxiliary loss of this layer, 0
+for soft) and ``metrics`` (importance/load losses, the fraction of dropped choices,
+routing weight statistics). A trainer that applies the model with ``aux`` mutable
+adds the losses to its loss and logs the metrics (``auxiliary_losses``; the
+classification trainer does).
+
+Expert parallelism: with an ``expert`` mesh axis (``sharding.EXPERT_AXIS``), expert
+parameters are split over it (the rules below), the batch is split over it outside
+the MoE layers, and the dispatched tokens ``[groups, experts, capacity, D]`` are
+constrained to experts over ``expert``, so XLA's SPMD partitioner moves them with an
+all-to-all (as vmoe does with pjit) and back after the experts.
+"""
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_jax import sharding, tree
+from vit_jax.models import layers
+
+Array = Any
+
+ROUTERS = ("soft", "top1", "top2")
+AUX_COLLECTION = "aux"
+
+# Expert parameters carry the "expert" logical axis; the default rules map it to the
+# "expert" mesh axis (see sharding.partition_spec).
+sharding.register_param_axes([
+    (r"(^|/)Moe/Experts/Dense_0/kernel$", ("expert", "embed", "mlp")),
+    (r"(^|/)Moe/Experts/Dense_0/bias$", ("expert", "mlp")),
+    (r"(^|/)Moe/Experts/Dense_1/kernel$", ("expert", "mlp", "embed")),
+    (r"(^|/)Moe/Experts/Dense_1/bias$", ("expert", "embed")),
+    (r"(^|/)Moe/Router/dense/kernel$", ("embed", None)),
+    (r"(^|/)Moe/Router/mu$", ("embed", None, None)),
+])
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeSettings:
+  """The ``moe`` setting of the plain ViT (``models.create(name, moe=dict(...))``).
+
+  layers: indices of the blocks whose MLP becomes an MoE layer.
+  num_experts: experts per MoE layer.
+  router: "soft", "top1" or "top2".
+  capacity_factor: top-k: expert capacity per image is ``ceil(tokens * k * cf / E)``.
+  num_slots: soft: slots per expert (vmoe's Soft MoE models use 1).
+  batch_priority: top-k: tokens with larger top gates fill the buffers first.
+  noise_std: top-k: logit noise ``noise_std / num_experts`` while training.
+  importance_loss_weight, load_loss_weight: top-k auxiliary loss weights.
+  renormalize: top-k: combine with the selected gates divided by their sum.
+  """
+  layers: tuple[int, ...] = ()
+  num_experts: int = 8
+  router: str = "top2"
+  capacity_factor: float = 1.05
+  num_slots: int = 1
+  batch_priority: bool = False
+  noise_std: float = 1.0
+  importance_loss_weight: float = 0.005
+  load_loss_weight: float = 0.005
+  renormalize: bool = False
+
+  @property
+  def k(self) -> int:
+    return {"top1": 1, "top2": 2}.get(self.router, 0)
+
+  @classmethod
+  def from_mapping(cls, settings: Optional[Mapping[str, Any]],
+                   num_layers: int) -> Optional["MoeSettings"]:
+    """Validated settings (errors name the setting), or None when MoE is off."""
+    if settings is None or isinstance(settings, MoeSettings):
+      return settings
+    settings = dict(settings)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+      raise ValueError(f"moe has no setting {', '.join(unknown)}; its settings are "
+                       f"{', '.join(sorted(fields))}")
+    layers_ = settings.get("layers", ())
+    if isinstance(layers_, str):  # "1,3,5" from the command line
+      layers_ = [int(i) for i in layers_.split(",") if i.strip()]
+    settings["layers"] = tuple(sorted({int(i) for i in layers_}))
+    out = cls(**settings)
+    if not out.layers:
+      return None
+    bad = [i for i in out.layers if not 0 <= i < num_layers]
+    if bad:
+      raise ValueError(f"moe.layers={out.layers}: blocks {bad} do not exist "
+                       f"(num_layers={num_layers})")
+    if out.router not in ROUTERS:
+      raise ValueError(f"moe.router must be one of {ROUTERS}, got {out.router!r}")
+    if out.num_experts < max(1, out.k):
+      raise ValueError(f"moe.num_experts={out.num_experts} must be at least "
+                       f"{max(1, out.k)} for moe.router={out.router!r}")
+    if out.capacity_factor <= 0:
+      raise ValueError(f"moe.capacity_factor must be > 0, got {out.capacity_factor}")
+    if out.num_slots < 1:
+      raise ValueError(f"moe.num_slots must be >= 1, got {out.num_slots}")
+    return out
+
+
+def capacity(tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+  """Tokens each expert takes per group: ``ceil(tokens * k * cf / E)``, at least 1."""
+  return max(1, math.ceil(tokens * k * capacity_factor / num_experts))
+
+
+# ---------------------------------------------------------------- routing (pure)
+
+def top_k_routing(gates: Array, k: int, capacity_: int,
+                  batch_priority: bool) -> tuple[Array, Array, Array]:
+  """Gates ``[G, S, E]`` -> ``(dispatch [G, S, E, C] bool, weights [G, S, E], kept)``.
+
+  ``weights`` holds each token's gate for the experts it selected (0 elsewhere);
+  ``kept [G, S, k]`` says which of its k choices found room.
+  """
+
+  def one_group(g):
+    tokens, num_experts = g.shape
+    top_gate, choice = jax.lax.top_k(g, k)  # [S, k]
+    order = (jnp.argsort(-top_gate[:, 0], stable=True) if batch_priority
+             else jnp.arange(tokens))
+    # Choices in fill order: every token's 1st choice (in priority order), then 2nd.
+    ordered = choice[order].T.reshape(-1)  # [k * S]
+    onehot = jax.nn.one_hot(ordered, num_experts, dtype=jnp.int32)
+    position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # in buffer
+    position = position.reshape(k, tokens).T  # [S (priority order), k]
+    inverse = jnp.argsort(order)
+    position = position[inverse]
+    kept = position < capacity_
+    slot = jnp.where(kept, position, capacity_)  # one_hot of capacity_ is all zeros
+    dispatch = jnp.einsum("ske,skc->sec", jax.nn.one_hot(choice, num_experts),
+                          jax.nn.one_hot(slot, capacity_)) > 0
+    weights = jnp.sum(jax.nn.one_hot(choice, num_experts) * top_gate[..., None], axis=1)
+    return dispatch, weights, kept
+
+  return jax.vmap(one_group)(gates)
+
+
+def importance_loss(gates: Array) -> Array:
+  """V-MoE's importance loss per group: ``CV(sum over tokens of gates)^2``. [G]"""
+  importance = jnp.sum(gates, axis=1)
+  return (jnp.std(importance, axis=-1) / jnp.mean(importance, axis=-1)) ** 2
+
+
+def load_loss(logits: Array, noisy_logits: Array, noise_std: float, k: int) -> Array:
+  """V-MoE's load loss per group: ``CV(sum over tokens of P(e in noisy top-k))^2``.
+
+  P is the probability, under fresh noise on that logit alone, that expert e beats
+  the k-th largest noisy logit of the token. [G]
+  """
+  threshold = jax.lax.top_k(noisy_logits, k)[0][..., -1:]
+  prob = 1.0 - jax.scipy.stats.norm.cdf((threshold - logits) / noise_std)
+  load = jnp.mean(prob, axis=1)
+  return (jnp.std(load, axis=-1) / jnp.mean(load, axis=-1)) ** 2
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True) + eps)
+
+
+def soft_routing(x: Array, mu: Array, scale: Array) -> tuple[Array, Array]:
+  """Soft MoE weights: ``(dispatch, combine)``, both ``[G, S, E, P]``.
+
+  dispatch: softmax over tokens (each slot mixes the tokens); combine: softmax over
+  all slots (each token mixes the slot outputs).
+  """
+  logits = jnp.einsum("gsd,dep->gsep", l2_normalize(x),
+                      scale * l2_normalize(mu, axis=0))
+  return jax.nn.softmax(logits, axis=1), jax.nn.softmax(logits, axis=(2, 3))
+
+
+# ---------------------------------------------------------------- expert parallelism
+
+def _constrain(x: Array, spec: tuple) -> Array:
+  """A sharding constraint when a mesh with the expert axis is set and divides x."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or sharding.EXPERT_AXIS not in mesh.axis_names:
+    return x
+  dims = [tuple(a for a in ((s,) if isinstance(s, str) else s) if a in mesh.axis_names)
+          for s in spec]
+  if any(size % math.prod(mesh.shape[a] for a in axes)
+         for size, axes in zip(x.shape, dims)):
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(*(axes or None for axes in dims)))
+
+
+def to_experts(x: Array) -> Array:
+  """``[G, E, C, D]`` dispatched tokens: groups over data/fsdp, experts over expert."""
+  return _constrain(x, (sharding.BATCH_AXES, sharding.EXPERT_AXIS))
+
+
+def from_experts(x: Array) -> Array:
+  """``[G, E, C, D]`` expert outputs back to groups over every batch axis."""
+  return _constrain(x, (sharding.BATCH_AXES + (sharding.EXPERT_AXIS,),))
+
+
+def auxiliary_losses(aux: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
+  """The ``aux`` collection of an apply -> (summed loss, metrics averaged over layers).
+
+  Metrics are named ``moe/<metric>``, plus ``moe/aux_loss`` (the sum); an empty
+  collection (a model without MoE layers) gives ``(0.0, {})``.
+  """
+  total, values = 0.0, {}
+  for name, value in tree.sown(aux).items():
+    if name.rsplit("/", 1)[-1] == "loss":
+      total = total + value
+    else:
+      for key, metric in value.items():
+        values.setdefault(key, []).append(metric)
+  if not values and isinstance(total, float):
+    return total, {}
+  metrics = {f"moe/{k}": sum(v) / len(v) for k, v in sorted(values.items())}
+  return total, {"moe/aux_loss": total, **metrics}
+
+
+# ---------------------------------------------------------------- the layer
+
+class Router(nn.Module):
+  """Routing weights for ``[G, S, D]`` tokens (``Router`` scope of an MoE layer).
+
+  Returns ``(dispatch, combine, aux_loss, metrics)``: dispatch and combine weights
+  ``[G, S, E, C]`` (C: capacity or slots per expert), the weighted auxiliary loss
+  (mean over groups) and the loss terms and routing statistics to log.
+  """
+  settings: MoeSettings
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool):
+    s = self.settings
+    _, tokens, dim = x.shape
+    x = x.astype(jnp.float32)  # routing decisions in float32 whatever the compute dtype
+    if s.router == "soft":
+      mu = self.param("mu", nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                      (dim, s.num_experts, s.num_slots), self.param_dtype)
+      scale = self.param("scale", nn.initializers.ones, (), self.param_dtype)
+      dispatch, combine = soft_routing(x, mu.astype(jnp.float32),
+                                       scale.astype(jnp.float32))
+      metrics = {"combine_weights_max": jnp.mean(jnp.max(combine, axis=(2, 3))),
+                 "dispatch_weights_max": jnp.mean(jnp.max(dispatch, axis=1))}
+      return dispatch, combine, jnp.zeros((), jnp.float32), metrics
+    logits = nn.Dense(s.num_experts, use_bias=False, dtype=jnp.float32,
+                      param_dtype=self.param_dtype, name="dense")(x)
+    gates = jax.nn.softmax(logits)
+    importance = importance_loss(gates)
+    aux = s.importance_loss_weight * importance
+    metrics = {"importance_loss": jnp.mean(importance)}
+    if train and s.noise_std > 0:
+      # Noisy gating; the noise draws from the "dropout" stream the trainers provide.
+      noise_std = s.noise_std / s.num_experts
+      noisy = logits + noise_std * jax.random.normal(self.make_rng("dropout"),
+                                                     logits.shape)
+      load = load_loss(logits, noisy, noise_std, s.k)
+      aux = aux + s.load_loss_weight * load
+      metrics["load_loss"] = jnp.mean(load)
+      gates = jax.nn.softmax(noisy)
+    cap = capacity(tokens, s.num_experts, s.k, s.capacity_factor)
+    dispatch, weights, kept = top_k_routing(gates, s.k, cap, s.batch_priority)
+    if s.renormalize:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    combine = weights[..., None] * dispatch
+    metrics["dropped_fraction"] = 1.0 - jnp.mean(kept.astype(jnp.float32))
+    return dispatch, combine, jnp.mean(aux), metrics
+
+
+class _Expert(layers.MlpBlock):
+  """``MlpBlock`` with ``train`` as a field: ``nn.vmap`` maps positional inputs only."""
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:  # pytype: disable=signature-mismatch
+    return super().__call__(inputs, train=self.train)
+
+
+class MoeMlp(nn.Module):
+  """An MoE of ``layers.MlpBlock`` experts on ``[B, N, D]`` tokens (see the module doc).
+
+  One routing group per image. Experts start identical (vmoe's ``split_rngs=False``);
+  the router breaks the symmetry.
+  """
+  settings: MoeSettings
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    dispatch, combine, aux, metrics = Router(self.settings, self.param_dtype,
+                                             name="Router")(x, train=train)
+    if not self.is_initializing():
+      self.sow(AUX_COLLECTION, "loss", aux)
+      self.sow(AUX_COLLECTION, "metrics", metrics)
+    dispatch, combine = dispatch.astype(x.dtype), combine.astype(x.dtype)
+    slots = to_experts(jnp.einsum("gsec,gsd->gecd", dispatch, x))
+    # Each expert maps its [G, C, D] slice (vmapped over the expert axis, no reshape,
+    # so the expert-axis sharding carries straight through).
+    y = nn.vmap(_Expert, in_axes=1, out_axes=1, variable_axes={"params": 0},
+                split_rngs={"params": False, "dropout": True})(
+                    mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                    gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                    param_dtype=self.param_dtype, train=train, name="Experts")(slots)
+    y = from_experts(y)
+    return jnp.einsum("gsec,gecd->gsd", combine, y)
