@@ -109,6 +109,14 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from vit_jax import config_checks  # pylint: disable=g-import-not-at-top
+  try:  # before JAX and TensorFlow load (~20 s on 2 cores): a bad setting fails at once
+    config_checks.validate(_CONFIG.value)
+  except ValueError as e:
+    if flags.FLAGS["verbosity"].present:
+      raise
+    print(f"error: ValueError: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   initialize_distributed()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
