@@ -95,8 +95,10 @@ def test_resume_reads_only_the_records_it_uses(tfds_dir, monkeypatch):
     next(iter(ds.as_numpy_iterator()))
     first_read[batches] = sum(counts)
   assert (32 * 10_000) % 1437 == 986
-  print(first_read)
-  assert first_read[10_000] == first_read[10] < 986
+  # One batch plus read-ahead, which varies with thread timing (48 or 64 records seen
+  # with 16-record chunks), and far from the 986 records before the position.
+  for batches, records in first_read.items():
+    assert 32 <= records <= 32 + 6 * 16, (batches, first_read)
 
 
 def test_tfrecord_datasets_stream_and_resume_exactly(tmp_path, caplog):
