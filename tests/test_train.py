@@ -1,8 +1,11 @@
 """The classification trainer through the real entry point, as users run it.
 
-Every run is ``python -m vit_jax.main --config=configs/digits_vit.py`` in a subprocess
-with a tiny model, so these tests exercise flags, data, checkpoints and logging end to
-end: kill-and-resume exactness, a kill during a checkpoint write, divergence, bad input.
+Every run is ``python -m vit_jax.main --config=configs/digits_vit.py`` with a tiny model,
+so these tests exercise flags, data, checkpoints and logging end to end: kill-and-resume
+exactness, a kill during a checkpoint write, divergence, bad input. Runs that are killed,
+or use virtual devices, and the reference run are subprocesses; the others run the same
+module in this process (``run_main_in_process``), which spares each ~15-20 s of
+interpreter and TensorFlow start-up on 2 cores.
 """
 
 import hashlib
@@ -19,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, run_main, subprocess_env
+from helpers import REPO, run_main, run_main_in_process, subprocess_env
 from vit_jax import checkpoint
 
 CONFIG = "configs/digits_vit.py"
@@ -122,7 +125,7 @@ def test_sigkill_mid_run_then_resume_is_exact(reference_run, tfds_dir, tmp_path)
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   assert str(TOTAL_STEPS) not in os.listdir(os.path.join(workdir, "checkpoints"))
-  resumed = run_main(CONFIG, workdir, *tiny(tfds_dir))
+  resumed = run_main_in_process(CONFIG, workdir, *tiny(tfds_dir))
   # Steps take about a millisecond and saves are asynchronous, so the last committed
   # checkpoint at the kill may be step 20, 40 or 60.
   match = re.search(rf"resumed from {workdir}/checkpoints/(\d+) \(step (\d+)\)",
@@ -133,7 +136,7 @@ def test_sigkill_mid_run_then_resume_is_exact(reference_run, tfds_dir, tmp_path)
   # A flipped byte in the newest checkpoint: the rerun sets it aside, resumes from the
   # step before and ends where the uninterrupted run did, bit for bit.
   flip_byte(largest_file(os.path.join(workdir, "checkpoints", str(TOTAL_STEPS))))
-  again = run_main(CONFIG, workdir, *tiny(tfds_dir))
+  again = run_main_in_process(CONFIG, workdir, *tiny(tfds_dir))
   assert (f"checkpoint {workdir}/checkpoints/{TOTAL_STEPS} is corrupt: files changed "
           "since the save:") in again.stderr and "SHA-256 mismatch" in again.stderr
   assert f"resumed from {workdir}/checkpoints/60 (step 60)" in again.stdout
@@ -162,7 +165,7 @@ def test_sigkill_during_a_checkpoint_write(reference_run, tfds_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     partial = [e for e in os.listdir(ckpt_dir) if "tmp" in e]
     landed_mid_write += bool(partial)
-    resumed = run_main(CONFIG, workdir, *tiny(tfds_dir))
+    resumed = run_main_in_process(CONFIG, workdir, *tiny(tfds_dir))
     assert "resumed from" in resumed.stdout
     assert_same_run(workdir, reference)
     if landed_mid_write:
@@ -182,7 +185,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint_and_a_rerun_only_reports(
   before = digest()
   # value_range over an empty input range divides by zero: NaN images from the first
   # step after the resume.
-  proc = run_main(CONFIG, workdir, *tiny(
+  proc = run_main_in_process(CONFIG, workdir, *tiny(
       tfds_dir, f"--config.total_steps={TOTAL_STEPS + 20}",
       "--config.input.pp_train=decode|resize(16)|value_range(-1, 1, 0, 0)"), check=False)
   assert proc.returncode == 1
@@ -191,7 +194,7 @@ def test_nan_loss_keeps_the_last_good_checkpoint_and_a_rerun_only_reports(
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["60", "80"]
   assert digest() == before
   # The kept checkpoint still resumes; on a finished run that only restores and reports.
-  again = run_main(CONFIG, workdir, *tiny(tfds_dir))
+  again = run_main_in_process(CONFIG, workdir, *tiny(tfds_dir))
   assert f"resumed from {workdir}/checkpoints/{TOTAL_STEPS}" in again.stdout
   assert "compiling the train step" not in again.stdout
   after, expected = final_params(workdir), final_params(reference)
@@ -203,11 +206,13 @@ def test_nan_loss_keeps_the_last_good_checkpoint_and_a_rerun_only_reports(
 def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path):
   workdir = str(tmp_path / "ckpt")
   # A relative --workdir (as `make demo` passes) works like an absolute one.
-  run_main(CONFIG, "ckpt", *tiny(tfds_dir, "--config.total_steps=10"), cwd=str(tmp_path))
+  run_main_in_process(CONFIG, "ckpt", *tiny(tfds_dir, "--config.total_steps=10"),
+                      cwd=str(tmp_path))
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
   config_json = open(os.path.join(workdir, "config.json"), "rb").read()
-  proc = run_main(CONFIG, workdir, *tiny(tfds_dir, "--config.total_steps=20",
-                                         "--config.model.hidden_size=48"), check=False)
+  proc = run_main_in_process(CONFIG, workdir, *tiny(tfds_dir, "--config.total_steps=20",
+                                                    "--config.model.hidden_size=48"),
+                             check=False)
   assert proc.returncode == 1
   assert "does not fit this model" in proc.stderr
   assert "Transformer/encoder_norm/bias: expected (48,), found (32,)" in proc.stderr
@@ -217,8 +222,8 @@ def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path)
   # The workdir still describes the model it holds.
   assert open(os.path.join(workdir, "config.json"), "rb").read() == config_json
   # Another optimizer cannot continue the saved optimizer state: named, not an Orbax dump.
-  proc = run_main(CONFIG, workdir, *tiny(tfds_dir, "--config.optimizer.name=sgd"),
-                  check=False)
+  proc = run_main_in_process(CONFIG, workdir,
+                             *tiny(tfds_dir, "--config.optimizer.name=sgd"), check=False)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert "holds an optimizer state that does not fit this run" in proc.stderr
   assert "optimizer.name: 'adamw' -> 'sgd'" in proc.stderr
@@ -227,7 +232,8 @@ def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path)
   for name in os.listdir(data_dir):
     with open(os.path.join(data_dir, name), "r+b") as f:
       f.truncate(8)
-  proc = run_main(CONFIG, workdir, *tiny(tfds_dir, "--config.total_steps=20"), check=False)
+  proc = run_main_in_process(CONFIG, workdir, *tiny(tfds_dir, "--config.total_steps=20"),
+                             check=False)
   assert proc.returncode == 1
   # No good step to fall back to: the run stops rather than start afresh (which would
   # in time delete the damaged checkpoint).
@@ -254,8 +260,11 @@ def test_mismatched_and_corrupt_checkpoints_are_clear_errors(tfds_dir, tmp_path)
      ">= 1"),
 ])
 def test_bad_input_is_one_clear_line(tfds_dir, tmp_path, override, message):
-  proc = run_main(CONFIG, str(tmp_path / "bad"), *tiny(tfds_dir),
-                  "--config.grad_accum_steps=4", override, check=False)
+  # The first case is a subprocess (a user's own shell): it fails before JAX and
+  # TensorFlow load, so it is cheap; the others run the same module in this process.
+  run = run_main if override == "--config.optimizer.learnin_rate=1" else run_main_in_process
+  proc = run(CONFIG, str(tmp_path / "bad"), *tiny(tfds_dir),
+             "--config.grad_accum_steps=4", override, check=False)
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
@@ -273,7 +282,10 @@ def test_data_parallel_and_grad_accumulation_match_one_device(tfds_dir, tmp_path
   for name, devices, extra in (("base", 1, ()), ("data8", 8, ()),
                                ("accum4", 1, ("--config.grad_accum_steps=4",))):
     workdir = str(tmp_path / name)
-    proc = run_main(CONFIG, workdir, *tiny(tfds_dir, *common, *extra), num_devices=devices)
+    if devices == 1:
+      proc = run_main_in_process(CONFIG, workdir, *tiny(tfds_dir, *common, *extra))
+    else:
+      proc = run_main(CONFIG, workdir, *tiny(tfds_dir, *common, *extra), num_devices=devices)
     runs[name] = (final_params(workdir, 10), results(workdir))
     if name == "data8":
       assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in proc.stdout

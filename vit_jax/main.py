@@ -104,6 +104,8 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
   except ValueError:  # none of them: one process on its own
     pass
+  except RuntimeError:  # JAX already started in this process (a notebook, a test):
+    pass  # it runs as the process it already is
 
 
 def main(argv: list[str]) -> None:
@@ -121,7 +123,10 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax.trainers import common  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")  # the accelerators belong to JAX
+  try:
+    tf.config.set_visible_devices([], "GPU")  # the accelerators belong to JAX
+  except RuntimeError:  # TF already started in this process (a notebook, a test)
+    pass
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
 
