@@ -251,7 +251,12 @@ def test_expert_weights_averaging_equals_a_numpy_loop():
       "kernel": rng.normal(size=(EXPERTS, 3, 5)), "bias": rng.normal(size=(EXPERTS, 5))}}}},
       "head": {"kernel": rng.normal(size=(3, 2))}}}
   params = jax.tree.map(lambda a: a.astype(np.float32), params)
-  tx = optax.chain(optax.sgd(0.1), moe.expert_weights_averaging(0.3, every=2))
+  sgd = optax.sgd(0.1)
+  assert moe.ewa_from_config(sgd, None) is sgd
+  assert moe.ewa_from_config(sgd, dict(layers=(1,), router="top2")) is sgd
+  # What the classification trainer chains for config.model.moe.router="ewa".
+  tx = moe.ewa_from_config(sgd, dict(layers=(1,), router="ewa", ewa_share=0.3,
+                                     ewa_every=2))
   state = tx.init(params)
   expected = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   for step in range(1, 5):
