@@ -28,6 +28,10 @@ Measured (2-core CPU heavily shared with other jobs, seed 0):
   below: its slots mix tokens before the experts, so copied experts do not reproduce
   the dense MLP). `upcycle` then trains 300 steps: 98.89%.
 * `soft`, 1,500 steps: 98.89% test top-1 (as the dense demo). `top1`: not measured.
+* `ewa`, 1,500 steps: 100.00% test top-1 (eval loss 0.0966; one seed, 360 images: 4
+  images from the dense 98.89%). Collapsed (`moe.collapse_ewa`) into the dense demo
+  ViT: 100.00%, loss 0.0966 (the same model: evaluation runs the averaged experts).
+  About 21 minutes on the loaded machine (load ~24).
 """
 
 import importlib.util
