@@ -5,7 +5,9 @@ r"""Mixture-of-experts ViTs on the digits: the demo ViT with MoE MLPs in blocks 
 
 `top2` (V-MoE routing: 4 experts, capacity factor 1.25, batch priority, noisy gating,
 importance and load losses at vmoe's 0.005), `top1`, `soft` (Soft MoE, 4 slots per
-expert). The routers' losses and statistics go to TensorBoard as `train/moe/*`.
+expert), `ewa` (Experts Weights Averaging: random uniform token partition over 4
+experts, each averaged halfway toward the others after every update, evaluated as one
+averaged MLP; `moe.collapse_ewa` turns the checkpoint into the dense demo ViT's). The routers' losses and statistics go to TensorBoard as `train/moe/*`.
 
 `upcycle` starts from the dense demo's checkpoint: every expert a copy of its block's
 MLP, routers fresh (top-2 with renormalised gates and room for every token, so the
@@ -26,6 +28,10 @@ Measured (2-core CPU heavily shared with other jobs, seed 0):
   below: its slots mix tokens before the experts, so copied experts do not reproduce
   the dense MLP). `upcycle` then trains 300 steps: 98.89%.
 * `soft`, 1,500 steps: 98.89% test top-1 (as the dense demo). `top1`: not measured.
+* `ewa`, 1,500 steps: 100.00% test top-1 (eval loss 0.0966; one seed, 360 images: 4
+  images from the dense 98.89%). Collapsed (`moe.collapse_ewa`) into the dense demo
+  ViT: 100.00%, loss 0.0966 (the same model: evaluation runs the averaged experts).
+  About 21 minutes on the loaded machine (load ~24).
 """
 
 import importlib.util
@@ -34,7 +40,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-ROUTERS = ("top2", "top1", "soft", "upcycle")
+ROUTERS = ("top2", "top1", "soft", "ewa", "upcycle")
 
 
 def _digits_vit_config():
@@ -55,7 +61,8 @@ def get_config(arg=None):
   config.model.moe = ml_collections.ConfigDict(dict(
       layers=(1, 3), num_experts=4, router="top2" if arg == "upcycle" else arg,
       capacity_factor=1.25, num_slots=4, batch_priority=True, noise_std=1.0,
-      importance_loss_weight=0.005, load_loss_weight=0.005, renormalize=False))
+      importance_loss_weight=0.005, load_loss_weight=0.005, renormalize=False,
+      ewa_share=0.5, ewa_every=1))
   # Expert parallelism: --config.mesh.expert=4 splits the experts over 4 devices
   # (the batch too, outside the MoE layers).
   config.mesh.expert = 1

@@ -3,6 +3,11 @@ r"""Repeated ``kill -9``: a training run killed at random moments ends bit-ident
   PYTHONPATH=$PWD python tests/kill_resume.py --trainer=digits --kills=10
   PYTHONPATH=$PWD python tests/kill_resume.py --trainer=clip --kills=10
   PYTHONPATH=$PWD python tests/kill_resume.py --trainer=mae --kills=10
+  PYTHONPATH=$PWD python tests/kill_resume.py --trainer=digits --kills=10 \
+      --config=configs/digits_moe.py:top2 --override=--config.model.moe.layers=1
+
+``--config`` runs another config file of the trainer's family with its tiny settings
+(``--override`` adds or replaces flags, e.g. to fit MoE layers into its 2 blocks).
 
 Runs one uninterrupted reference run, then reruns the same command in a fresh workdir
 and SIGKILLs it ``--kills`` times, each at a random moment after the train step
@@ -55,12 +60,14 @@ TRAINERS = {
 }
 
 
-def command(trainer, workdir, steps, data):
-  config, overrides = TRAINERS[trainer]
+def command(trainer, workdir, steps, data, config=None, extra=()):
+  default, overrides = TRAINERS[trainer]
+  config = config or default
   data_flag = (f"--config.input.data_dir={data}" if trainer in ("digits", "mae")
                else f"--config.input.pool={data}")
   return [sys.executable, "-m", "vit_jax.main", f"--config={os.path.join(REPO, config)}",
-          f"--workdir={workdir}", f"--config.total_steps={steps}", data_flag, *overrides]
+          f"--workdir={workdir}", f"--config.total_steps={steps}", data_flag, *overrides,
+          *extra]
 
 
 def env():
@@ -85,7 +92,14 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--max_delay", type=float, default=3.0,
                       help="kill within this many seconds after the first step")
+  parser.add_argument("--config", default=None,
+                      help="config file (relative to the repository) in place of the "
+                           "trainer's, e.g. configs/digits_moe.py:top2")
+  parser.add_argument("--override", action="append", default=[],
+                      help="extra --config.* flag, repeatable; later flags win")
   args = parser.parse_args()
+  run = lambda workdir: command(args.trainer, workdir, args.steps, data, args.config,
+                                args.override)
   rng = random.Random(args.seed)
   root = tempfile.mkdtemp(prefix=f"kill_resume_{args.trainer}_")
   data = os.path.join(root, "data")
@@ -96,13 +110,13 @@ def main():
     from vit_jax.tools import make_pool  # pylint: disable=g-import-not-at-top
     make_pool.make_pool(data, num_samples=120, samples_per_shard=24, eval_renders=1)
   reference = os.path.join(root, "reference")
-  subprocess.run(command(args.trainer, reference, args.steps, data), env=env(),
+  subprocess.run(run(reference), env=env(),
                  check=True, capture_output=True)
   workdir = os.path.join(root, "killed")
   kills = mid_save = runs = 0
   while True:
     runs += 1
-    proc = subprocess.Popen(command(args.trainer, workdir, args.steps, data), env=env(),
+    proc = subprocess.Popen(run(workdir), env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if kills < args.kills:
       for line in proc.stdout:

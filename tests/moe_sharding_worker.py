@@ -20,7 +20,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
 from vit_jax import models, sharding  # noqa: E402
 from vit_jax.trainers import common  # noqa: E402

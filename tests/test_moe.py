@@ -212,6 +212,111 @@ def test_settings_errors_name_the_setting():
   assert moe.MoeSettings.from_mapping(dict(layers="3,1"), 4).layers == (1, 3)
 
 
+def test_ewa_layer_partitions_tokens_and_evaluates_the_mean_expert(tokens):
+  """Training: every token leaves through exactly one expert, the experts share the
+  tokens evenly (a numpy loop over all experts finds which); the partition changes
+  with the key. Evaluation: the MLP with the experts' mean weights."""
+  settings = moe.MoeSettings(layers=(0,), num_experts=EXPERTS, router="ewa")
+  layer = moe.MoeMlp(settings, mlp_dim=HIDDEN)
+  variables = random_variables(layer, tokens)
+  assert "Router" not in variables["params"]
+  run = jax.jit(lambda key: layer.apply(variables, tokens, train=True,
+                                         rngs={"dropout": key}))
+  x = tokens.astype(np.float64)
+  candidates = np.stack([expert_mlp(variables["params"], e, x) for e in range(EXPERTS)])
+  assignments = []
+  for seed in (0, 1):
+    out = np.asarray(run(jax.random.key(seed)), np.float64)
+    close = np.all(np.abs(candidates - out[None]) < 1e-5, axis=-1)  # [E, G, S]
+    assert (close.sum(0) == 1).all()  # one expert per token (the experts differ)
+    expert = close.argmax(0)  # [G, S]
+    for g in range(BATCH):
+      np.testing.assert_array_equal(np.bincount(expert[g], minlength=EXPERTS),
+                                    [TOKENS // EXPERTS] * EXPERTS)
+    assignments.append(expert)
+  assert (assignments[0] != assignments[1]).any()
+  mean = jax.tree.map(lambda p: np.asarray(p, np.float64).mean(0)[None],
+                      variables["params"]["Experts"])
+  expected = expert_mlp({"Experts": mean}, 0, x)
+  out = jax.jit(lambda v: layer.apply(v, tokens, train=False))(variables)
+  np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_weights_averaging_equals_a_numpy_loop():
+  """The optax transform against W_i <- s W_i + (1 - s) mean_{j != i} W_j, applied to
+  params + updates every 2nd step only, and only to expert parameters."""
+  import optax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = {"Transformer": {"encoderblock_1": {"Moe": {"Experts": {"Dense_0": {
+      "kernel": rng.normal(size=(EXPERTS, 3, 5)), "bias": rng.normal(size=(EXPERTS, 5))}}}},
+      "head": {"kernel": rng.normal(size=(3, 2))}}}
+  params = jax.tree.map(lambda a: a.astype(np.float32), params)
+  sgd = optax.sgd(0.1)
+  assert moe.ewa_from_config(sgd, None) is sgd
+  assert moe.ewa_from_config(sgd, dict(layers=(1,), router="top2")) is sgd
+  # What the classification trainer chains for config.model.moe.router="ewa".
+  tx = moe.ewa_from_config(sgd, dict(layers=(1,), router="ewa", ewa_share=0.3,
+                                     ewa_every=2))
+  state = tx.init(params)
+  expected = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  for step in range(1, 5):
+    grads = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, expected, grads)
+    if step % 2 == 0:
+      for name, w in expected["Transformer"]["encoderblock_1"]["Moe"]["Experts"][
+          "Dense_0"].items():
+        averaged = np.empty_like(w)
+        for i in range(EXPERTS):
+          others = sum(w[j] for j in range(EXPERTS) if j != i) / (EXPERTS - 1)
+          averaged[i] = 0.3 * w[i] + 0.7 * others
+        expected["Transformer"]["encoderblock_1"]["Moe"]["Experts"]["Dense_0"][name] = averaged
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params),
+                                 jax.tree.leaves(expected)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
+                                 err_msg=f"step {step} {jax.tree_util.keystr(path)}")
+  kernel = np.asarray(params["Transformer"]["encoderblock_1"]["Moe"]["Experts"][
+      "Dense_0"]["kernel"])
+  assert np.abs(kernel - kernel.mean(0)).max() > 1e-3  # not collapsed to one expert
+
+
+def test_ewa_collapses_into_the_dense_vit_and_checks_its_settings():
+  """collapse_ewa: the plain ViT's parameter tree, each Moe the mean of its experts
+  (the evaluated MLP, checked against numpy in the layer test), the rest unchanged.
+  Shapes come from eval_shape and values from numpy: no compile."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  images = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+  model = models.create("vit_tiny_patch16_224", **TINY_VIT,
+                        moe=dict(layers=(1,), num_experts=4, router="ewa"))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
+                        jax.eval_shape(model.init, jax.random.key(0), images)["params"])
+  dense = models.create("vit_tiny_patch16_224", **TINY_VIT)
+  dense_shapes = jax.eval_shape(dense.init, jax.random.key(0), images)["params"]
+  collapsed = moe.collapse_ewa(params)
+  assert jax.tree.structure(collapsed) == jax.tree.structure(dense_shapes)
+  assert jax.tree.all(jax.tree.map(lambda a, s: a.shape == s.shape, collapsed, dense_shapes))
+  for name in ("Dense_0", "Dense_1"):
+    for leaf in ("kernel", "bias"):
+      np.testing.assert_allclose(
+          collapsed["Transformer"]["encoderblock_1"]["MlpBlock_3"][name][leaf],
+          params["Transformer"]["encoderblock_1"]["Moe"]["Experts"][name][leaf].mean(0),
+          rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(collapsed["Transformer"]["encoderblock_0"]["MlpBlock_3"][
+      "Dense_0"]["kernel"], params["Transformer"]["encoderblock_0"]["MlpBlock_3"][
+          "Dense_0"]["kernel"])
+  top2 = models.create("vit_tiny_patch16_224", **TINY_VIT, moe=dict(layers=(1,)))
+  with pytest.raises(ValueError, match="encoderblock_1/Moe has a router"):
+    moe.collapse_ewa(jax.eval_shape(top2.init, jax.random.key(0), images)["params"])
+  with pytest.raises(ValueError, match="moe.ewa_share"):
+    moe.MoeSettings.from_mapping(dict(layers=(1,), router="ewa", ewa_share=1.5), 4)
+  with pytest.raises(ValueError, match="moe.ewa_every"):
+    moe.MoeSettings.from_mapping(dict(layers=(1,), router="ewa", ewa_every=0), 4)
+  with pytest.raises(ValueError, match="moe.num_experts=1"):
+    moe.MoeSettings.from_mapping(dict(layers=(1,), router="ewa", num_experts=1), 4)
+
+
 def vmoe_param_count(*, width, depth, mlp_dim, heads, patch, experts, moe_layers,
                      classes=1000, classifier="token", representation=None,
                      qk_norm=False, router="top", slots=1, image=224):
@@ -322,6 +427,65 @@ def test_upcycled_model_trains_from_the_dense_checkpoint(tfds_dir, digits_pretra
   for tag in ("train/moe/aux_loss", "train/moe/importance_loss", "train/moe/load_loss",
               "train/moe/dropped_fraction"):
     assert tag in tags, (tag, sorted(tags))
+
+
+def test_moe_training_resumes_bit_identically_and_logs_the_router(tfds_dir, tmp_path):
+  """Top-2 V-MoE routing (noisy gating draws from the step's RNG) through the
+  classification trainer: a rerun after a kill (the newest checkpoint never committed)
+  ends bit-identical to the uninterrupted run, and the routers' metrics reach
+  TensorBoard with values a working router gives."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from helpers import train_in_process  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  def train(path):
+    return train_in_process(
+        tfds_dir, path, "vit_tiny_patch16_224", steps=6, batch_size=16,
+        learning_rate=3e-3, **TINY_VIT, config_overrides={
+            "checkpoint_every": 3, "keep_checkpoints": 3, "log_every": 1},
+        moe=dict(layers=(1,), num_experts=4, router="top2", capacity_factor=1.0,
+                 batch_priority=True))
+
+  def state(path):
+    arrays = checkpoint.load_state_arrays(str(path / "checkpoints" / "6"))
+    return jax.tree_util.tree_leaves_with_path(
+        {"params": arrays["params"], "opt_state": arrays["opt_state"]})
+
+  reference = train(tmp_path / "moe")
+  killed = tmp_path / "killed"
+  shutil.copytree(tmp_path / "moe", killed)
+  shutil.rmtree(killed / "checkpoints" / "6")
+  (killed / "results.json").unlink()
+  resumed = train(killed)
+  drop_history = lambda r: {k: v for k, v in r.items() if k != "train_loss_history"}
+  assert drop_history(resumed) == drop_history(reference)
+  leaves = state(tmp_path / "moe")
+  assert any("['Moe']['Experts']" in jax.tree_util.keystr(n) for n, _ in leaves)
+  for (name, a), (_, b) in zip(leaves, state(killed), strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(name))
+
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "moe" / "tensorboard"))
+  acc.Reload()
+  def values(tag):
+    if tag in acc.Tags()["scalars"]:
+      return [e.value for e in acc.Scalars(tag)]
+    return [float(tf_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+  def tf_ndarray(proto):
+    from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+    return tensor_util.make_ndarray(proto)
+  logged = {t: values(f"train/moe/{t}") for t in (
+      "aux_loss", "importance_loss", "load_loss", "dropped_fraction")}
+  assert all(len(v) == 6 for v in logged.values()), logged  # every step (log_every=1)
+  # CV^2 of 4 experts' shares lies in [0, 3]; 0.005-weighted sum of both; capacity
+  # factor 1 with noisy top-2 drops some choices but never most.
+  for name in ("importance_loss", "load_loss"):
+    assert all(0 < v <= 3 for v in logged[name]), (name, logged[name])
+  np.testing.assert_allclose(
+      logged["aux_loss"],
+      0.005 * (np.array(logged["importance_loss"]) + logged["load_loss"]), rtol=1e-5)
+  assert all(0 <= v < 0.5 for v in logged["dropped_fraction"]), logged
+  assert max(logged["dropped_fraction"]) > 0
 
 
 def test_expert_parallel_meshes_equal_one_device(expert_parallel_run):

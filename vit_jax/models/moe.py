@@ -31,6 +31,17 @@ expert takes ``capacity`` tokens (top-k) or ``num_slots`` slots (soft) per group
   (token, expert, slot); slot inputs are softmax-over-tokens mixtures of the tokens,
   each expert processes its slots, and every token takes the softmax-over-all-slots
   mixture of the slot outputs. Nothing is dropped; no auxiliary loss.
+* **ewa** (``router="ewa"``, Experts Weights Averaging, Huang et al. 2023,
+  arXiv:2308.06093): a training scheme for a *dense* ViT. While training, each image's
+  tokens are split among the experts by a random uniform partition (a random
+  permutation dealt round-robin: every expert gets ``ceil(tokens / E)`` slots, every
+  token exactly one expert, gate 1; no router parameters), and after every
+  ``ewa_every`` updates each expert moves toward the others,
+  ``W_i <- ewa_share * W_i + (1 - ewa_share) * mean_{j != i} W_j``
+  (``expert_weights_averaging``, an optax transform the classification trainer
+  chains last; the experts' mean is unchanged by it). Evaluation (``train=False``)
+  runs the averaged expert as one MLP, which is what ``collapse_ewa`` turns the
+  checkpoint into: a plain ViT of the same name without ``moe``.
 
 The layer sows into the ``aux`` collection (``AUX_COLLECTION``; not at init, so it
 never becomes model state): ``loss`` (the weighted auxiliary loss of this layer, 0
@@ -48,18 +59,20 @@ all-to-all (as vmoe does with pjit) and back after the experts.
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+import re
+from typing import Any, Mapping, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from vit_jax import sharding, tree
 from vit_jax.models import layers
 
 Array = Any
 
-ROUTERS = ("soft", "top1", "top2")
+ROUTERS = ("soft", "top1", "top2", "ewa")
 AUX_COLLECTION = "aux"
 
 # Expert parameters carry the "expert" logical axis; the default rules map it to the
@@ -87,6 +100,10 @@ class MoeSettings:
   noise_std: top-k: logit noise ``noise_std / num_experts`` while training.
   importance_loss_weight, load_loss_weight: top-k auxiliary loss weights.
   renormalize: top-k: combine with the selected gates divided by their sum.
+  ewa_share: ewa: the weight an expert keeps at each averaging (the rest goes to
+    the mean of the other experts); 1 never averages, 0 replaces each expert with
+    the mean of the others.
+  ewa_every: ewa: average after every this many optimizer updates.
   """
   layers: tuple[int, ...] = ()
   num_experts: int = 8
@@ -98,6 +115,8 @@ class MoeSettings:
   importance_loss_weight: float = 0.005
   load_loss_weight: float = 0.005
   renormalize: bool = False
+  ewa_share: float = 0.5
+  ewa_every: int = 1
 
   @property
   def k(self) -> int:
@@ -135,6 +154,13 @@ class MoeSettings:
       raise ValueError(f"moe.capacity_factor must be > 0, got {out.capacity_factor}")
     if out.num_slots < 1:
       raise ValueError(f"moe.num_slots must be >= 1, got {out.num_slots}")
+    if out.router == "ewa" and out.num_experts < 2:
+      raise ValueError(f"moe.num_experts={out.num_experts}: moe.router='ewa' averages "
+                       "experts, so it needs at least 2")
+    if not 0.0 <= out.ewa_share <= 1.0:
+      raise ValueError(f"moe.ewa_share must lie in [0, 1], got {out.ewa_share}")
+    if out.ewa_every < 1:
+      raise ValueError(f"moe.ewa_every must be >= 1, got {out.ewa_every}")
     return out
 
 
@@ -173,6 +199,23 @@ def top_k_routing(gates: Array, k: int, capacity_: int,
     return dispatch, weights, kept
 
   return jax.vmap(one_group)(gates)
+
+
+def random_partition(key: Optional[Array], groups: int, tokens: int,
+                     num_experts: int) -> Array:
+  """EWA's random uniform partition: dispatch ``[G, S, E, C]`` (bool), C = ceil(S/E).
+
+  Each group's tokens in a random order (token order when ``key`` is None), dealt
+  round-robin to the experts: token of rank r goes to expert ``r % E``, slot ``r // E``.
+  """
+  cap = -(-tokens // num_experts)
+  if key is None:
+    rank = jnp.broadcast_to(jnp.arange(tokens), (groups, tokens))
+  else:
+    rank = jnp.argsort(jax.random.uniform(key, (groups, tokens)), axis=-1)
+    rank = jnp.argsort(rank, axis=-1)  # the position of each token in that order
+  return jnp.einsum("gse,gsc->gsec", jax.nn.one_hot(rank % num_experts, num_experts),
+                    jax.nn.one_hot(rank // num_experts, cap)) > 0
 
 
 def importance_loss(gates: Array) -> Array:
@@ -270,6 +313,11 @@ class Router(nn.Module):
     s = self.settings
     _, tokens, dim = x.shape
     x = x.astype(jnp.float32)  # routing decisions in float32 whatever the compute dtype
+    if s.router == "ewa":
+      # Training draws the partition from the "dropout" stream; init runs in order.
+      key = self.make_rng("dropout") if train else None
+      dispatch = random_partition(key, x.shape[0], tokens, s.num_experts)
+      return dispatch, dispatch.astype(jnp.float32), jnp.zeros((), jnp.float32), {}
     if s.router == "soft":
       mu = self.param("mu", nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
                       (dim, s.num_experts, s.num_slots), self.param_dtype)
@@ -327,8 +375,29 @@ class MoeMlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
+    experts = nn.vmap(_Expert, in_axes=1, out_axes=1, variable_axes={"params": 0},
+                      split_rngs={"params": False, "dropout": True})(
+                          mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                          gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                          param_dtype=self.param_dtype, train=train, name="Experts")
+    if self.settings.router == "ewa" and not train and not self.is_initializing():
+      # EWA evaluates the averaged expert: the dense MLP that collapse_ewa exports.
+      mean = jax.tree.map(lambda p: jnp.mean(p, axis=0),
+                          self.variables["params"]["Experts"])
+      self.sow(AUX_COLLECTION, "loss", jnp.zeros((), jnp.float32))
+      self.sow(AUX_COLLECTION, "metrics", {})
+      return layers.MlpBlock(
+          mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+          gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+          param_dtype=self.param_dtype).apply({"params": mean}, x, train=False)
     dispatch, combine, aux, metrics = Router(self.settings, self.param_dtype,
                                              name="Router")(x, train=train)
+    if self.settings.router == "ewa" and not self.is_initializing():
+      # How far the experts are apart (what the averaging keeps in check).
+      kernel = self.variables["params"]["Experts"]["Dense_0"]["kernel"]
+      mean = jnp.mean(kernel, axis=0, keepdims=True)
+      metrics = {"expert_spread": jnp.sqrt(jnp.sum(jnp.square(kernel - mean)) / (
+          kernel.shape[0] * jnp.sum(jnp.square(mean)) + 1e-12))}
     if not self.is_initializing():
       self.sow(AUX_COLLECTION, "loss", aux)
       self.sow(AUX_COLLECTION, "metrics", metrics)
@@ -336,10 +405,93 @@ class MoeMlp(nn.Module):
     slots = to_experts(jnp.einsum("gsec,gsd->gecd", dispatch, x))
     # Each expert maps its [G, C, D] slice (vmapped over the expert axis, no reshape,
     # so the expert-axis sharding carries straight through).
-    y = nn.vmap(_Expert, in_axes=1, out_axes=1, variable_axes={"params": 0},
-                split_rngs={"params": False, "dropout": True})(
-                    mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                    gelu_approximate=self.gelu_approximate, dtype=self.dtype,
-                    param_dtype=self.param_dtype, train=train, name="Experts")(slots)
+    y = experts(slots)
     y = from_experts(y)
     return jnp.einsum("gsec,gecd->gsd", combine, y)
+
+
+# ---------------------------------------------------------------- EWA weight averaging
+
+EXPERTS_PATTERN = r"(^|/)Moe/Experts/"
+
+
+class EwaState(NamedTuple):
+  count: Array  # updates so far
+
+
+def average_experts(w: Array, share: float) -> Array:
+  """``share * W_i + (1 - share) * mean_{j != i} W_j`` over the leading expert axis."""
+  others = (jnp.sum(w, axis=0, keepdims=True) - w) / (w.shape[0] - 1)
+  return share * w + (1.0 - share) * others
+
+
+def expert_weights_averaging(share: float, every: int = 1,
+                             pattern: str = EXPERTS_PATTERN
+                             ) -> optax.GradientTransformation:
+  """EWA as the last optax transform: after every ``every``-th update, the experts'
+  parameters (``/``-joined names matching ``pattern``, experts on the leading axis)
+  land on ``average_experts(params + updates)`` instead of ``params + updates``.
+  Other parameters pass through unchanged."""
+  regex = re.compile(pattern)
+
+  def init_fn(params):
+    del params
+    return EwaState(count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("expert_weights_averaging needs the parameters (optax update "
+                       "with params)")
+    count = state.count + 1
+    now = count % every == 0
+
+    def one(path, u, p):
+      if u is None or not regex.search(tree.path_name(path)):
+        return u
+      new = p + u
+      return jnp.where(now, average_experts(new, share) - p, u).astype(u.dtype)
+
+    updates = jax.tree_util.tree_map_with_path(one, updates, params)
+    return updates, EwaState(count=count)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ewa_from_config(tx: optax.GradientTransformation, settings: Optional[Mapping[str, Any]]
+                    ) -> optax.GradientTransformation:
+  """``tx`` followed by ``expert_weights_averaging`` when the model's ``moe`` setting
+  has ``router="ewa"``; ``tx`` itself otherwise."""
+  if settings is None:
+    return tx
+  settings = dict(settings)
+  layers_ = settings.get("layers") or ()
+  if isinstance(layers_, str):
+    layers_ = [int(i) for i in layers_.split(",") if i.strip()]
+  # The model checks the block indices; here only the EWA fields matter.
+  parsed = MoeSettings.from_mapping(settings, max([int(i) for i in layers_], default=0) + 1)
+  if parsed is None or parsed.router != "ewa":
+    return tx
+  return optax.chain(tx, expert_weights_averaging(parsed.ewa_share, parsed.ewa_every))
+
+
+def collapse_ewa(params: Mapping[str, Any]) -> dict:
+  """An EWA model's parameters -> the plain ViT's: each block's ``Moe`` becomes
+  ``MlpBlock_3`` holding the mean of its experts (what evaluation already runs).
+  Load them into the same model name without the ``moe`` setting."""
+
+  def walk(node, path):
+    if not isinstance(node, Mapping):
+      return node
+    out = {}
+    for key, value in node.items():
+      if key == "Moe" and isinstance(value, Mapping) and "Experts" in value:
+        if "Router" in value:
+          raise ValueError(f"collapse_ewa: {'/'.join(path + ('Moe',))} has a router: "
+                           "only moe.router='ewa' layers average into one MLP")
+        out["MlpBlock_3"] = jax.tree.map(lambda p: jnp.mean(jnp.asarray(p), axis=0),
+                                         dict(value["Experts"]))
+      else:
+        out[key] = walk(value, path + (key,))
+    return out
+
+  return walk(params, ())

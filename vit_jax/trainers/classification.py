@@ -142,6 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.get("freeze") or train_only:
       common.console(finetune.describe_trainable(abstract_params, finetune.trainable_mask(
           abstract_params, freeze=config.get("freeze"), train_only=train_only)))
+  # EWA (moe.router="ewa"): the experts are averaged after the update, so it goes last.
+  tx = moe.ewa_from_config(tx, config.model.get("moe"))
 
   # FlexiViT: the stored kernel and position table serve every patch size in the list.
   flexi_sizes = flexi_patch_sizes(config)
