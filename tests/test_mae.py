@@ -176,14 +176,14 @@ def test_mae_resumes_exactly(mae_run, tmp_path, capsys):
 
 
 def test_mae_and_exit_losses_on_8_devices_equal_one_device(eight_device_run):
-  """data=8 (and data=2 x fsdp=4 for MAE): loss and every gradient within 1e-5."""
+  """data=8: loss and every gradient within 1e-5 of one device's."""
   proc, out = eight_device_run
   _, stderr = proc.communicate(timeout=900)
   assert proc.returncode == 0, stderr[-3000:]
   with open(out) as f:
     results = json.load(f)
-  assert sorted(results) == ["exits/data8", "mae/data2_fsdp4", "mae/data8"]
+  assert sorted(results) == ["exits/data8", "mae/data8"]
   for name, result in results.items():
     assert result["loss_diff"] <= 1e-5 and result["grad_diff"] <= 1e-5, (name, result)
     assert result["grad_norm"] > 0.1, (name, result)  # not trivially zero gradients
-  assert results["mae/data8"]["num_grads"] > 50 and results["exits/data8"]["num_grads"] == 8
+  assert results["mae/data8"]["num_grads"] > 30 and results["exits/data8"]["num_grads"] == 4
