@@ -1,8 +1,12 @@
 """MAE: masking, target and loss against numpy; the encoder sees only the visible
-patches; the trainer runs, writes a reconstruction picture, and its checkpoint
-fine-tunes in the classification trainer (encoder kept, decoder dropped)."""
+patches; the trainer runs, writes a reconstruction picture, resumes exactly, and its
+checkpoint fine-tunes in the classification trainer (encoder kept, decoder dropped);
+MAE's and the early exits' losses and gradients on 8 virtual devices equal one
+device's."""
 
+import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -10,12 +14,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import REPO, subprocess_env
 from vit_jax import models, tree, weights, workdir
 from vit_jax.models import mae
 
 TINY = dict(num_classes=10, image_size=16, patch_size=4, hidden_size=32, num_layers=2,
             num_heads=2, mlp_dim=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eight_device_run(tmp_path_factory):
+  """tests/mae_exit_sharding_worker.py on 8 virtual devices, started first and read by
+  the last test, so that its compiles overlap the tests in between."""
+  out = tmp_path_factory.mktemp("mae8") / "out.json"
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "tests", "mae_exit_sharding_worker.py"),
+       str(out)], env=subprocess_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  yield proc, out
+  if proc.poll() is None:
+    proc.kill()
+    proc.communicate()
 
 
 def numpy_patches(images, p):
@@ -101,31 +120,70 @@ def test_mae_needs_a_plain_vit():
     mae.masked_vit(models.create("deit_tiny_distilled_patch16_224", num_classes=0))
 
 
-def test_mae_trainer_then_fine_tune_loads_the_encoder(tfds_dir, tmp_path):
+def mae_config(tfds_dir):
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import digits_mae  # pylint: disable=g-import-not-at-top
-  from vit_jax.trainers import mae as mae_trainer  # pylint: disable=g-import-not-at-top
   config = digits_mae.get_config()
   config.input.data_dir = tfds_dir
   config.input.batch_size = 32
   config.model.update(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
   config.mae.update(decoder_width=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64)
   config.total_steps, config.schedule.warmup_steps = 4, 1
-  config.log_every, config.eval_every, config.checkpoint_every = 2, 0, 4
-  result = mae_trainer.train_and_evaluate(config, str(tmp_path / "mae"))
+  config.log_every, config.eval_every, config.checkpoint_every = 2, 0, 2
+  config.keep_checkpoints = 2  # the resume test cuts back to step 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def mae_run(tfds_dir, tmp_path_factory):
+  """4 tiny MAE steps, checkpoints at 2 and 4: ``(config, workdir, result)``."""
+  from vit_jax.trainers import mae as mae_trainer  # pylint: disable=g-import-not-at-top
+  config = mae_config(tfds_dir)
+  path = tmp_path_factory.mktemp("mae_run") / "mae"
+  return config, path, mae_trainer.train_and_evaluate(config, str(path))
+
+
+def test_mae_trainer_then_fine_tune_loads_the_encoder(mae_run):
+  config, mae_dir, result = mae_run
   assert result["step"] == 4 and np.isfinite(result["eval_loss"])
-  events = list((tmp_path / "mae" / "tensorboard").iterdir())
+  events = list((mae_dir / "tensorboard").iterdir())
   assert events and any(e.stat().st_size > 1000 for e in events)  # holds the picture
 
   # config.init=<the MAE workdir> in the classification trainer goes through this.
   vit = models.create(config.model_name, num_classes=10, **config.model.to_dict())
   fresh = vit.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-  variables, report = weights.load(str(tmp_path / "mae"), vit, fresh,
+  variables, report = weights.load(str(mae_dir), vit, fresh,
                                    model_name=config.model_name, reinit=r"^head/")
   assert "MAE checkpoint: encoder kept, decoder dropped" in report.summary()
   assert "decoder_pred" in report.format and "mask_token" in report.format
   assert sorted(report.reinitialised) == ["head/bias", "head/kernel"]
-  saved = tree.flatten(workdir.read_variables(str(tmp_path / "mae"))[0]["params"])
+  saved = tree.flatten(workdir.read_variables(str(mae_dir))[0]["params"])
   for name, value in tree.flatten(variables["params"]).items():
     if not name.startswith("head/"):
       np.testing.assert_array_equal(value, saved["encoder/" + name])
+
+
+def test_mae_resumes_exactly(mae_run, tmp_path, capsys):
+  """Cut back to step 2 (a kill after that save), rerun: step 4 is bit-identical."""
+  from resume_check import assert_same_state, cut_back  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import mae as mae_trainer  # pylint: disable=g-import-not-at-top
+  config, mae_dir, result = mae_run
+  killed = cut_back(mae_dir, tmp_path / "killed", 2)
+  resumed = mae_trainer.train_and_evaluate(config, killed)
+  assert "/killed/checkpoints/2 (step 2)" in capsys.readouterr().out
+  assert resumed["step"] == 4 and resumed["eval_loss"] == result["eval_loss"]
+  assert assert_same_state(mae_dir, killed, 4) > 50
+
+
+def test_mae_and_exit_losses_on_8_devices_equal_one_device(eight_device_run):
+  """data=8: loss and every gradient within 1e-5 of one device's."""
+  proc, out = eight_device_run
+  _, stderr = proc.communicate(timeout=900)
+  assert proc.returncode == 0, stderr[-3000:]
+  with open(out) as f:
+    results = json.load(f)
+  assert sorted(results) == ["exits/data8", "mae/data8"]
+  for name, result in results.items():
+    assert result["loss_diff"] <= 1e-5 and result["grad_diff"] <= 1e-5, (name, result)
+    assert result["grad_norm"] > 0.1, (name, result)  # not trivially zero gradients
+  assert results["mae/data8"]["num_grads"] > 30 and results["exits/data8"]["num_grads"] == 4

@@ -97,10 +97,32 @@ def test_class_attention_from_the_last_block():
   np.testing.assert_allclose(attention, want, rtol=1e-4, atol=1e-6)
 
 
-def test_training_with_mixpro(tfds_dir, tmp_path):
-  result = train_in_process(
-      tfds_dir, tmp_path, "vit_tiny_patch16_224", steps=4, image_size=16, patch_size=4,
-      hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
-      config_overrides={"mixup.mixpro_alpha": 1.0, "mixup.mixpro_cell": 8})
+MIXPRO_RUN = dict(steps=4, image_size=16, patch_size=4, hidden_size=32, num_layers=2,
+                 num_heads=2, mlp_dim=64, config_overrides={
+                     "mixup.mixpro_alpha": 1.0, "mixup.mixpro_cell": 8,
+                     "checkpoint_every": 2})
+
+
+@pytest.fixture(scope="module")
+def mixpro_run(tfds_dir, tmp_path_factory):
+  """4 tiny steps with MixPro, checkpoints at 2 and 4: ``(workdir, result)``."""
+  workdir = tmp_path_factory.mktemp("mixpro_run") / "run"
+  return workdir, train_in_process(tfds_dir, workdir, "vit_tiny_patch16_224", **MIXPRO_RUN)
+
+
+def test_training_with_mixpro(mixpro_run):
+  _, result = mixpro_run
   assert result["step"] == 4
   assert all(np.isfinite(loss) for _, loss in result["train_loss_history"])
+
+
+def test_mixpro_run_resumes_exactly(mixpro_run, tfds_dir, tmp_path, capsys):
+  """Cut back to step 2 (a kill after that save), rerun: step 4 is bit-identical
+  (MixPro's lam, cells and partner come from the step, not from a live generator)."""
+  from resume_check import assert_same_state, cut_back  # pylint: disable=g-import-not-at-top
+  workdir, result = mixpro_run
+  killed = cut_back(workdir, tmp_path / "killed", 2)
+  resumed = train_in_process(tfds_dir, killed, "vit_tiny_patch16_224", **MIXPRO_RUN)
+  assert "/killed/checkpoints/2 (step 2)" in capsys.readouterr().out
+  assert resumed["step"] == 4 and resumed["eval_loss"] == result["eval_loss"]
+  assert assert_same_state(workdir, killed, 4) > 20

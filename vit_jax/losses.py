@@ -1,4 +1,6 @@
-"""Contrastive image-text losses: InfoNCE (CLIP) and sigmoid (SigLIP), sharded or not.
+"""Contrastive image-text losses: InfoNCE (CLIP) and sigmoid (SigLIP), sharded or not;
+and the DeiT distillation term (``distillation_loss``, used by the classification
+trainer and by the early-exit heads' self-distillation).
 
 Inputs are L2-normalised embeddings ``zimg``, ``ztxt`` ``[batch, dim]`` whose rows
 pair up, the log-temperature ``logit_scale`` and an optional ``logit_bias``; logits
@@ -202,3 +204,17 @@ def contrastive_loss(kind: str, zimg: Array, ztxt: Array, logit_scale: Array,
     return sharded_clip_loss(zimg, ztxt, logit_scale, logit_bias, mesh=mesh, axes=axes)
   return sharded_siglip_loss(zimg, ztxt, logit_scale, logit_bias, mesh=mesh, axes=axes,
                              chunk_size=chunk_size)
+
+
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, kind: str,
+                      tau: float) -> jax.Array:
+  """The DeiT distillation term D, a scalar (see ``vit_jax/trainers/distillation.py``):
+  ``kind`` "hard" (cross-entropy on the teacher's argmax) or "soft" (KL at ``tau``)."""
+  teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  if kind == "hard":
+    return optax.softmax_cross_entropy_with_integer_labels(
+        student_logits, jnp.argmax(teacher_logits, axis=-1)).mean()
+  log_p_teacher = jax.nn.log_softmax(teacher_logits / tau, axis=-1)
+  log_p_student = jax.nn.log_softmax(student_logits / tau, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+  return tau ** 2 * kl.mean()

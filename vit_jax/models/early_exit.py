@@ -17,7 +17,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from vit_jax import losses
 from vit_jax.models import layers
 
 Array = Any
@@ -47,6 +49,16 @@ class ExitHeads(nn.Module):
       logits.append(nn.Dense(self.num_classes, kernel_init=layers.head_init(True),
                              name=f"exit_{i}_head")(x).astype(jnp.float32))
     return jnp.stack(logits)
+
+
+def exit_loss(heads, params, tokens: dict, final_logits, labels):
+  """Stage 2's loss of the exit heads: each exit's soft distillation from the final
+  head (tau 1), averaged over exits, plus the exits' mean cross-entropy on the labels."""
+  logits = heads.apply({"params": params}, tokens)  # [num_exits, B, C]
+  distill = jnp.mean(jnp.stack([losses.distillation_loss(l, final_logits, "soft", 1.0)
+                                for l in logits]))
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None]).mean()
+  return distill + ce
 
 
 def block_tokens(intermediates: dict, exit_layers: Sequence[int]) -> dict:
@@ -86,5 +98,5 @@ def exit_gflops(model_name: str, exit_layers: Sequence[int], **settings) -> list
   return costs + [benchmark.forward_gflops_per_image(model_name, **settings)]
 
 
-__all__ = ["ExitHeads", "check_exit_layers", "block_tokens", "exit_decisions",
+__all__ = ["ExitHeads", "check_exit_layers", "exit_loss", "block_tokens", "exit_decisions",
            "threshold_curve", "exit_gflops"]

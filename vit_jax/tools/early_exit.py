@@ -2,20 +2,21 @@ r"""Early exits on a trained classification workdir: train the exit heads by
 self-distillation (the backbone frozen), then report accuracy and mean GFLOPs per
 image at each confidence threshold.
 
-  python -m vit_jax.tools.early_exit --workdir=workdirs/ft_digits --exit_layers=0,1,2 \
-      --steps=300 --thresholds=0.5,0.7,0.8,0.9,0.95,0.99,1.01
+  python -m vit_jax.tools.early_exit --config=configs/digits_early_exit.py \
+      --workdir=workdirs/ft_digits --config.steps=300
 
 Stage 2 of LGViT's recipe: each exit learns the final head's soft predictions
-(``distillation.distillation_loss``, soft, tau 1) plus the labels, on the workdir's
-own training data and ``pp_train``; the backbone's parameters are not updated. The
-curve uses the run's ``eval_split``; a threshold above 1 is the full model.
+(``losses.distillation_loss``, soft, tau 1) plus the labels (``early_exit.exit_loss``),
+on the workdir's own training data and ``pp_train``; the backbone's parameters are not
+updated. The curve uses the run's ``eval_split``; a threshold above 1 is the full model.
 See ``vit_jax.models.early_exit`` for the exit rule and the cost model.
 
-Measured (README, "Early exits"): on the 4-block digits ViT fine-tuned after MAE
-(93.61%), exits after blocks 0, 1, 2 and threshold 0.72 keep 92.78% top-1 at 33% fewer
-GFLOPs per image.
+Measured (README, "Early exits"; configs/digits_early_exit.py): on the 4-block digits
+ViT fine-tuned after MAE (93.33%), exits after blocks 0, 1, 2 and threshold 0.72 keep
+92.50% top-1 at 33% fewer GFLOPs per image.
 """
 
+import functools
 import json
 import os
 
@@ -24,16 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A classification trainer's workdir (a ViT).")
-flags.DEFINE_list("exit_layers", ["0", "1", "2"], "Blocks (0-based) followed by an exit.")
-flags.DEFINE_integer("steps", 300, "Exit-head training steps.")
-flags.DEFINE_integer("batch_size", 128, "Training batch size.")
-flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate of the exit heads.")
-flags.DEFINE_list("thresholds", ["0.5", "0.7", "0.8", "0.9", "0.95", "0.99", "1.01"],
-                  "Confidence thresholds of the curve.")
-flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the run's).")
+config_flags.DEFINE_config_file(
+    "config", None, "The exits and their training: configs/digits_early_exit.py; "
+    "--config.FIELD=V overrides a field.")
 
 
 def run(workdir: str, exit_layers, *, steps: int, batch_size: int, learning_rate: float,
@@ -42,7 +40,6 @@ def run(workdir: str, exit_layers, *, steps: int, batch_size: int, learning_rate
   from vit_jax import models, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from vit_jax.data import input_pipeline, preprocess  # pylint: disable=g-import-not-at-top
   from vit_jax.models import early_exit  # pylint: disable=g-import-not-at-top
-  from vit_jax.trainers import distillation  # pylint: disable=g-import-not-at-top
 
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
@@ -76,14 +73,8 @@ def run(workdir: str, exit_layers, *, steps: int, batch_size: int, learning_rate
   def step(params, opt_state, images, labels):
     tokens, final = backbone(images)  # frozen: no gradient reaches the backbone
 
-    def loss_fn(params):
-      logits = heads.apply({"params": params}, tokens)
-      distill = jnp.mean(jnp.stack([distillation.distillation_loss(l, final, "soft", 1.0)
-                                    for l in logits]))
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None]).mean()
-      return distill + ce
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.value_and_grad(functools.partial(early_exit.exit_loss, heads))(
+        params, tokens, final, labels)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -130,14 +121,15 @@ def markdown(result: dict) -> str:
 
 def main(argv):
   del argv
-  result = run(FLAGS.workdir, FLAGS.exit_layers, steps=FLAGS.steps,
-               batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-               thresholds=FLAGS.thresholds, data_dir=FLAGS.data_dir)
+  config = FLAGS.config
+  result = run(FLAGS.workdir, config.exit_layers, steps=config.steps,
+               batch_size=config.batch_size, learning_rate=config.learning_rate,
+               thresholds=config.thresholds, data_dir=config.data_dir, seed=config.seed)
   accs = ", ".join(f"{100 * a:.2f}%" for a in result["exit_accuracy"])
   print(f"each exit alone (then the final head): {accs}")
   print(markdown(result))
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
+  flags.mark_flags_as_required(["workdir", "config"])
   app.run(main)

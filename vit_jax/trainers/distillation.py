@@ -34,13 +34,16 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import models, sharding, workdir
+from vit_jax import losses
 from vit_jax.trainers import common
 
 TYPES = ("hard", "soft")
+# The loss lives in vit_jax/losses.py, which imports no TensorFlow (the early-exit
+# heads use it too); this name stays for the trainer and the tests.
+distillation_loss = losses.distillation_loss
 
 
 class TeacherError(ValueError):
@@ -109,16 +112,3 @@ def split_heads(outputs) -> tuple[jax.Array, Optional[jax.Array]]:
     logits, logits_dist = outputs
     return logits, logits_dist
   return outputs, None
-
-
-def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, kind: str,
-                      tau: float) -> jax.Array:
-  """The DeiT distillation term D (see the module docstring), a scalar."""
-  teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
-  if kind == "hard":
-    return optax.softmax_cross_entropy_with_integer_labels(
-        student_logits, jnp.argmax(teacher_logits, axis=-1)).mean()
-  log_p_teacher = jax.nn.log_softmax(teacher_logits / tau, axis=-1)
-  log_p_student = jax.nn.log_softmax(student_logits / tau, axis=-1)
-  kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
-  return tau ** 2 * kl.mean()

@@ -1,0 +1,33 @@
+r"""Early exits (LGViT's stage 2) on the digits ViT of `configs/digits_mae.py`.
+
+  python -m vit_jax.main --config=configs/digits_mae.py --workdir=workdirs/digits_mae
+  python -m vit_jax.main --config=configs/finetune.py:digits_vit,digits,16 \
+      --config.init=workdirs/digits_mae --workdir=workdirs/ft_mae
+  python -m vit_jax.tools.early_exit --config=configs/digits_early_exit.py \
+      --workdir=workdirs/ft_mae
+
+The third command trains exit heads after blocks 0, 1 and 2 of the fine-tuned 4-block
+ViT by self-distillation from its final head (the backbone frozen), then prints top-1
+and mean GFLOPs per image at each confidence threshold (README, "Early exits").
+Measured (2-core CPU, seed 0, 360 test digits; README "Early exits" has the whole
+table, made with these settings): the fine-tuned ViT gets 93.33%; at threshold 0.72
+the exits keep 92.50% for 33% fewer GFLOPs per image (0.83 points), at 0.80 93.06%
+for 27% fewer; each exit alone: 58.89%, 83.61%, 91.11%.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  del arg
+  config = ml_collections.ConfigDict()
+  config.exit_layers = (0, 1, 2)  # blocks (0-based) followed by an exit
+  config.steps = 300  # exit-head training steps (Adam, cosine decay)
+  config.batch_size = 128
+  config.learning_rate = 3e-3
+  # A threshold above 1 never exits early: the full model's row.
+  config.thresholds = (0.5, 0.6, 0.7, 0.72, 0.74, 0.76, 0.78, 0.8, 0.9, 0.95, 0.99, 1.01)
+  config.data_dir = config_dict.placeholder(str)  # default: the workdir's run's
+  config.seed = 0
+  return config.lock()

@@ -1,0 +1,116 @@
+"""MAE and early-exit losses and gradients on 8 virtual CPUs against one device.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mae_exit_sharding_worker.py OUT
+
+Two training losses, each computed with one jit on one device and on 8 devices
+(``data=8``), parameters laid out by ``sharding.state_shardings`` and the batch split
+by ``sharding.batch_sharding``, as the trainers do:
+
+- MAE: the trainer's loss (random masking from a step key, encoder on the visible
+  patches, decoder, normalised-pixel MSE on the masked patches) and its gradients.
+- Early exits: stage 2's loss of the exit heads (``early_exit.exit_loss``) on the
+  frozen ViT's block tokens and final logits, and its gradients.
+
+Writes, per loss and mesh, the largest differences from the one-device run.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from vit_jax import models, sharding  # noqa: E402
+from vit_jax.models import early_exit, mae  # noqa: E402
+
+# The smallest models that exercise each path (compiles are the test's cost): a 1-block
+# MAE encoder, a 2-block ViT with one exit.
+VIT = dict(num_classes=10, image_size=16, patch_size=4, hidden_size=32, num_layers=1,
+           num_heads=2, mlp_dim=64)
+EXITS = (0,)
+BATCH = 16
+MESHES = {"data8": {"data": 8}}
+
+
+def perturbed(tree, seed):
+  """Zero-initialised heads (Flax's, the timm default) would make the exit loss
+  trivial; every array gets a small random offset."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                      for k, x in zip(keys, leaves)])
+
+
+def mae_case():
+  model = mae.MaskedAutoencoder(backbone=mae.masked_vit(models.create(
+      "vit_tiny_patch16_224", **VIT)), decoder_width=32, decoder_depth=1, decoder_heads=2,
+      decoder_mlp_dim=64)
+  images = jax.random.normal(jax.random.key(0), (BATCH, 16, 16, 3))
+  params = perturbed(model.init({"params": jax.random.key(1), "mask": jax.random.key(2)},
+                                images[:1])["params"], 8)
+  rngs = {"mask": jax.random.key(3), "dropout": jax.random.key(4)}
+
+  def loss_fn(params, frozen, images):  # as trainers/mae.py's loss_fn
+    del frozen
+    pred, mask = model.apply({"params": params}, images, train=True, rngs=rngs)
+    return mae.mae_loss(pred, mae.pixel_target(images, 4), mask)
+
+  return loss_fn, params, {}, (images,)
+
+
+def exit_case():
+  vit = models.create("vit_tiny_patch16_224", **{**VIT, "num_layers": 2})
+  images = jax.random.normal(jax.random.key(5), (BATCH, 16, 16, 3))
+  labels = jnp.arange(BATCH) % 10
+  backbone = perturbed(vit.init(jax.random.key(6), images[:1]), 9)
+  heads = early_exit.ExitHeads(EXITS, 10)
+  _, inter = models.forward_intermediates(vit, backbone, images[:1])
+  params = perturbed(heads.init(jax.random.key(7), early_exit.block_tokens(
+      inter, EXITS))["params"], 10)
+
+  def loss_fn(params, backbone, images, labels):  # as tools/early_exit.py's step
+    final, inter = models.forward_intermediates(vit, backbone, images)
+    return early_exit.exit_loss(heads, params, early_exit.block_tokens(inter, EXITS),
+                                     final, labels)
+
+  return loss_fn, params, backbone, (images, labels)
+
+
+def run(case, mesh):
+  """Loss and gradients with the trained params laid out by the trainers' rules, frozen
+  ones replicated, the batch split."""
+  loss_fn, params, frozen, batch = case
+  params = jax.device_put(params, sharding.state_shardings(params, mesh))
+  frozen = jax.device_put(frozen, sharding.replicated(mesh))
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, frozen, *batch)
+  return float(loss), jax.tree.map(np.asarray, grads)
+
+
+def main(out_path: str):
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  out = {}
+  for name, make in (("mae", mae_case), ("exits", exit_case)):
+    case = make()
+    loss1, grads1 = run(case, sharding.make_mesh({"data": 1}, devices=devices[:1]))
+    for mesh_name, mesh_config in MESHES.items():
+      loss8, grads8 = run(case, sharding.make_mesh(mesh_config, devices=devices))
+      out[f"{name}/{mesh_name}"] = {
+          "loss_single": loss1, "loss": loss8, "loss_diff": abs(loss1 - loss8),
+          "grad_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(
+              jax.tree.leaves(grads1), jax.tree.leaves(grads8))),
+          "grad_norm": float(optax.tree.norm(grads1)),
+          "num_grads": len(jax.tree.leaves(grads1))}
+  with open(out_path, "w") as f:
+    json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
