@@ -89,11 +89,14 @@ def _run_module_in_process(module: str, args, cwd) -> subprocess.CompletedProces
     os.chdir(old_cwd)
     absl_logger.removeHandler(to_err)
     sys.argv = argv
-    # The command's own flags and ml_collections' per-override "config.a.b" flags go;
-    # those of modules it imported (absl's verbosity, grain's) stay: a module is
-    # imported once and would not define them again.
+    # Flags of our modules (the command's, and those of commands it imported as
+    # libraries) and ml_collections' per-override "config.a.b" flags go; libraries'
+    # (absl's verbosity, grain's) stay: their module is imported once, would not
+    # define them again, and reads them. runpy names the command by its file.
     for name in set(flags.FLAGS) - before:
-      if "." in name or flags.FLAGS.find_module_defining_flag(name) in ("__main__", module):
+      defined_by = flags.FLAGS.find_module_defining_flag(name, "")
+      if "." in name or defined_by == "__main__" or defined_by.startswith(
+          ("vit_jax", REPO)):
         delattr(flags.FLAGS, name)
     flags.FLAGS.unparse_flags()
   return subprocess.CompletedProcess([module, *args], code, out.getvalue(),
