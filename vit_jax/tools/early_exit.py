@@ -17,9 +17,9 @@ GFLOPs per image.
 """
 
 import json
-import os
 
 from absl import app, flags
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +44,7 @@ def run(workdir: str, exit_layers, *, steps: int, batch_size: int, learning_rate
   from vit_jax.models import early_exit  # pylint: disable=g-import-not-at-top
   from vit_jax.trainers import distillation  # pylint: disable=g-import-not-at-top
 
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = json.load(f)
+  config = json.loads((epath.Path(workdir) / "config.json").read_text())
   if config.get("trainer") != "classification":
     raise ValueError(f"{workdir} is not a classification run")
   data = config["input"]

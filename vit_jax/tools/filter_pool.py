@@ -40,14 +40,14 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
+import uuid
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 # vit_jax.data (TensorFlow) is imported where it is used: --help answers without it.
 FLAGS = flags.FLAGS
@@ -155,12 +155,17 @@ def _unsafe(key: str) -> bool:
           or ".." in key.replace("\\", "/").split("/"))
 
 
+def _real(path: str) -> str:
+  """Local paths with links resolved; remote ones (gs://...) as given."""
+  return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+
 def _check_paths(shards: Sequence[str], output_dir: str) -> None:
   """ValueError for a non-tar shard, or an output directory holding an input shard."""
-  output = os.path.realpath(output_dir)
+  output = _real(output_dir)
   for shard in shards:
-    real = os.path.realpath(shard)
-    if real == output or real.startswith(output + os.sep):
+    real = _real(shard)
+    if real == output or real.startswith(output + "/"):
       raise ValueError(f"--output_dir={output_dir} holds the input shard {shard}: the "
                        "output replaces that directory whole; choose another one")
     if not _is_tar(shard):
@@ -171,7 +176,6 @@ def _check_paths(shards: Sequence[str], output_dir: str) -> None:
 def _is_tar(shard: str) -> bool:
   """Whether ``shard`` (local or remote) opens as a tar archive; an empty file does
   (the reader counts it as an empty shard)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   try:
     with epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
       tar.next()
@@ -182,15 +186,17 @@ def _is_tar(shard: str) -> bool:
   return True
 
 
-def _swap_in(built: str, output_dir: str) -> None:
-  """Replaces ``output_dir`` by the finished directory ``built``."""
-  if os.path.exists(output_dir):
-    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(built))
-    os.rename(output_dir, os.path.join(old, "output"))
-    os.rename(built, output_dir)
-    shutil.rmtree(old)
+def _swap_in(built: epath.Path, output_dir: epath.Path) -> None:
+  """Replaces ``output_dir`` by the finished directory ``built`` (through etils.epath:
+  a rename locally; on gs://, where renaming a directory copies its objects, the old
+  output stays whole until the new one is in place)."""
+  if output_dir.exists():
+    old = built.parent / f".old-{uuid.uuid4().hex[:8]}"
+    output_dir.rename(old)
+    built.rename(output_dir)
+    old.rmtree()
   else:
-    os.rename(built, output_dir)
+    built.rename(output_dir)
 
 
 def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: int = 0,
@@ -207,7 +213,7 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
                      "scores the pairs)")
   if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
     raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
-  output_dir = os.path.abspath(output_dir)
+  output_dir = output_dir if "://" in output_dir else os.path.abspath(output_dir)
   _check_paths(shards, output_dir)
   stats = image_text.SkipStats()
 
@@ -267,33 +273,32 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
   # Pass 3: re-shard the kept samples with all their files, into a fresh directory
   # that replaces output_dir once everything is written.
   kept_set = set(kept)
-  os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-  built = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-",
-                           dir=os.path.dirname(output_dir))
+  output = epath.Path(output_dir)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  built = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+  built.mkdir()
   try:
-    pattern = os.path.join(built, "shards", "filtered-{:05d}.tar")
+    pattern = str(built / "shards" / "filtered-{:05d}.tar")
     with image_text.ShardWriter(pattern, samples_per_shard) as writer:
       for index, shard in enumerate(shards):
         for raw in image_text.read_shard(shard):
           if (index, raw.key) in kept_set:
             writer.write(name((index, raw.key)), raw.files)
-    with open(os.path.join(built, "kept_ids.txt"), "w") as f:
-      f.writelines(name(k) + "\n" for k in kept)
-    with open(os.path.join(built, "scores.tsv"), "w") as f:
-      f.write("key\tclip_score\tkept\n")
-      for sample_id in order:
-        value = f"{scores[sample_id]:.6f}" if sample_id in scores else ""
-        f.write(f"{name(sample_id)}\t{value}\t{int(sample_id in kept_set)}\n")
+    (built / "kept_ids.txt").write_text("".join(name(k) + "\n" for k in kept))
+    lines = ["key\tclip_score\tkept\n"]
+    for sample_id in order:
+      value = f"{scores[sample_id]:.6f}" if sample_id in scores else ""
+      lines.append(f"{name(sample_id)}\t{value}\t{int(sample_id in kept_set)}\n")
+    (built / "scores.tsv").write_text("".join(lines))
     summary = _summary(order, kept, rejected, stats, threshold, scores, bad_pairs,
                        ground_truth_key)
-    summary["shards"] = [os.path.join(output_dir, os.path.relpath(p, built))
+    summary["shards"] = [str(output / os.path.relpath(str(p), str(built)))
                          for p in writer.paths]
-    with open(os.path.join(built, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-    _swap_in(built, output_dir)
+    (built / "summary.json").write_text(json.dumps(summary, indent=2))
+    _swap_in(built, output)
   finally:
-    if os.path.exists(built):
-      shutil.rmtree(built)
+    if built.exists():
+      built.rmtree()
   return summary
 
 
