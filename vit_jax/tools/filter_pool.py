@@ -19,6 +19,8 @@ Writes to ``--output_dir``:
   kept_ids.txt        the kept samples' keys, in pool order
   scores.tsv          key, CLIP score (if computed), kept (0/1) for every sample
   shards/filtered-00000.tar ...   the kept samples, re-sharded (all their files)
+  score_histogram.png  (with CLIP scores) the scores' histogram, the kept threshold
+                      as a red line; with ``--ground_truth_key``, bad pairs in orange
   summary.json        counts per filter, the threshold used, and, with
                       ``--ground_truth_key`` (a JSON field that is true for bad pairs,
                       such as the offline pool's "mismatched"), precision and recall
@@ -37,6 +39,7 @@ one of the input shards is refused.
 """
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -57,7 +60,6 @@ def basic_filter(sample: dict, *, min_caption_words: int, min_image_size: int,
                  max_aspect_ratio: float) -> Optional[str]:
   """The reason a sample fails the basic filters, or None if it passes."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
   if len(sample["caption"].split()) < min_caption_words:
     return "caption_too_short"
   if min_image_size or max_aspect_ratio:
@@ -147,6 +149,52 @@ def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
             if real:
               scores[(index, key.decode())] = float(value)
   return scores
+
+
+def score_histogram_png(scores: Sequence[float], bad_scores: Sequence[float],
+                        threshold: Optional[float], *, bins: int = 40,
+                        size: tuple[int, int] = (640, 320)) -> bytes:
+  """A PNG (drawn with PIL: no plotting library is a dependency): stacked bars of
+  ``scores`` (blue) and ``bad_scores`` (orange), the threshold as a red line, the
+  score range and counts written on the axes."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  everything = np.asarray(list(scores) + list(bad_scores), np.float64)
+  low, high = float(everything.min()), float(everything.max())
+  if threshold is not None and np.isfinite(threshold):
+    low, high = min(low, threshold), max(high, threshold)
+  high = high if high > low else low + 1e-6
+  edges = np.linspace(low, high, bins + 1)
+  good_counts = np.histogram(np.asarray(scores, np.float64), edges)[0]
+  bad_counts = np.histogram(np.asarray(bad_scores, np.float64), edges)[0]
+  width, height = size
+  left, right, top, bottom = 40, 10, 20, 30
+  plot_w, plot_h = width - left - right, height - top - bottom
+  tallest = max(int((good_counts + bad_counts).max()), 1)
+  image = Image.new("RGB", size, "white")
+  draw = ImageDraw.Draw(image)
+  x_of = lambda v: left + (v - low) / (high - low) * plot_w
+  for i, (g, b) in enumerate(zip(good_counts, bad_counts)):
+    x0, x1 = left + i * plot_w / bins, left + (i + 1) * plot_w / bins - 1
+    y_good = top + plot_h - g / tallest * plot_h
+    y_bad = y_good - b / tallest * plot_h
+    if g:
+      draw.rectangle([x0, y_good, x1, top + plot_h], fill=(70, 110, 200))
+    if b:
+      draw.rectangle([x0, y_bad, x1, y_good], fill=(240, 150, 40))
+  draw.line([left, top + plot_h, left + plot_w, top + plot_h], fill="black")
+  draw.line([left, top, left, top + plot_h], fill="black")
+  draw.text((2, top - 15), f"{tallest}", fill="black")
+  draw.text((left, height - 20), f"{low:.3f}", fill="black")
+  draw.text((left + plot_w - 40, height - 20), f"{high:.3f}", fill="black")
+  title = f"CLIP scores of {len(everything)} samples"
+  if threshold is not None and np.isfinite(threshold):
+    x = x_of(threshold)
+    draw.line([x, top, x, top + plot_h], fill=(220, 0, 0), width=2)
+    title += f"; kept >= {threshold:.4f} (red)"
+  draw.text((left + 10, 3), title, fill="black")
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  return buffer.getvalue()
 
 
 def _unsafe(key: str) -> bool:
@@ -290,6 +338,11 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
       value = f"{scores[sample_id]:.6f}" if sample_id in scores else ""
       lines.append(f"{name(sample_id)}\t{value}\t{int(sample_id in kept_set)}\n")
     (built / "scores.tsv").write_text("".join(lines))
+    if scores:
+      bad = [scores[k] for k in order if k in scores and bad_pairs.get(k)]
+      good = [scores[k] for k in order if k in scores and not bad_pairs.get(k)]
+      (built / "score_histogram.png").write_bytes(
+          score_histogram_png(good, bad, threshold))
     summary = _summary(order, kept, rejected, stats, threshold, scores, bad_pairs,
                        ground_truth_key)
     summary["shards"] = [str(output / os.path.relpath(str(p), str(built)))
