@@ -87,7 +87,9 @@ def test_make_pool_writes_to_the_bucket(pool):
   names = sorted(p.name for p in epath.Path(pool, "train").iterdir())
   assert names == ["pool-00000.tar", "pool-00001.tar", "pool-00002.tar"]
   assert json.loads(epath.Path(pool, "pool.json").read_text())["train"]["samples"] == 48
-  assert not any(str(p).startswith("/") for p in InMemoryGCS.store if "gs:" in p)
+  # In the in-memory store, not on disk as a relative "gs:/bucket/..." path.
+  assert "/bucket/pool/tokenizer.json" in InMemoryGCS.store
+  assert not os.path.exists("gs:") and not os.path.exists(os.path.join(REPO, "gs:"))
 
 
 def tiny_clip_config(pool, steps):
