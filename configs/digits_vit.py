@@ -96,6 +96,12 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
+  # TensorBoard: input grid at step 0; attention maps (plain ViTs) and parameter-norm
+  # histograms at each eval; hparams (vit_jax/trainers/pictures.py).
+  config.tensorboard_pictures = True
+  # > 0: a JAX profiler trace of that many steps after the first (compiling) one, in
+  # the TensorBoard directory (Profile tab; needs tensorboard-plugin-profile to view).
+  config.profile_steps = 0
   if arg.startswith("mixpro"):  # the MixPro comparison: 500 steps, with and without
     config.total_steps = 500
   if arg == "mixpro":

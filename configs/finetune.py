@@ -108,4 +108,10 @@ def get_config(arg: str = "digits_vit,digits,24"):
   config.eval_every = 0 if digits else 1000
   config.checkpoint_every = 1000
   config.keep_checkpoints = 1
+  # TensorBoard: input grid at step 0; attention maps (plain ViTs) and parameter-norm
+  # histograms at each eval; hparams (vit_jax/trainers/pictures.py).
+  config.tensorboard_pictures = True
+  # > 0: a JAX profiler trace of that many steps after the first (compiling) one, in
+  # the TensorBoard directory (Profile tab; needs tensorboard-plugin-profile to view).
+  config.profile_steps = 0
   return config

@@ -189,6 +189,7 @@ def train_in_process(tfds_dir: str, workdir, model_name: str, *, steps: int = 20
   config.eval_every = 0
   config.checkpoint_every = steps
   config.label_smoothing = 0.0
+  config.tensorboard_pictures = False  # its own test turns them on (one compile each)
   for key, value in (config_overrides or {}).items():
     node = config
     *parents, leaf = key.split(".")

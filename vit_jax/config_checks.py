@@ -52,6 +52,7 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("grad_accum_steps", _POSITIVE_INT),
     ("log_every", _POSITIVE_INT),
     ("eval_every", (_int_at_least(0), "an integer >= 0 (0: only at the end)")),
+    ("profile_steps", (_int_at_least(0), "an integer >= 0 (0: no profile)")),
     ("checkpoint_every", _POSITIVE_INT),
     ("keep_checkpoints", _POSITIVE_INT),
     ("label_smoothing", _FRACTION),

@@ -14,10 +14,11 @@ the ViT family has one here. A merged LoRA model (``vit_jax.lora.merge``) export
 like any other.
 """
 
-import os
+import io
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from etils import epath
 
 from vit_jax import tree
 from vit_jax.models import registry, vit
@@ -29,8 +30,11 @@ def _numpy_tree(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def to_npz(params: Mapping[str, Any], path: str) -> None:
-  """Writes params as a flat ``.npz`` (``Transformer/encoderblock_0/...`` for a ViT)."""
-  np.savez(path, **_numpy_tree(params))
+  """Writes params as a flat ``.npz`` (``Transformer/encoderblock_0/...`` for a ViT)
+  to any path etils.epath writes (gs:// too)."""
+  buffer = io.BytesIO()  # np.savez seeks, which remote file objects may not
+  np.savez(buffer, **_numpy_tree(params))
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 _TIMM_EXPORTERS: dict[str, Callable[[dict, Any], dict]] = {}
@@ -58,8 +62,8 @@ def to_timm_state_dict(model_name: str, params: Mapping[str, Any], **overrides
 
 def to_safetensors(model_name: str, params: Mapping[str, Any], path: str,
                    **overrides) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file(to_timm_state_dict(model_name, params, **overrides), os.fspath(path))
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  epath.Path(path).write_bytes(save(to_timm_state_dict(model_name, params, **overrides)))
 
 
 class _Reader:

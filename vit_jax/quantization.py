@@ -21,13 +21,13 @@ checkpoints, resumes and is post-training quantized like any other.
 """
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from etils import epath
 from flax import linen as nn
 
 MODES = {
@@ -170,6 +170,6 @@ def tree_bytes(tree: Any) -> int:
 
 
 def directory_bytes(path) -> int:
-  """Bytes of the files under ``path``."""
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(path) for name in names)
+  """Bytes of the files under ``path`` (local or gs://, through etils.epath)."""
+  return sum(directory_bytes(child) if child.is_dir() else child.stat().length
+             for child in epath.Path(path).iterdir())

@@ -19,12 +19,12 @@ Padding uses the ``[PAD]`` token when the vocabulary has one, else id 0 (open_cl
 convention).
 """
 
-import os
 import runpy
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import tokenizers
+from etils import epath
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD, UNK, SOT, EOT = "[PAD]", "[UNK]", "[SOT]", "[EOT]"
@@ -58,21 +58,25 @@ class Tokenizer:
     return self.backend.get_vocab_size(with_added_tokens=True)
 
   @classmethod
-  def load(cls, path: str, *, context_length: int) -> "Tokenizer":
-    if not os.path.exists(path):
+  def load(cls, path: epath.PathLike, *, context_length: int) -> "Tokenizer":
+    """Reads a ``tokenizer.json`` from any path etils.epath reads (gs:// too): the
+    Rust ``from_file`` reads local files only, so the text goes through epath."""
+    path = epath.Path(path)
+    if not path.exists():
       raise FileNotFoundError(
           f"no tokenizer file at {path}. Train one on your captions with `python -m "
           "vit_jax.tools.train_tokenizer --shards=... --output=...`, or point to an "
           "existing tokenizer.json.")
     try:
-      backend = tokenizers.Tokenizer.from_file(path)
+      backend = tokenizers.Tokenizer.from_str(path.read_text())
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"cannot read tokenizer file {path}: {e}") from e
     return cls(backend, context_length=context_length)
 
-  def save(self, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self.backend.save(path)
+  def save(self, path: epath.PathLike) -> None:
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(self.backend.to_str(pretty=True))
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     """``[len(texts), context_length]`` int32 token ids."""

@@ -46,6 +46,11 @@ class ClassificationEvaluator:
 
     self._eval_step = eval_step
 
+  def first_images(self, count: int) -> np.ndarray:
+    """The first ``count`` preprocessed images of the split (this process's part)."""
+    batch = next(iter(self._dataset.take(1).as_numpy_iterator()))
+    return batch["image"][:count]
+
   def run(self, variables: Any) -> dict[str, float]:
     totals = None
     for batch in input_pipeline.device_batches(self._dataset, self._sharding):

@@ -12,13 +12,13 @@ the class name goes.
 """
 
 import json
-import os
 import runpy
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vit_jax.evaluators import common
 from vit_jax.models.two_tower import l2_normalize
@@ -51,11 +51,11 @@ def load_entries(spec: Any, named: dict, what: str) -> list[str]:
     return [str(x) for x in spec]
   if spec in named:
     return list(named[spec])
-  if not os.path.exists(str(spec)):
+  path = epath.Path(str(spec))  # gs:// too
+  if not path.exists():
     raise ValueError(f"{what} {spec!r} is neither a named set ({', '.join(named)}) nor "
                      "a file")
-  with open(spec, encoding="utf-8") as f:
-    text = f.read()
+  text = path.read_text(encoding="utf-8")
   entries = json.loads(text) if text.lstrip().startswith("[") else [
       line.strip() for line in text.splitlines() if line.strip()]
   if not entries:

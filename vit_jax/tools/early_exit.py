@@ -18,9 +18,9 @@ ViT fine-tuned after MAE (93.33%), exits after blocks 0, 1, 2 and threshold 0.72
 
 import functools
 import json
-import os
 
 from absl import app, flags
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,8 +41,7 @@ def run(workdir: str, exit_layers, *, steps: int, batch_size: int, learning_rate
   from vit_jax.data import input_pipeline, preprocess  # pylint: disable=g-import-not-at-top
   from vit_jax.models import early_exit  # pylint: disable=g-import-not-at-top
 
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = json.load(f)
+  config = json.loads((epath.Path(workdir) / "config.json").read_text())
   if config.get("trainer") != "classification":
     raise ValueError(f"{workdir} is not a classification run")
   data = config["input"]

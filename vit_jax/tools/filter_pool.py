@@ -19,6 +19,8 @@ Writes to ``--output_dir``:
   kept_ids.txt        the kept samples' keys, in pool order
   scores.tsv          key, CLIP score (if computed), kept (0/1) for every sample
   shards/filtered-00000.tar ...   the kept samples, re-sharded (all their files)
+  score_histogram.png  (with CLIP scores) the scores' histogram, the kept threshold
+                      as a red line; with ``--ground_truth_key``, bad pairs in orange
   summary.json        counts per filter, the threshold used, and, with
                       ``--ground_truth_key`` (a JSON field that is true for bad pairs,
                       such as the offline pool's "mismatched"), precision and recall
@@ -37,17 +39,18 @@ one of the input shards is refused.
 """
 
 import contextlib
+import io
 import json
 import math
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
+import uuid
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 # vit_jax.data (TensorFlow) is imported where it is used: --help answers without it.
 FLAGS = flags.FLAGS
@@ -57,7 +60,6 @@ def basic_filter(sample: dict, *, min_caption_words: int, min_image_size: int,
                  max_aspect_ratio: float) -> Optional[str]:
   """The reason a sample fails the basic filters, or None if it passes."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
   if len(sample["caption"].split()) < min_caption_words:
     return "caption_too_short"
   if min_image_size or max_aspect_ratio:
@@ -149,18 +151,69 @@ def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
   return scores
 
 
+def score_histogram_png(scores: Sequence[float], bad_scores: Sequence[float],
+                        threshold: Optional[float], *, bins: int = 40,
+                        size: tuple[int, int] = (640, 320)) -> bytes:
+  """A PNG (drawn with PIL: no plotting library is a dependency): stacked bars of
+  ``scores`` (blue) and ``bad_scores`` (orange), the threshold as a red line, the
+  score range and counts written on the axes."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  everything = np.asarray(list(scores) + list(bad_scores), np.float64)
+  low, high = float(everything.min()), float(everything.max())
+  if threshold is not None and np.isfinite(threshold):
+    low, high = min(low, threshold), max(high, threshold)
+  high = high if high > low else low + 1e-6
+  edges = np.linspace(low, high, bins + 1)
+  good_counts = np.histogram(np.asarray(scores, np.float64), edges)[0]
+  bad_counts = np.histogram(np.asarray(bad_scores, np.float64), edges)[0]
+  width, height = size
+  left, right, top, bottom = 40, 10, 20, 30
+  plot_w, plot_h = width - left - right, height - top - bottom
+  tallest = max(int((good_counts + bad_counts).max()), 1)
+  image = Image.new("RGB", size, "white")
+  draw = ImageDraw.Draw(image)
+  x_of = lambda v: left + (v - low) / (high - low) * plot_w
+  for i, (g, b) in enumerate(zip(good_counts, bad_counts)):
+    x0, x1 = left + i * plot_w / bins, left + (i + 1) * plot_w / bins - 1
+    y_good = top + plot_h - g / tallest * plot_h
+    y_bad = y_good - b / tallest * plot_h
+    if g:
+      draw.rectangle([x0, y_good, x1, top + plot_h], fill=(70, 110, 200))
+    if b:
+      draw.rectangle([x0, y_bad, x1, y_good], fill=(240, 150, 40))
+  draw.line([left, top + plot_h, left + plot_w, top + plot_h], fill="black")
+  draw.line([left, top, left, top + plot_h], fill="black")
+  draw.text((2, top - 15), f"{tallest}", fill="black")
+  draw.text((left, height - 20), f"{low:.3f}", fill="black")
+  draw.text((left + plot_w - 40, height - 20), f"{high:.3f}", fill="black")
+  title = f"CLIP scores of {len(everything)} samples"
+  if threshold is not None and np.isfinite(threshold):
+    x = x_of(threshold)
+    draw.line([x, top, x, top + plot_h], fill=(220, 0, 0), width=2)
+    title += f"; kept >= {threshold:.4f} (red)"
+  draw.text((left + 10, 3), title, fill="black")
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
 def _unsafe(key: str) -> bool:
   """Whether a member name could land outside the directory it is extracted to."""
   return (key.startswith(("/", "\\")) or os.path.isabs(key)
           or ".." in key.replace("\\", "/").split("/"))
 
 
+def _real(path: str) -> str:
+  """Local paths with links resolved; remote ones (gs://...) as given."""
+  return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+
 def _check_paths(shards: Sequence[str], output_dir: str) -> None:
   """ValueError for a non-tar shard, or an output directory holding an input shard."""
-  output = os.path.realpath(output_dir)
+  output = _real(output_dir)
   for shard in shards:
-    real = os.path.realpath(shard)
-    if real == output or real.startswith(output + os.sep):
+    real = _real(shard)
+    if real == output or real.startswith(output + "/"):
       raise ValueError(f"--output_dir={output_dir} holds the input shard {shard}: the "
                        "output replaces that directory whole; choose another one")
     if not _is_tar(shard):
@@ -171,7 +224,6 @@ def _check_paths(shards: Sequence[str], output_dir: str) -> None:
 def _is_tar(shard: str) -> bool:
   """Whether ``shard`` (local or remote) opens as a tar archive; an empty file does
   (the reader counts it as an empty shard)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   try:
     with epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
       tar.next()
@@ -182,15 +234,17 @@ def _is_tar(shard: str) -> bool:
   return True
 
 
-def _swap_in(built: str, output_dir: str) -> None:
-  """Replaces ``output_dir`` by the finished directory ``built``."""
-  if os.path.exists(output_dir):
-    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(built))
-    os.rename(output_dir, os.path.join(old, "output"))
-    os.rename(built, output_dir)
-    shutil.rmtree(old)
+def _swap_in(built: epath.Path, output_dir: epath.Path) -> None:
+  """Replaces ``output_dir`` by the finished directory ``built`` (through etils.epath:
+  a rename locally; on gs://, where renaming a directory copies its objects, the old
+  output stays whole until the new one is in place)."""
+  if output_dir.exists():
+    old = built.parent / f".old-{uuid.uuid4().hex[:8]}"
+    output_dir.rename(old)
+    built.rename(output_dir)
+    old.rmtree()
   else:
-    os.rename(built, output_dir)
+    built.rename(output_dir)
 
 
 def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: int = 0,
@@ -207,7 +261,7 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
                      "scores the pairs)")
   if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
     raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
-  output_dir = os.path.abspath(output_dir)
+  output_dir = output_dir if "://" in output_dir else os.path.abspath(output_dir)
   _check_paths(shards, output_dir)
   stats = image_text.SkipStats()
 
@@ -267,33 +321,37 @@ def filter_pool(shards: Sequence[str], output_dir: str, *, min_caption_words: in
   # Pass 3: re-shard the kept samples with all their files, into a fresh directory
   # that replaces output_dir once everything is written.
   kept_set = set(kept)
-  os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-  built = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-",
-                           dir=os.path.dirname(output_dir))
+  output = epath.Path(output_dir)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  built = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+  built.mkdir()
   try:
-    pattern = os.path.join(built, "shards", "filtered-{:05d}.tar")
+    pattern = str(built / "shards" / "filtered-{:05d}.tar")
     with image_text.ShardWriter(pattern, samples_per_shard) as writer:
       for index, shard in enumerate(shards):
         for raw in image_text.read_shard(shard):
           if (index, raw.key) in kept_set:
             writer.write(name((index, raw.key)), raw.files)
-    with open(os.path.join(built, "kept_ids.txt"), "w") as f:
-      f.writelines(name(k) + "\n" for k in kept)
-    with open(os.path.join(built, "scores.tsv"), "w") as f:
-      f.write("key\tclip_score\tkept\n")
-      for sample_id in order:
-        value = f"{scores[sample_id]:.6f}" if sample_id in scores else ""
-        f.write(f"{name(sample_id)}\t{value}\t{int(sample_id in kept_set)}\n")
+    (built / "kept_ids.txt").write_text("".join(name(k) + "\n" for k in kept))
+    lines = ["key\tclip_score\tkept\n"]
+    for sample_id in order:
+      value = f"{scores[sample_id]:.6f}" if sample_id in scores else ""
+      lines.append(f"{name(sample_id)}\t{value}\t{int(sample_id in kept_set)}\n")
+    (built / "scores.tsv").write_text("".join(lines))
+    if scores:
+      bad = [scores[k] for k in order if k in scores and bad_pairs.get(k)]
+      good = [scores[k] for k in order if k in scores and not bad_pairs.get(k)]
+      (built / "score_histogram.png").write_bytes(
+          score_histogram_png(good, bad, threshold))
     summary = _summary(order, kept, rejected, stats, threshold, scores, bad_pairs,
                        ground_truth_key)
-    summary["shards"] = [os.path.join(output_dir, os.path.relpath(p, built))
+    summary["shards"] = [str(output / os.path.relpath(str(p), str(built)))
                          for p in writer.paths]
-    with open(os.path.join(built, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-    _swap_in(built, output_dir)
+    (built / "summary.json").write_text(json.dumps(summary, indent=2))
+    _swap_in(built, output)
   finally:
-    if os.path.exists(built):
-      shutil.rmtree(built)
+    if built.exists():
+      built.rmtree()
   return summary
 
 

@@ -20,6 +20,7 @@ import json
 import os
 
 import numpy as np
+from etils import epath
 from absl import app, flags
 
 from vit_jax.data import image_text, tokenizer
@@ -96,8 +97,7 @@ def make_pool(output_dir: str, *, num_samples: int = 30000, mismatch_fraction: f
           "attribute_fraction": attribute_fraction,
           "tokenizer_vocab_size": tok.vocab_size, "class_names": list(CLASS_NAMES),
           "image_format": image_format}
-  with open(os.path.join(output_dir, "pool.json"), "w") as f:
-    json.dump(info, f, indent=2)
+  (epath.Path(output_dir) / "pool.json").write_text(json.dumps(info, indent=2))
   return info
 
 

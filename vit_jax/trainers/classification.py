@@ -33,7 +33,7 @@ from vit_jax import (config_checks, finetune, lora, models, optim, quantization,
 from vit_jax.data import input_pipeline, preprocess
 from vit_jax.evaluators import classification as classification_eval
 from vit_jax.models import moe
-from vit_jax.trainers import common, distillation
+from vit_jax.trainers import common, distillation, pictures as pictures_lib
 from vit_jax.trainers.common import TrainState
 
 
@@ -128,6 +128,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       jnp.zeros(image_shape, jnp.float32), train=False)
 
   abstract_params = jax.eval_shape(init_variables, init_key)["params"]
+  # TensorBoard pictures (input grid, attention maps, parameter-norm histograms).
+  pictures = pictures_lib.Pictures(writer, model, config,
+                                   enabled=config.get("tensorboard_pictures", True))
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
   tx = sparsity.from_config(tx, abstract_params, config.get("sparsity"))
   train_only = config.get("train_only")
@@ -365,6 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_images = jax.ShapeDtypeStruct((1,) + evaluator.image_shape, jnp.float32)
   jax.eval_shape(predict, {"params": abstract_state.params, **abstract_state.model_state},
                  eval_images)
+  if pictures.enabled:
+    pictures.set_eval_images(evaluator.first_images(pictures.num_images))
 
   def evaluate(step: int) -> dict:
     started = time.perf_counter()
@@ -373,6 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       params = finetune.ema_params(state.opt_state, state.params)
     result = evaluator.run({"params": params, **state.model_state})
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    pictures.evaluation(step, {"params": params, **state.model_state})
     common.console(f"eval {config.input.dataset}:{config.input.eval_split} at step "
                    f"{step}: top-1 {100 * result['top1']:.2f}% | top-5 "
                    f"{100 * result['top5']:.2f}% | loss {result['loss']:.4f} "
@@ -397,6 +403,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending = []  # per-step metrics on device, fetched at the next sync point
   eval_result = None
   loss_history = []  # (step, mean train loss since the previous log line)
+  # config.profile_steps: a trace of the steps after the compiling one (TensorBoard's
+  # Profile tab reads tensorboard/plugins/profile/). By hand rather than clu's Profile
+  # action, which leaves its session open when the run ends inside the window.
+  profile_steps = config.get("profile_steps") or 0
+  profile_first, profiling = start_step + 2, False
 
   with jax.set_mesh(mesh):
     if start_step < total_steps:
@@ -406,7 +417,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if flexi_sizes:  # a function of (seed, step): a resumed run draws the same sizes
         draw = np.random.default_rng((config.seed, step)).integers(len(flexi_sizes))
         patch_size = flexi_sizes[draw]
-      state, metrics = compiled_step(patch_size)(state, next(batches), teacher_variables)
+      batch = next(batches)
+      if step == 1:  # what the model sees, after preprocessing
+        pictures.inputs(0, batch["image"])
+      if profile_steps and step == profile_first:
+        jax.profiler.start_trace(str(workdir / "tensorboard"))
+        profiling = True
+      state, metrics = compiled_step(patch_size)(state, batch, teacher_variables)
+      if profiling and step == profile_first + profile_steps - 1:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
       examples_seen += global_batch
       guard.add(step, metrics.pop("finite"))
       pending.append(metrics)
@@ -434,6 +455,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if do_save:
         save(step)
 
+    if profiling:  # the run ended inside the profiled window
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
     if eval_result is None:  # resumed after the last step: report the final state
       eval_result = evaluate(int(state.step))
     checkpointer.wait()

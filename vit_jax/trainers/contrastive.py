@@ -13,8 +13,6 @@ so the loss.
 
 import json
 import math
-import os
-import shutil
 import time
 
 import jax
@@ -23,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import config_checks, losses, models, optim, sharding
@@ -167,8 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.write_json(workdir / MODEL_FILE, {
       "model_name": config.model_name, "model": model_kwargs, "loss": config.loss,
       "context_length": tokenizer.context_length, "pp_eval": config.input.pp_eval})
-  if common.is_main_process() and not os.path.exists(workdir / TOKENIZER_FILE):
-    shutil.copyfile(config.tokenizer.path, workdir / TOKENIZER_FILE)
+  if common.is_main_process() and not (workdir / TOKENIZER_FILE).exists():
+    epath.Path(config.tokenizer.path).copy(workdir / TOKENIZER_FILE)
 
   # ---------------------------------------------------------------- step function
   def train_step(state: TrainState, batch):
@@ -262,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       kept = [line for line in key_log_path.read_text().splitlines()
               if int(line.split(" ", 1)[0]) <= start_step]
     key_log_path.write_text("".join(line + "\n" for line in kept))
-    key_log = open(key_log_path, "a")
+    key_log = key_log_path.open("a")
   progress = common.ProgressLine(total_steps, start_step, global_batch)
   guard = common.NonFiniteGuard()
   pending = []

@@ -7,17 +7,24 @@ Nothing here knows a parameter name (``readers.py`` maps names onto a model):
   downloads through ``huggingface_hub`` into the Hub's own cache (``HF_HOME``,
   ``HF_HUB_CACHE``) and honours ``HF_HUB_OFFLINE=1``; without ``/file`` the repository's
   weights file is the first of ``HUB_WEIGHTS_FILES`` it holds. Other remote sources
-  register a fetcher (``register_scheme(prefix, fetch)``).
+  register a fetcher (``register_scheme(prefix, fetch)``). A URI that etils.epath
+  reads (``gs://``, ``s3://``) is copied once into ``REMOTE_CACHE`` (the readers,
+  ``torch.load`` and safetensors read local files); an Orbax checkpoint directory
+  there is left where it is (Orbax reads gs:// itself).
 * ``read_state_dict``: a PyTorch-style state dict from ``.safetensors`` (no code
   runs) or ``.pth``/``.pt``/``.bin`` through ``torch.load(weights_only=True)``, which
   refuses anything but tensors: pickled objects are never executed.
 * ``read_npz``: the arrays of an ``.npz`` (``allow_pickle=False``).
 """
 
+import hashlib
 import os
+import shutil
+import uuid
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+from etils import epath
 
 Source = Union[str, os.PathLike]
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -94,13 +101,46 @@ def register_scheme(prefix: str, fetch: Callable[[str], str]) -> None:
   SCHEMES[prefix] = fetch
 
 
+# Where remote weight files are copied (one folder per URI, so names never clash).
+REMOTE_CACHE = os.environ.get(
+    "VIT_JAX_REMOTE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vit_jax",
+                                         "remote"))
+
+
+def fetch_remote(uri: str) -> str:
+  """A local copy of the remote file ``uri`` (copied once; a copy whose size differs
+  from the remote file's is fetched again), or ``uri`` itself for a directory."""
+  remote = epath.Path(uri)
+  if not remote.exists():
+    raise FileNotFoundError(f"no weights at {uri}")
+  if remote.is_dir():
+    return uri
+  folder = os.path.join(REMOTE_CACHE, hashlib.sha256(uri.encode()).hexdigest()[:16])
+  local = os.path.join(folder, remote.name)
+  size = remote.stat().length
+  if not os.path.exists(local) or (size is not None and os.path.getsize(local) != size):
+    os.makedirs(folder, exist_ok=True)
+    partial = f"{local}.{uuid.uuid4().hex[:8]}.partial"  # a killed copy is never used
+    try:
+      with remote.open("rb") as src, open(partial, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+      os.replace(partial, local)
+    finally:
+      if os.path.exists(partial):
+        os.remove(partial)
+  return local
+
+
 def local_path(source: Source) -> str:
-  """The local file or directory a source names; FileNotFoundError if there is none."""
+  """The local file or directory a source names; FileNotFoundError if there is none.
+  Remote URIs (gs://...) go through ``fetch_remote``."""
   source = os.fspath(source)
   for prefix, fetch in SCHEMES.items():
     if source.startswith(prefix):
       source = fetch(source[len(prefix):])
       break
+  if "://" in source:
+    return fetch_remote(source)
   if not os.path.exists(source):
     raise FileNotFoundError(f"no weights at {source}")
   return source

@@ -18,11 +18,11 @@ non-parameter collections as ``<collection>:<name>``:
   (``two_tower.from_open_clip``), e.g. into ``vit_base_patch32_clip_224``.
 """
 
-import os
 import re
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+from etils import epath
 
 from vit_jax import checkpoint, tree, workdir
 from vit_jax.models import convert, mae, registry, two_tower
@@ -148,7 +148,7 @@ def read(source: files.Source, model: Any = None, model_name: Optional[str] = No
          ) -> tuple[dict[str, np.ndarray], str]:
   """Any supported source as flat ``/``-joined names; returns (arrays, format)."""
   path = files.local_path(source)
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():  # local, or a remote Orbax checkpoint
     return read_orbax(path, model, model_name)
   for suffix, reader in READERS.items():
     if path.endswith(suffix):

@@ -1,0 +1,102 @@
+"""TensorBoard pictures of a short classification run, read back from its event file."""
+
+import glob
+import io
+import os
+
+import numpy as np
+import pytest
+
+from helpers import train_in_process
+
+
+@pytest.fixture(scope="module")
+def events(tfds_dir, tmp_path_factory):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("pictures") / "run"
+  train_in_process(tfds_dir, workdir, "vit_tiny_patch16_224", steps=2, batch_size=8,
+                   image_size=16, patch_size=4, hidden_size=32, num_layers=2,
+                   num_heads=2, mlp_dim=64,
+                   config_overrides={"tensorboard_pictures": True, "profile_steps": 1})
+  files = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  assert len(files) == 1, files
+  accumulator = event_accumulator.EventAccumulator(files[0], size_guidance={
+      event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  tensors = {tag: accumulator.Tensors(tag) for tag in accumulator.Tags()["tensors"]}
+  return {"tensors": tensors, "workdir": str(workdir)}
+
+
+def test_profile_steps_write_a_profiler_trace(events):
+  traces = glob.glob(os.path.join(events["workdir"], "tensorboard", "plugins", "profile",
+                                  "*", "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+def decode_images(event):
+  """The images of one tf.summary.image event: [width, height, png, png, ...]."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  strings = event.tensor_proto.string_val
+  return [np.asarray(Image.open(io.BytesIO(png))) for png in strings[2:]]
+
+
+def test_run_writes_input_grid_attention_histograms_and_hparams(events):
+  events = events["tensors"]
+  (grid,) = events["train/inputs"]
+  assert grid.step == 0
+  (image,) = decode_images(grid)
+  # 8 inputs of 16x16 (1-pixel gaps) in one row; each image scaled to its own range.
+  assert image.shape[:2] == (17, 8 * 17) and image.max() == 255
+  for tag in ("attention/rollout", "attention/last_block"):
+    (event,) = events[tag]
+    assert event.step == 2  # the evaluation at the last step
+    maps = decode_images(event)
+    assert len(maps) == 4 and all(m.shape == (96, 96, 3) for m in maps)
+    # The heat (red) differs between patches: the maps are not blank.
+    assert all(m[..., 0].std() > 0 for m in maps)
+  (histogram,) = events["params/norms"]
+  buckets = np.frombuffer(histogram.tensor_proto.tensor_content, np.float64).reshape(-1, 3)
+  # One count per parameter tensor of the 2-block ViT.
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create("vit_tiny_patch16_224", num_classes=10, image_size=16,
+                        patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 16, 16, 3)))
+  assert buckets[:, 2].sum() == len(jax.tree.leaves(shapes["params"]))
+  assert "_hparams_/session_start_info" in events
+
+
+def test_image_grid_scales_each_image_and_pads():
+  from vit_jax.trainers.pictures import image_grid  # pylint: disable=g-import-not-at-top
+  images = np.stack([np.full((2, 2, 1), 5.0), np.arange(4.0).reshape(2, 2, 1)])
+  grid = image_grid(images, columns=2, pad=1)
+  assert grid.shape == (1, 3, 6, 1)
+  np.testing.assert_allclose(grid[0, :2, 3:5, 0], [[0, 1 / 3], [2 / 3, 1]])
+  np.testing.assert_allclose(grid[0, :2, :2, 0], 0.0)  # a constant image: all 0
+  np.testing.assert_allclose(grid[0, 2], 1.0)  # the gap row
+
+
+class RecordingWriter:
+  def __init__(self):
+    self.calls = []
+
+  def __getattr__(self, name):
+    return lambda *args: self.calls.append((name, *args))
+
+
+def test_models_without_plain_vit_blocks_get_histograms_but_no_attention(capsys):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers.pictures import Pictures  # pylint: disable=g-import-not-at-top
+  writer = RecordingWriter()
+  pictures = Pictures(writer, None, ml_collections.ConfigDict({"a": {"b": 1}}),
+                      enabled=True)
+  pictures.set_eval_images(np.zeros((2, 8, 8, 3)))
+  params = {"stages_0": {"kernel": np.full((3, 4), 2.0, np.float32)}}  # a Swin-like tree
+  for step in (5, 10):
+    pictures.evaluation(step, {"params": params})
+  assert [c[0] for c in writer.calls] == ["write_hparams", "write_histograms",
+                                          "write_histograms"]
+  assert writer.calls[0][1] == {"a.b": 1}
+  np.testing.assert_allclose(writer.calls[1][2]["params/norms"], [np.sqrt(12 * 4.0)])
+  out = capsys.readouterr().out
+  assert out.count("attention pictures need a plain ViT") == 1  # said once
