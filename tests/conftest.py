@@ -96,6 +96,7 @@ def digits_pretrained(tfds_dir, tmp_path_factory):
     config.log_every = 50
     config.eval_every = 0
     config.checkpoint_every = 150
+    config.tensorboard_pictures = False
     return workdir, classification.train_and_evaluate(config, workdir)
   workdir, result = _built_once(tmp_path_factory, "digits_pretrained", build)
   return workdir, result

@@ -38,6 +38,7 @@ def finetune_run(tfds_dir, workdir, init, *, res=24, steps=FT_STEPS, **overrides
   config.total_steps = steps
   config.schedule.warmup_steps = min(5, steps // 3)
   config.log_every = 10
+  config.tensorboard_pictures = False  # tests/test_tensorboard_pictures.py checks them
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

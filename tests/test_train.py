@@ -36,7 +36,8 @@ def tiny(tfds_dir, *extra):
           f"--config.total_steps={TOTAL_STEPS}", "--config.schedule.warmup_steps=5",
           "--config.optimizer.learning_rate=0.005", "--config.label_smoothing=0",
           "--config.log_every=5", "--config.eval_every=40", "--config.checkpoint_every=20",
-          *extra)
+          # One compile less per run; tests/test_tensorboard_pictures.py checks them.
+          "--config.tensorboard_pictures=False", *extra)
 
 
 def final_params(workdir, step=TOTAL_STEPS):
