@@ -167,12 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                            image_shape, mesh)
 
   # ---------------------------------------------------------------- train state, sharded
-  def init_state(key):
-    variables = init_variables(key)
-    params = variables.pop("params")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), model_state=dict(variables))
-
+  init_state = common.init_state_fn(init_variables, tx)
   abstract_state = jax.eval_shape(init_state, init_key)
   # Parameters and optimizer state by config.sharding's rules (FSDP over "fsdp",
   # heads and MLP units over "tensor"); see vit_jax/sharding.py.
@@ -185,19 +180,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"{config.input.dataset}:{config.input.train_split})")
 
   # ---------------------------------------------------------------- checkpoint restore
-  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"),
-                                       keep=config.keep_checkpoints, config=config)
-  # The newest checkpoint that verifies, restored straight into this run's shardings
-  # whatever mesh wrote it; one that does not fit this config is an error.
-  restored = checkpointer.restore_latest(
-      ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+  checkpointer, state, restored = common.restore_or_init(
+      config, workdir, init_state, init_key, abstract_state, state_shardings)
   if restored is not None:
-    state, meta = restored.state, restored.meta
+    meta = restored.meta
     examples_seen = meta["examples_seen"]
     common.console(f"resumed from {checkpointer.directory / str(restored.step)} "
                    f"(step {restored.step})")
   else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
     meta, examples_seen = {}, 0
     if config.get("init"):  # fine-tuning: pretrained weights, fresh optimizer state
       reinit = config.get("init_reinit") or r"^head/"
@@ -434,18 +424,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step == start_step + 1:
         progress.start()
 
-      is_last = step == total_steps
-      do_log = step % config.log_every == 0 or is_last
-      do_eval = (config.eval_every and step % config.eval_every == 0) or is_last
-      do_save = step % config.checkpoint_every == 0 or is_last
+      do_log, do_eval, do_save = common.due(step, total_steps, config)
       if not (do_log or do_eval or do_save):
         continue
       # Sync point: nothing diverged may reach a checkpoint.
       guard.check(checkpointer.newest_committed)
       if do_log:
-        fetched = jax.device_get(pending)
-        means = {k: float(sum(m[k] for m in fetched) / len(fetched)) for k in fetched[0]}
-        pending.clear()
+        means = common.mean_metrics(pending)
         loss_history.append((step, means["loss"]))
         rates = progress.update(step, {"loss": means["loss"],
                                        "lr": means["learning_rate"]})

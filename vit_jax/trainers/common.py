@@ -10,10 +10,12 @@ from typing import Any, Callable, Optional, Union
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers
 from etils import epath
 
+from vit_jax import checkpoint as ckpt_lib
 from vit_jax.models import moe
 
 
@@ -23,6 +25,51 @@ class TrainState:
   params: Any
   opt_state: Any
   model_state: Any  # non-trainable collections, e.g. BatchNorm's batch_stats
+
+
+def init_state_fn(init_variables: Callable[[jax.Array], dict], tx) -> Callable:
+  """``key -> TrainState`` at step 0: the model's variables from ``init_variables``
+  (``params`` trained by ``tx``, the other collections kept as ``model_state``)."""
+
+  def init_state(key):
+    variables = init_variables(key)
+    params = variables.pop("params")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), model_state=dict(variables))
+  return init_state
+
+
+def restore_or_init(config, workdir: epath.Path, init_state: Callable, init_key,
+                    abstract_state: TrainState, state_shardings
+                    ) -> tuple[ckpt_lib.Checkpointer, TrainState, Any]:
+  """The run's checkpointer and its state: the newest checkpoint that verifies, restored
+  straight into this run's shardings whatever mesh wrote it (one that does not fit this
+  config is an error), else ``init_state(init_key)``. The third value is the
+  ``checkpoint.Restored`` (step, meta) of a resume, ``None`` for a fresh state."""
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"),
+                                       keep=config.keep_checkpoints, config=config)
+  restored = checkpointer.restore_latest(
+      ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+  if restored is None:
+    return checkpointer, jax.jit(init_state, out_shardings=state_shardings)(init_key), None
+  return checkpointer, restored.state, restored
+
+
+def due(step: int, total_steps: int, config) -> tuple[bool, bool, bool]:
+  """(log, evaluate, save) at ``step``: every ``log_every``, ``eval_every`` (0: at the
+  end only) and ``checkpoint_every`` steps, and all three at the last step."""
+  is_last = step == total_steps
+  return (step % config.log_every == 0 or is_last,
+          bool(config.eval_every and step % config.eval_every == 0) or is_last,
+          step % config.checkpoint_every == 0 or is_last)
+
+
+def mean_metrics(pending: list) -> dict:
+  """The mean of each metric over the steps in ``pending`` (fetched once), which is
+  emptied for the next logging interval."""
+  fetched = jax.device_get(pending)
+  pending.clear()
+  return {k: float(sum(m[k] for m in fetched) / len(fetched)) for k in fetched[0]}
 
 
 def split_auxiliary(state: dict) -> tuple[dict, Any, dict]:

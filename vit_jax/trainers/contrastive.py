@@ -123,12 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   max_logit_scale = math.log(config.max_logit_scale)
 
   # ---------------------------------------------------------------- train state, sharded
-  def init_state(key):
-    variables = init_variables(key)
-    params = variables.pop("params")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), model_state=dict(variables))
-
+  init_state = common.init_state_fn(init_variables, tx)
   abstract_state = jax.eval_shape(init_state, init_key)
   # Parameters and optimizer state by config.sharding's rules, as in classification.
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.get("sharding"))
@@ -138,13 +133,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"{global_batch} pairs from {len(shards)} shards")
 
   # ---------------------------------------------------------------- checkpoint restore
-  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"),
-                                       keep=config.keep_checkpoints, config=config)
-  restored = checkpointer.restore_latest(
-      ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+  checkpointer, state, restored = common.restore_or_init(
+      config, workdir, init_state, init_key, abstract_state, state_shardings)
   position = image_text.StreamPosition()
   if restored is not None:
-    state, meta = restored.state, restored.meta
+    meta = restored.meta
     examples_seen = meta["examples_seen"]
     positions = meta["data_positions"]
     if len(positions) != jax.process_count():
@@ -157,7 +150,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    f"data position epoch {position.epoch} window {position.window} "
                    f"sample {position.offset})")
   else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
     examples_seen = 0
   start_step = int(state.step)
   # Only now that the checkpoint is known to fit: the workdir describes what it holds
@@ -285,19 +277,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step == start_step + 1:
         progress.start()
 
-      is_last = step == total_steps
-      do_log = step % config.log_every == 0 or is_last
-      do_eval = (config.eval_every and step % config.eval_every == 0) or is_last
-      do_save = step % config.checkpoint_every == 0 or is_last
+      do_log, do_eval, do_save = common.due(step, total_steps, config)
       if not (do_log or do_eval or do_save):
         continue
       guard.check(checkpointer.newest_committed)
       if key_log is not None:
         key_log.flush()
       if do_log:
-        fetched = jax.device_get(pending)
-        means = {k: float(sum(m[k] for m in fetched) / len(fetched)) for k in fetched[0]}
-        pending.clear()
+        means = common.mean_metrics(pending)
         loss_history.append((step, means["loss"]))
         rates = progress.update(step, {"loss": means["loss"],
                                        "acc": means["batch_accuracy"],

@@ -92,12 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
 
   # ---------------------------------------------------------------- train state, sharded
-  def init_state(key):
-    variables = init_variables(key)
-    params = variables.pop("params")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), model_state=dict(variables))
-
+  init_state = common.init_state_fn(init_variables, tx)
   abstract_state = jax.eval_shape(init_state, init_key)
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.get("sharding"))
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
@@ -108,17 +103,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"{global_batch} images ({total_steps / steps_per_epoch:.1f} epochs)")
 
   # ---------------------------------------------------------------- checkpoint restore
-  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"),
-                                       keep=config.keep_checkpoints, config=config)
-  restored = checkpointer.restore_latest(
-      ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+  checkpointer, state, restored = common.restore_or_init(
+      config, workdir, init_state, init_key, abstract_state, state_shardings)
   if restored is not None:
-    state, meta = restored.state, restored.meta
+    meta = restored.meta
     examples_seen = meta["examples_seen"]
     common.console(f"resumed from {checkpointer.directory / str(restored.step)} "
                    f"(step {restored.step})")
   else:
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
     meta, examples_seen = {}, 0
   start_step = int(state.step)
   common.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
@@ -210,17 +202,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step == start_step + 1:
         progress.start()
 
-      is_last = step == total_steps
-      do_log = step % config.log_every == 0 or is_last
-      do_eval = (config.eval_every and step % config.eval_every == 0) or is_last
-      do_save = step % config.checkpoint_every == 0 or is_last
+      do_log, do_eval, do_save = common.due(step, total_steps, config)
       if not (do_log or do_eval or do_save):
         continue
       guard.check(checkpointer.newest_committed)  # nothing diverged is saved
       if do_log:
-        fetched = jax.device_get(pending)
-        means = {k: float(sum(m[k] for m in fetched) / len(fetched)) for k in fetched[0]}
-        pending.clear()
+        means = common.mean_metrics(pending)
         loss_history.append((step, means["loss"]))
         rates = progress.update(step, {"loss": means["loss"],
                                        "lr": means["learning_rate"]})
