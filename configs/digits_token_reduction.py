@@ -20,6 +20,7 @@ import importlib.util
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def _digits_vit_config():
@@ -42,6 +43,9 @@ def get_config(arg=None):
   config.model.token_keep_rate = 1.0  # EViT, in blocks (1, 2, 3) of 4
   config.model.token_pruning = 1.0  # DynamicViT's rho, before blocks (1, 2, 3)
   config.model.token_pruning_ratio_weight = 2.0  # the keep-ratio loss (paper: 2.0)
+  # Short trainings start from the plain run: its weights, DynamicViT's predictors new.
+  config.init = config_dict.placeholder(str)
+  config.init_reinit = "score_predictor"
   # DynamicViT distillation from the un-pruned model (trainers/dynamic_vit.py).
   config.dynamic_vit = ml_collections.ConfigDict(dict(distill_weight=0.0, teacher="self"))
   return config
