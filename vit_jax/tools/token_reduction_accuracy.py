@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import subprocess
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import app, flags
 
@@ -156,6 +156,9 @@ def define_flags():
   flags.DEFINE_string("markdown", None, "Write the table into this file (between the "
                       f"{TABLE_BEGIN} markers when present).")
   flags.DEFINE_string("png", None, "Write the plot here.")
+  flags.DEFINE_string("json", None, "Points file: settings already in it are not "
+                      "evaluated again (same run label, series and setting); new "
+                      "points are added.")
 
 
 def main(argv):
@@ -163,17 +166,28 @@ def main(argv):
   runs = [tuple(r.rsplit("=", 1)) for r in FLAGS.run]
   if not runs or any(len(r) != 2 for r in runs):
     raise app.UsageError("give --run=label=workdir at least once")
+  cached = {}
+  if FLAGS.json and os.path.exists(FLAGS.json):
+    with open(FLAGS.json) as f:
+      cached = {(p["series"], p["label"]): Point(**p) for p in json.load(f)}
   points: list[Point] = []
+
+  def add(series, label, workdir, overrides):
+    if (series, label) not in cached:
+      top1, gflops, tokens = evaluate(workdir, overrides, FLAGS.batch)
+      cached[(series, label)] = Point(series, label, gflops, top1, tokens)
+      if FLAGS.json:  # after every point: an interrupted sweep keeps what it did
+        with open(FLAGS.json, "w") as f:
+          json.dump([dataclasses.asdict(p) for p in cached.values()], f, indent=1)
+    points.append(cached[(series, label)])
+    print(points[-1], flush=True)
+
   base_label, base_dir = runs[0]
   for series, label, overrides in sweep([int(r) for r in FLAGS.merging],
                                         [float(k) for k in FLAGS.keep_rates]):
-    top1, gflops, tokens = evaluate(base_dir, overrides, FLAGS.batch)
-    points.append(Point(series, label if overrides else base_label, gflops, top1, tokens))
-    print(points[-1], flush=True)
+    add(series, label if overrides else base_label, base_dir, overrides)
   for label, workdir in runs[1:]:
-    top1, gflops, tokens = evaluate(workdir, {}, FLAGS.batch)
-    points.append(Point(TRAINED, label, gflops, top1, tokens))
-    print(points[-1], flush=True)
+    add(TRAINED, label, workdir, {})
   # The plain model belongs to both no-retraining curves.
   plain = points[0]
   drawn = points + [dataclasses.replace(plain, series=s) for s in
