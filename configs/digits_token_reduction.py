@@ -3,17 +3,23 @@ r"""The digits ViT at 32x32 (64 patch tokens), for token reduction (docs/token_r
 Plain training (the model every ToMe r / EViT keep rate is then evaluated on, without
 retraining), then short trainings with merging or DynamicViT pruning:
 
-  python -m vit_jax.main --config=configs/digits_token_reduction.py --workdir=workdirs/tr_plain
+  python -m vit_jax.main --config=configs/digits_token_reduction.py --workdir=workdirs/tr_plain \
+      --config.total_steps=500 --config.checkpoint_every=500
   python -m vit_jax.main --config=configs/digits_token_reduction.py --workdir=workdirs/tr_tome \
-      --config.model.token_merging=8
+      --config.model.token_merging=8 --config.init=workdirs/tr_plain --config.total_steps=150
   python -m vit_jax.main --config=configs/digits_token_reduction.py --workdir=workdirs/tr_dyn \
       --config.model.token_pruning=0.7 --config.dynamic_vit.distill_weight=0.5 \
-      --config.init=workdirs/tr_plain --config.total_steps=300
-  python -m vit_jax.tools.token_reduction_bench --accuracy_workdir=workdirs/tr_plain ...
+      --config.dynamic_vit.teacher=workdirs/tr_plain \
+      --config.init=workdirs/tr_plain --config.total_steps=150
+  python -m vit_jax.tools.token_reduction_accuracy --run=plain=workdirs/tr_plain ...
+
+(the doc's runs also set warmup_steps=20 and learning_rate=1e-3 for the 150 steps).
 
 The settings are those of ``configs/digits_vit.py`` (the demo) except the resolution:
 digits resized to 32x32, 4x4 patches, so 64 patch tokens plus the class token. The
-measured accuracies are in docs/token_reduction.md.
+measured accuracies are in docs/token_reduction.md (full commands there): 500 steps
+from scratch 97.78% test top-1; 150 more steps from it at learning rate 1e-3: 98.61%
+plain, 98.61% with token_merging=8, 99.17% with token_pruning=0.7 and distillation.
 """
 
 import importlib.util

@@ -25,7 +25,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 TABLE_BEGIN = "<!-- token-reduction-accuracy:begin -->"
 TABLE_END = "<!-- token-reduction-accuracy:end -->"
-TRAINED = "trained with it"
+TRAINED = "150 more steps (evaluated as trained)"
 
 
 @dataclasses.dataclass
@@ -91,8 +91,10 @@ def plot(points: Sequence[Point], path: str, size: tuple[int, int] = (720, 480))
       draw.line(pixels, fill=colour, width=2)
     for (px, py), p in zip(pixels, series):
       draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-      if name == TRAINED:
-        draw.text((px + 6, py - 12), p.label, fill=colour)
+      if name == TRAINED:  # labels near the right edge go to the point's left
+        width = draw.textlength(p.label)
+        draw.text((px + 6 if px + 6 + width < right else px - 6 - width, py - 12),
+                  p.label, fill=colour)
     draw.rectangle([right - 190, top + 10 + 16 * n, right - 180, top + 20 + 16 * n],
                    fill=colour)
     draw.text((right - 175, top + 8 + 16 * n), name, fill="black")
