@@ -10,7 +10,7 @@ import pytest
 from vit_jax import config_checks, models
 from vit_jax.trainers import common, dynamic_vit
 
-TINY = dict(num_classes=10, image_size=28, patch_size=4, hidden_size=32, num_layers=3,
+TINY = dict(num_classes=10, image_size=16, patch_size=4, hidden_size=32, num_layers=3,
             num_heads=2, mlp_dim=64, head_zeroinit=False)
 
 
@@ -19,7 +19,7 @@ def test_keep_ratio_loss_is_the_papers_mse_of_each_stage():
   the model sows, through the trainer's auxiliary-loss path."""
   model = models.create("vit_tiny_patch16_224", token_pruning=0.7,
                         token_pruning_layers=(1, 2), token_pruning_ratio_weight=3.0, **TINY)
-  images = jax.random.normal(jax.random.key(0), (4, 28, 28, 3))
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   variables = jax.jit(model.init)(jax.random.key(1), images)
   _, state = jax.jit(lambda v, x, rng: model.apply(
       v, x, train=True, rngs={"dropout": rng}, mutable=["intermediates", "aux"]))(
@@ -29,7 +29,7 @@ def test_keep_ratio_loss_is_the_papers_mse_of_each_stage():
   expected, terms = 0.0, []
   for stage, block in enumerate((1, 2), start=1):
     keep = np.asarray(inter[f"encoderblock_{block}"]["keep_decision"][0], np.float64)
-    assert keep.shape == (4, 49)
+    assert keep.shape == (4, 16)
     term = np.mean((keep.mean(axis=1) - 0.7 ** stage) ** 2)
     terms.append(term)
     expected += 3.0 / 2 * term
@@ -117,6 +117,6 @@ def test_bad_settings_name_the_setting(config, model, message):
   vit = models.create("vit_tiny_patch16_224", **TINY, **model)
   with pytest.raises(ValueError, match=message):
     if model:
-      jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
+      jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     dynamic_vit.setup(ml_collections.ConfigDict(dict(distill_weight=0.5)), vit,
-                      "vit_tiny_patch16_224", {}, 10, (1, 28, 28, 3), None)
+                      "vit_tiny_patch16_224", {}, 10, (1, 16, 16, 3), None)
