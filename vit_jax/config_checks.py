@@ -89,6 +89,8 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("mixup.mixpro_cell", _NON_NEGATIVE_INT),
     ("distillation.alpha", _PROBABILITY),
     ("distillation.tau", _POSITIVE),
+    ("dynamic_vit.distill_weight", _NON_NEGATIVE),
+    ("model.token_pruning_ratio_weight", _NON_NEGATIVE),
     ("lora.rank", _NON_NEGATIVE_INT),
     ("lora.alpha", _POSITIVE),
     ("sparsity.n", _NON_NEGATIVE_INT),

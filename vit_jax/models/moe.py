@@ -281,7 +281,10 @@ def auxiliary_losses(aux: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
   """The ``aux`` collection of an apply -> (summed loss, metrics averaged over layers).
 
   Metrics are named ``moe/<metric>``, plus ``moe/aux_loss`` (the sum); an empty
-  collection (a model without MoE layers) gives ``(0.0, {})``.
+  collection (a model without MoE layers) gives ``(0.0, {})``. Other layers use the
+  same collection (DynamicViT's keep-ratio loss, ``models/vit.py``): a metric name
+  that already holds a ``/`` keeps its own prefix, and without MoE metrics the sum
+  is logged as ``aux_loss``.
   """
   total, values = 0.0, {}
   for name, value in tree.sown(aux).items():
@@ -289,11 +292,12 @@ def auxiliary_losses(aux: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
       total = total + value
     else:
       for key, metric in value.items():
-        values.setdefault(key, []).append(metric)
+        values.setdefault(key if "/" in key else f"moe/{key}", []).append(metric)
   if not values and isinstance(total, float):
     return total, {}
-  metrics = {f"moe/{k}": sum(v) / len(v) for k, v in sorted(values.items())}
-  return total, {"moe/aux_loss": total, **metrics}
+  metrics = {k: sum(v) / len(v) for k, v in sorted(values.items())}
+  moe_metrics = any(k.startswith("moe/") for k in metrics)
+  return total, {"moe/aux_loss" if moe_metrics else "aux_loss": total, **metrics}
 
 
 # ---------------------------------------------------------------- the layer

@@ -47,7 +47,7 @@ Array = jax.Array
 
 # Model settings; families without them get this explanation from the registry.
 SETTINGS = ("token_merging", "token_keep_rate", "token_keep_layers", "token_pruning",
-            "token_pruning_layers")
+            "token_pruning_layers", "token_pruning_ratio_weight")
 UNSUPPORTED_FAMILY = (
     "token reduction (ToMe token_merging, EViT token_keep_rate, DynamicViT "
     "token_pruning) works on the plain-ViT "
@@ -88,8 +88,13 @@ def keep_layers(token_keep_layers: Optional[Sequence[int]], num_layers: int,
 
 def check_settings(*, token_merging, token_keep_rate: float, num_prefix_tokens: int,
                    scan_layers: bool, attention: str, attention_dropout_rate: float,
-                   token_pruning: float = 1.0) -> None:
+                   token_pruning: float = 1.0, token_pruning_ratio_weight: float = 0.0
+                   ) -> None:
   """The errors every model with token reduction shares (one line each)."""
+  if not (isinstance(token_pruning_ratio_weight, (int, float))
+          and math.isfinite(token_pruning_ratio_weight) and token_pruning_ratio_weight >= 0):
+    raise ValueError("token_pruning_ratio_weight must be a finite number >= 0, got "
+                     f"{token_pruning_ratio_weight!r}")
   merging = any(np.atleast_1d(token_merging))
   for name, rate in (("token_keep_rate", token_keep_rate), ("token_pruning", token_pruning)):
     if not 0.0 < rate <= 1.0:
@@ -301,6 +306,14 @@ def keep_top(x: Array, size: Array, source: Optional[Array], scores: Array, keep
     idx = kept.reshape(kept.shape + (1,) * (t.ndim - 2))
     return jnp.concatenate([t[:, :p], jnp.take_along_axis(t[:, p:], idx, axis=1)], axis=1)
   return select(x), select(size), None if source is None else select(source)
+
+
+def keep_ratio_loss(keep: Array, target: float) -> Array:
+  """DynamicViT's keep-ratio loss of one stage: ``mean_b (mean_n keep - target)**2``,
+  the per-image keep ratio against ``target`` (``rho**s``), as the published
+  ``DistillDiffPruningLoss_dynamic`` (``dynamic=False``) computes it. ``keep``
+  ``[B, n]``: the stage's cumulative marks over the input patch tokens."""
+  return jnp.mean((keep.astype(jnp.float32).mean(axis=-1) - target) ** 2)
 
 
 def gumbel_keep(rng: Array, log_probs: Array) -> Array:

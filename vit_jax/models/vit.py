@@ -276,6 +276,8 @@ class TokenReductionBlock(Encoder1DBlock):
   proportional_attention: bool = False  # add log(size) to the logits (ToMe models)
   keep_rate: float = 1.0  # EViT's keep rate in this block (1: no pruning here)
   prune_keep: int = 0  # DynamicViT: patch tokens kept before this block (0: no pruning)
+  prune_target: float = 1.0  # DynamicViT: the keep ratio this stage aims at, rho**s
+  ratio_weight: float = 0.0  # DynamicViT: this stage's weight in the keep-ratio loss
   policy_attention: bool = False  # DynamicViT training: attention ignores dropped tokens
   num_prefix_tokens: int = 1  # class (and distillation) tokens, never reduced
 
@@ -292,6 +294,12 @@ class TokenReductionBlock(Encoder1DBlock):
                                       self.prune_keep, p)
     keep = token_reduction.gumbel_keep(self.make_rng("dropout"), log_probs) * size[:, p:]
     self.sow("intermediates", "keep_decision", keep)
+    # The keep-ratio loss goes where MoE's auxiliary losses go (the trainer adds them).
+    ratio_loss = token_reduction.keep_ratio_loss(keep, self.prune_target)
+    self.sow(moe_lib.AUX_COLLECTION, "loss", self.ratio_weight * ratio_loss)
+    self.sow(moe_lib.AUX_COLLECTION, "metrics", {
+        f"dynamic_vit/keep_ratio_{self.name}": keep.mean(),
+        f"dynamic_vit/ratio_loss_{self.name}": ratio_loss})
     return x, jnp.concatenate([size[:, :p], keep], axis=1), source
 
   def reduce(self, x: Array, size: Array, source: Optional[Array], query: Array,
@@ -434,6 +442,7 @@ class TokenReductionEncoder(Encoder):
   token_keep_layers: tuple[int, ...] = ()
   token_pruning: float = 1.0
   token_pruning_layers: tuple[int, ...] = ()
+  token_pruning_ratio_weight: float = 2.0
   num_prefix_tokens: int = 1
 
   def make_block(self, index: Optional[int], name: str, drop_path_rate: float = 0.0,
@@ -469,8 +478,11 @@ class TokenReductionEncoder(Encoder):
     if self.remat_policy != "none":
       apply_block = nn.remat(apply_block, policy=REMAT_POLICIES[self.remat_policy])
     for i, rate in enumerate(rates):
+      stage = self.token_pruning_layers.index(i) + 1 if i in pruning else 0
       dynamic = dict(prune_keep=pruning.get(i, 0),
-                     policy_attention=bool(pruning) and i >= min(pruning, default=0))
+                     policy_attention=bool(pruning) and i >= min(pruning, default=0),
+                     prune_target=self.token_pruning ** stage,
+                     ratio_weight=self.token_pruning_ratio_weight / max(len(pruning), 1))
       state = apply_block(self.make_block(i, f"encoderblock_{i}", rate, **dynamic), state)
       self.sow("intermediates", f"block_{i}", state[0])
       self.sow("intermediates", f"token_size_{i}", state[1])
@@ -538,6 +550,10 @@ class VisionTransformer(nn.Module):
     token_pruning: DynamicViT's keep ratio ``rho``: before the ``s``-th of
       ``token_pruning_layers`` (default as EViT's) a learned predictor keeps
       ``int(rho**s * n)`` of the ``n`` patch tokens; 1.0 is the plain model.
+    token_pruning_ratio_weight: DynamicViT's keep-ratio loss weight (the paper's
+      2.0): in training each pruning block sows ``weight / stages * mean_b (mean of
+      its keep marks - rho**s)**2`` into the ``aux`` collection, which the
+      classification trainer adds to the loss (as MoE's auxiliary losses).
     qk_norm: per-head LayerNorm of queries and keys (vmoe's Soft MoE models).
     moe: mixture-of-experts MLPs, a mapping of ``moe_lib.MoeSettings`` fields
       (``layers``, ``num_experts``, ``router`` "soft" | "top1" | "top2",
@@ -574,6 +590,7 @@ class VisionTransformer(nn.Module):
   flexi_resize: str = "pi"
   token_pruning: float = 1.0
   token_pruning_layers: Optional[Sequence[int]] = None
+  token_pruning_ratio_weight: float = 2.0
   qk_norm: bool = False
   moe: Optional[Mapping[str, Any]] = None
   dtype: Any = jnp.float32
@@ -630,7 +647,8 @@ class VisionTransformer(nn.Module):
         token_merging=self.token_merging, token_keep_rate=self.token_keep_rate,
         num_prefix_tokens=self.num_prefix_tokens, scan_layers=self.scan_layers,
         attention=self.attention, attention_dropout_rate=self.attention_dropout_rate,
-        token_pruning=self.token_pruning)
+        token_pruning=self.token_pruning,
+        token_pruning_ratio_weight=self.token_pruning_ratio_weight)
     if self.moe_settings is not None:
       if self.scan_layers:
         raise ValueError("moe: MoE blocks differ from the dense ones, so the blocks "
@@ -728,6 +746,7 @@ class VisionTransformer(nn.Module):
           token_keep_layers=token_reduction.keep_layers(self.token_keep_layers,
                                                         self.num_layers),
           token_pruning=self.token_pruning,
+          token_pruning_ratio_weight=self.token_pruning_ratio_weight,
           token_pruning_layers=token_reduction.keep_layers(
               self.token_pruning_layers, self.num_layers, "token_pruning_layers"),
           num_prefix_tokens=self.num_prefix_tokens)

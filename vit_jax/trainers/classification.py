@@ -33,7 +33,7 @@ from vit_jax import (config_checks, finetune, lora, models, optim, quantization,
 from vit_jax.data import input_pipeline, preprocess
 from vit_jax.evaluators import classification as classification_eval
 from vit_jax.models import moe
-from vit_jax.trainers import common, distillation, pictures as pictures_lib
+from vit_jax.trainers import common, distillation, dynamic_vit, pictures as pictures_lib
 from vit_jax.trainers.common import TrainState
 
 
@@ -165,6 +165,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if distill:
     teacher, teacher_variables = distillation.load_teacher(distill, num_classes,
                                                            image_shape, mesh)
+  # DynamicViT (token_pruning): the keep-ratio loss comes from the model's "aux"
+  # collection; config.dynamic_vit adds distillation from the un-pruned model.
+  if distill and (config.get("dynamic_vit") or {}).get("distill_weight"):
+    raise ValueError("config.distillation and config.dynamic_vit.distill_weight both "
+                     "set a teacher: use one of them")
+  dyn_distiller, dyn_teacher_variables = dynamic_vit.setup(
+      config.get("dynamic_vit"), model, config.model_name, model_kwargs, num_classes,
+      image_shape, mesh)
+  if dyn_teacher_variables is not None:  # it travels in the teacher's argument
+    teacher_variables = dyn_teacher_variables
 
   # ---------------------------------------------------------------- train state, sharded
   init_state = common.init_state_fn(init_variables, tx)
@@ -226,6 +236,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       labels, patch_mask, area_lam = labels
       apply_kwargs = {"capture_intermediates": finetune.last_block_qk_filter(model)}
       mutable = [*mutable, "intermediates"]
+    if dyn_distiller is not None:  # the normed tokens and the last keep marks
+      dyn_teacher = dyn_distiller.teacher_outputs(params, model_state, teacher_variables,
+                                                  images)
+      apply_kwargs = {"capture_intermediates": dynamic_vit.final_norm_filter}
+      mutable = [*mutable, "intermediates"]
 
     def loss_fn(params):
       outputs, new_state = step_model.apply({"params": params, **model_state}, images,
@@ -242,6 +257,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.label_smoothing)[0]
       loss = cross_entropy(logits, targets if mixpro else labels, num_classes,
                            config.label_smoothing)
+      if dyn_distiller is not None:
+        dyn_loss, dyn_metrics = dyn_distiller.loss(
+            logits, new_model_state.pop("intermediates"), *dyn_teacher)
+        loss = loss + dyn_loss
+        aux_metrics = {**aux_metrics, **dyn_metrics}
       if teacher is not None:  # the distillation head (or the only head) learns the teacher
         distill_loss = distillation.distillation_loss(
             logits if logits_dist is None else logits_dist, teacher_logits,
@@ -271,6 +291,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if (mixing or mixpro) and distill:
     raise ValueError("distillation with mixup/cutmix/MixPro is not supported: the "
                      "distillation loss takes hard labels")
+  if mixpro and dyn_distiller is not None:
+    raise ValueError("mixup.mixpro_alpha cannot be combined with "
+                     "config.dynamic_vit.distill_weight (both read this forward's "
+                     "intermediates)")
   if mixpro:
     finetune.check_mixpro_model(model)
     if flexi_sizes:  # MaskMix cells and attention labels assume the stored patch grid
@@ -326,7 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    # "loss" includes the MoE auxiliary losses, logged apart as moe/* (if any).
+    # "loss" includes the auxiliary losses (MoE's, DynamicViT's keep ratio) and the
+    # DynamicViT distillation terms, logged apart as moe/*, dynamic_vit/* (if any).
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
                "learning_rate": schedule(state.step), **aux_metrics,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
