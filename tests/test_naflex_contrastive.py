@@ -48,13 +48,16 @@ def _numpy_grid(h: int, w: int, budget: int) -> tuple[int, int]:
 def test_pipeline_patchifies_like_numpy(tmp_path):
   """Eval batches through ``naflex(4, 16)`` hold, per image, numpy's patchify of the
   image resized to the grid numpy derives, padded with segment id 0."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   shard = str(tmp_path / "s-{:03d}.tar")
+  pngs = []
   with image_text.ShardWriter(shard, 100) as writer:
     for i, (h, w) in enumerate(SHAPES):
       buffer = io.BytesIO()
       Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(buffer, "png")
-      writer.write(f"img{i}", {"png": buffer.getvalue(), "txt": b"a caption"})
+      pngs.append(buffer.getvalue())
+      writer.write(f"img{i}", {"png": pngs[-1], "txt": b"a caption"})
   shards = image_text.expand_shards(str(tmp_path / "s-*.tar"))
   batch = next(image_text.make_eval_batches(
       shards, batch_size=len(SHAPES), threads=1,
@@ -64,10 +67,9 @@ def test_pipeline_patchifies_like_numpy(tmp_path):
   for i, (h, w) in enumerate(SHAPES):
     rows, cols = _numpy_grid(h, w, BUDGET)
     assert inputs["grid_sizes"][i].tolist() == [[rows, cols]], (h, w)
-    resized = next(image_text.make_eval_batches(
-        shards[:1], batch_size=len(SHAPES), threads=1, preprocess_fn=preprocess.parse(
-            f"decode|value_range(-1, 1)|resize(({rows * PATCH}, {cols * PATCH}))")))
-    want = packing.patchify(resized["image"][i], PATCH)
+    resized = preprocess.parse(f"decode|value_range(-1, 1)|resize(({rows * PATCH}, "
+                               f"{cols * PATCH}))")({"image": tf.constant(pngs[i])})["image"]
+    want = packing.patchify(np.asarray(resized), PATCH)
     n = rows * cols
     np.testing.assert_allclose(inputs["patches"][i, :n], want["patches"], atol=1e-6)
     assert (inputs["patches"][i, n:] == 0).all()
@@ -82,7 +84,7 @@ def test_model_images_names_what_is_missing():
 
 def test_clip_digits_naflex_trains_and_evaluates(pool, tmp_path):
   """A few steps of ``clip_digits.py:naflex`` in-process: NaFlex patches reach the
-  image tower in training and in the zero-shot and retrieval evaluations."""
+  image tower in training and in the zero-shot evaluation."""
   from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
   from vit_jax.workdir import load_trained  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -93,8 +95,8 @@ def test_clip_digits_naflex_trains_and_evaluates(pool, tmp_path):
   config.model.image.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
   config.model.text.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
   config.model.embed_dim = 32
+  config.evals.retrieval = {}  # the same image path as zero-shot: one compile less
   config.evals.zero_shot.digits.shards = os.path.join(pool, "eval_small")
-  config.evals.retrieval.digits.shards = os.path.join(pool, "eval_small")
   config.update(total_steps=3, log_every=1, eval_every=0, checkpoint_every=3)
   config.schedule.warmup_steps = 1
   result = contrastive.train_and_evaluate(config, str(tmp_path / "run"))
@@ -102,7 +104,6 @@ def test_clip_digits_naflex_trains_and_evaluates(pool, tmp_path):
   assert all(np.isfinite(loss) for _, loss in result["train_loss_history"])
   assert result["eval/zero_shot/digits/count"] == 60
   assert 0.0 <= result["eval/zero_shot/digits/top1"] <= 1.0
-  assert 0.0 <= result["eval/retrieval/digits/i2t_recall@1"] <= 1.0
   # The workdir rebuilds the NaFlex model: a MAP head over patches, no class token.
   trained = load_trained(str(tmp_path / "run"))
   params = trained.variables["params"]["img"]
@@ -118,3 +119,12 @@ def test_config_variant_errors():
     clip_digits.get_config("clip,siglip")
   with pytest.raises(ValueError, match="got 'naflx'"):
     clip_digits.get_config("naflx")
+
+
+def test_mixed_resolution_sizes_keep_the_stated_range():
+  from vit_jax.tools import naflex_digits  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  sizes = {naflex_digits.random_size(rng) for _ in range(500)}
+  assert all(16 <= s <= 48 and s % 8 == 0 for size in sizes for s in size)
+  assert all(0.5 <= h / w <= 2 for h, w in sizes)
+  assert (16, 32) in sizes and (48, 24) in sizes and (48, 48) in sizes  # ends reached
