@@ -574,7 +574,8 @@ def _tokenize(ds, tokenizer):
 class TrainData:
   """tf.data batches of one process's stream, and an iterator over them.
 
-  ``dataset`` holds ``{"image", "text", "_position", "_key", "_seq"}`` batches;
+  ``dataset`` holds ``{"image", "text", "_position", "_key", "_seq"}`` batches (with
+  the ``naflex`` pp op: its patch inputs instead of ``image``, see ``model_images``);
   ``_position`` of each row is the stream position after it, so the last row of a
   batch is where the stream continues after that batch. Iterating gives numpy
   batches (without ``_seq``) and records the images that did not decode in
