@@ -548,7 +548,10 @@ def _decode_and_preprocess(ds, preprocess_fn: Callable, rng_fn: Optional[Callabl
     inputs = {"image": ex["image"]}
     if rng_fn is not None:
       inputs["_rng"] = rng_fn(ex)
-    return {**ex, "image": preprocess_fn(inputs)["image"]}
+    # The pp's outputs replace the image: ``image``, or the naflex op's patches,
+    # positions, segment ids and grid size (see ``model_images``).
+    out = {k: v for k, v in preprocess_fn(inputs).items() if not k.startswith("_")}
+    return {**{k: v for k, v in ex.items() if k != "image"}, **out}
 
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   # Only the decode map may drop: an error in preprocessing is a configuration error.
@@ -571,7 +574,8 @@ def _tokenize(ds, tokenizer):
 class TrainData:
   """tf.data batches of one process's stream, and an iterator over them.
 
-  ``dataset`` holds ``{"image", "text", "_position", "_key", "_seq"}`` batches;
+  ``dataset`` holds ``{"image", "text", "_position", "_key", "_seq"}`` batches (with
+  the ``naflex`` pp op: its patch inputs instead of ``image``, see ``model_images``);
   ``_position`` of each row is the stream position after it, so the last row of a
   batch is where the stream continues after that batch. Iterating gives numpy
   batches (without ``_seq``) and records the images that did not decode in
@@ -678,6 +682,20 @@ def make_eval_batches(shards: Sequence[str], *, preprocess_fn: Callable, batch_s
                       f"({stats.summary()})")
     for _ in range(num_batches - emitted):
       yield template
+
+
+def model_images(batch: dict) -> Any:
+  """What a batch feeds the image tower: ``image`` (NHWC), or, after the ``naflex`` pp
+  op, the dict of packed inputs that ``vit_jax.models.naflex`` reads."""
+  if "image" in batch:
+    return batch["image"]
+  from vit_jax.models.naflex import INPUT_KEYS  # pylint: disable=g-import-not-at-top
+  missing = [k for k in INPUT_KEYS if k not in batch]
+  if missing:
+    raise DataError(f"the batch has no 'image' and no NaFlex inputs {missing}: the pp "
+                    "must end with an image op or with naflex(patch_size, max_patches); "
+                    f"batch keys: {sorted(batch)}")
+  return {k: batch[k] for k in INPUT_KEYS}
 
 
 def device_batches(batches: Iterable[dict], sharding, *, prefetch: int = 2

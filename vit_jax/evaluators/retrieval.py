@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from vit_jax.data import image_text
 from vit_jax.evaluators import common
 
 KS = (1, 5, 10)
@@ -62,7 +63,8 @@ class RetrievalEvaluator:
     images, texts = [], []
     for batch in self._batches():
       put = lambda x: jax.make_array_from_process_local_data(self._sharding, x)
-      zimg, ztxt = self._embed(variables, put(batch["image"]), put(batch["text"]))
+      inputs = jax.tree.map(put, image_text.model_images(batch))
+      zimg, ztxt = self._embed(variables, inputs, put(batch["text"]))
       mask = common.to_host(put(batch["_mask"])).astype(bool)
       images.append(common.to_host(zimg)[mask])
       texts.append(common.to_host(ztxt)[mask])

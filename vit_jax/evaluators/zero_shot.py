@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from vit_jax.data import image_text
 from vit_jax.evaluators import common
 from vit_jax.models.two_tower import l2_normalize
 
@@ -120,7 +121,8 @@ class ZeroShotEvaluator:
     totals = None
     for batch in self._batches():
       put = lambda x: jax.make_array_from_process_local_data(self._sharding, x)
-      sums = self._scores(variables, classifier, put(batch["image"]), put(batch["label"]),
+      images = jax.tree.map(put, image_text.model_images(batch))
+      sums = self._scores(variables, classifier, images, put(batch["label"]),
                           put(batch["_mask"]))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:

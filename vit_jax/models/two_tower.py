@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models import layers
+from vit_jax.models import naflex as naflex_lib
 from vit_jax.models.convert import ConversionError, StateDict, check_against, load_state_dict
 from vit_jax.models.registry import create, model_info, register_model
 from vit_jax.models.text import TextTransformer
@@ -57,6 +58,9 @@ class TwoTower(nn.Module):
     text: ``TextTransformer`` settings.
     embed_dim: width of the shared embedding space.
     projection_bias: whether the projections have biases (CLIP's have none).
+    naflex: the image tower is the NaFlex version of its ViT (``models/naflex.py``,
+      SigLIP 2's recipe): images come as the ``naflex`` pp op's dict of patches
+      (one image per pack), each near its own aspect ratio.
     logit_scale_init: initial log-temperature.
     logit_bias_init: initial logit bias; None means no bias parameter (CLIP).
     dtype, param_dtype: defaults for both towers unless ``image``/``text`` set them.
@@ -66,6 +70,7 @@ class TwoTower(nn.Module):
   text: Optional[Mapping[str, Any]] = None
   embed_dim: int = 512
   projection_bias: bool = False
+  naflex: bool = False
   logit_scale_init: float = CLIP_LOGIT_SCALE_INIT
   logit_bias_init: Optional[float] = None
   dtype: Any = jnp.float32
@@ -73,8 +78,9 @@ class TwoTower(nn.Module):
 
   def setup(self):
     dtypes = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-    self.img = create(self.image_model, **{**dtypes, **dict(self.image or {}),
-                                           "num_classes": 0})
+    img = create(self.image_model, **{**dtypes, **dict(self.image or {}),
+                                      "num_classes": 0})
+    self.img = naflex_lib.naflex(img) if self.naflex else img
     text = dict(self.text or {})
     unknown = sorted(set(text) - _text_fields())
     if unknown:
@@ -107,7 +113,13 @@ class TwoTower(nn.Module):
     unnormalised ``img/embedding``, ``txt/embedding`` and tower ``*/features``.
     """
     if self.is_initializing():  # create both towers whatever init was given
-      if images is None:
+      if images is None and self.naflex:  # one 1x1-patch image: every parameter
+        p = self.img.run_patch_size
+        images = {"patches": jnp.zeros((1, 1, p * p * 3), jnp.float32),
+                  "segment_ids": jnp.ones((1, 1), jnp.int32),
+                  "positions": jnp.zeros((1, 1, 2), jnp.int32),
+                  "grid_sizes": jnp.ones((1, 1, 2), jnp.int32)}
+      elif images is None:
         images = jnp.zeros((1, *self.image_size(), 3), jnp.float32)
       if texts is None:
         texts = jnp.zeros((1, self.txt.context_length), jnp.int32)
@@ -117,6 +129,12 @@ class TwoTower(nn.Module):
     zimg = ztxt = None
     if images is not None:
       features = self.img(images, train=train)
+      if self.naflex:  # [B, K, D] per image slot: one image per pack here
+        if features.shape[1] != 1:
+          raise ValueError(f"a contrastive NaFlex batch holds one image per pack (the "
+                           f"naflex pp op's output); got {features.shape[1]} image "
+                           "slots per pack")
+        features = features[:, 0]
       embedding = self.img_projection(features).astype(jnp.float32)
       out.update({"img/features": features, "img/embedding": embedding})
       zimg = l2_normalize(embedding)

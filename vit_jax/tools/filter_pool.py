@@ -143,8 +143,8 @@ def clip_scores(shards: Sequence[str], workdir: str, *, batch_size: int,
           stats=stats)) as batches:
         for batch in batches:
           put = lambda x: jax.device_put(x, batch_sharding)
-          values = np.asarray(score(trained.variables, put(batch["image"]),
-                                    put(batch["text"])))
+          images = jax.tree.map(put, image_text.model_images(batch))
+          values = np.asarray(score(trained.variables, images, put(batch["text"])))
           for key, value, real in zip(batch["_key"], values, batch["_mask"]):
             if real:
               scores[(index, key.decode())] = float(value)

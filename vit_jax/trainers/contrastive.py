@@ -167,8 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mutable = list(state.model_state) or False
 
     def loss_fn(params):
-      out = model.apply({"params": params, **state.model_state}, batch["image"],
-                        batch["text"], train=True, rngs={"dropout": rng}, mutable=mutable)
+      out = model.apply({"params": params, **state.model_state},
+                        image_text.model_images(batch), batch["text"], train=True, rngs={"dropout": rng}, mutable=mutable)
       (zimg, ztxt, extras), model_state = out if mutable else (out, state.model_state)
       loss, metrics = losses.contrastive_loss(
           config.loss, zimg, ztxt, extras["logit_scale"], extras.get("logit_bias"),
