@@ -415,7 +415,7 @@ def print_row(row: Row) -> None:
           "(fwd + bwd + AdamW, XLA cost analysis)")
   print(f"  parameters          {_fmt(row.params)}")
   print(f"  peak memory         {_fmt(row.peak_mem_mib)} MiB ({row.mem_source})")
-  print(f"  MFU                 " + (f"{row.mfu:.1%}" if row.mfu is not None else
+  print("  MFU                 " + (f"{row.mfu:.1%}" if row.mfu is not None else
                                     "— (peak FLOP/s unknown: --peak_tflops)"))
   print(f"  compile             {_fmt(row.compile_s)} s")
   for impl in ("eager", "compile"):
