@@ -115,6 +115,8 @@ class MoeSettings:
   dispatch: how tokens reach the experts on a mesh with an ``expert`` axis:
     "einsum" (sharding constraints; XLA's partitioner picks the collectives) or
     "all_to_all" (an explicit ``jax.shard_map`` all-to-all; see the module doc).
+    Same numbers, except that the experts' own dropout (``dropout_rate > 0``) draws
+    other masks (per device and expert) than the einsum path.
   """
   layers: tuple[int, ...] = ()
   num_experts: int = 8
