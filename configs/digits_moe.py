@@ -62,7 +62,7 @@ def get_config(arg=None):
       layers=(1, 3), num_experts=4, router="top2" if arg == "upcycle" else arg,
       capacity_factor=1.25, num_slots=4, batch_priority=True, noise_std=1.0,
       importance_loss_weight=0.005, load_loss_weight=0.005, renormalize=False,
-      ewa_share=0.5, ewa_every=1))
+      ewa_share=0.5, ewa_every=1, dispatch="einsum"))
   # Expert parallelism: --config.mesh.expert=4 splits the experts over 4 devices
   # (the batch too, outside the MoE layers).
   config.mesh.expert = 1

@@ -208,6 +208,8 @@ def test_settings_errors_name_the_setting():
     moe.MoeSettings.from_mapping(dict(layers=(1, 7)), 4)
   with pytest.raises(ValueError, match="num_expert"):
     moe.MoeSettings.from_mapping(dict(layers=(1,), num_expert=4), 4)
+  with pytest.raises(ValueError, match="moe.dispatch must be one of"):
+    moe.MoeSettings.from_mapping(dict(layers=(1,), dispatch="alltoall"), 4)
   assert moe.MoeSettings.from_mapping(dict(layers=()), 4) is None
   assert moe.MoeSettings.from_mapping(dict(layers="3,1"), 4).layers == (1, 3)
 
@@ -490,18 +492,26 @@ def test_moe_training_resumes_bit_identically_and_logs_the_router(tfds_dir, tmp_
 
 def test_expert_parallel_meshes_equal_one_device(expert_parallel_run):
   """expert=8 and data=2 x expert=4 against one device: loss and every gradient within
-  1e-5, expert parameters split by the expert-axis size, tokens moved by all-to-all."""
+  1e-5, expert parameters split by the expert-axis size, tokens moved by all-to-all;
+  for top-2 with either dispatch (moe.dispatch="all_to_all": an explicit all-to-all
+  in the lowered program, where the einsum path leaves it to XLA's partitioner)."""
   proc, out = expert_parallel_run
   _, stderr = proc.communicate(timeout=900)
   assert proc.returncode == 0, stderr[-3000:]
   with open(out) as f:
     results = json.load(f)
-  assert sorted(results) == ["soft/data2_expert4", "top2/data2_expert4", "top2/expert8"]
+  assert sorted(results) == ["soft/data2_expert4", "top2/data2_expert4",
+                             "top2/data2_expert4/all_to_all", "top2/expert8",
+                             "top2/expert8/all_to_all"]
   for name, result in results.items():
     assert result["loss_diff"] <= 1e-5 and result["grad_diff"] <= 1e-5, (name, result)
     assert result["grad_norm"] > 0.1  # the gradients compared are not trivially zero
-    expert_axis = 8 if name.endswith("expert8") else 4
+    expert_axis = 8 if "expert8" in name else 4
     assert (result["expert_bytes_per_device"] * expert_axis
             == result["expert_bytes_single"]), (name, result)
     assert result["expert_spec"] == "P('expert', None, None)"
     assert result["all_to_all"] > 0, name
+    # Two exchanges per MoE layer forward (dispatch, return), two more in the backward.
+    explicit = name.endswith("/all_to_all")
+    assert (result["lowered_all_to_all"] >= 4 if explicit
+            else result["lowered_all_to_all"] == 0), (name, result)

@@ -54,7 +54,14 @@ Expert parallelism: with an ``expert`` mesh axis (``sharding.EXPERT_AXIS``), exp
 parameters are split over it (the rules below), the batch is split over it outside
 the MoE layers, and the dispatched tokens ``[groups, experts, capacity, D]`` are
 constrained to experts over ``expert``, so XLA's SPMD partitioner moves them with an
-all-to-all (as vmoe does with pjit) and back after the experts.
+all-to-all (as vmoe does with pjit) and back after the experts. ``dispatch="all_to_all"``
+writes that communication out instead (``expert_parallel_apply``): inside
+``jax.shard_map`` each device builds its own groups' buffers ``[E, G, C, D]``, one
+``jax.lax.all_to_all`` over ``expert`` sends every expert's buffers to the device
+holding it, the local experts run, and a second all-to-all brings the outputs back to
+be combined where their tokens live. Same numbers as the einsum path; without an
+``expert`` axis above 1 (or when the groups or experts do not split evenly) the layer
+takes the einsum path.
 """
 
 import dataclasses
@@ -73,6 +80,7 @@ from vit_jax.models import layers
 Array = Any
 
 ROUTERS = ("soft", "top1", "top2", "ewa")
+DISPATCHES = ("einsum", "all_to_all")
 AUX_COLLECTION = "aux"
 
 # Expert parameters carry the "expert" logical axis; the default rules map it to the
@@ -104,6 +112,11 @@ class MoeSettings:
     the mean of the other experts); 1 never averages, 0 replaces each expert with
     the mean of the others.
   ewa_every: ewa: average after every this many optimizer updates.
+  dispatch: how tokens reach the experts on a mesh with an ``expert`` axis:
+    "einsum" (sharding constraints; XLA's partitioner picks the collectives) or
+    "all_to_all" (an explicit ``jax.shard_map`` all-to-all; see the module doc).
+    Same numbers, except that the experts' own dropout (``dropout_rate > 0``) draws
+    other masks (per device and expert) than the einsum path.
   """
   layers: tuple[int, ...] = ()
   num_experts: int = 8
@@ -117,6 +130,7 @@ class MoeSettings:
   renormalize: bool = False
   ewa_share: float = 0.5
   ewa_every: int = 1
+  dispatch: str = "einsum"
 
   @property
   def k(self) -> int:
@@ -161,6 +175,8 @@ class MoeSettings:
       raise ValueError(f"moe.ewa_share must lie in [0, 1], got {out.ewa_share}")
     if out.ewa_every < 1:
       raise ValueError(f"moe.ewa_every must be >= 1, got {out.ewa_every}")
+    if out.dispatch not in DISPATCHES:
+      raise ValueError(f"moe.dispatch must be one of {DISPATCHES}, got {out.dispatch!r}")
     return out
 
 
@@ -275,6 +291,56 @@ def to_experts(x: Array) -> Array:
 def from_experts(x: Array) -> Array:
   """``[G, E, C, D]`` expert outputs back to groups over every batch axis."""
   return _constrain(x, (sharding.BATCH_AXES + (sharding.EXPERT_AXIS,),))
+
+
+def _all_to_all_mesh(groups: int, num_experts: int) -> Optional[Any]:
+  """The context mesh when the all-to-all path applies to it: an ``expert`` axis
+  above 1 that divides the experts, and batch axes that divide the groups."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get(sharding.EXPERT_AXIS, 1) <= 1:
+    return None
+  axes = [a for a in sharding.batch_axes(mesh) if a in mesh.axis_names]
+  if num_experts % mesh.shape[sharding.EXPERT_AXIS] or groups % math.prod(
+      mesh.shape[a] for a in axes):
+    return None
+  return mesh
+
+
+def expert_parallel_apply(mesh: Any, expert_fn, expert_params: Any, x: Array,
+                          dispatch: Array, combine: Array,
+                          key: Optional[Array] = None) -> Array:
+  """The MoE layer's token exchange as an explicit all-to-all under ``jax.shard_map``.
+
+  x ``[G, S, D]`` and the routing weights ``[G, S, E, C]`` are split over the batch
+  axes (``expert`` included), ``expert_params`` (experts on the leading axis) over
+  ``expert``. ``expert_fn(params, slots [G', C, D], key)`` runs one expert. Each device
+  dispatches its groups into ``[E, G, C, D]``; the first all-to-all splits E over the
+  ``expert`` axis and gathers the groups (``[E / n, G * n, C, D]``: this device's
+  experts, every peer's tokens), the second undoes it after the experts.
+  """
+  P = jax.sharding.PartitionSpec
+  batch = tuple(a for a in sharding.batch_axes(mesh) if a in mesh.axis_names)
+  axis = sharding.EXPERT_AXIS
+
+  def local(params, x, dispatch, combine, key):
+    slots = jnp.einsum("gsec,gsd->egcd", dispatch, x)
+    slots = jax.lax.all_to_all(slots, axis, split_axis=0, concat_axis=1, tiled=True)
+    keys = None
+    if key is not None:  # a different dropout stream on every device and expert
+      key = jax.random.fold_in(key, jax.lax.axis_index(batch))
+      keys = jax.random.split(key, slots.shape[0])
+    y = jax.vmap(expert_fn, in_axes=(0, 0, None if keys is None else 0))(
+        params, slots, keys)
+    y = jax.lax.all_to_all(y, axis, split_axis=1, concat_axis=0, tiled=True)
+    return jnp.einsum("gsec,egcd->gsd", combine, y)
+
+  # check_vma=False: jax (0.10-0.12) fails its varying-axes check on the derivative
+  # of the exact GELU's erf ("polynomial"); the worker test checks the gradients.
+  return jax.shard_map(
+      local, mesh=mesh, check_vma=False,
+      in_specs=(jax.tree.map(lambda _: P(axis), expert_params), P(batch), P(batch),
+                P(batch), None if key is None else P()),
+      out_specs=P(batch))(expert_params, x, dispatch, combine, key)
 
 
 def auxiliary_losses(aux: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
@@ -406,6 +472,21 @@ class MoeMlp(nn.Module):
       self.sow(AUX_COLLECTION, "loss", aux)
       self.sow(AUX_COLLECTION, "metrics", metrics)
     dispatch, combine = dispatch.astype(x.dtype), combine.astype(x.dtype)
+    mesh = (None if self.settings.dispatch != "all_to_all" or self.is_initializing()
+            else _all_to_all_mesh(x.shape[0], self.settings.num_experts))
+    if mesh is not None:
+      expert = _Expert(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                       gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                       param_dtype=self.param_dtype, train=train)
+      dropout = train and self.dropout_rate > 0
+
+      def expert_fn(params, slots, key):
+        return expert.apply({"params": params}, slots,
+                            rngs={"dropout": key} if dropout else None)
+
+      return expert_parallel_apply(
+          mesh, expert_fn, self.variables["params"]["Experts"], x, dispatch, combine,
+          self.make_rng("dropout") if dropout else None)
     slots = to_experts(jnp.einsum("gsec,gsd->gecd", dispatch, x))
     # Each expert maps its [G, C, D] slice (vmapped over the expert axis, no reshape,
     # so the expert-axis sharding carries straight through).
