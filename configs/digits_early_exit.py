@@ -29,5 +29,10 @@ def get_config(arg=None):
   # A threshold above 1 never exits early: the full model's row.
   config.thresholds = (0.5, 0.6, 0.7, 0.72, 0.74, 0.76, 0.78, 0.8, 0.9, 0.95, 0.99, 1.01)
   config.data_dir = config_dict.placeholder(str)  # default: the workdir's run's
+  # Exit heads' checkpoints and results.json go to <output_dir>/early_exit (default: the
+  # workdir's); a rerun of the same command resumes from the newest good one.
+  config.output_dir = config_dict.placeholder(str)
+  config.checkpoint_every = 100  # steps (0: at the end only)
+  config.keep_checkpoints = 3
   config.seed = 0
   return config.lock()
