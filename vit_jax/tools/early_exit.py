@@ -11,6 +11,10 @@ on the workdir's own training data and ``pp_train``; the backbone's parameters a
 updated. The curve uses the run's ``eval_split``; a threshold above 1 is the full model.
 See ``vit_jax.models.early_exit`` for the exit rule and the cost model.
 
+The exit heads' train state is checkpointed (``checkpoint_every``) under
+``<workdir>/early_exit/checkpoints`` (``--config.output_dir`` moves it and
+``results.json``); the same command rerun after a kill resumes there exactly (``train``).
+
 Measured (README, "Early exits"; configs/digits_early_exit.py): on the 4-block digits
 ViT fine-tuned after MAE (93.33%), exits after blocks 0, 1, 2 and threshold 0.72 keep
 92.50% top-1 at 33% fewer GFLOPs per image.
@@ -133,7 +137,7 @@ def train(exit_run: ExitRun, *, steps: int, batch_size: int, learning_rate: floa
     state, loss = train_step(state, batch["image"], batch["label"])
     examples_seen += batch_size
     guard.add(i, jnp.isfinite(loss))
-    log = i % 100 == 0 or i == steps
+    log = i % 100 == 0 or i in (start_step + 1, steps)  # the first: compiled, running
     save = bool(checkpoint_every and i % checkpoint_every == 0) or i == steps
     if log or save:
       guard.check(checkpointer.newest_committed)  # a diverged state is never saved
