@@ -17,7 +17,8 @@ for 27% fewer; each exit alone: 58.89%, 83.61%, 91.11%.
 The exit heads' train state is checkpointed every ``checkpoint_every`` steps under
 ``<workdir>/early_exit/checkpoints`` (or ``<output_dir>/early_exit``); rerunning the
 third command after a kill resumes there, input stream included, and ends
-bit-identical to an uninterrupted run (KILL_RESULT_SHORT).
+bit-identical to an uninterrupted run (``tests/kill_resume.py --trainer=early_exit``:
+3 kills, final state 26 of 26 arrays bit-identical).
 """
 
 import ml_collections

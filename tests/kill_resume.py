@@ -129,7 +129,7 @@ def main():
     subprocess.run(command("digits", os.path.join(root, "backbone"), 20, data, extra=[
         "--config.model.num_layers=3", "--config.checkpoint_every=20"]),
         env=env(), check=True, capture_output=True)
-  output = OUTPUT.get(args.trainer, "")
+  subdir = OUTPUT.get(args.trainer, "")
   reference = os.path.join(root, "reference")
   subprocess.run(run(reference), env=env(),
                  check=True, capture_output=True)
@@ -144,7 +144,7 @@ def main():
         if line.startswith(("step ", "exit heads step ")):  # compiled and running
           break
       time.sleep(rng.uniform(0, args.max_delay))
-      ckpt_dir = os.path.join(workdir, output, "checkpoints")
+      ckpt_dir = os.path.join(workdir, subdir, "checkpoints")
       in_flight = any("tmp" in e for e in os.listdir(ckpt_dir))
       proc.kill()
       proc.wait()
@@ -164,10 +164,10 @@ def main():
       if proc.returncode:
         print(output[-3000:])
         sys.exit(f"the rerun failed ({proc.returncode})")
-      if os.path.exists(os.path.join(workdir, output, "results.json")):
+      if os.path.exists(os.path.join(workdir, subdir, "results.json")):
         break
-  a = final_state(os.path.join(workdir, output), args.steps)
-  b = final_state(os.path.join(reference, output), args.steps)
+  a = final_state(os.path.join(workdir, subdir), args.steps)
+  b = final_state(os.path.join(reference, subdir), args.steps)
   differ = [k for k in b if k not in a or not np.array_equal(a[k], b[k])]
   print(f"{args.trainer}: {kills} kills ({mid_save} with a save in flight), {runs} runs; "
         f"final params and optimizer state: {len(b) - len(differ)} of {len(b)} arrays "
