@@ -3,11 +3,14 @@ r"""Repeated ``kill -9``: a training run killed at random moments ends bit-ident
   PYTHONPATH=$PWD python tests/kill_resume.py --trainer=digits --kills=10
   PYTHONPATH=$PWD python tests/kill_resume.py --trainer=clip --kills=10
   PYTHONPATH=$PWD python tests/kill_resume.py --trainer=mae --kills=10
+  PYTHONPATH=$PWD python tests/kill_resume.py --trainer=early_exit --kills=10
   PYTHONPATH=$PWD python tests/kill_resume.py --trainer=digits --kills=10 \
       --config=configs/digits_moe.py:top2 --override=--config.model.moe.layers=1
 
 ``--config`` runs another config file of the trainer's family with its tiny settings
 (``--override`` adds or replaces flags, e.g. to fit MoE layers into its 2 blocks).
+``early_exit`` first trains a tiny digits ViT (20 steps, not killed), then kills
+``python -m vit_jax.tools.early_exit``'s exit-head training on it.
 
 Runs one uninterrupted reference run, then reruns the same command in a fresh workdir
 and SIGKILLs it ``--kills`` times, each at a random moment after the train step
@@ -57,12 +60,25 @@ TRAINERS = {
         "--config.input.batch_size=32", "--config.schedule.warmup_steps=5",
         "--config.log_every=5", "--config.eval_every=0", "--config.checkpoint_every=1",
         "--config.keep_checkpoints=3"]),
+    # Exit heads on a 3-block digits ViT (run_backbone trains it first).
+    "early_exit": ("configs/digits_early_exit.py", [
+        "--config.exit_layers=(0,1)", "--config.batch_size=32",
+        "--config.checkpoint_every=1", "--config.keep_checkpoints=3",
+        "--config.thresholds=(0.5,1.01)"]),
 }
+# Where each trainer writes its checkpoints and results.json, under the workdir.
+OUTPUT = {"early_exit": "early_exit"}
 
 
 def command(trainer, workdir, steps, data, config=None, extra=()):
   default, overrides = TRAINERS[trainer]
   config = config or default
+  if trainer == "early_exit":  # workdir: the tool's output_dir, beside the backbone
+    return [sys.executable, "-m", "vit_jax.tools.early_exit",
+            f"--config={os.path.join(REPO, config)}",
+            f"--workdir={os.path.join(os.path.dirname(workdir), 'backbone')}",
+            f"--config.output_dir={workdir}", f"--config.steps={steps}",
+            f"--config.data_dir={data}", *overrides, *extra]
   data_flag = (f"--config.input.data_dir={data}" if trainer in ("digits", "mae")
                else f"--config.input.pool={data}")
   return [sys.executable, "-m", "vit_jax.main", f"--config={os.path.join(REPO, config)}",
@@ -103,12 +119,17 @@ def main():
   rng = random.Random(args.seed)
   root = tempfile.mkdtemp(prefix=f"kill_resume_{args.trainer}_")
   data = os.path.join(root, "data")
-  if args.trainer in ("digits", "mae"):
+  if args.trainer in ("digits", "mae", "early_exit"):
     from vit_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     input_pipeline.get_builder("digits", data_dir=data)
   else:
     from vit_jax.tools import make_pool  # pylint: disable=g-import-not-at-top
     make_pool.make_pool(data, num_samples=120, samples_per_shard=24, eval_renders=1)
+  if args.trainer == "early_exit":  # the frozen backbone the exit heads train on
+    subprocess.run(command("digits", os.path.join(root, "backbone"), 20, data, extra=[
+        "--config.model.num_layers=3", "--config.checkpoint_every=20"]),
+        env=env(), check=True, capture_output=True)
+  subdir = OUTPUT.get(args.trainer, "")
   reference = os.path.join(root, "reference")
   subprocess.run(run(reference), env=env(),
                  check=True, capture_output=True)
@@ -120,10 +141,10 @@ def main():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if kills < args.kills:
       for line in proc.stdout:
-        if line.startswith("step "):  # the first logged step: compiled and running
+        if line.startswith(("step ", "exit heads step ")):  # compiled and running
           break
       time.sleep(rng.uniform(0, args.max_delay))
-      ckpt_dir = os.path.join(workdir, "checkpoints")
+      ckpt_dir = os.path.join(workdir, subdir, "checkpoints")
       in_flight = any("tmp" in e for e in os.listdir(ckpt_dir))
       proc.kill()
       proc.wait()
@@ -143,9 +164,10 @@ def main():
       if proc.returncode:
         print(output[-3000:])
         sys.exit(f"the rerun failed ({proc.returncode})")
-      if os.path.exists(os.path.join(workdir, "results.json")):
+      if os.path.exists(os.path.join(workdir, subdir, "results.json")):
         break
-  a, b = final_state(workdir, args.steps), final_state(reference, args.steps)
+  a = final_state(os.path.join(workdir, subdir), args.steps)
+  b = final_state(os.path.join(reference, subdir), args.steps)
   differ = [k for k in b if k not in a or not np.array_equal(a[k], b[k])]
   print(f"{args.trainer}: {kills} kills ({mid_save} with a save in flight), {runs} runs; "
         f"final params and optimizer state: {len(b) - len(differ)} of {len(b)} arrays "

@@ -1,6 +1,9 @@
 """Early exits: the exit rule and the curve against a hand computation; exit heads on
 the ViT's sown block tokens; the per-exit cost is the truncated model's."""
 
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,3 +69,23 @@ def test_exit_heads_read_the_sown_block_tokens():
   costs = early_exit.exit_gflops("vit_tiny_patch16_224", (0, 1), **TINY)
   assert costs[0] < costs[1] < costs[2]
   del logits
+
+
+def test_exit_heads_resume_bit_identical(digits_pretrained, tmp_path, capsys):
+  """The tool's exit-head training cut back to its step-2 checkpoint (what a kill right
+  after that save leaves) and rerun ends with the same params and Adam state as the
+  uninterrupted run: the state and the input position both resume exactly."""
+  from resume_check import assert_same_state  # pylint: disable=g-import-not-at-top
+  from vit_jax.tools import early_exit as tool  # pylint: disable=g-import-not-at-top
+  exit_run = tool.load(digits_pretrained[0], (1,))
+  settings = dict(steps=4, batch_size=16, learning_rate=3e-3, checkpoint_every=2)
+  straight = tool.train(exit_run, output_dir=str(tmp_path / "a"), **settings)
+  a, b = tmp_path / "a" / "early_exit", tmp_path / "b" / "early_exit"
+  assert sorted(os.listdir(a / "checkpoints")) == ["2", "4"]
+  shutil.copytree(a, b)
+  shutil.rmtree(b / "checkpoints" / "4")
+  capsys.readouterr()
+  resumed = tool.train(exit_run, output_dir=str(tmp_path / "b"), **settings)
+  assert "resumed from" in capsys.readouterr().out
+  assert assert_same_state(a, b, 4) > 0
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
