@@ -16,8 +16,9 @@ hierarchical families (Swin, MaxViT, PVT, ...) attend within windows or over poo
 keys, so one token-by-token map per block does not exist there; they, scanned ViTs and
 token-reducing ViTs (whose token count changes between blocks) get no attention
 pictures, and the console says so once. The other pictures work for every model.
-Everything here runs on the main process only, eagerly on a few images: a tiny ViT's
-pictures cost well under a second per evaluation.
+Everything here runs in a single-process run only (one process cannot compute over
+parameters sharded across processes), on a few images: a tiny ViT's pictures cost well
+under a second per evaluation.
 """
 
 from typing import Any, Optional
@@ -71,7 +72,13 @@ class Pictures:
 
   def __init__(self, writer, model, config, *, enabled: bool, num_images: int = 4):
     self.writer, self.model = writer, model
-    self.enabled = enabled and common.is_main_process()
+    # Main-process only, and off in a multi-process run: the norms and attention maps
+    # are computations over parameters sharded across processes, which one process
+    # cannot run alone (the others would meet mismatched collectives).
+    self.enabled = enabled and jax.process_count() == 1
+    if enabled and not self.enabled:
+      common.console("tensorboard pictures: off in a multi-process run (they are drawn "
+                     "by one process)")
     self.num_images = num_images
     self._attention_skipped: Optional[str] = None
     self._eval_images: Optional[np.ndarray] = None
