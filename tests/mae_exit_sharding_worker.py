@@ -10,6 +10,9 @@ by ``sharding.batch_sharding``, as the trainers do:
   patches, decoder, normalised-pixel MSE on the masked patches) and its gradients.
 - Early exits: stage 2's loss of the exit heads (``early_exit.exit_loss``) on the
   frozen ViT's block tokens and final logits, and its gradients.
+- MixPro: the classification trainer's MixPro loss (MaskMix from a step key, the last
+  block's class attention captured in the same forward, progressive attention labels,
+  cross-entropy on them) and its gradients.
 
 Writes, per loss and mesh, the largest differences from the one-device run.
 """
@@ -25,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from vit_jax import models, sharding  # noqa: E402
+from vit_jax import finetune, models, sharding  # noqa: E402
 from vit_jax.models import early_exit, mae  # noqa: E402
 
 # The smallest models that exercise each path (compiles are the test's cost): a 1-block
@@ -81,6 +84,28 @@ def exit_case():
   return loss_fn, params, backbone, (images, labels)
 
 
+def mixpro_case():
+  vit = models.create("vit_tiny_patch16_224", **VIT)
+  images = jax.random.normal(jax.random.key(11), (BATCH, 16, 16, 3))
+  labels = jnp.arange(BATCH) % 10
+  params = perturbed(vit.init(jax.random.key(12), images[:1])["params"], 13)
+
+  def loss_fn(params, frozen, images, labels):  # as trainers/classification.py's
+    del frozen
+    mixed, patch_mask, area_lam = finetune.mask_mix(
+        jax.random.key(14), images, alpha=1.0, cell=8, patch_size=4)
+    logits, state = vit.apply({"params": params}, mixed, train=True,
+                              rngs={"dropout": jax.random.key(15)},
+                              mutable=["intermediates"],
+                              capture_intermediates=finetune.last_block_qk_filter(vit))
+    targets = finetune.attention_labels(
+        finetune.last_block_class_attention(state["intermediates"], vit), patch_mask,
+        area_lam, jax.nn.softmax(logits), labels, 10)[0]
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+  return loss_fn, params, {}, (images, labels)
+
+
 def run(case, mesh):
   """Loss and gradients with the trained params laid out by the trainers' rules, frozen
   ones replicated, the batch split."""
@@ -97,7 +122,7 @@ def main(out_path: str):
   devices = jax.devices()
   assert len(devices) == 8, devices
   out = {}
-  for name, make in (("mae", mae_case), ("exits", exit_case)):
+  for name, make in (("mae", mae_case), ("exits", exit_case), ("mixpro", mixpro_case)):
     case = make()
     loss1, grads1 = run(case, sharding.make_mesh({"data": 1}, devices=devices[:1]))
     for mesh_name, mesh_config in MESHES.items():

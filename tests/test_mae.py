@@ -175,15 +175,16 @@ def test_mae_resumes_exactly(mae_run, tmp_path, capsys):
   assert assert_same_state(mae_dir, killed, 4) > 50
 
 
-def test_mae_and_exit_losses_on_8_devices_equal_one_device(eight_device_run):
+def test_mae_exit_and_mixpro_losses_on_8_devices_equal_one_device(eight_device_run):
   """data=8: loss and every gradient within 1e-5 of one device's."""
   proc, out = eight_device_run
   _, stderr = proc.communicate(timeout=900)
   assert proc.returncode == 0, stderr[-3000:]
   with open(out) as f:
     results = json.load(f)
-  assert sorted(results) == ["exits/data8", "mae/data8"]
+  assert sorted(results) == ["exits/data8", "mae/data8", "mixpro/data8"]
   for name, result in results.items():
     assert result["loss_diff"] <= 1e-5 and result["grad_diff"] <= 1e-5, (name, result)
     assert result["grad_norm"] > 0.1, (name, result)  # not trivially zero gradients
   assert results["mae/data8"]["num_grads"] > 30 and results["exits/data8"]["num_grads"] == 4
+  assert results["mixpro/data8"]["num_grads"] > 10
