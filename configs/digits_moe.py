@@ -34,29 +34,19 @@ Measured (2-core CPU heavily shared with other jobs, seed 0):
   About 21 minutes on the loaded machine (load ~24).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 from ml_collections import config_dict
 
+from vit_jax import config_files
+
 ROUTERS = ("top2", "top1", "soft", "ewa", "upcycle")
-
-
-def _digits_vit_config():
-  """The demo config this one starts from (configs are files, not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_vit.py")
-  spec = importlib.util.spec_from_file_location("digits_vit", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def get_config(arg=None):
   arg = arg or "top2"
   if arg not in ROUTERS:
     raise ValueError(f"configs/digits_moe.py takes one of {ROUTERS}, got {arg!r}")
-  config = _digits_vit_config()
+  config = config_files.sibling_config(__file__, "digits_vit.py")
   # See vit_jax/models/moe.py for every setting.
   config.model.moe = ml_collections.ConfigDict(dict(
       layers=(1, 3), num_experts=4, router="top2" if arg == "upcycle" else arg,
