@@ -34,16 +34,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vit_jax import losses
 from vit_jax.trainers import distillation
 
 Array = jax.Array
-
-
-def logit_kl(logits: Array, teacher_logits: Array) -> Array:
-  """``KL(softmax(teacher) || softmax(student))``, summed over classes, batch mean."""
-  student = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(jnp.exp(teacher) * (teacher - student)) / logits.shape[0]
 
 
 def token_mse(tokens: Array, teacher_tokens: Array, keep: Array) -> Array:
@@ -91,7 +85,8 @@ class Distiller:
     """``weight * (logit KL + token MSE)`` and both terms as metrics."""
     p = self.num_prefix_tokens
     keep = intermediates["Transformer"][f"token_size_{self.last_block}"][0][:, p:]
-    kl = logit_kl(logits, teacher_logits)
+    # KL(teacher || student) summed over classes, batch mean: DeiT's soft term at tau 1.
+    kl = losses.distillation_loss(logits, teacher_logits, "soft", 1.0)
     mse = token_mse(final_tokens(intermediates)[:, p:], teacher_tokens[:, p:], keep)
     return self.weight * (kl + mse), {"dynamic_vit/logit_kl": kl,
                                       "dynamic_vit/token_mse": mse}
