@@ -41,9 +41,9 @@ Input pipeline (``TrainData``): the stream only reads. It parses the tar members
 Python threads (the standard library's ``tarfile``, as webdataset's tar iterator
 does; one thread per shard of a part, the next part read while the current one is
 consumed) and hands encoded images and captions to tf.data in chunks. Decoding,
-cropping and augmentation run as TensorFlow ops in tf.data's parallel map, and tokenization runs on whole batches in
-the Rust tokenizer (which releases the interpreter lock), so one process uses as many
-cores as tf.data is given. Every op is keyed by the sample's position and the maps
+cropping and augmentation run as TensorFlow ops in tf.data's parallel map, and
+tokenization runs on whole batches in the Rust tokenizer (which releases the
+interpreter lock), so one process uses as many cores as tf.data is given. Every op is keyed by the sample's position and the maps
 keep their order, so the batches are a function of the seed and the start position.
 """
 
