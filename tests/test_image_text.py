@@ -282,13 +282,15 @@ def test_windows_of_a_large_shard_hold_at_most_two_parts(tmp_path, monkeypatch):
   sample_bytes = {raw.key: sum(map(len, raw.files.values()))
                   for path in paths for raw in image_text.read_shard(path)}
   budget = 5 * max(sample_bytes.values())
-  assert sum(sample_bytes.values()) > 12 * budget
+  assert sum(v for k, v in sample_bytes.items() if k.startswith("big")) >= 12 * budget
   kwargs = {"seed": 2, "shards_per_window": 3, "window_bytes": budget}
   stream = image_text.ImageTextStream(paths, **kwargs)
   reference = keys_of(stream, 68 * 2 + 5)
   for epoch in (reference[:68], reference[68:136]):
     assert sorted(k for k, _ in epoch) == sorted(sample_bytes)
-  assert 0 < stream.max_held_bytes <= 2 * budget
+  # Two parts, and the sample each of the 3 reading threads has just read.
+  bound = 2 * budget + 3 * max(sample_bytes.values())
+  assert 0 < stream.max_held_bytes <= bound
   assert len({p.part for _, p in reference}) > 10
   # A part takes its share of every shard of the window that is not done.
   first_part = {k[:4] for k, p in reference[:68] if p.part == 0}
@@ -304,7 +306,7 @@ def test_windows_of_a_large_shard_hold_at_most_two_parts(tmp_path, monkeypatch):
     starts.clear()
     resumed = image_text.ImageTextStream(paths, position=position, **kwargs)
     assert keys_of(resumed, len(reference) - n) == reference[n:], n
-    assert resumed.max_held_bytes <= 2 * budget
+    assert resumed.max_held_bytes <= bound
     # The first read seeks to the part's recorded offsets: no re-reading from byte 0.
     live = sorted(s for s in position.starts if s >= 0)
     assert sorted(starts[:len(live)]) == live, n

@@ -33,8 +33,9 @@ repeated or skipped, and resuming costs reading one part (it seeks to the record
 tar header offsets; a compressed shard is decompressed up to them), not the epoch.
 Shuffling a whole part (rather than a sliding buffer) is what makes the position a
 small exact list. Memory: two parts (the one consumed and the next, read ahead), at
-most ``2 * window_bytes`` of encoded samples whatever the shards' size (a single
-sample bigger than its shard's share makes a part of that one sample). A window of
+most ``2 * window_bytes`` of encoded samples whatever the shards' size, plus the
+sample each reading thread has just read (a single sample bigger than its shard's
+share makes a block of that one sample). A window of
 shards smaller than the share is one part, shuffled as before parts existed.
 
 Input pipeline (``TrainData``): the stream only reads. It parses the tar members in
@@ -268,17 +269,21 @@ def _read_tar(path: str, start: int, stats: Optional[SkipStats]
     yield raw, begin
 
 
-def _read_block(path: str, start: int, budget: Optional[int], stats: Optional[SkipStats]
+def _read_block(path: str, start: int, budget: Optional[int], stats: Optional[SkipStats],
+                hold: Callable[[int], None] = lambda nbytes: None
                 ) -> tuple[list[RawSample], int, int]:
   """The samples of ``path`` from byte ``start`` that fit in ``budget`` bytes (at least
   one; None: all), the offset where the next one begins (-1: the shard is done), and
-  their bytes."""
+  their bytes. ``hold(n)`` is told of every sample's bytes as it is read (and of the
+  one read past the budget, dropped again)."""
   raws, held = [], 0
   samples = _read_tar(path, start, stats)
   try:
     for raw, begin in samples:
       size = sum(len(v) for v in raw.files.values())
+      hold(size)
       if raws and budget is not None and held + size > budget:
+        hold(-size)
         return raws, begin, held  # this sample starts the shard's next block
       raws.append(raw)
       held += size
@@ -476,7 +481,8 @@ class ImageTextStream:
   after the sample that returned ``p``. A window is read in parts of at most
   ``window_bytes`` of samples (None: whole shards), each taking its share from every
   shard of the window; up to two parts are in memory: the one being consumed and the
-  next, read in the background. ``max_held_bytes`` records the most held at once.
+  next, read in the background. ``max_held_bytes`` records the most held at once (as
+  samples are read): at most ``2 * window_bytes`` plus one sample per reading thread.
   """
 
   def __init__(self, shards: Sequence[str], *, seed: int, process_index: int = 0,
@@ -534,12 +540,8 @@ class ImageTextStream:
     live = max(sum(start >= 0 for start in starts), 1)
     budget = None if window_bytes is None else max(window_bytes // live, 1)
 
-    def read(shard, start):
-      block = _read_block(shard, start, budget, self.stats)
-      self._hold(block[2])
-      return block
-
-    parts = [pool.submit(read, shard, start) if start >= 0 else None
+    parts = [pool.submit(_read_block, shard, start, budget, self.stats, self._hold)
+             if start >= 0 else None
              for shard, start in zip(shards, starts)]
 
     def samples():
