@@ -48,6 +48,9 @@ def get_config(arg=None):
   config.input.batch_size = 128
   config.input.eval_batch_size = 360
   config.input.shards_per_window = 8
+  # At most this many bytes of a window in memory, twice (see clip_datacomp.py); the
+  # digits pool's shards fit whole.
+  config.input.window_bytes = 64 << 20
   # tf.data threads (decoding, augmentation, tokenizing); None: one per core.
   config.input.threads = config_dict.placeholder(int)
   config.input.record_keys = False  # write the keys of every step's samples

@@ -4,6 +4,7 @@ tokenizer; the offline pool generator; the filtering command's basic filters.
 Everything here is plain Python over small shards written by the tests (no model).
 """
 
+import gzip
 import io
 import json
 import os
@@ -201,7 +202,8 @@ def test_a_pool_whose_images_never_decode_is_an_error(tmp_path, monkeypatch):
 
 def test_training_pipeline_resumes_exactly_for_each_process(tmp_path):
   """Stopped after any batch and restarted from its last position, each of 2 processes
-  continues with the same batches (keys, pixels, tokens), whatever the thread count."""
+  continues with the same batches (keys, pixels, tokens), whatever the thread count;
+  windows are read in parts of 2 samples per shard."""
   paths = write_shards(tmp_path, 5, 6)
   with tarfile.open(paths[2], "a") as tar:  # an undecodable image inside a window
     for name, data in (("zz.jpg", b"\xff\xd8 broken"), ("zz.txt", b"broken")):
@@ -209,7 +211,7 @@ def test_training_pipeline_resumes_exactly_for_each_process(tmp_path):
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
   for process in range(2):
-    kwargs = {"process_index": process, "process_count": 2}
+    kwargs = {"process_index": process, "process_count": 2, "window_bytes": 500}
     reference, _ = train_batches(paths, 8, threads=2, **kwargs)  # ~2 epochs
     serial, _ = train_batches(paths, 8, threads=1, **kwargs)
     for a, b in zip(reference, serial):
@@ -219,6 +221,7 @@ def test_training_pipeline_resumes_exactly_for_each_process(tmp_path):
       resumed, _ = train_batches(paths, 7 - stop, position=position, **kwargs)
       for a, b in zip(resumed, reference[stop + 1:]):
         assert_same_batch(a, b)
+    assert any(b["_position"][:, 3].any() for b in reference)  # parts after the first
     keys = {k for b in reference for k in b["_key"]}
     assert {k.decode()[:4] for k in keys} == {f"s{s:03d}" for s in range(process, 5, 2)}
 
@@ -268,6 +271,70 @@ def test_stream_shuffles_per_epoch_and_resumes_without_repeats_or_gaps(tmp_path)
   position = reference[12][1]
   assert image_text.StreamPosition.from_list(
       json.loads(json.dumps(position.to_list()))) == position
+
+
+def test_windows_of_a_large_shard_hold_at_most_two_parts(tmp_path, monkeypatch):
+  """A shard 12x bigger than the window budget is read in parts: the stream never holds
+  more than two parts' bytes, gives every sample once per epoch, and resumes anywhere
+  (mid-part, at a part's end, across epochs) by seeking to the recorded offsets."""
+  [big] = write_shards(tmp_path, 1, 60, prefix="big")
+  paths = [big] + write_shards(tmp_path, 2, 4)
+  sample_bytes = {raw.key: sum(map(len, raw.files.values()))
+                  for path in paths for raw in image_text.read_shard(path)}
+  budget = 5 * max(sample_bytes.values())
+  assert sum(v for k, v in sample_bytes.items() if k.startswith("big")) >= 12 * budget
+  kwargs = {"seed": 2, "shards_per_window": 3, "window_bytes": budget}
+  stream = image_text.ImageTextStream(paths, **kwargs)
+  reference = keys_of(stream, 68 * 2 + 5)
+  for epoch in (reference[:68], reference[68:136]):
+    assert sorted(k for k, _ in epoch) == sorted(sample_bytes)
+  # Two parts, and the sample each of the 3 reading threads has just read.
+  bound = 2 * budget + 3 * max(sample_bytes.values())
+  assert 0 < stream.max_held_bytes <= bound
+  assert len({p.part for _, p in reference}) > 10
+  # A part takes its share of every shard of the window that is not done.
+  first_part = {k[:4] for k, p in reference[:68] if p.part == 0}
+  assert first_part == {"big0", "s000", "s001"}
+
+  starts = []
+  read_block = image_text._read_block
+  monkeypatch.setattr(image_text, "_read_block",
+                      lambda path, start, *a: starts.append(start) or read_block(path, start, *a))
+  for n in (1, 9, 30, 31, 67, 68, 100):
+    position = image_text.StreamPosition.from_list(
+        json.loads(json.dumps(reference[n - 1][1].to_list())))
+    starts.clear()
+    resumed = image_text.ImageTextStream(paths, position=position, **kwargs)
+    assert keys_of(resumed, len(reference) - n) == reference[n:], n
+    assert resumed.max_held_bytes <= bound
+    # The first read seeks to the part's recorded offsets: no re-reading from byte 0.
+    live = sorted(s for s in position.starts if s >= 0)
+    assert sorted(starts[:len(live)]) == live, n
+  # Another budget on resume starts with the next window (the next epoch here): the
+  # window in progress finishes in the parts it was cut into.
+  late = reference[40][1]
+  smaller = image_text.ImageTextStream(paths, position=late,
+                                       **{**kwargs, "window_bytes": budget // 3})
+  rest = keys_of(smaller, 27 + 68)
+  assert [k for k, _ in rest[:27]] == [k for k, _ in reference[41:68]]
+  assert sorted(k for k, _ in rest[27:]) == sorted(sample_bytes)
+  assert rest[-1][1].window_bytes == budget // 3
+  # A compressed shard cannot be entered by seeking: it is decompressed up to the start.
+  gz = str(tmp_path / "big.tar.gz")
+  with open(big, "rb") as src, gzip.open(gz, "wb") as dst:
+    dst.write(src.read())
+  start = max(late.starts)  # the big shard
+  assert start > 0
+  plain = [(r.key, b) for r, b in image_text._read_tar(big, start, None)]
+  assert [(r.key, b) for r, b in image_text._read_tar(gz, start, None)] == plain
+  # A position of a run from before window parts ([epoch, window, offset], whole
+  # shards) finishes its window whole, then takes the budget.
+  whole = keys_of(image_text.ImageTextStream(paths, **{**kwargs, "window_bytes": None}),
+                  68)
+  position = image_text.StreamPosition.from_list(whole[9][1].to_list()[:3])
+  resumed = keys_of(image_text.ImageTextStream(paths, position=position, **kwargs), 58 + 68)
+  assert [k for k, _ in resumed[:58]] == [k for k, _ in whole[10:]]
+  assert [k for k, _ in resumed[58:]] == [k for k, _ in reference[68:136]]
 
 
 # ---------------------------------------------------------------- tokenizer

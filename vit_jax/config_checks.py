@@ -64,6 +64,7 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("input.shuffle_buffer", _POSITIVE_INT),
     ("input.data_shards", _POSITIVE_INT),
     ("input.shards_per_window", _POSITIVE_INT),
+    ("input.window_bytes", _POSITIVE_INT),
     ("input.threads", _POSITIVE_INT),
     ("tokenizer.context_length", _POSITIVE_INT),
     ("mesh.data", _MESH_AXIS),

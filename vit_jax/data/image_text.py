@@ -19,22 +19,32 @@ Training stream, per process (``ImageTextStream``)::
   shards of process p   = shards[p::process_count]
   epoch e               = those shards in an order drawn from (seed, p, e), cut into
                           windows of ``shards_per_window`` consecutive shards
-  window w              = every sample of its shards, shuffled with (seed, p, e, w)
-  position (e, w, k)    = the next sample is number k of window w of epoch e
+  window w              = its shards read in parts of at most ``window_bytes`` of
+                          samples (None: whole shards), an equal share of the bytes
+                          from each shard not yet done (at least one sample)
+  part                  = its samples, shuffled with (seed, p, e, w, first sample)
+  position              = (e, w, k, part, window_bytes, starts): the next sample is
+                          number k of window w; its part begins at the window's sample
+                          ``part``, at byte ``starts[i]`` of the window's shard i
 
 Each sample comes with the position after it. The trainer checkpoints the position
 of the last sample it consumed, and a resumed stream starts exactly there: nothing is
-repeated or skipped, and resuming costs reading one window, not the whole epoch.
-Shuffling a whole window (rather than a sliding buffer) is what makes the position a
-small exact number.
+repeated or skipped, and resuming costs reading one part (it seeks to the recorded
+tar header offsets; a compressed shard is decompressed up to them), not the epoch.
+Shuffling a whole part (rather than a sliding buffer) is what makes the position a
+small exact list. Memory: two parts (the one consumed and the next, read ahead), at
+most ``2 * window_bytes`` of encoded samples whatever the shards' size, plus the
+sample each reading thread has just read (a single sample bigger than its shard's
+share makes a block of that one sample). A window of
+shards smaller than the share is one part, shuffled as before parts existed.
 
 Input pipeline (``TrainData``): the stream only reads. It parses the tar members in
-one Python thread (the standard library's ``tarfile``, as webdataset's tar iterator
-does; the next window is read while the current one is consumed) and hands encoded
-images and captions to tf.data in chunks. Decoding, cropping and augmentation run as
-TensorFlow ops in tf.data's parallel map, and tokenization runs on whole batches in
-the Rust tokenizer (which releases the interpreter lock), so one process uses as many
-cores as tf.data is given. Every op is keyed by the sample's position and the maps
+Python threads (the standard library's ``tarfile``, as webdataset's tar iterator
+does; one thread per shard of a part, the next part read while the current one is
+consumed) and hands encoded images and captions to tf.data in chunks. Decoding,
+cropping and augmentation run as TensorFlow ops in tf.data's parallel map, and
+tokenization runs on whole batches in the Rust tokenizer (which releases the
+interpreter lock), so one process uses as many cores as tf.data is given. Every op is keyed by the sample's position and the maps
 keep their order, so the batches are a function of the seed and the start position.
 """
 
@@ -43,6 +53,7 @@ import concurrent.futures
 import dataclasses
 import glob
 import io
+import itertools
 import json
 import os
 import re
@@ -65,6 +76,9 @@ MAX_SKIP_WARNINGS = 20
 MAX_MEMBER_BYTES = 64 << 20
 # Reasons that count damaged shards, not samples.
 SHARD_REASONS = ("truncated_shard", "empty_shard")
+# The most bytes of samples one window part holds (``ImageTextStream``'s
+# ``window_bytes``): two parts are in memory, whatever the shards' size.
+WINDOW_BYTES = 1 << 30
 # Samples per hand-over from the reading thread to tf.data.
 CHUNK = 128
 # Keys remembered per pipeline to name the samples whose image fails to decode; the
@@ -193,7 +207,22 @@ def read_shard(path: str, stats: Optional[SkipStats] = None) -> Iterator[RawSamp
   A sample with a member larger than ``MAX_MEMBER_BYTES`` is skipped (counted as
   ``member_too_large``) without reading that member into memory.
   """
-  key, files, too_large = None, {}, None
+  for raw, _ in _read_tar(path, 0, stats):
+    yield raw
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _read_tar(path: str, start: int, stats: Optional[SkipStats]
+              ) -> Iterator[tuple[RawSample, int]]:
+  """``read_shard`` from byte ``start`` (the header of a sample's first member), with
+  the byte offset where each sample's first header begins.
+
+  A plain tar is entered by seeking to ``start``; a compressed one (offsets then
+  count uncompressed bytes) is decompressed from its beginning up to ``start``.
+  """
+  key, files, too_large, begin, skip_to = None, {}, None, start, 0
 
   def finished():
     if too_large is None:
@@ -203,31 +232,64 @@ def read_shard(path: str, stats: Optional[SkipStats] = None) -> Iterator[RawSamp
     return None
 
   try:
-    with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-      for member in tar:
-        if not member.isfile():
-          continue
-        name_key, ext = _split_name(member.name)
-        if name_key != key and key is not None:
-          if (raw := finished()) is not None:
-            yield raw
-          files, too_large = {}, None
-        key = name_key
-        if member.size > MAX_MEMBER_BYTES:  # the stream reads past it in small blocks
-          too_large = (f"{member.name} has {member.size} bytes, more than "
-                       f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES}")
-          continue
-        files[ext] = tar.extractfile(member).read()
+    with epath.Path(path).open("rb") as f:
+      if start and f.read(6).startswith(_COMPRESSED_MAGIC):
+        f.seek(0)
+        base, skip_to, mode = 0, start, "r|*"
+      else:
+        f.seek(start)
+        base, mode = start, "r|*" if start == 0 else "r|"
+      with tarfile.open(fileobj=f, mode=mode) as tar:
+        for member in tar:
+          offset = base + member.offset
+          if offset < skip_to or not member.isfile():
+            continue
+          name_key, ext = _split_name(member.name)
+          if name_key != key and key is not None:
+            if (raw := finished()) is not None:
+              yield raw, begin
+            files, too_large = {}, None
+          if name_key != key:
+            begin = offset
+          key = name_key
+          if member.size > MAX_MEMBER_BYTES:  # the stream reads past it in small blocks
+            too_large = (f"{member.name} has {member.size} bytes, more than "
+                         f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES}")
+            continue
+          files[ext] = tar.extractfile(member).read()
   except FileNotFoundError as e:
     raise DataError(f"shard {path} does not exist") from e
   except (tarfile.TarError, OSError, EOFError) as e:
     if stats is not None:
-      empty = key is None and str(e) == "empty file"
+      empty = key is None and start == 0 and str(e) == "empty file"
       stats.record("empty_shard" if empty else "truncated_shard", key or "-", path, str(e))
     # Everything before the damage is usable; a partial last sample is dropped.
     return
   if key is not None and (raw := finished()) is not None:
-    yield raw
+    yield raw, begin
+
+
+def _read_block(path: str, start: int, budget: Optional[int], stats: Optional[SkipStats],
+                hold: Callable[[int], None] = lambda nbytes: None
+                ) -> tuple[list[RawSample], int, int]:
+  """The samples of ``path`` from byte ``start`` that fit in ``budget`` bytes (at least
+  one; None: all), the offset where the next one begins (-1: the shard is done), and
+  their bytes. ``hold(n)`` is told of every sample's bytes as it is read (and of the
+  one read past the budget, dropped again)."""
+  raws, held = [], 0
+  samples = _read_tar(path, start, stats)
+  try:
+    for raw, begin in samples:
+      size = sum(len(v) for v in raw.files.values())
+      hold(size)
+      if raws and budget is not None and held + size > budget:
+        hold(-size)
+        return raws, begin, held  # this sample starts the shard's next block
+      raws.append(raw)
+      held += size
+  finally:
+    samples.close()
+  return raws, -1, held
 
 
 def check_sample(raw: RawSample, stats: Optional[SkipStats] = None) -> Optional[dict]:
@@ -284,14 +346,18 @@ def decode_sample(raw: RawSample, stats: Optional[SkipStats] = None,
 
 def iterate_samples(shards: Sequence[str], *, stats: Optional[SkipStats] = None,
                     decode_image: bool = True, threads: int = 4) -> Iterator[dict]:
-  """Every usable sample of ``shards`` once, in order (inspection, filtering)."""
+  """Every usable sample of ``shards`` once, in order (inspection, filtering).
+
+  Reads ``CHUNK`` samples at a time, not whole shards.
+  """
+  decode = lambda r: decode_sample(r, stats, decode_image=decode_image)
   with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
     for shard in shards:
-      raws = list(read_shard(shard, stats))
-      decode = lambda r: decode_sample(r, stats, decode_image=decode_image)
-      for sample in pool.map(decode, raws):
-        if sample is not None:
-          yield sample
+      raws = read_shard(shard, stats)
+      while chunk := list(itertools.islice(raws, CHUNK)):
+        for sample in pool.map(decode, chunk):
+          if sample is not None:
+            yield sample
 
 
 def iterate_captions(shards: Sequence[str], limit: Optional[int] = None) -> Iterator[str]:
@@ -369,17 +435,32 @@ class ShardWriter:
 
 @dataclasses.dataclass(frozen=True)
 class StreamPosition:
-  """Where a process's stream continues: sample ``offset`` of ``window`` of ``epoch``."""
+  """Where a process's stream continues: sample ``offset`` of ``window`` of ``epoch``.
+
+  A window is read in parts of at most ``window_bytes`` (None: whole shards): the
+  current part begins with the window's sample number ``part`` and is read from byte
+  ``starts[i]`` of the window's shard ``i`` (-1: that shard is done). ``starts == ()``
+  is the window's beginning, or, with ``offset > 0``, a position of a run from before
+  window parts (``[epoch, window, offset]``), whose window is finished whole.
+  """
   epoch: int = 0
   window: int = 0
   offset: int = 0
+  part: int = 0
+  window_bytes: Optional[int] = None
+  starts: tuple[int, ...] = ()
 
   def to_list(self) -> list[int]:
-    return [self.epoch, self.window, self.offset]
+    return [self.epoch, self.window, self.offset, self.part, self.window_bytes or 0,
+            *self.starts]
 
   @classmethod
   def from_list(cls, values: Sequence[int]) -> "StreamPosition":
-    return cls(*(int(v) for v in values))
+    """From ``to_list``'s list (or the ``[epoch, window, offset]`` of older runs)."""
+    values = [int(v) for v in values]
+    if len(values) == 3:
+      return cls(*values)
+    return cls(*values[:4], window_bytes=values[4] or None, starts=tuple(values[5:]))
 
 
 def process_shards(shards: Sequence[str], process_index: int, process_count: int
@@ -397,25 +478,40 @@ class ImageTextStream:
 
   Iterating yields ``(sample, position)``: the sample (``check_sample``'s dict) and the
   position of the stream after it. ``ImageTextStream(..., position=p)`` continues right
-  after the sample that returned ``p``. Up to two windows are in memory: the one being
-  consumed and the next, read in the background.
+  after the sample that returned ``p``. A window is read in parts of at most
+  ``window_bytes`` of samples (None: whole shards), each taking its share from every
+  shard of the window; up to two parts are in memory: the one being consumed and the
+  next, read in the background. ``max_held_bytes`` records the most held at once (as
+  samples are read): at most ``2 * window_bytes`` plus one sample per reading thread.
   """
 
   def __init__(self, shards: Sequence[str], *, seed: int, process_index: int = 0,
                process_count: int = 1, shards_per_window: int = 4,
+               window_bytes: Optional[int] = WINDOW_BYTES,
                position: Optional[StreamPosition] = None,
                stats: Optional[SkipStats] = None):
     if not shards:
       raise DataError("the shard list is empty")
     if shards_per_window < 1:
       raise ValueError(f"shards_per_window={shards_per_window} must be at least 1")
+    if window_bytes is not None and window_bytes < 1:
+      raise ValueError(f"window_bytes={window_bytes} must be at least 1 (None: whole "
+                       "shards)")
     self.shards = process_shards(list(shards), process_index, process_count)
     self.seed = seed
     self.process_index = process_index
     self.shards_per_window = shards_per_window
+    self.window_bytes = window_bytes
     self.position = position or StreamPosition()
     self.stats = stats if stats is not None else SkipStats()
     self.num_windows = -(-len(self.shards) // shards_per_window)
+    self._held_lock = threading.Lock()
+    self.held_bytes = self.max_held_bytes = 0
+    starts = self.position.starts
+    if starts and len(starts) != shards_per_window:
+      raise DataError(f"the stream position {self.position.to_list()} was written with "
+                      f"input.shards_per_window={len(starts)}; resume with that value "
+                      f"(now {shards_per_window})")
 
   def windows(self, epoch: int) -> list[list[str]]:
     rng = np.random.default_rng([self.seed, self.process_index, epoch])
@@ -423,38 +519,88 @@ class ImageTextStream:
     n = self.shards_per_window
     return [order[i:i + n] for i in range(0, len(order), n)]
 
-  def _read_window(self, pool, epoch: int, window: int) -> Callable[[], list[RawSample]]:
-    """Starts reading a window's shards in parallel; returns a function that waits for
-    its undecoded samples, in the stream's shuffled order."""
-    parts = [pool.submit(lambda s=s: list(read_shard(s, self.stats)))
-             for s in self.windows(epoch)[window]]
+  def _first_starts(self, epoch: int, window: int) -> tuple[int, ...]:
+    """A window's beginning: byte 0 of its shards, -1 for the slots it lacks."""
+    n = len(self.windows(epoch)[window])
+    return (0,) * n + (-1,) * (self.shards_per_window - n)
+
+  def _hold(self, nbytes: int) -> None:
+    with self._held_lock:
+      self.held_bytes += nbytes
+      self.max_held_bytes = max(self.max_held_bytes, self.held_bytes)
+
+  def _read_part(self, pool, epoch: int, window: int, part: int,
+                 window_bytes: Optional[int], starts: Sequence[int]
+                 ) -> Callable[[], tuple[list[RawSample], tuple[int, ...], int]]:
+    """Starts reading a part of a window (its shards in parallel, each from its start,
+    an equal share of ``window_bytes`` each); returns a function that waits for its
+    undecoded samples in the stream's shuffled order, the next part's starts and the
+    bytes it holds."""
+    shards = self.windows(epoch)[window]
+    live = max(sum(start >= 0 for start in starts), 1)
+    budget = None if window_bytes is None else max(window_bytes // live, 1)
+
+    parts = [pool.submit(_read_block, shard, start, budget, self.stats, self._hold)
+             if start >= 0 else None
+             for shard, start in zip(shards, starts)]
 
     def samples():
-      raws = [raw for part in parts for raw in part.result()]
-      rng = np.random.default_rng([self.seed, self.process_index, epoch, window, 1])
-      return [raws[i] for i in rng.permutation(len(raws))]
+      blocks = [([], -1, 0) if p is None else p.result() for p in parts]
+      raws = [raw for block in blocks for raw in block[0]]
+      ends = tuple(block[1] for block in blocks) + (-1,) * (len(starts) - len(blocks))
+      # The first part shuffles as whole windows did before windows had parts.
+      key = [self.seed, self.process_index, epoch, window, 1] + ([part] if part else [])
+      rng = np.random.default_rng(key)
+      return [raws[i] for i in rng.permutation(len(raws))], ends, sum(b[2] for b in blocks)
 
     return samples
 
   def __iter__(self) -> Iterator[tuple[dict, StreamPosition]]:
-    epoch, window, offset = (self.position.epoch, self.position.window,
-                             self.position.offset)
-    following = lambda e, w: (e, w + 1) if w + 1 < self.num_windows else (e + 1, 0)
+    epoch, window, offset, part, window_bytes, starts = dataclasses.astuple(self.position)
+    if window >= self.num_windows:
+      raise DataError(f"the stream position {self.position.to_list()} names window "
+                      f"{window}, but {len(self.shards)} shards in windows of "
+                      f"input.shards_per_window={self.shards_per_window} make "
+                      f"{self.num_windows}; resume with the shards and settings of the run")
+    # A window in progress is finished with the parts it was cut into, so a resume
+    # that changes input.window_bytes stays exact (the new size starts with the next
+    # window); an older run's position finishes its window whole.
+    if not starts and offset == 0:
+      window_bytes = self.window_bytes
+    starts = starts or self._first_starts(epoch, window)
+
+    def following(e, w, part, size, n, ends):
+      """The part after one of ``n`` samples that ended at ``ends``."""
+      if any(end >= 0 for end in ends):
+        return e, w, part + n, size, ends
+      e, w = (e, w + 1) if w + 1 < self.num_windows else (e + 1, 0)
+      return e, w, 0, self.window_bytes, self._first_starts(e, w)
+
     pool = concurrent.futures.ThreadPoolExecutor(self.shards_per_window)
     try:
-      pending = self._read_window(pool, epoch, window)
+      pending = self._read_part(pool, epoch, window, part, window_bytes, starts)
       yielded, whole_epoch = 0, window == 0 and offset == 0
       while True:
-        raws = pending()
-        pending = self._read_window(pool, *following(epoch, window))
-        for i in range(offset, len(raws)):
+        raws, ends, held = pending()
+        if offset - part > len(raws):
+          raise DataError(
+              f"the stream position {[epoch, window, offset]} is past the {len(raws)} "
+              "samples of its window part: the shards changed since it was written; "
+              "resume with those of the run")
+        after = following(epoch, window, part, window_bytes, len(raws), ends)
+        pending = self._read_part(pool, *after)
+        for i in range(offset - part, len(raws)):
           sample = check_sample(raws[i], self.stats)
           if sample is not None:
             yielded += 1
-            yield sample, StreamPosition(epoch, window, i + 1)
-        offset = 0
-        epoch, window = following(epoch, window)
-        if window == 0:
+            yield sample, StreamPosition(epoch, window, part + i + 1, part, window_bytes,
+                                         starts)
+        del raws
+        self._hold(-held)
+        new_epoch = after[0] != epoch
+        epoch, window, part, window_bytes, starts = after
+        offset = part
+        if new_epoch:
           if yielded == 0 and whole_epoch:
             raise DataError(f"no usable samples in {len(self.shards)} shards "
                             f"({self.stats.summary()}); first shard: {self.shards[0]}")
@@ -594,7 +740,8 @@ class TrainData:
     self._chunks = _Chunks({"image": tf.TensorSpec([], tf.string),
                             "caption": tf.TensorSpec([], tf.string),
                             "_key": tf.TensorSpec([], tf.string),
-                            "_position": tf.TensorSpec([3], tf.int64)}, batch_size)
+                            "_position": tf.TensorSpec([5 + stream.shards_per_window],
+                                                          tf.int64)}, batch_size)
 
     def examples():
       for sample, position in stream:

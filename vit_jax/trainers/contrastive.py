@@ -238,6 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stream = image_text.ImageTextStream(
       shards, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), shards_per_window=config.input.shards_per_window,
+      window_bytes=config.input.get("window_bytes", image_text.WINDOW_BYTES),
       position=position, stats=skip_stats)
   train_data = image_text.TrainData(stream, tokenizer=tokenizer, preprocess_fn=pp_train,
                                     batch_size=local_batch,
