@@ -84,6 +84,30 @@ def test_install_keeps_the_runtimes_tensorflow_and_drops_extras():
     assert '"tensorflow-cpu>=' in f.read()  # the name PROVIDED_BY knows
 
 
+def test_configs_are_found_through_the_package(tmp_path, monkeypatch):
+  from vit_jax import config_files  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)  # no configs/ here
+  monkeypatch.delenv(config_files.ENV, raising=False)
+  assert config_files.checkout_dir() == config_files.configs_dir().parent
+  assert config_files.get_config("finetune", "digits_vit,digits,24").model_name == (
+      config_files.get_config("digits_vit.py").model_name)
+  with pytest.raises(FileNotFoundError, match=r"no config digits_vt.py in .*configs; "
+                     "close matches: digits_vit"):
+    config_files.get_config("digits_vt")
+  (tmp_path / "mine.py").write_text("def get_config(arg='a'):\n  return {'arg': arg}\n")
+  monkeypatch.setenv(config_files.ENV, str(tmp_path))
+  assert config_files.get_config("mine", "b") == {"arg": "b"}
+  monkeypatch.setenv(config_files.ENV, str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match=r"\$VIT_JAX_CONFIGS=.*missing is not a "
+                     "directory of config files"):
+    config_files.get_config("mine")
+  monkeypatch.delenv(config_files.ENV)
+  monkeypatch.setattr(config_files, "checkout_dir", lambda: None)  # a non-editable install
+  with pytest.raises(FileNotFoundError, match=r"no configs/ beside the installed vit_jax "
+                     r".*Clone it and `pip install -e` the clone, or set \$VIT_JAX_CONFIGS"):
+    config_files.get_config("digits_vit")
+
+
 def _outputs(nb):
   return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
