@@ -31,8 +31,10 @@ def settings(name, tfds_dir, pretrained, workdir):
   if name == "quickstart.ipynb":
     return {"WEIGHTS": pretrained}
   if name == "finetune_digits.ipynb":
+    # Pictures cost a third of the fine-tune cell; tests/test_tensorboard_pictures.py
+    # checks them.
     return {"TFDS_DIR": tfds_dir, "PRETRAINED": pretrained, "FINETUNE_STEPS": 4,
-            "WORKDIR": workdir}
+            "WORKDIR": workdir, "TENSORBOARD_PICTURES": False}
   raise AssertionError(f"no test settings for the new notebook {name}: add them here")
 
 
