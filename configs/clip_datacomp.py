@@ -129,4 +129,7 @@ def get_config(arg="small"):
   config.eval_every = max(steps // 8, 100)
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
+  # Weights & Biases beside TensorBoard: on when project is set (`pip install wandb`;
+  # vit_jax/trainers/wandb_writer.py).
+  config.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode=""))
   return config

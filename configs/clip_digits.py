@@ -114,4 +114,7 @@ def get_config(arg=None):
   config.eval_every = 1000
   config.checkpoint_every = 1000
   config.keep_checkpoints = 2
+  # Weights & Biases beside TensorBoard: on when project is set (`pip install wandb`;
+  # vit_jax/trainers/wandb_writer.py).
+  config.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode=""))
   return config

@@ -65,4 +65,7 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 1
+  # Weights & Biases beside TensorBoard: on when project is set (`pip install wandb`;
+  # vit_jax/trainers/wandb_writer.py).
+  config.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode=""))
   return config

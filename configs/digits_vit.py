@@ -102,6 +102,9 @@ def get_config(arg=None):
   # > 0: a JAX profiler trace of that many steps after the first (compiling) one, in
   # the TensorBoard directory (Profile tab; needs tensorboard-plugin-profile to view).
   config.profile_steps = 0
+  # Weights & Biases beside TensorBoard: on when project is set (`pip install wandb`;
+  # vit_jax/trainers/wandb_writer.py).
+  config.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode=""))
   if arg.startswith("mixpro"):  # the MixPro comparison: 500 steps, with and without
     config.total_steps = 500
   if arg == "mixpro":

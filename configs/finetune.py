@@ -114,4 +114,7 @@ def get_config(arg: str = "digits_vit,digits,24"):
   # > 0: a JAX profiler trace of that many steps after the first (compiling) one, in
   # the TensorBoard directory (Profile tab; needs tensorboard-plugin-profile to view).
   config.profile_steps = 0
+  # Weights & Biases beside TensorBoard: on when project is set (`pip install wandb`;
+  # vit_jax/trainers/wandb_writer.py).
+  config.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", mode=""))
   return config

@@ -1,4 +1,5 @@
-"""Pretrained weights in one call: an offline Hub cache -> download -> convert -> timm.
+"""Pretrained weights in one call (``models.create(name, pretrained=True | "tag")``):
+an offline Hub cache -> download -> convert -> timm.
 
 The Hub is never reached: ``hub_cache`` lays files out as huggingface_hub's cache does
 (``models--ORG--REPO/refs/main`` naming a commit, ``snapshots/<commit>/FILE``) and
@@ -14,6 +15,7 @@ import hashlib
 import io
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -110,8 +112,13 @@ def hub(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CLASSIFIERS))
 def test_pretrained_tag_gives_timm_logits(hub, name):
   arch, tag = name.split(".")
-  # EfficientViT-M0 by its default tag: timm's first.
-  model = pretrained.create(arch, None if name == EFFVIT else tag, **CLASSIFIERS[name][1])
+  # Every spelling of the one call: weights.pretrained.create, and models.create with
+  # pretrained=True (EfficientViT-M0 by its default tag: timm's first) or a tag.
+  if name == VIT:
+    model = pretrained.create(arch, tag, **CLASSIFIERS[name][1])
+  else:
+    model = models.create(arch, pretrained=True if name == EFFVIT else tag,
+                          **CLASSIFIERS[name][1])
   assert pretrained.pretrained_info("efficientvit_m0").tag == EFFVIT.split(".")[1]
   module, variables = model.unbind()
   logits = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, hub["images"])
@@ -179,6 +186,36 @@ def test_hf_hub_scheme_is_the_config_init_path(hub):
   with pytest.raises(weights.LoadError, match="leaves head/bias, head/kernel to the "
                      "fresh initialisation"):
     weights.load(info.source, model, abstract, model_name="vit_base_patch16_224")
+
+
+def test_models_create_pretrained_spellings(monkeypatch):
+  """models.create(pretrained=...) and the re-exports call weights.pretrained (which
+  test_pretrained_tag_gives_timm_logits runs end to end through models.create)."""
+  calls = []
+
+  def load(name, tag=None, *, seed=0, **overrides):
+    calls.append((name, tag, seed, overrides))
+    return nn.Dense(2, use_bias=False), {"params": {"kernel": np.full((1, 2), len(calls),
+                                                                  np.float32)}}
+
+  monkeypatch.setattr(pretrained, "load", load)  # pretrained.create binds what it loads
+  kernel = lambda variables: float(variables["params"]["kernel"][0, 0])
+  assert kernel(models.create(EFFVIT, pretrained=True).variables) == 1
+  bound = models.create("efficientvit_m0", pretrained="r224_in1k", num_classes=7)
+  assert kernel(bound.variables) == 2 and bound(np.ones((1, 1))).shape == (1, 2)
+  assert kernel(models.load_pretrained("efficientvit_m0", seed=3, num_classes=5)) == 3
+  assert calls == [(EFFVIT, None, 0, {}), ("efficientvit_m0", "r224_in1k", 0,
+                                           {"num_classes": 7}),
+                   ("efficientvit_m0", None, 3, {"num_classes": 5})]
+  plain = models.create("efficientvit_m0", pretrained=False, num_classes=7)
+  assert plain.num_classes == 7 and plain.scope is None and len(calls) == 3  # no weights
+  assert models.list_pretrained("swin_*") == pretrained.list_pretrained("swin_*")
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match=r"pretrained=1\): pretrained takes True \(the "
+                     r"default tag\), a tag name or False"):
+    models.create("efficientvit_m0", pretrained=1)
+  with pytest.raises(ValueError, match="two tags for efficientvit_m0: 'r224_in1k' .*'x'"):
+    models.create(EFFVIT, pretrained="x")
 
 
 def test_list_pretrained_covers_the_timm_families_and_two_towers():

@@ -128,7 +128,8 @@ def test_contrastive_trainer_runs_and_resumes_on_gs(pool, bucket, monkeypatch):
 
   make_writer = common.make_writer
   monkeypatch.setattr(checkpoint, "Checkpointer", LocalCheckpointer)
-  monkeypatch.setattr(common, "make_writer", lambda logdir: make_writer(bucket(logdir)))
+  monkeypatch.setattr(common, "make_writer",
+                      lambda logdir, config=None: make_writer(bucket(logdir), config))
 
   workdir = "gs://bucket/runs/clip"
   contrastive.train_and_evaluate(tiny_clip_config(pool, 2), workdir)

@@ -1,8 +1,11 @@
-"""TensorBoard pictures of a short classification run, read back from its event file."""
+"""TensorBoard pictures of a short classification run, read back from its event file;
+the same run also writes to a stand-in Weights & Biases (``config.wandb``)."""
 
 import glob
 import io
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -10,21 +13,55 @@ import pytest
 from helpers import train_in_process
 
 
+class FakeRun:
+  def __init__(self, kwargs):
+    self.kwargs, self.id, self.logged, self.finished = kwargs, kwargs["id"], [], False
+    self.config = types.SimpleNamespace(values={}, update=self._update)
+
+  def _update(self, values, allow_val_change=False):
+    self.config.values.update(values)
+
+  def log(self, data, step):
+    self.logged.append((step, data))
+
+  def finish(self):
+    self.finished = True
+
+
+class FakeWandb(types.ModuleType):
+  """wandb's calls the writer makes, recorded."""
+
+  def __init__(self):
+    super().__init__("wandb")
+    self.runs = []
+    self.util = types.SimpleNamespace(generate_id=lambda: f"id{len(self.runs)}")
+    self.Image = lambda array: ("image", np.asarray(array))
+    self.Histogram = lambda values, num_bins: ("histogram", np.asarray(values), num_bins)
+
+  def init(self, **kwargs):
+    self.runs.append(FakeRun(kwargs))
+    return self.runs[-1]
+
+
 @pytest.fixture(scope="module")
 def events(tfds_dir, tmp_path_factory):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("pictures") / "run"
-  train_in_process(tfds_dir, workdir, "vit_tiny_patch16_224", steps=2, batch_size=8,
-                   image_size=16, patch_size=4, hidden_size=32, num_layers=2,
-                   num_heads=2, mlp_dim=64,
-                   config_overrides={"tensorboard_pictures": True, "profile_steps": 1})
+  wandb = FakeWandb()  # wandb is no dependency of vit_jax: a stand-in module
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(sys.modules, "wandb", wandb)
+    train_in_process(tfds_dir, workdir, "vit_tiny_patch16_224", steps=2, batch_size=8,
+                     image_size=16, patch_size=4, hidden_size=32, num_layers=2,
+                     num_heads=2, mlp_dim=64,
+                     config_overrides={"tensorboard_pictures": True, "profile_steps": 1,
+                                       "wandb.project": "digits", "wandb.mode": "offline"})
   files = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
   assert len(files) == 1, files
   accumulator = event_accumulator.EventAccumulator(files[0], size_guidance={
       event_accumulator.TENSORS: 0})
   accumulator.Reload()
   tensors = {tag: accumulator.Tensors(tag) for tag in accumulator.Tags()["tensors"]}
-  return {"tensors": tensors, "workdir": str(workdir)}
+  return {"tensors": tensors, "workdir": str(workdir), "wandb": wandb}
 
 
 def test_profile_steps_write_a_profiler_trace(events):
@@ -100,3 +137,54 @@ def test_models_without_plain_vit_blocks_get_histograms_but_no_attention(capsys)
   np.testing.assert_allclose(writer.calls[1][2]["params/norms"], [np.sqrt(12 * 4.0)])
   out = capsys.readouterr().out
   assert out.count("attention pictures need a plain ViT") == 1  # said once
+
+
+def test_wandb_writer_gets_what_tensorboard_gets(events):
+  (run,) = events["wandb"].runs
+  workdir = events["workdir"]
+  assert run.kwargs["project"] == "digits" and run.kwargs["mode"] == "offline"
+  assert run.kwargs["resume"] == "allow" and run.kwargs["dir"] == workdir
+  with open(os.path.join(workdir, "wandb_run_id")) as f:
+    assert f.read() == run.id  # a resume continues this W&B run
+  assert run.kwargs["config"]["wandb"]["project"] == "digits"
+  logged = {}
+  for step, data in run.logged:
+    for key, value in data.items():
+      logged.setdefault(key, []).append((step, value))
+  (step, grid), = logged["train/inputs"]
+  assert step == 0 and grid[0][0] == "image" and grid[0][1].shape == (17, 136, 3)
+  assert grid[0][1].dtype == np.uint8 and grid[0][1].max() == 255
+  (step, maps), = logged["attention/rollout"]
+  assert step == 2 and len(maps) == 4 and maps[0][1].shape == (96, 96, 3)
+  (step, (_, norms, bins)), = logged["params/norms"]
+  tb_norms = events["tensors"]["params/norms"][0]
+  counts = np.frombuffer(tb_norms.tensor_proto.tensor_content, np.float64).reshape(-1, 3)
+  assert step == 2 and len(norms) == counts[:, 2].sum() and bins > 0
+  assert [s for s, _ in logged["train/loss"]] == [2]
+  assert isinstance(logged["train/loss"][0][1], float)
+  assert [s for s, _ in logged["eval/top1"]] == [2]
+  assert run.config.values["model_name"] == "vit_tiny_patch16_224"
+  assert run.finished
+
+
+def test_wandb_is_off_by_default_and_a_clear_error_when_missing(tmp_path, monkeypatch):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import wandb_writer  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"wandb": {"project": "", "entity": "", "name": "",
+                                                "mode": ""}})
+  assert wandb_writer.from_config(config, tmp_path) is None
+  assert wandb_writer.from_config(ml_collections.ConfigDict(), tmp_path) is None
+  config.wandb.project = "p"
+  monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+  with pytest.raises(ImportError, match=r"config.wandb.project='p' turns on the Weights "
+                     r"& Biases writer, but wandb is not installed .*`pip install wandb`"):
+    wandb_writer.from_config(config, tmp_path)
+  wandb = FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", wandb)
+  first = wandb_writer.from_config(config, tmp_path)
+  first.write_scalars(3, {"train/loss": np.float32(0.5)})
+  first.close()
+  wandb_writer.from_config(config, tmp_path).close()  # the resumed run
+  assert [r.id for r in wandb.runs] == ["id0", "id0"]
+  assert wandb.runs[0].logged == [(3, {"train/loss": 0.5})]
+  assert "entity" not in wandb.runs[0].kwargs  # empty settings are wandb's defaults

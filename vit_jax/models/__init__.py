@@ -3,17 +3,21 @@
   model = vit_jax.models.create("vit_base_patch16_224", num_classes=10)
   variables = model.init(jax.random.key(0), images)  # images: NHWC
   logits = model.apply(variables, images, train=False)
+
+  model = vit_jax.models.create("swin_tiny_patch4_window7_224", pretrained=True)
+  logits = model(images, train=False)  # bound to the default tag's weights
+  vit_jax.models.list_pretrained("swin_*")  # ["swin_base_patch4_window12_384.ms_in1k", ...]
 """
 
-from typing import Any
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import tree
-from vit_jax.models.registry import (create, list_models, model_info, register_model,
-                                     register_variant)
+from vit_jax.models import registry
+from vit_jax.models.registry import list_models, model_info, register_model, register_variant
 # Family files register their variants at import.
 from vit_jax.models import vit  # noqa: F401
 from vit_jax.models import efficientvit_mit  # noqa: F401
@@ -37,6 +41,40 @@ from vit_jax.models import rmt  # noqa: F401
 from vit_jax.models import vig  # noqa: F401
 from vit_jax.models import vim  # noqa: F401
 from vit_jax.models import vir  # noqa: F401
+
+
+def create(name: str, pretrained: Union[bool, str] = False, **overrides):
+  """Creates a registered model by name; timm's ``create_model(name, pretrained=...)``.
+
+  ``pretrained=False``: the plain module (``model.init`` gives random weights).
+  ``pretrained=True`` (the default tag, or the tag in ``"name.tag"``) or
+  ``pretrained="tag"``: the module bound to that tag's converted weights, downloaded
+  on first use (``vit_jax.weights.pretrained.create``; ``model.unbind()`` gives
+  ``(module, variables)`` for training). Overrides replace the variant's defaults
+  either way; with weights, a different ``num_classes`` gets a fresh head.
+  """
+  if pretrained is False or pretrained is None:
+    return registry.create(name, **overrides)
+  if pretrained is not True and not (isinstance(pretrained, str) and pretrained):
+    raise ValueError(f"models.create({name!r}, pretrained={pretrained!r}): pretrained "
+                     "takes True (the default tag), a tag name or False")
+  # Imported here: the weights package converts into models, so it imports this one.
+  from vit_jax.weights import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
+  return pretrained_lib.create(name, None if pretrained is True else pretrained,
+                               **overrides)
+
+
+def load_pretrained(name: str, tag: Optional[str] = None, *, seed: int = 0,
+                    **overrides) -> dict:
+  """The variables of a pretrained tag of ``name`` (``vit_jax.weights.pretrained``)."""
+  from vit_jax.weights import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
+  return pretrained_lib.load_pretrained(name, tag, seed=seed, **overrides)
+
+
+def list_pretrained(pattern: str = "*") -> list[str]:
+  """``name.tag`` of every pretrained tag matching a shell-style pattern."""
+  from vit_jax.weights import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
+  return pretrained_lib.list_pretrained(pattern)
 
 
 def input_shape(name: str, batch: int = 1, channels: int = 3, **overrides):
@@ -68,5 +106,5 @@ def forward_intermediates(model, variables, images, *, train: bool = False,
   return out, tree.sown(state["intermediates"])
 
 
-__all__ = ["create", "list_models", "model_info", "register_model", "register_variant",
+__all__ = ["create", "load_pretrained", "list_pretrained", "list_models", "model_info", "register_model", "register_variant",
            "param_count", "input_shape", "forward_intermediates"]

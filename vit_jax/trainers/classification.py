@@ -70,7 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.validate(config)
   workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  writer = common.make_writer(workdir / "tensorboard")
+  writer = common.make_writer(workdir / "tensorboard", config)
   base_key = jax.random.key(config.seed)
   init_key, dropout_key = jax.random.split(base_key)
 
@@ -473,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.wait()
     saved_steps = checkpointer.all_steps()
     checkpointer.close()
-  writer.flush()
+  writer.close()  # flushes; finishes a W&B run
 
   result = {"step": int(state.step), "model_name": config.model_name,
             "num_params": int(num_params), "state_bytes_per_device": state_bytes,

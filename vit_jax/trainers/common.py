@@ -17,6 +17,7 @@ from etils import epath
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax.models import moe
+from vit_jax.trainers import wandb_writer
 
 
 @flax.struct.dataclass
@@ -96,11 +97,17 @@ def console(message: str) -> None:
     print(message, flush=True)
 
 
-def make_writer(logdir: epath.Path) -> metric_writers.MetricWriter:
-  """TensorBoard event files from the main process; the others write nothing."""
+def make_writer(logdir: epath.Path, config: Any = None) -> metric_writers.MetricWriter:
+  """TensorBoard event files from the main process, and W&B when ``config.wandb``
+  asks for it (``wandb_writer``; the run's files and id go in the workdir, ``logdir``'s
+  parent); the other processes write nothing."""
   if not is_main_process():
     return metric_writers.MultiWriter([])
-  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(logdir)))
+  writers = [metric_writers.SummaryWriter(str(logdir))]
+  wandb = wandb_writer.from_config(config, epath.Path(logdir).parent)
+  if wandb is not None:
+    writers.append(wandb)
+  return metric_writers.AsyncWriter(metric_writers.MultiWriter(writers))
 
 
 def write_text_atomic(path: epath.PathLike, text: str) -> None:

@@ -77,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.validate(config)
   workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  writer = common.make_writer(workdir / "tensorboard")
+  writer = common.make_writer(workdir / "tensorboard", config)
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
 
   # ---------------------------------------------------------------- mesh
@@ -314,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.close()
   if key_log is not None:
     key_log.close()
-  writer.flush()
+  writer.close()  # flushes; finishes a W&B run
 
   result = {"step": int(state.step), "model_name": config.model_name,
             "num_params": int(num_params), "examples_seen": examples_seen,

@@ -48,7 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError("config.grad_accum_steps: the mae trainer takes 1 (no accumulation)")
   workdir = ckpt_lib.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  writer = common.make_writer(workdir / "tensorboard")
+  writer = common.make_writer(workdir / "tensorboard", config)
   init_key, dropout_key, mask_key, eval_mask_key = jax.random.split(
       jax.random.key(config.seed), 4)  # eval_mask_key: the same mask at every eval
 
@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_result = evaluate(int(state.step))
     checkpointer.wait()
     checkpointer.close()
-  writer.flush()
+  writer.close()  # flushes; finishes a W&B run
 
   result = {"step": int(state.step), "model_name": config.model_name,
             "num_params": int(num_params),

@@ -11,8 +11,9 @@
   pretrained.list_pretrained("swin_*")  # ["swin_base_patch4_window12_384.ms_in1k", ...]
 
 A model name may carry its tag as timm's do (``"vit_base_patch16_224.augreg_in1k"``).
-This lives above ``vit_jax.models`` (it converts into them), so ``models.create``
-has no ``pretrained`` argument: the models package never imports weights.
+This lives above ``vit_jax.models`` (it converts into them); ``models.create(name,
+pretrained=True | "tag")``, ``models.load_pretrained`` and ``models.list_pretrained``
+call into it, importing it only when called (no import loop).
 
 ``pretrained_table.TABLE`` (generated from timm's and open_clip's pretrained configs
 by ``python -m vit_jax.tools.pretrained_table``) lists each model's tags, the first
