@@ -11,8 +11,8 @@ evaluators, CLIP-score filtering and the zero-shot colab.
 import contextlib
 import io
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -286,25 +286,27 @@ def test_filter_scoring_error_is_one_line_and_closes_its_stream(trained, pool, t
   assert not os.path.exists(tmp_path / "out")
 
 
-def test_zero_shot_colab_runs(trained, pool):
+def test_zero_shot_colab_runs(trained, pool, tmp_path, monkeypatch):
+  """As a Colab user runs it (see tests/test_colabs.py): from an empty directory, the
+  installed package, no PYTHONPATH."""
   import nbclient  # pylint: disable=g-import-not-at-top
   import nbformat  # pylint: disable=g-import-not-at-top
   notebook = nbformat.read(os.path.join(REPO, "colabs", "zero_shot.ipynb"), as_version=4)
-  env_keys = {"VIT_JAX_CLIP_WORKDIR": trained["workdir"],
-              "VIT_JAX_IMAGES": os.path.join(pool, "eval"), "VIT_JAX_NUM_IMAGES": "64"}
-  old = {k: os.environ.get(k) for k in env_keys}
-  os.environ.update(env_keys)
-  try:
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": REPO}}).execute()
-  finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k)
-      else:
-        os.environ[k] = v
+  for key, value in {"VIT_JAX_CLIP_WORKDIR": trained["workdir"],
+                     "VIT_JAX_IMAGES": os.path.join(pool, "eval"),
+                     "VIT_JAX_NUM_IMAGES": "64", "JAX_PLATFORMS": "cpu"}.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.delenv("PYTHONPATH", raising=False)
+  monkeypatch.delenv("VIT_JAX_CONFIGS", raising=False)
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(cwd)}}).execute()
+  assert os.listdir(cwd) == [], "the notebook wrote into the working directory"
   outputs = "".join(o.get("text", "") for cell in notebook.cells
                     if cell.cell_type == "code" for o in cell.outputs)
+  imported = re.search(r"vit_jax \S+ from (.+)", outputs).group(1).strip()
+  assert os.path.realpath(imported) == os.path.realpath(os.path.join(REPO, "vit_jax"))
   assert f"at step {STEPS}" in outputs
   assert "zero-shot top-1 on 64 held-out images" in outputs
   assert "compiling the train step" not in outputs  # it used the trained workdir
