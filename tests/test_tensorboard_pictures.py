@@ -139,6 +139,35 @@ def test_models_without_plain_vit_blocks_get_histograms_but_no_attention(capsys)
   assert out.count("attention pictures need a plain ViT") == 1  # said once
 
 
+def test_hierarchical_models_get_per_stage_feature_maps(capsys):
+  """A Swin has no token-by-token attention map: each stage's feature norms instead,
+  one heat map per eval image and stage, at the stage's own resolution."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers.pictures import Pictures, _stage_norms  # pylint: disable=g-import-not-at-top
+  model = models.create("swin_tiny_patch4_window7_224", image_size=32, patch_size=4,
+                        embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                        num_classes=10)
+  images = np.asarray(jax.random.uniform(jax.random.key(0), (3, 32, 32, 3)))
+  variables = model.init(jax.random.key(1), images[:1])
+  writer = RecordingWriter()
+  pictures = Pictures(writer, model, ml_collections.ConfigDict({}), enabled=True)
+  pictures.set_eval_images(images)
+  for step in (5, 10):
+    pictures.evaluation(step, variables)
+  written = [c for c in writer.calls if c[0] == "write_images"]
+  assert [c[1] for c in written] == [5, 10]
+  assert sorted(written[0][2]) == ["features/stage_0", "features/stage_1"]
+  assert all(v.shape == (3, 96, 96, 3) for v in written[0][2].values())
+  norms = _stage_norms(model, variables, images)
+  _, sown = models.forward_intermediates(model, variables, images)
+  assert norms["stage_0"].shape == (3, 8, 8) and norms["stage_1"].shape == (3, 4, 4)
+  np.testing.assert_allclose(norms["stage_1"], np.linalg.norm(sown["stage_1"], axis=-1),
+                             rtol=1e-5)
+  assert capsys.readouterr().out.count("features/stage_0..1") == 1
+
+
 def test_wandb_writer_gets_what_tensorboard_gets(events):
   (run,) = events["wandb"].runs
   workdir = events["workdir"]

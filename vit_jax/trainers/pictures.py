@@ -13,7 +13,9 @@ Written through clu's metric writer, beside the scalars:
 Attention pictures come from ``visualize.attention_maps``, which recomputes the
 softmax from the queries and keys Flax captures in an unscanned plain-ViT block. The
 hierarchical families (Swin, MaxViT, PVT, ...) attend within windows or over pooled
-keys, so one token-by-token map per block does not exist there; they, scanned ViTs and
+keys, so one token-by-token map per block does not exist there; they get
+``features/stage_{i}`` instead: the L2 norm of each position's features in every
+stage's NHWC map (``forward_intermediates``), over the image. Scanned ViTs and
 token-reducing ViTs (whose token count changes between blocks) get no attention
 pictures, and the console says so once. The other pictures work for every model.
 Everything here runs in a single-process run only (one process cannot compute over
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import visualize
+from vit_jax import models, visualize
 from vit_jax.trainers import common
 
 
@@ -60,6 +62,13 @@ def _flat_hparams(tree: Any, prefix: str = "") -> dict:
   return out
 
 
+def _stage_norms(model, variables, images) -> dict:
+  """``{"stage_i": [batch, h, w]}``: each position's feature norm, per sown stage."""
+  _, sown = models.forward_intermediates(model, variables, images)
+  return {k: jnp.linalg.norm(v.astype(jnp.float32), axis=-1) for k, v in sown.items()
+          if k.startswith("stage_") and v.ndim == 4}
+
+
 def _maps_and_rollout(model, variables, images):
   """``([batch, tokens, tokens] rollout, [batch, tokens, tokens] last block's map)``,
   heads averaged."""
@@ -81,12 +90,15 @@ class Pictures:
                      "by one process)")
     self.num_images = num_images
     self._attention_skipped: Optional[str] = None
+    self._said_stages = False
     self._eval_images: Optional[np.ndarray] = None
     # One compiled program each (eager ops would compile one program per op and shape).
     self._norms = jax.jit(lambda params: jnp.stack([
         jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32))
         for x in jax.tree.leaves(params)]))
     self._maps = jax.jit(lambda variables, images: _maps_and_rollout(
+        model, variables, images))
+    self._stages = jax.jit(lambda variables, images: _stage_norms(
         model, variables, images))
     if self.enabled:
       self.writer.write_hparams(_flat_hparams(config.to_dict()))
@@ -109,10 +121,16 @@ class Pictures:
     if self._eval_images is not None and self._attention_skipped is None:
       self._attention(step, variables)
 
+  def _rgb(self) -> np.ndarray:
+    images = self._eval_images
+    return images if images.shape[-1] == 3 else np.repeat(images[..., :1], 3, axis=-1)
+
   def _attention(self, step: int, variables: dict) -> None:
     images = self._eval_images
     blocks = variables["params"].get("Transformer", {})
     if not any(name.startswith("encoderblock_") for name in blocks):
+      if self.model is not None and self._stage_maps(step, variables):
+        return
       self._attention_skipped = ("attention pictures need a plain ViT with unscanned "
                                  "Transformer/encoderblock_{i}")
       common.console(f"tensorboard pictures: {self._attention_skipped}; none written")
@@ -131,10 +149,27 @@ class Pictures:
       rollout_heat, last_heat = rollout[:, 0, prefix:], last[:, 0, prefix:]
     else:  # no class token: how much each patch is attended to on average
       rollout_heat, last_heat = rollout.mean(axis=1), last.mean(axis=1)
-    size = 96
-    rgb = images if images.shape[-1] == 3 else np.repeat(images[..., :1], 3, axis=-1)
-    render = lambda heat: np.stack([
-        np.asarray(visualize.heatmap_image(image, h.reshape(side, side), size=size))
-        for image, h in zip(rgb, heat)])
-    self.writer.write_images(step, {"attention/rollout": render(rollout_heat),
-                                    "attention/last_block": render(last_heat)})
+    self.writer.write_images(step, {
+        "attention/rollout": self._render(rollout_heat.reshape(-1, side, side)),
+        "attention/last_block": self._render(last_heat.reshape(-1, side, side))})
+
+  def _stage_maps(self, step: int, variables: dict) -> bool:
+    """Writes ``features/stage_{i}``; False when the model sows no NHWC stages."""
+    try:
+      norms = jax.device_get(self._stages(variables, jnp.asarray(self._eval_images)))
+    except (ValueError, TypeError):
+      return False
+    if not norms:
+      return False
+    if not self._said_stages:
+      self._said_stages = True
+      common.console(f"tensorboard pictures: features/stage_0..{len(norms) - 1} (feature "
+                     "norms per stage; this family has no token-by-token attention map)")
+    self.writer.write_images(step, {f"features/{k}": self._render(v)
+                                    for k, v in sorted(norms.items())})
+    return True
+
+  def _render(self, heat: np.ndarray, size: int = 96) -> np.ndarray:
+    """``[batch, size, size, 3]``: each eval image with its ``[h, w]`` heat in red."""
+    return np.stack([np.asarray(visualize.heatmap_image(image, h, size=size))
+                     for image, h in zip(self._rgb(), heat)])
