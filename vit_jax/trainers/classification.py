@@ -128,6 +128,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   image_shape = jax.tree.map(lambda s: (1,) + tuple(s.shape[1:]), image_spec)
   packing = config.input.get("packing")
   packing = packing if packing and packing.get("seq_len") else None
+  if packing and not packing.get("images_per_pack"):
+    raise ValueError(f"config.input.packing.images_per_pack="
+                     f"{packing.get('images_per_pack')!r}: must be >= 1 with packing")
   if packing and (jax.process_count() > 1 or (config.input.get("data_shards") or 1) > 1):
     raise ValueError("input.packing reads one stream on one process (each pack takes "
                      "a varying number of images); multi-process packing is not built")
