@@ -99,7 +99,7 @@ def test_clip_digits_naflex_trains_and_evaluates(pool, tmp_path):
   config.evals.retrieval = {}  # the same image path as zero-shot: one compile less
   config.evals.zero_shot.digits.shards = os.path.join(pool, "eval_small")
   config.update(total_steps=1, log_every=1, eval_every=0, checkpoint_every=1)
-  config.schedule.warmup_steps = 1
+  config.schedule.warmup_steps = 0
   result = contrastive.train_and_evaluate(config, str(tmp_path / "run"))
   assert result["step"] == 1 and len(result["train_loss_history"]) == 1
   assert all(np.isfinite(loss) for _, loss in result["train_loss_history"])
