@@ -18,11 +18,14 @@ drawn at mixed sizes too (from a hash of each image: the same sizes for every ru
 its workdir with only the eval pp changed (it evaluates the last checkpoint):
 
   python -m vit_jax.main --config=configs/digits_naflex.py --workdir=workdirs/naflex_packed \
-      --config.input.pp_eval="decode|resize(32)|value_range(-1, 1)|naflex(8, 36)"
+      --config.input.pp_eval="decode|resize(32)|value_range(-1, 1)|naflex(8, 36, upsample=False)"
   python -m vit_jax.main --config=configs/digits_naflex.py:padded \
       --workdir=workdirs/naflex_fixed  # the fixed ViT's parameters as NaFlex, mixed sizes
 
-Measured: see README, "Flexible and native resolution" (the numbers and the load).
+Measured (README, "Flexible and native resolution"; 2-core CPU at load 25-40, one run
+each, 360 test digits, mixed sizes / 32x32): packed 91.94% / 93.33%, padded 93.89% /
+95.83%, fixed 45.00% / 97.22%. Packed vs padded throughput while both ran: 53.5 vs
+33.3 and 85.5 vs 58.0 images/s (1.61x, 1.47x), 1,280 vs 2,304 tokens per step.
 """
 
 from vit_jax import config_files
