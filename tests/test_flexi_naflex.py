@@ -330,3 +330,8 @@ def test_trainer_trains_on_packs_and_resumes_bit_identical(tfds_dir, tmp_path):
   # More than one image per pack: the position is not steps x packs.
   with open(workdir / "checkpoints" / "4" / "meta" / "metadata") as f:
     assert json.load(f)["examples_seen"] > 4 * 3
+  # Packs for a plain ViT: stopped up front, naming both settings.
+  config.model.naflex = False
+  with pytest.raises(ValueError, match=r"naflex\(patch_size, max_patches\) and set "
+                                       "model.naflex=True"):
+    classification.train_and_evaluate(config, str(tmp_path / "plain"))

@@ -128,6 +128,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   image_shape = jax.tree.map(lambda s: (1,) + tuple(s.shape[1:]), image_spec)
   packing = config.input.get("packing")
   packing = packing if packing and packing.get("seq_len") else None
+  if packing and not (isinstance(image_spec, dict) and config.model.get("naflex")):
+    raise ValueError("input.packing packs the naflex pp op's patches for a NaFlex model: "
+                     "end input.pp_train with naflex(patch_size, max_patches) and set "
+                     "model.naflex=True")
   if packing and not packing.get("images_per_pack"):
     raise ValueError(f"config.input.packing.images_per_pack="
                      f"{packing.get('images_per_pack')!r}: must be >= 1 with packing")
