@@ -273,6 +273,20 @@ def test_packed_batches_count_their_images_and_resume_where_they_stopped():
 
 
 def test_packed_batches_errors():
+  on = {"seq_len": 64, "images_per_pack": 8}
+  assert packing.from_config({"seq_len": 0}, patch_inputs=True, naflex_model=True,
+                             streams=1) is None
+  assert packing.from_config(on, patch_inputs=True, naflex_model=True, streams=1) == on
+  for patch_inputs, naflex_model in ((False, True), (True, False)):
+    with pytest.raises(ValueError, match=r"naflex\(patch_size, max_patches\) and set "
+                                         "model.naflex=True"):
+      packing.from_config(on, patch_inputs=patch_inputs, naflex_model=naflex_model,
+                          streams=1)
+  with pytest.raises(ValueError, match="images_per_pack=0: must be >= 1"):
+    packing.from_config({"seq_len": 64, "images_per_pack": 0}, patch_inputs=True,
+                        naflex_model=True, streams=1)
+  with pytest.raises(ValueError, match="multi-process packing is not built"):
+    packing.from_config(on, patch_inputs=True, naflex_model=True, streams=2)
   with pytest.raises(ValueError, match="more than the pack's seq_len=4"):
     next(packing.packed_batches(_stream([5]), seq_len=4, images_per_pack=2,
                                 packs_per_batch=1))
@@ -330,8 +344,3 @@ def test_trainer_trains_on_packs_and_resumes_bit_identical(tfds_dir, tmp_path):
   # More than one image per pack: the position is not steps x packs.
   with open(workdir / "checkpoints" / "4" / "meta" / "metadata") as f:
     assert json.load(f)["examples_seen"] > 4 * 3
-  # Packs for a plain ViT: stopped up front, naming both settings.
-  config.model.naflex = False
-  with pytest.raises(ValueError, match=r"naflex\(patch_size, max_patches\) and set "
-                                       "model.naflex=True"):
-    classification.train_and_evaluate(config, str(tmp_path / "plain"))

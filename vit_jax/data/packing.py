@@ -109,6 +109,26 @@ def pack_stream(examples: Iterable[Example], seq_len: int, images_per_pack: int,
     used += n
 
 
+def from_config(packing: Optional[Mapping], *, patch_inputs: bool, naflex_model: bool,
+                streams: int) -> Optional[Mapping]:
+  """The classification trainer's ``input.packing`` checked (None when ``seq_len`` is
+  0 or unset): ``patch_inputs``, the pp ends with the naflex op; ``naflex_model``,
+  ``model.naflex``; ``streams``, the processes or data shards reading the split."""
+  if not packing or not packing.get("seq_len"):
+    return None
+  if not (patch_inputs and naflex_model):
+    raise ValueError("input.packing packs the naflex pp op's patches for a NaFlex model: "
+                     "end input.pp_train with naflex(patch_size, max_patches) and set "
+                     "model.naflex=True")
+  if not packing.get("images_per_pack"):
+    raise ValueError(f"config.input.packing.images_per_pack="
+                     f"{packing.get('images_per_pack')!r}: must be >= 1 with packing")
+  if streams > 1:
+    raise ValueError("input.packing reads one stream on one process (each pack takes "
+                     "a varying number of images); multi-process packing is not built")
+  return packing
+
+
 def packed_batches(batches_of_one: Iterable[Mapping], seq_len: int,
                    images_per_pack: int, packs_per_batch: int) -> Iterator[dict]:
   """The classification pipeline's stream as batches of packs (``input.packing``).

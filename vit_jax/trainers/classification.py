@@ -126,18 +126,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # One example's model input: an NHWC image, or the naflex pp op's dict of patches.
   image_spec = probe.element_spec["image"]
   image_shape = jax.tree.map(lambda s: (1,) + tuple(s.shape[1:]), image_spec)
-  packing = config.input.get("packing")
-  packing = packing if packing and packing.get("seq_len") else None
-  if packing and not (isinstance(image_spec, dict) and config.model.get("naflex")):
-    raise ValueError("input.packing packs the naflex pp op's patches for a NaFlex model: "
-                     "end input.pp_train with naflex(patch_size, max_patches) and set "
-                     "model.naflex=True")
-  if packing and not packing.get("images_per_pack"):
-    raise ValueError(f"config.input.packing.images_per_pack="
-                     f"{packing.get('images_per_pack')!r}: must be >= 1 with packing")
-  if packing and (jax.process_count() > 1 or (config.input.get("data_shards") or 1) > 1):
-    raise ValueError("input.packing reads one stream on one process (each pack takes "
-                     "a varying number of images); multi-process packing is not built")
+  # NaViT packing (None: off): checked against the pp's output and the model.
+  packing = packing_lib.from_config(
+      config.input.get("packing"), patch_inputs=isinstance(image_spec, dict),
+      naflex_model=bool(config.model.get("naflex")),
+      streams=max(jax.process_count(), config.input.get("data_shards") or 1))
   schedule = optim.learning_rate_schedule(
       config.optimizer.learning_rate, total_steps,
       warmup_steps=config.schedule.warmup_steps, decay=config.schedule.decay,
