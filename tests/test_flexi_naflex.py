@@ -228,3 +228,119 @@ def test_packing_errors(packed_case):
     model.clone(flexi_patch_size=-4).apply(variables, pack)
   with pytest.raises(ValueError, match="classifier must be 'gap' or 'map'"):
     model.clone(classifier="token").apply(variables, pack)
+
+
+# ---------------------------------------------------------------- packing in the trainer
+
+
+def _stream(sizes, start=0):
+  """The classification pipeline's batches of one from example ``start`` on: the naflex
+  op's padded dict, image ``i`` filled with ``i`` and labelled ``i``."""
+  for i, n in enumerate(sizes[start:], start):
+    example = packing.patchify(np.full((4, 4 * n, 3), i, np.float32), 4)
+    padded = {"patches": np.zeros((6, 48), np.float32), "positions": np.zeros((6, 2)),
+              "segment_ids": np.zeros(6, np.int32), "grid_sizes": example["grid_size"][None]}
+    padded["patches"][:n] = example["patches"]
+    padded["positions"][:n] = example["positions"]
+    padded["segment_ids"][:n] = 1
+    yield {"image": {k: v[None] for k, v in padded.items()}, "label": np.array([i])}
+
+
+def test_packed_batches_count_their_images_and_resume_where_they_stopped():
+  sizes = [3, 5, 2, 6, 1, 4, 4, 2, 3, 5, 6, 1, 2]
+  batches = list(packing.packed_batches(_stream(sizes), seq_len=8, images_per_pack=3,
+                                        packs_per_batch=2))
+  assert len(batches) >= 3
+  for b in batches:
+    assert b["image"]["patches"].shape == (2, 8, 48)
+    assert b["image"]["grid_sizes"].shape == (2, 3, 2) and b["label"].shape == (2, 3)
+    assert b["_examples"] == int(np.sum(b["label"] >= 0))
+    # Each image's patches sit under its own segment id, in its slot's grid.
+    for p in range(2):
+      for k, label in enumerate(b["label"][p]):
+        if label >= 0:
+          tokens = b["image"]["patches"][p][b["image"]["segment_ids"][p] == k + 1]
+          assert len(tokens) == sizes[label] and (tokens == label).all()
+  labels = [l for b in batches for l in b["label"].reshape(-1) if l >= 0]
+  assert labels == list(range(len(labels)))  # in order, nothing dropped
+  # The stream restarted after the images of the first batch packs the same batches.
+  skip = batches[0]["_examples"]
+  resumed = packing.packed_batches(_stream(sizes, start=skip), 8, 3, 2)
+  for want, got in zip(batches[1:], resumed):
+    for key in ("patches", "segment_ids", "positions", "grid_sizes"):
+      np.testing.assert_array_equal(got["image"][key], want["image"][key])
+    np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_packed_batches_errors():
+  on = {"seq_len": 64, "images_per_pack": 8}
+  assert packing.from_config({"seq_len": 0}, patch_inputs=True, naflex_model=True,
+                             streams=1) is None
+  assert packing.from_config(on, patch_inputs=True, naflex_model=True, streams=1) == on
+  for patch_inputs, naflex_model in ((False, True), (True, False)):
+    with pytest.raises(ValueError, match=r"naflex\(patch_size, max_patches\) and set "
+                                         "model.naflex=True"):
+      packing.from_config(on, patch_inputs=patch_inputs, naflex_model=naflex_model,
+                          streams=1)
+  with pytest.raises(ValueError, match="images_per_pack=0: must be >= 1"):
+    packing.from_config({"seq_len": 64, "images_per_pack": 0}, patch_inputs=True,
+                        naflex_model=True, streams=1)
+  with pytest.raises(ValueError, match="multi-process packing is not built"):
+    packing.from_config(on, patch_inputs=True, naflex_model=True, streams=2)
+  with pytest.raises(ValueError, match="more than the pack's seq_len=4"):
+    next(packing.packed_batches(_stream([5]), seq_len=4, images_per_pack=2,
+                                packs_per_batch=1))
+  with pytest.raises(ValueError, match=r"end the pp with naflex\(patch_size"):
+    next(packing.packed_batches([{"image": np.zeros((1, 8, 8, 3)), "label": [0]}], 4, 2, 1))
+
+
+def test_random_size_op_keeps_the_range_and_is_fixed_at_eval():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  op = preprocess.parse("random_size(16, 48, 8, 2.0)|naflex(8, 36, upsample=False)")
+  pairs = preprocess._size_pairs(16, 48, 8, 2.0)  # pylint: disable=protected-access
+  assert len(pairs) == 21 and {(16, 32), (48, 24), (48, 48), (16, 16)} <= set(pairs)
+  assert all(16 <= s <= 48 and s % 8 == 0 for size in pairs for s in size)
+  assert all(0.5 <= h / w <= 2 for h, w in pairs) and (16, 40) not in pairs
+  sizes = set()
+  for i in range(64):
+    out = op({"image": tf.zeros((8, 8, 3)), "_rng": tf.constant([0, i], tf.int64)})
+    sizes.add(tuple(int(s) * 8 for s in out["grid_sizes"].numpy()[0]))
+  assert sizes <= set(pairs) and len(sizes) >= 15  # 64 draws reach most of the 21
+  # Without a seed (evaluation) the size is a function of the pixels: fixed per image.
+  image = tf.constant(np.random.default_rng(0).integers(0, 255, (8, 8, 3)), tf.uint8)
+  first = op({"image": image})["grid_sizes"].numpy()
+  assert (op({"image": image})["grid_sizes"].numpy() == first).all()
+  # upsample=False keeps a fitting image's own grid (24x40: 3x5 patches, not ~4x7).
+  kept = preprocess.parse("naflex(8, 36, upsample=False)")({"image": tf.zeros((24, 40, 3))})
+  assert kept["grid_sizes"].numpy().tolist() == [[3, 5]]
+  with pytest.raises(ValueError, match="random_size"):
+    preprocess.parse("random_size(48, 16)")
+
+
+def test_trainer_trains_on_packs_and_resumes_bit_identical(tfds_dir, tmp_path):
+  """``configs/digits_naflex.py`` (mixed sizes, packed) for 4 tiny steps; the newest
+  checkpoint removed, the rerun resumes at step 2 and reproduces steps 3-4 exactly
+  (the packed stream's position is the images consumed, not steps x packs)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from helpers import REPO  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_files  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import classification  # pylint: disable=g-import-not-at-top
+  config = config_files.sibling_config(f"{REPO}/configs/x.py", "digits_naflex.py")
+  config.input.data_dir = str(tfds_dir)
+  config.input.batch_size = 3  # packs of 64 tokens, up to 8 images each
+  config.input.update(eval_split="test[:40]", eval_batch_size=40)
+  config.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+  config.update(total_steps=4, log_every=1, eval_every=4, checkpoint_every=2)
+  config.schedule.warmup_steps = 1
+  workdir = tmp_path / "run"
+  first = classification.train_and_evaluate(config, str(workdir))
+  assert [s for s, _ in first["train_loss_history"]] == [1, 2, 3, 4]
+  assert first["eval_count"] == 40  # every test digit, at its mixed size
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  resumed = classification.train_and_evaluate(config, str(workdir))
+  assert resumed["train_loss_history"] == first["train_loss_history"][2:]
+  assert resumed["eval_loss"] == first["eval_loss"]
+  # More than one image per pack: the position is not steps x packs.
+  with open(workdir / "checkpoints" / "4" / "meta" / "metadata") as f:
+    assert json.load(f)["examples_seen"] > 4 * 3

@@ -2,7 +2,7 @@
 
 The image-text pipeline's ``naflex`` op output is checked against a numpy
 patchification of the same resized image, then a tiny CLIP with a NaFlex image tower
-trains a few steps in this process and runs its zero-shot evaluation.
+trains one step in this process and runs its zero-shot evaluation.
 """
 
 import io
@@ -28,12 +28,12 @@ BUDGET, PATCH = 16, 4
 def pool(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("naflex_pool"))
   make_pool.make_pool(directory, num_samples=64, samples_per_shard=32, eval_renders=1)
-  # A smaller held-out set (60 of the 360) keeps the evaluation quick.
+  # A smaller held-out set (10 of the 360) keeps the evaluation quick.
   raws = [raw for shard in image_text.expand_shards(os.path.join(directory, "eval"))
           for raw in image_text.read_shard(shard)]
   with image_text.ShardWriter(os.path.join(directory, "eval_small", "e-{:03d}.tar"),
                               1000) as writer:
-    for raw in raws[::6]:
+    for raw in raws[::36]:
       writer.write(raw.key, raw.files)
   return directory
 
@@ -84,7 +84,7 @@ def test_model_images_names_what_is_missing():
 
 
 def test_clip_digits_naflex_trains_and_evaluates(pool, tmp_path):
-  """A few steps of ``clip_digits.py:naflex`` in-process: NaFlex patches reach the
+  """A step of ``clip_digits.py:naflex`` in-process: NaFlex patches reach the
   image tower in training and in the zero-shot evaluation."""
   from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
   from vit_jax.workdir import MODEL_FILE  # pylint: disable=g-import-not-at-top
@@ -92,18 +92,18 @@ def test_clip_digits_naflex_trains_and_evaluates(pool, tmp_path):
   import clip_digits  # pylint: disable=g-import-not-at-top
   config = clip_digits.get_config("naflex")
   config.input.pool = pool
-  config.input.update(batch_size=16, eval_batch_size=60, shards_per_window=2, threads=1)
+  config.input.update(batch_size=16, eval_batch_size=10, shards_per_window=2, threads=1)
   config.model.image.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
   config.model.text.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
   config.model.embed_dim = 32
   config.evals.retrieval = {}  # the same image path as zero-shot: one compile less
   config.evals.zero_shot.digits.shards = os.path.join(pool, "eval_small")
-  config.update(total_steps=2, log_every=1, eval_every=0, checkpoint_every=2)
-  config.schedule.warmup_steps = 1
+  config.update(total_steps=1, log_every=1, eval_every=0, checkpoint_every=1)
+  config.schedule.warmup_steps = 0
   result = contrastive.train_and_evaluate(config, str(tmp_path / "run"))
-  assert result["step"] == 2 and len(result["train_loss_history"]) == 2
+  assert result["step"] == 1 and len(result["train_loss_history"]) == 1
   assert all(np.isfinite(loss) for _, loss in result["train_loss_history"])
-  assert result["eval/zero_shot/digits/count"] == 60
+  assert result["eval/zero_shot/digits/count"] == 10
   assert 0.0 <= result["eval/zero_shot/digits/top1"] <= 1.0
   # The workdir describes the NaFlex model and its pp (what load_trained rebuilds).
   with open(tmp_path / "run" / MODEL_FILE) as f:
@@ -121,11 +121,3 @@ def test_config_variant_errors():
   with pytest.raises(ValueError, match="got 'naflx'"):
     clip_digits.get_config("naflx")
 
-
-def test_mixed_resolution_sizes_keep_the_stated_range():
-  from vit_jax.tools import naflex_digits  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  sizes = {naflex_digits.random_size(rng) for _ in range(500)}
-  assert all(16 <= s <= 48 and s % 8 == 0 for size in sizes for s in size)
-  assert all(0.5 <= h / w <= 2 for h, w in sizes)
-  assert (16, 32) in sizes and (48, 24) in sizes and (48, 48) in sizes  # ends reached

@@ -99,6 +99,8 @@ RULES: tuple[_Rule, ...] = tuple((key,) + rule for key, rule in (
     ("sparsity.sparsity", _FRACTION),
     ("sparsity.start_step", _NON_NEGATIVE_INT),
     ("sparsity.update_every", _POSITIVE_INT),
+    ("input.packing.seq_len", (_int_at_least(0), "an integer >= 0 (0: no packing)")),
+    ("input.packing.images_per_pack", _NON_NEGATIVE_INT),
     ("mae.mask_ratio", _FRACTION),
     ("mae.decoder_width", _POSITIVE_INT),
     ("mae.decoder_depth", _POSITIVE_INT),

@@ -47,6 +47,12 @@ from vit_jax.data.digits import Digits, DigitScenes
 OFFLINE_BUILDERS = {"digits": Digits, "digit_scenes": DigitScenes}
 # Keys a pipeline delivers to the model; preprocessing may add more, they are dropped.
 MODEL_KEYS = ("image", "label")
+# The naflex pp op's outputs (``vit_jax.models.naflex.INPUT_KEYS``, not imported:
+# the data package does not import models).
+NAFLEX_KEYS = ("patches", "segment_ids", "positions", "grid_sizes")
+# Keys of a batch that stay on the host (``device_batches``): ``data.packing``'s count
+# of the images in a batch of packs.
+HOST_KEYS = ("_examples",)
 # Records per read from ArrayRecord files (one hand-over to tf.data).
 CHUNK = 256
 
@@ -175,6 +181,10 @@ def dataset_options(threads: Optional[int] = None) -> tf.data.Options:
 
 
 def _model_keys(example: dict) -> dict:
+  if "image" not in example and all(k in example for k in NAFLEX_KEYS):
+    # After the naflex pp op the image is its dict of patch inputs (a pack of one),
+    # which a NaFlex model (``model.naflex``) reads; ``data.packing`` packs several.
+    example = {**example, "image": {k: example[k] for k in NAFLEX_KEYS}}
   missing = [k for k in MODEL_KEYS if k not in example]
   if missing:
     raise DatasetError(f"preprocessed examples lack {missing}; they have "
@@ -346,20 +356,24 @@ def make_eval_dataset(builder, split: str, *, preprocess_fn: Callable, batch_siz
   return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options(threads)), num_batches
 
 
-def device_batches(dataset: tf.data.Dataset, sharding: jax.sharding.Sharding,
+def device_batches(dataset, sharding: jax.sharding.Sharding,
                    prefetch: int = 2) -> Iterator[Any]:
   """Global device arrays assembled from each process's batches, ``prefetch`` ahead.
 
+  ``dataset``: a tf.data.Dataset or an iterator of numpy batches (``data.packing``'s).
   Device transfers are asynchronous, so keeping a couple of batches in flight hides
-  the host-to-device copy behind the running step.
+  the host-to-device copy behind the running step. ``HOST_KEYS`` stay numpy.
   """
   queue = collections.deque()
 
   def put(batch):
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
-                        batch)
+    host = {k: batch[k] for k in HOST_KEYS if k in batch}
+    device = jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                          {k: v for k, v in batch.items() if k not in host})
+    return {**device, **host}
 
-  iterator = iter(tfds.as_numpy(dataset))
+  iterator = (iter(tfds.as_numpy(dataset)) if isinstance(dataset, tf.data.Dataset)
+              else iter(dataset))
   for batch in iterator:
     queue.append(put(batch))
     if len(queue) > prefetch:

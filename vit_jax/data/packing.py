@@ -53,7 +53,7 @@ def pack(examples: Sequence[Example], seq_len: int, images_per_pack: int,
   """One pack: the examples' patches end to end, then padding.
 
   Each example has ``patches``, ``positions``, ``grid_size`` (``patchify``'s, or the
-  naflex op's with its padding marked by ``segment_ids``). ``extra_keys`` (e.g.
+  naflex op's ``grid_sizes`` with its padding marked by ``segment_ids``). ``extra_keys`` (e.g.
   ``label``) are stacked per image slot, ``-1`` in empty slots.
   """
   if not 1 <= len(examples) <= images_per_pack:
@@ -78,7 +78,8 @@ def pack(examples: Sequence[Example], seq_len: int, images_per_pack: int,
     out["patches"][start:start + n] = np.asarray(example["patches"])[:n]
     out["positions"][start:start + n] = np.asarray(example["positions"])[:n]
     out["segment_ids"][start:start + n] = k + 1
-    out["grid_sizes"][k] = np.asarray(example["grid_size"]).reshape(2)
+    out["grid_sizes"][k] = np.asarray(example["grid_size"] if "grid_size" in example
+                                      else example["grid_sizes"]).reshape(2)
     start += n
   for key in extra_keys:
     values = [np.asarray(e[key]) for e in examples]
@@ -106,6 +107,56 @@ def pack_stream(examples: Iterable[Example], seq_len: int, images_per_pack: int,
         batch = []
     current.append(example)
     used += n
+
+
+def from_config(packing: Optional[Mapping], *, patch_inputs: bool, naflex_model: bool,
+                streams: int) -> Optional[Mapping]:
+  """The classification trainer's ``input.packing`` checked (None when ``seq_len`` is
+  0 or unset): ``patch_inputs``, the pp ends with the naflex op; ``naflex_model``,
+  ``model.naflex``; ``streams``, the processes or data shards reading the split."""
+  if not packing or not packing.get("seq_len"):
+    return None
+  if not (patch_inputs and naflex_model):
+    raise ValueError("input.packing packs the naflex pp op's patches for a NaFlex model: "
+                     "end input.pp_train with naflex(patch_size, max_patches) and set "
+                     "model.naflex=True")
+  if not packing.get("images_per_pack"):
+    raise ValueError(f"config.input.packing.images_per_pack="
+                     f"{packing.get('images_per_pack')!r}: must be >= 1 with packing")
+  if streams > 1:
+    raise ValueError("input.packing reads one stream on one process (each pack takes "
+                     "a varying number of images); multi-process packing is not built")
+  return packing
+
+
+def packed_batches(batches_of_one: Iterable[Mapping], seq_len: int,
+                   images_per_pack: int, packs_per_batch: int) -> Iterator[dict]:
+  """The classification pipeline's stream as batches of packs (``input.packing``).
+
+  ``batches_of_one``: numpy batches of one example, ``{"image": the naflex op's dict,
+  "label": [1]}``, in stream order. Yields ``{"image": {patches [P, L, D],
+  segment_ids [P, L], positions [P, L, 2], grid_sizes [P, K, 2]}, "label": [P, K]
+  (-1: an empty slot), "_examples": images in the batch}``. Packing is greedy and in
+  order, and an image that does not fit a full batch starts the next one, so the
+  stream position after a batch is the sum of ``_examples`` so far: a run resumed
+  there packs the same batches (the trainer checkpoints that sum).
+  """
+  def examples():
+    for batch in batches_of_one:
+      image, label = batch["image"], np.asarray(batch["label"])
+      if not isinstance(image, Mapping):
+        raise ValueError("packing takes the naflex pp op's patches: end the pp with "
+                         "naflex(patch_size, max_patches); the image is an array of "
+                         f"shape {np.shape(image)}")
+      if label.shape[:1] != (1,):
+        raise ValueError(f"packed_batches takes batches of one example, got labels of "
+                         f"shape {label.shape}")
+      yield {**{k: np.asarray(v)[0] for k, v in image.items()}, "label": label[0]}
+
+  for batch in pack_stream(examples(), seq_len, images_per_pack, packs_per_batch,
+                           extra_keys=("label",)):
+    label = batch.pop("label")
+    yield {"image": batch, "label": label, "_examples": int(np.sum(label >= 0))}
 
 
 def packing_efficiency(batch: Mapping[str, np.ndarray]) -> float:

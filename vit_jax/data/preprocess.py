@@ -259,10 +259,50 @@ def naflex_grid(height, width, max_patches: int):
   return tf.cast(rows, tf.int32), tf.cast(cols, tf.int32)
 
 
+def _size_pairs(min_side: int, max_side: int, multiple: int, max_aspect: float):
+  """Every (height, width) with sides in ``range(min_side, max_side + 1, multiple)``
+  and an aspect ratio within ``1 / max_aspect .. max_aspect``."""
+  sides = range(min_side, max_side + 1, multiple)
+  return [(h, w) for h in sides for w in sides
+          if 1 / max_aspect - 1e-9 <= h / w <= max_aspect + 1e-9]
+
+
+@register("random_size")
+def random_size(min_side: int, max_side: int, multiple: int = 1,
+                max_aspect: float = 2.0, method: str = "bilinear", antialias: bool = True):
+  """Resizes to a random (height, width), uniform over the pairs with sides in
+  ``min_side..max_side`` (multiples of ``multiple``) and aspect ratio at most
+  ``max_aspect`` either way: mixed-resolution inputs for NaFlex/NaViT.
+
+  Training draws from the example's seed; without one (evaluation) the size comes from
+  a hash of the image's pixels, so every model is tested on the same sizes.
+  """
+  if not (isinstance(min_side, int) and isinstance(max_side, int)
+          and isinstance(multiple, int) and 1 <= min_side <= max_side and multiple >= 1
+          and max_aspect >= 1):
+    raise ValueError("random_size(min_side, max_side, multiple, max_aspect) takes "
+                     "1 <= min_side <= max_side, multiple >= 1, max_aspect >= 1; got "
+                     f"({min_side!r}, {max_side!r}, {multiple!r}, {max_aspect!r})")
+  pairs = tf.constant(_size_pairs(min_side, max_side, multiple, max_aspect), tf.int32)
+
+  def fn(image, example):
+    count = tf.shape(pairs, out_type=tf.int64)[0]
+    if "_op_rng" in example:
+      index = tf.random.stateless_uniform([], _seed(example), 0, count, dtype=tf.int64)
+    else:
+      digest = tf.strings.to_hash_bucket_fast(tf.io.serialize_tensor(image), 2**31 - 1)
+      index = tf.math.floormod(digest, count)
+    return tf.image.resize(image, pairs[index], method=method, antialias=antialias)
+  return _image_op(fn)
+
+
 @register("naflex")
-def naflex(patch_size: int, max_patches: int, antialias: bool = True):
+def naflex(patch_size: int, max_patches: int, antialias: bool = True,
+           upsample: bool = True):
   """NaFlex (SigLIP 2): aspect-preserving resize to at most ``max_patches`` patches of
-  ``patch_size``, patchified and padded to ``max_patches``.
+  ``patch_size``, patchified and padded to ``max_patches``. ``upsample=False`` keeps
+  an image that already fits in its own size (its sides rounded down to whole
+  patches, at least one): mixed-resolution inputs stay mixed.
 
   Replaces ``image`` with ``patches [max_patches, p*p*C]`` (row, column, channel
   order), ``positions [max_patches, 2]`` (row, column), ``segment_ids
@@ -278,7 +318,12 @@ def naflex(patch_size: int, max_patches: int, antialias: bool = True):
   def op(example):
     example = dict(example)
     image = tf.convert_to_tensor(example.pop("image"))
-    rows, cols = naflex_grid(tf.shape(image)[0], tf.shape(image)[1], max_patches)
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    rows, cols = naflex_grid(height, width, max_patches)
+    if not upsample:
+      own_rows, own_cols = tf.maximum(height // p, 1), tf.maximum(width // p, 1)
+      fits = own_rows * own_cols <= max_patches
+      rows, cols = tf.where(fits, own_rows, rows), tf.where(fits, own_cols, cols)
     image = tf.image.resize(tf.cast(image, tf.float32), (rows * p, cols * p),
                             antialias=antialias)
     channels = image.shape[-1]

@@ -37,11 +37,19 @@ class ClassificationEvaluator:
         batch_size=input_pipeline.local_batch_size(batch_size), cache=cache,
         keep_labels=keep_labels)
     self._sharding = sharding
-    self.image_shape = tuple(self._dataset.element_spec["image"].shape[1:])
+    image_spec = self._dataset.element_spec["image"]  # NHWC, or the naflex op's dict
+    # One example's inputs (batch 1): the trainer checks the model takes them.
+    self.image_spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+        (1,) + tuple(s.shape[1:]), jnp.float32 if s.dtype.is_floating
+        else s.dtype.as_numpy_dtype), image_spec)
+    self.image_shape = (tuple(image_spec.shape[1:]) if hasattr(image_spec, "shape")
+                        else None)
 
     @jax.jit
     def eval_step(variables, batch):
       logits = predict_fn(variables, batch["image"])
+      # A NaFlex model gives [batch, 1, classes] for packs of one image (naflex op).
+      logits = logits.reshape(batch["label"].shape + logits.shape[-1:])
       return classification_sums(logits, batch["label"], batch["_mask"])
 
     self._eval_step = eval_step

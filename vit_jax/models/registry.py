@@ -75,6 +75,13 @@ def create(name: str, **overrides) -> nn.Module:
   info = model_info(name)
   module = info.factory()
   fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+  if overrides.get("naflex") and "naflex" not in fields:
+    # NaFlex/NaViT (models/naflex.py): the same ViT over the naflex pp op's patches.
+    from vit_jax.models import naflex  # pylint: disable=g-import-not-at-top
+    return naflex.naflex(create(name, **{k: v for k, v in overrides.items()
+                                         if k != "naflex"}))
+  if "naflex" in overrides and "naflex" not in fields:
+    overrides = {k: v for k, v in overrides.items() if k != "naflex"}  # naflex=False
   unknown = sorted(set(overrides) - fields)
   scoped = [key for key in unknown if key in _SETTING_SCOPES]
   if scoped:

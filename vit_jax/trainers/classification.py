@@ -9,6 +9,9 @@ resampled position embedding),
 ``vit_jax/finetune.py``.
 ``flexi_patch_sizes`` (FlexiViT) trains a ViT at a patch size drawn per step from the
 list (one compiled step per size; the model's ``flexi_patch_size`` is what evaluates).
+``model.naflex`` with a pp ending in ``naflex(...)`` trains NaFlex on patch inputs;
+``input.packing`` (``seq_len``, ``images_per_pack``) packs them NaViT-style, several
+images per sequence, ``input.batch_size`` packs per step (``vit_jax.data.packing``).
 
 Read top to bottom: setup, mesh, data, model and optimizer, distillation teacher
 (optional), train state and its sharding, checkpoint restore, step functions,
@@ -30,7 +33,7 @@ import optax
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import (config_checks, finetune, lora, models, optim, quantization, sharding,
                      sparsity, weights)
-from vit_jax.data import input_pipeline, preprocess
+from vit_jax.data import input_pipeline, packing as packing_lib, preprocess
 from vit_jax.evaluators import classification as classification_eval
 from vit_jax.models import moe
 from vit_jax.trainers import common, distillation, dynamic_vit, pictures as pictures_lib
@@ -38,11 +41,14 @@ from vit_jax.trainers.common import TrainState
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-  """Integer labels, or soft targets ``[batch, classes]`` (mixup) used as given."""
-  if labels.ndim == 2:
+  """Integer labels (``[batch]``, or ``[packs, images]`` with -1 in a pack's empty image
+  slots, which count nowhere), or float soft targets ``[batch, classes]`` (mixup)."""
+  if jnp.issubdtype(labels.dtype, jnp.floating):
     return optax.softmax_cross_entropy(logits, labels).mean()
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets).mean()
+  valid = labels >= 0
+  losses = optax.softmax_cross_entropy(logits, targets)
+  return jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def flexi_patch_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -117,20 +123,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   probe = input_pipeline.make_train_dataset(
       builder, config.input.train_split, preprocess_fn=pp_train, batch_size=1,
       seed=config.seed, shuffle_buffer=1, keep_labels=keep_labels)
-  image_shape = (1,) + tuple(probe.element_spec["image"].shape[1:])
+  # One example's model input: an NHWC image, or the naflex pp op's dict of patches.
+  image_spec = probe.element_spec["image"]
+  image_shape = jax.tree.map(lambda s: (1,) + tuple(s.shape[1:]), image_spec)
+  # NaViT packing (None: off): checked against the pp's output and the model.
+  packing = packing_lib.from_config(
+      config.input.get("packing"), patch_inputs=isinstance(image_spec, dict),
+      naflex_model=bool(config.model.get("naflex")),
+      streams=max(jax.process_count(), config.input.get("data_shards") or 1))
   schedule = optim.learning_rate_schedule(
       config.optimizer.learning_rate, total_steps,
       warmup_steps=config.schedule.warmup_steps, decay=config.schedule.decay,
       end_factor=config.schedule.end_factor)
 
+  def example_inputs():
+    return jax.tree.map(lambda s: jnp.zeros((1,) + tuple(s.shape[1:]),
+                                            jnp.float32 if s.dtype.is_floating
+                                            else s.dtype.as_numpy_dtype), image_spec)
+
   def init_variables(key):
-    return model.init({"params": key, "dropout": key},
-                      jnp.zeros(image_shape, jnp.float32), train=False)
+    return model.init({"params": key, "dropout": key}, example_inputs(), train=False)
 
   abstract_params = jax.eval_shape(init_variables, init_key)["params"]
   # TensorBoard pictures (input grid, attention maps, parameter-norm histograms).
-  pictures = pictures_lib.Pictures(writer, model, config,
-                                   enabled=config.get("tensorboard_pictures", True))
+  pictures = pictures_lib.Pictures(writer, model, config,  # of NHWC images only
+                                   enabled=config.get("tensorboard_pictures", True)
+                                   and not isinstance(image_spec, dict))
   tx = optim.make_optimizer(config.optimizer, schedule, abstract_params)
   tx = sparsity.from_config(tx, abstract_params, config.get("sparsity"))
   train_only = config.get("train_only")
@@ -155,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "(with its quantization/LoRA wrappers) has no flexi_patch_size")
   for size in flexi_sizes:  # fail now if a size cannot run on the training images
     jax.eval_shape(lambda key, size=size: model.clone(flexi_patch_size=size).init(
-        {"params": key, "dropout": key}, jnp.zeros(image_shape, jnp.float32)), init_key)
+        {"params": key, "dropout": key}, example_inputs()), init_key)
 
   # ---------------------------------------------------------------- distillation teacher
   # DeiT-style (see trainers/distillation.py): a frozen teacher from another run's
@@ -185,9 +203,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   common.console(f"model {config.model_name}: {num_params:,} parameters; "
                  f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es); "
-                 f"{total_steps} steps of {global_batch} images "
-                 f"({total_steps / steps_per_epoch:.1f} epochs of "
-                 f"{config.input.dataset}:{config.input.train_split})")
+                 + (f"{total_steps} steps of {global_batch} packs of {packing.seq_len} "
+                    f"tokens ({config.input.dataset}:{config.input.train_split})"
+                    if packing else
+                    f"{total_steps} steps of {global_batch} images "
+                    f"({total_steps / steps_per_epoch:.1f} epochs of "
+                    f"{config.input.dataset}:{config.input.train_split})"))
 
   # ---------------------------------------------------------------- checkpoint restore
   checkpointer, state, restored = common.restore_or_init(
@@ -276,8 +297,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     (loss, (logits, new_model_state, aux_metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
-    hard = jnp.argmax(labels, -1) if labels.ndim == 2 else labels  # (MixPro: own label)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == hard)
+    soft = jnp.issubdtype(labels.dtype, jnp.floating)
+    hard = jnp.argmax(labels, -1) if soft else labels  # (MixPro: own label)
+    valid = hard >= 0  # a pack's empty image slots (label -1) count nowhere
+    accuracy = (jnp.sum((jnp.argmax(logits, -1) == hard) & valid)
+                / jnp.maximum(jnp.sum(valid), 1))
     return grads, loss, accuracy, new_model_state, aux_metrics
 
   mix_config = config.get("mixup")
@@ -295,6 +319,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError("mixup.mixpro_alpha cannot be combined with "
                      "config.dynamic_vit.distill_weight (both read this forward's "
                      "intermediates)")
+  if packing and (mixing or mixpro or distill or flexi_sizes or dyn_distiller):
+    raise ValueError("input.packing cannot be combined with mixup/cutmix/MixPro, "
+                     "distillation, dynamic_vit or flexi_patch_sizes (they take whole "
+                     "NHWC images)")
   if mixpro:
     finetune.check_mixpro_model(model)
     if flexi_sizes:  # MaskMix cells and attention labels assume the stored patch grid
@@ -324,12 +352,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       # Microbatch i takes every accum-th example, so each device keeps its rows.
       split = lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
-      images, labels = split(images), jax.tree.map(split, labels)
+      images, labels = jax.tree.map(split, images), jax.tree.map(split, labels)
 
       def microbatch(i, carry):
         grads_sum, loss_sum, acc_sum, aux_sum, model_state = carry
         grads, loss, accuracy, model_state, aux_metrics = compute_grads(
-            state.params, model_state, images[:, i],
+            state.params, model_state, jax.tree.map(lambda x: x[:, i], images),
             jax.tree.map(lambda x: x[:, i], labels),
             jax.random.fold_in(rng, i), teacher_variables, step_model)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss,
@@ -339,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       aux_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
           lambda *args: compute_grads(*args, step_model), state.params, state.model_state,
-          images[:, 0], jax.tree.map(lambda x: x[:, 0], labels), rng,
+          jax.tree.map(lambda x: x[:, 0], images), jax.tree.map(lambda x: x[:, 0], labels),
+          rng,
           teacher_variables)[4])
       grads, loss, accuracy, aux_metrics, model_state = jax.lax.fori_loop(
           0, accum, microbatch, (zeros, 0.0, 0.0, aux_zeros, state.model_state))
@@ -380,9 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sharding=batch_sharding, cache=config.input.cache, keep_labels=keep_labels)
 
   # Fail now, not at the first eval, if the eval images do not fit the model.
-  eval_images = jax.ShapeDtypeStruct((1,) + evaluator.image_shape, jnp.float32)
   jax.eval_shape(predict, {"params": abstract_state.params, **abstract_state.model_state},
-                 eval_images)
+                 evaluator.image_spec)
   if pictures.enabled:
     pictures.set_eval_images(evaluator.first_images(pictures.num_images))
 
@@ -408,10 +436,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- loop
   train_ds = input_pipeline.make_train_dataset(
-      builder, config.input.train_split, preprocess_fn=pp_train, batch_size=local_batch,
+      builder, config.input.train_split, preprocess_fn=pp_train,
+      batch_size=1 if packing else local_batch,
       seed=config.seed, start_position=examples_seen // jax.process_count(),
       shuffle_buffer=config.input.shuffle_buffer, cache=config.input.cache,
       num_shards=data_shards, keep_labels=keep_labels)
+  if packing:  # batches of packs, a varying number of images each ("_examples")
+    train_ds = packing_lib.packed_batches(
+        input_pipeline.numpy_batches(train_ds), packing.seq_len, packing.images_per_pack,
+        local_batch)
   batches = input_pipeline.device_batches(train_ds, batch_sharding)
   progress = common.ProgressLine(total_steps, start_step, global_batch)
   guard = common.NonFiniteGuard()
@@ -433,6 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         draw = np.random.default_rng((config.seed, step)).integers(len(flexi_sizes))
         patch_size = flexi_sizes[draw]
       batch = next(batches)
+      examples_seen += batch.pop("_examples", global_batch)  # packs: images in them
       if step == 1:  # what the model sees, after preprocessing
         pictures.inputs(0, batch["image"])
       if profile_steps and step == profile_first:
@@ -443,11 +477,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
         profiling = False
-      examples_seen += global_batch
       guard.add(step, metrics.pop("finite"))
       pending.append(metrics)
       if step == start_step + 1:
-        progress.start()
+        progress.start(examples_seen)
 
       do_log, do_eval, do_save = common.due(step, total_steps, config)
       if not (do_log or do_eval or do_save):
@@ -458,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         means = common.mean_metrics(pending)
         loss_history.append((step, means["loss"]))
         rates = progress.update(step, {"loss": means["loss"],
-                                       "lr": means["learning_rate"]})
+                                       "lr": means["learning_rate"]}, examples_seen)
         writer.write_scalars(step, {f"train/{k}": v for k, v in {**means, **rates}.items()})
       if do_eval:
         eval_result = evaluate(step)
@@ -477,6 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   result = {"step": int(state.step), "model_name": config.model_name,
             "num_params": int(num_params), "state_bytes_per_device": state_bytes,
+            "examples_seen": examples_seen,
             **{f"eval_{k}": v for k, v in eval_result.items()}}
   common.write_json(workdir / "results.json", result)
   result["train_loss_history"] = loss_history

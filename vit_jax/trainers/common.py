@@ -143,20 +143,29 @@ class ProgressLine:
     self._last_time: Optional[float] = None
     self._first_step = start_step
     self._start_time: Optional[float] = None
+    self._last_examples: Optional[int] = None
 
-  def start(self) -> None:
+  def start(self, examples_seen: Optional[int] = None) -> None:
     """Call after the first step returned: timing excludes compilation."""
     self._last_time = self._start_time = time.perf_counter()
     self._first_step = self._last_step = self._last_step + 1
+    self._last_examples = examples_seen
 
-  def update(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
-    """Prints the line; returns throughput numbers for the metric writer."""
+  def update(self, step: int, metrics: dict[str, float],
+             examples_seen: Optional[int] = None) -> dict[str, float]:
+    """Prints the line; returns throughput numbers for the metric writer.
+
+    ``examples_seen`` (with ``start``'s): images counted, for steps whose image count
+    varies (packed batches); otherwise steps times ``examples_per_step``.
+    """
     now = time.perf_counter()
     rates = {}
     if self._last_time is not None and step > self._last_step:
       steps_per_sec = (step - self._last_step) / (now - self._last_time)
-      rates = {"steps_per_sec": steps_per_sec,
-               "images_per_sec": steps_per_sec * self.examples_per_step}
+      images_per_sec = steps_per_sec * self.examples_per_step
+      if examples_seen is not None and self._last_examples is not None:
+        images_per_sec = (examples_seen - self._last_examples) / (now - self._last_time)
+      rates = {"steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec}
       overall = (step - self._first_step) / max(now - self._start_time, 1e-9)
       eta = (self.total_steps - step) / overall if overall > 0 else float("nan")
     else:
@@ -169,6 +178,7 @@ class ProgressLine:
       parts.append(f"ETA {format_duration(eta)}")
     console(" | ".join(parts))
     self._last_step, self._last_time = step, now
+    self._last_examples = examples_seen
     return rates
 
 
