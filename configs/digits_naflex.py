@@ -12,7 +12,9 @@ digits ViT (dim 64, depth 4, ``gap``, 4x4 stored position table) as NaFlex
 (``model.naflex``). The default packs the images NaViT-style (``input.packing``: 20
 packs of 64 tokens per step, up to 8 images each, about 64 images); ``:padded`` gives
 every image its own sequence of 36 tokens (the largest size), 64 per step; ``:fixed``
-is the baseline: the plain ViT on the digits resized to 32x32. The test digits are
+is the baseline: the plain ViT on the digits resized to 32x32; ``:dropped`` packs
+with NaViT's token dropping in training (``drop_tokens(0.0, max_rate=0.5)``: each
+image keeps a random 50-100% of its patches, so more images fit a pack). The test digits are
 drawn at mixed sizes too (from a hash of each image: the same sizes for every run);
 ``:fixed`` tests at 32x32. The other test resolution of a finished run is a rerun on
 its workdir with only the eval pp changed (it evaluates the last checkpoint):
@@ -30,7 +32,7 @@ each, 360 test digits, mixed sizes / 32x32): packed 91.94% / 93.33%, padded 93.8
 
 from vit_jax import config_files
 
-VARIANTS = ("", "packed", "padded", "fixed")
+VARIANTS = ("", "packed", "padded", "fixed", "dropped")
 MIXED = "decode|random_size(16, 48, 8, 2.0)|value_range(-1, 1)|naflex(8, 36, upsample=False)"
 
 
@@ -54,6 +56,8 @@ def get_config(arg=None):
     config.input.batch_size = 64
   if arg == "padded":  # one image per sequence, padded to the largest (36 patches)
     config.input.packing = dict(seq_len=36, images_per_pack=1)
+  if arg == "dropped":  # NaViT's continuous token dropping: 0-50% of each image's patches
+    config.input.pp_train = MIXED + "|drop_tokens(0.0, max_rate=0.5)"
   if arg == "fixed":
     config.input.packing = dict(seq_len=0, images_per_pack=0)
     config.input.pp_train = "decode|resize(32)|value_range(-1, 1)"

@@ -317,6 +317,41 @@ def test_random_size_op_keeps_the_range_and_is_fixed_at_eval():
     preprocess.parse("random_size(48, 16)")
 
 
+def test_drop_tokens_keeps_a_random_raster_ordered_subset_in_training_only():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = tf.constant(np.random.default_rng(0).integers(0, 255, (24, 40, 3)), tf.float32)
+  full = preprocess.parse("naflex(8, 36, upsample=False)")({"image": image})
+  n = int(tf.reduce_sum(full["segment_ids"]))  # 3 x 5 patches
+  op = preprocess.parse("naflex(8, 36, upsample=False)|drop_tokens(0.4)")
+  chosen = set()
+  for i in range(8):
+    out = op({"image": image, "_rng": tf.constant([3, i], tf.int64)})
+    kept = int(tf.reduce_sum(out["segment_ids"]))
+    assert kept == int(np.ceil(0.6 * n)) == 9
+    assert out["segment_ids"].numpy().tolist() == [1] * kept + [0] * (36 - kept)
+    positions = out["positions"].numpy()[:kept]
+    flat = positions[:, 0] * 5 + positions[:, 1]
+    assert (np.diff(flat) > 0).all()  # raster order, no repeats
+    np.testing.assert_array_equal(out["patches"].numpy()[:kept],
+                                  full["patches"].numpy()[flat])
+    assert not out["patches"].numpy()[kept:].any()
+    chosen.add(tuple(flat))
+  assert len(chosen) > 1  # a different subset per example seed
+  # Continuous dropping: the rate drawn per image from [0.2, 0.8].
+  kept = {int(tf.reduce_sum(preprocess.parse(
+      "naflex(8, 36, upsample=False)|drop_tokens(0.2, max_rate=0.8)")(
+          {"image": image, "_rng": tf.constant([0, i], tf.int64)})["segment_ids"]))
+          for i in range(16)}
+  assert len(kept) > 2 and min(kept) >= 3 and max(kept) <= 12
+  # Evaluation (no seed): every patch.
+  np.testing.assert_array_equal(op({"image": image})["patches"], full["patches"])
+  for bad in ("drop_tokens(1.0)", "drop_tokens(-0.1)", "drop_tokens(0.5, max_rate=0.2)"):
+    with pytest.raises(ValueError, match="drop_tokens"):
+      preprocess.parse(bad)
+  with pytest.raises(ValueError, match="after naflex"):
+    preprocess.parse("drop_tokens(0.5)")({"image": image, "_rng": tf.constant([0, 0])})
+
+
 def test_trainer_trains_on_packs_and_resumes_bit_identical(tfds_dir, tmp_path):
   """``configs/digits_naflex.py`` (mixed sizes, packed) for 4 tiny steps; the newest
   checkpoint removed, the rerun resumes at step 2 and reproduces steps 3-4 exactly

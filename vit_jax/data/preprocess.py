@@ -12,7 +12,7 @@ the same images, with any parallelism and after a resume.
 
 import ast
 import difflib
-from typing import Callable
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -342,3 +342,50 @@ def naflex(patch_size: int, max_patches: int, antialias: bool = True,
     example["grid_sizes"] = tf.reshape(tf.stack([rows, cols]), (1, 2))
     return example
   return op
+
+
+@register("drop_tokens")
+def drop_tokens(rate: float, max_rate: Optional[float] = None):
+  """NaViT's token dropping, after ``naflex``: in training an image keeps
+  ``ceil((1 - r) * n)`` of its ``n`` patches (at least one), chosen at random and
+  kept in raster order, with ``r = rate``, or drawn uniformly from ``[rate,
+  max_rate]`` per image (NaViT's continuous dropping). The kept patches keep their
+  grid positions (so their position embeddings) and move to the front, the rest
+  becomes padding; packing then fits more images per sequence. At evaluation (no
+  per-example seed) every patch is kept.
+  """
+  top = rate if max_rate is None else max_rate
+  if not (isinstance(rate, (int, float)) and isinstance(top, (int, float))
+          and 0 <= rate <= top < 1):
+    raise ValueError(f"drop_tokens(rate, max_rate) takes 0 <= rate <= max_rate < 1, got "
+                     f"({rate!r}, {max_rate!r})")
+
+  def op(example):
+    if "_op_rng" not in example:
+      return example
+    if "segment_ids" not in example:
+      raise ValueError("drop_tokens works on the naflex op's patches: put it after "
+                       "naflex(...) in the pp string")
+    example = dict(example)
+    rate_seed, order_seed = tf.unstack(
+        tf.random.experimental.stateless_split(example["_op_rng"], 2))
+    valid = tf.cast(example["segment_ids"], tf.bool)
+    length = tf.shape(valid)[0]
+    count = tf.reduce_sum(tf.cast(valid, tf.int32))
+    drawn = tf.random.stateless_uniform([], rate_seed, rate, top) if top > rate else rate
+    kept = tf.maximum(1, tf.cast(tf.math.ceil(
+        (1.0 - drawn) * tf.cast(count, tf.float32)), tf.int32))
+    # Padding sorts last (score 2): the first ``kept`` are a random subset of patches.
+    scores = tf.where(valid, tf.random.stateless_uniform([length], order_seed), 2.0)
+    chosen = tf.sort(tf.argsort(scores)[:kept])
+    pad = length - kept
+    for key in ("patches", "positions"):
+      picked = tf.gather(example[key], chosen)
+      example[key] = tf.ensure_shape(tf.pad(picked, [[0, pad], [0, 0]]),
+                                     example[key].shape)
+    example["segment_ids"] = tf.ensure_shape(
+        tf.pad(tf.ones([kept], example["segment_ids"].dtype), [[0, pad]]),
+        example["segment_ids"].shape)
+    return example
+  return op
+
