@@ -112,6 +112,25 @@ def test_a_family_qwix_cannot_quantize_gets_the_module_to_exclude():
   assert quantization.reached(model, settings, x) == 20  # the mixers' own Denses included
 
 
+def test_qat_settings_pick_a_tower_and_reaching_nothing_is_an_error():
+  """The contrastive trainer's check (``check_inputs=()``: the two-tower init needs no
+  inputs): per-tower targets, and a regex that matches no module."""
+  import sys  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(__file__))
+  from zoo_models import TWO_TOWER  # pylint: disable=g-import-not-at-top
+  model = models.create(TWO_TOWER[0], **TWO_TOWER[1])
+  # Per block q, k, v, out and 2 MLP kernels; the image tower adds its patch embedding.
+  counts = {t: quantization.reached(model, quantization.Settings(targets=t))
+            for t in (".*", "img/.*", "txt/.*")}
+  assert counts == {".*": 27, "img/.*": 13, "txt/.*": 12}, counts
+  assert quantization.from_config(model, {"mode": ""}, check_inputs=()) is model
+  with pytest.raises(ValueError, match="no weight of TwoTower is reached by qwix for "
+                     "targets='image/.*'"):
+    quantization.from_config(model, {"mode": "int8", "targets": "image/.*"},
+                             check_inputs=())
+
+
 def test_qat_trains_through_the_trainer_and_resumes_exactly(tfds_dir, tmp_path):
   """``config.quantization``: fake-quantized (w4a8) training with float parameters;
   a rerun after a kill (the newest checkpoint never committed) ends bit-identical."""
