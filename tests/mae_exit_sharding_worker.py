@@ -11,7 +11,7 @@ by ``sharding.batch_sharding``, as the trainers do:
 - Early exits: stage 2's loss of the exit heads (``early_exit.exit_loss``) on the
   frozen ViT's block tokens and final logits, and its gradients.
 - QAT: the classification trainer's loss through an int8 fake-quantized ViT
-  (``config.quantization``), on ``data=8`` and on ``fsdp=8``.
+  (``config.quantization``), on ``data=2 x fsdp=4`` (batch and parameters split).
 - MixPro: the classification trainer's MixPro loss (MaskMix from a step key, the last
   block's class attention captured in the same forward, progressive attention labels,
   cross-entropy on them) and its gradients.
@@ -40,7 +40,7 @@ VIT = dict(num_classes=10, image_size=16, patch_size=4, hidden_size=32, num_laye
 EXITS = (0,)
 BATCH = 16
 MESHES = {"data8": {"data": 8}}
-QAT_MESHES = {"data8": {"data": 8}, "fsdp8": {"data": 1, "fsdp": 8}}
+QAT_MESHES = {"data2_fsdp4": {"data": 2, "fsdp": 4}}  # both axes, one compile
 
 
 def perturbed(tree, seed):
