@@ -10,6 +10,8 @@ by ``sharding.batch_sharding``, as the trainers do:
   patches, decoder, normalised-pixel MSE on the masked patches) and its gradients.
 - Early exits: stage 2's loss of the exit heads (``early_exit.exit_loss``) on the
   frozen ViT's block tokens and final logits, and its gradients.
+- QAT: the classification trainer's loss through an int8 fake-quantized ViT
+  (``config.quantization``), on ``data=2 x fsdp=4`` (batch and parameters split).
 - MixPro: the classification trainer's MixPro loss (MaskMix from a step key, the last
   block's class attention captured in the same forward, progressive attention labels,
   cross-entropy on them) and its gradients.
@@ -28,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from vit_jax import finetune, models, sharding  # noqa: E402
+from vit_jax import finetune, models, quantization, sharding  # noqa: E402
 from vit_jax.models import early_exit, mae  # noqa: E402
 
 # The smallest models that exercise each path (compiles are the test's cost): a 1-block
@@ -38,6 +40,7 @@ VIT = dict(num_classes=10, image_size=16, patch_size=4, hidden_size=32, num_laye
 EXITS = (0,)
 BATCH = 16
 MESHES = {"data8": {"data": 8}}
+QAT_MESHES = {"data2_fsdp4": {"data": 2, "fsdp": 4}}  # both axes, one compile
 
 
 def perturbed(tree, seed):
@@ -106,11 +109,31 @@ def mixpro_case():
   return loss_fn, params, {}, (images, labels)
 
 
+def qat_case():
+  """The classification trainer's loss through QAT (``quantization.from_config``,
+  int8: fake-quantized dots with per-token activation and per-channel weight scales)."""
+  vit = quantization.from_config(models.create("vit_tiny_patch16_224", **VIT),
+                                 {"mode": "int8"})
+  images = jax.random.normal(jax.random.key(16), (BATCH, 16, 16, 3))
+  labels = jnp.arange(BATCH) % 10
+  params = perturbed(vit.init(jax.random.key(17), images[:1])["params"], 18)
+
+  def loss_fn(params, frozen, images, labels):
+    del frozen
+    logits = vit.apply({"params": params}, images, train=True,
+                       rngs={"dropout": jax.random.key(19)})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return loss_fn, params, {}, (images, labels)
+
+
 def run(case, mesh):
   """Loss and gradients with the trained params laid out by the trainers' rules, frozen
   ones replicated, the batch split."""
   loss_fn, params, frozen, batch = case
-  params = jax.device_put(params, sharding.state_shardings(params, mesh))
+  # fsdp_min_size 0: under fsdp=8 every array that can be split is (as in test_sharding).
+  params = jax.device_put(params, sharding.state_shardings(params, mesh,
+                                                           {"fsdp_min_size": 0}))
   frozen = jax.device_put(frozen, sharding.replicated(mesh))
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):
@@ -122,10 +145,11 @@ def main(out_path: str):
   devices = jax.devices()
   assert len(devices) == 8, devices
   out = {}
-  for name, make in (("mae", mae_case), ("exits", exit_case), ("mixpro", mixpro_case)):
+  for name, make, meshes in (("mae", mae_case, MESHES), ("exits", exit_case, MESHES),
+                             ("mixpro", mixpro_case, MESHES), ("qat", qat_case, QAT_MESHES)):
     case = make()
     loss1, grads1 = run(case, sharding.make_mesh({"data": 1}, devices=devices[:1]))
-    for mesh_name, mesh_config in MESHES.items():
+    for mesh_name, mesh_config in meshes.items():
       loss8, grads8 = run(case, sharding.make_mesh(mesh_config, devices=devices))
       out[f"{name}/{mesh_name}"] = {
           "loss_single": loss1, "loss": loss8, "loss_diff": abs(loss1 - loss8),

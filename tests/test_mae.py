@@ -182,9 +182,15 @@ def test_mae_exit_and_mixpro_losses_on_8_devices_equal_one_device(eight_device_r
   assert proc.returncode == 0, stderr[-3000:]
   with open(out) as f:
     results = json.load(f)
-  assert sorted(results) == ["exits/data8", "mae/data8", "mixpro/data8"]
+  assert sorted(results) == ["exits/data8", "mae/data8", "mixpro/data8",
+                             "qat/data2_fsdp4"]
   for name, result in results.items():
-    assert result["loss_diff"] <= 1e-5 and result["grad_diff"] <= 1e-5, (name, result)
     assert result["grad_norm"] > 0.1, (name, result)  # not trivially zero gradients
+    if name.startswith("qat/"):  # int8 rounding: a float-noise difference that moves a
+      # value across a rounding boundary becomes one quantization step
+      assert result["loss_diff"] <= 1e-3, (name, result)
+      assert result["grad_diff"] <= 0.01 * result["grad_norm"], (name, result)
+      continue
+    assert result["loss_diff"] <= 1e-5 and result["grad_diff"] <= 1e-5, (name, result)
   assert results["mae/data8"]["num_grads"] > 30 and results["exits/data8"]["num_grads"] == 4
   assert results["mixpro/data8"]["num_grads"] > 10

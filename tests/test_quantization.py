@@ -94,6 +94,43 @@ def test_unreachable_family_and_bad_mode_are_named():
     quantization.rules(quantization.Settings(mode="int3"))
 
 
+def test_a_family_qwix_cannot_quantize_gets_the_module_to_exclude():
+  """Vim's gated scan is a 3-operand einsum, which qwix does not quantize: the error
+  names the module and an exclude regex, and with it the rest of the model is reached."""
+  import sys  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(__file__))
+  from zoo_models import ZOO  # pylint: disable=g-import-not-at-top
+  name, overrides, side, _ = ZOO["vim"]
+  model = models.create(name, num_classes=10, **overrides)
+  x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+  with pytest.raises(ValueError, match=r"qwix cannot quantize a call in VisionMamba at "
+                     r"module 'layers_0/mixer' \(Unsupported einsum format.*"
+                     r"exclude='layers_\\d\+/mixer'"):
+    quantization.reached(model, quantization.Settings(mode="int8"), x)
+  settings = quantization.Settings(mode="int8", exclude=r"layers_\d+/mixer")
+  assert quantization.reached(model, settings, x) == 20  # the mixers' own Denses included
+
+
+def test_qat_settings_pick_a_tower_and_reaching_nothing_is_an_error():
+  """The contrastive trainer's check (``check_inputs=()``: the two-tower init needs no
+  inputs): per-tower targets, and a regex that matches no module."""
+  import sys  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(__file__))
+  from zoo_models import TWO_TOWER  # pylint: disable=g-import-not-at-top
+  model = models.create(TWO_TOWER[0], **TWO_TOWER[1])
+  # Per block q, k, v, out and 2 MLP kernels; the image tower adds its patch embedding.
+  counts = {t: quantization.reached(model, quantization.Settings(targets=t))
+            for t in (".*", "img/.*", "txt/.*")}
+  assert counts == {".*": 27, "img/.*": 13, "txt/.*": 12}, counts
+  assert quantization.from_config(model, {"mode": ""}, check_inputs=()) is model
+  with pytest.raises(ValueError, match="no weight of TwoTower is reached by qwix for "
+                     "targets='image/.*'"):
+    quantization.from_config(model, {"mode": "int8", "targets": "image/.*"},
+                             check_inputs=())
+
+
 def test_qat_trains_through_the_trainer_and_resumes_exactly(tfds_dir, tmp_path):
   """``config.quantization``: fake-quantized (w4a8) training with float parameters;
   a rerun after a kill (the newest checkpoint never committed) ends bit-identical."""
@@ -137,3 +174,60 @@ def test_qat_trains_through_the_trainer_and_resumes_exactly(tfds_dir, tmp_path):
                         patch_size=4, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
   _, qvariables = quantization.ptq(model, qat_params, "w4a8", jnp.zeros((1, 16, 16, 3)))
   assert quantization.quantized_count(qvariables) == 7  # q, k, v, out, 2 MLP, head
+
+
+# ---------------------------------------------------------------- the contrastive trainer
+
+@pytest.fixture(scope="module")
+def clip_pool(tmp_path_factory):
+  from vit_jax.tools import make_pool  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.mktemp("pool"))
+  make_pool.make_pool(directory, num_samples=48, samples_per_shard=24, eval_renders=1)
+  return directory
+
+
+def _train_clip(pool, workdir, **settings):
+  """The tiny CLIP of test_contrastive_train, 4 steps, checkpoints at 2 and 4."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from test_contrastive_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import contrastive  # pylint: disable=g-import-not-at-top
+  config = tiny_config(pool, **{"total_steps": 4, "checkpoint_every": 2, "log_every": 1,
+                                "keep_checkpoints": 3, "input.record_keys": False,
+                                **{f"quantization.{k}": v for k, v in settings.items()}})
+  config.evals = ml_collections.ConfigDict()  # the evaluators' compiles cost seconds
+  return contrastive.train_and_evaluate(config, str(workdir))
+
+
+def test_contrastive_qat_trains_and_resumes_exactly(clip_pool, tmp_path):
+  """``config.quantization`` in the contrastive trainer: both towers fake-quantized
+  (int8); a rerun after a kill (step 4 never committed) ends bit-identical, and the
+  float run ends elsewhere."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  def state(path):
+    arrays = checkpoint.load_state_arrays(str(path / "checkpoints" / "4"))
+    return jax.tree_util.tree_leaves_with_path(
+        {"params": arrays["params"], "opt_state": arrays["opt_state"]})
+
+  reference = _train_clip(clip_pool, tmp_path / "qat", mode="int8")
+  losses = [loss for _, loss in reference["train_loss_history"]]
+  assert len(losses) == 4 and np.isfinite(losses).all(), losses
+  killed = tmp_path / "killed"
+  shutil.copytree(tmp_path / "qat", killed)
+  shutil.rmtree(killed / "checkpoints" / "4")
+  (killed / "results.json").unlink()
+  resumed = _train_clip(clip_pool, killed, mode="int8")
+  assert [s for s, _ in resumed["train_loss_history"]] == [3, 4]
+  assert resumed["train_loss_history"] == reference["train_loss_history"][2:]
+  for (name, a), (_, b) in zip(state(tmp_path / "qat"), state(killed), strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(name))
+
+  floats = _train_clip(clip_pool, tmp_path / "float", mode="")
+  assert floats["train_loss_history"][0] != reference["train_loss_history"][0]
+  qat = dict(state(tmp_path / "qat"))
+  differ = [jax.tree_util.keystr(name) for name, a in state(tmp_path / "float")
+            if "kernel" in jax.tree_util.keystr(name) and "params" in
+            jax.tree_util.keystr(name) and np.abs(a - qat[name]).max() > 1e-5]
+  # Every kernel of both towers trained differently (the embeddings are no dots).
+  assert any("'img'" in n for n in differ) and any("'txt'" in n for n in differ), differ

@@ -21,6 +21,7 @@ checkpoints, resumes and is post-training quantized like any other.
 """
 
 import dataclasses
+import re
 from typing import Any, Optional
 
 import jax
@@ -87,11 +88,57 @@ def qat_model(model: nn.Module, settings: Settings) -> nn.Module:
   return qwix.quantize_model(model, qwix.QtProvider(rules(settings, training=True)))
 
 
-def from_config(model: nn.Module, config: Optional[Any]) -> nn.Module:
-  """The QAT model ``config.quantization`` asks for (``mode`` set), else ``model``."""
+def _innermost_module_path(traceback) -> Optional[str]:
+  """The Flax path of the innermost module whose method is on ``traceback``."""
+  path = None
+  while traceback is not None:
+    owner = traceback.tb_frame.f_locals.get("self")
+    if isinstance(owner, nn.Module) and owner.scope is not None:
+      path = "/".join(owner.scope.path)
+    traceback = traceback.tb_next
+  return path
+
+
+def _init(model: nn.Module, init: Any, settings: Settings) -> Any:
+  """``init()``, with qwix's error on an op it cannot quantize (the gated scan's
+  3-operand einsum of ViG and Vim) turned into one naming the module and the way out."""
+  try:
+    return init()
+  except ValueError as e:
+    if "Unsupported einsum format" not in str(e):
+      raise
+    where = _innermost_module_path(e.__traceback__)
+    every = re.sub(r"_\d+(?=/|$)", r"_\\d+", where or "")  # the module in every block
+    raise ValueError(
+        f"quantization: qwix cannot quantize a call in {type(model).__name__} at module "
+        f"{where!r} ({str(e).split(' operands=')[0]}); keep that module float with "
+        f"quantization.exclude, e.g. exclude='{every}' (a regex matching whole module "
+        "paths: its sub-modules stay quantized)") from None
+
+
+def reached(model: nn.Module, settings: Settings, *inputs: Any, **kwargs: Any) -> int:
+  """How many weights of ``model`` (initialised with ``inputs``, arrays or
+  ``jax.ShapeDtypeStruct``s) the rules of ``settings`` quantize; only shapes are traced."""
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules(settings)))
+  abstract = _init(model, lambda: jax.eval_shape(
+      lambda *x: qmodel.init(jax.random.key(0), *x, train=False, **kwargs), *inputs),
+                   settings)
+  return sum(map(_with_aux, jax.tree.leaves(abstract, is_leaf=_with_aux)))
+
+
+def from_config(model: nn.Module, config: Optional[Any],
+                check_inputs: Optional[tuple] = None) -> nn.Module:
+  """The QAT model ``config.quantization`` asks for (``mode`` set), else ``model``.
+
+  With ``check_inputs`` (the inputs ``model.init`` takes; ``()`` for none) a setting
+  that reaches no weight of the model is an error rather than a float run in disguise.
+  """
   if not config or not config.get("mode"):
     return model
-  return qat_model(model, Settings.from_config(config))
+  settings = Settings.from_config(config)
+  if check_inputs is not None:
+    _check_reached(model, reached(model, settings, *check_inputs), settings)
+  return qat_model(model, settings)
 
 
 def ptq(model: nn.Module, variables: dict, settings: Settings | str, sample: jax.Array
@@ -104,8 +151,8 @@ def ptq(model: nn.Module, variables: dict, settings: Settings | str, sample: jax
     settings = Settings(mode=settings)
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules(settings)))
   sample = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
-  abstract = jax.eval_shape(
-      lambda x: qmodel.init(jax.random.key(0), x, train=False), sample)
+  abstract = _init(model, lambda: jax.eval_shape(
+      lambda x: qmodel.init(jax.random.key(0), x, train=False), sample), settings)
   params = qwix.quantize_params(variables["params"], abstract["params"])
   others = {k: v for k, v in variables.items() if k != "params"}
   _check_reached(model, quantized_count(params), settings)

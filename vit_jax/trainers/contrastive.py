@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import config_checks, losses, models, optim, sharding
+from vit_jax import config_checks, losses, models, optim, quantization, sharding
 from vit_jax.data import image_text, preprocess
 from vit_jax.data.tokenizer import Tokenizer
 from vit_jax.evaluators import retrieval as retrieval_eval
@@ -110,6 +110,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not hasattr(model, "logit_scale_init"):
     raise ValueError(f"{config.model_name!r} is not a two-tower model; use one of "
                      f"{', '.join(models.list_models(family='two_tower'))}")
+  # QAT: fake-quantized dots in both towers, or those config.quantization.targets
+  # matches (e.g. "img/.*" for the image tower); parameters stay float.
+  model = quantization.from_config(model, config.get("quantization"), check_inputs=())
   schedule = optim.learning_rate_schedule(
       config.optimizer.learning_rate, total_steps,
       warmup_steps=config.schedule.warmup_steps, decay=config.schedule.decay,
