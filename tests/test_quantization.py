@@ -174,6 +174,12 @@ def test_qat_trains_through_the_trainer_and_resumes_exactly(tfds_dir, tmp_path):
                         patch_size=4, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
   _, qvariables = quantization.ptq(model, qat_params, "w4a8", jnp.zeros((1, 16, 16, 3)))
   assert quantization.quantized_count(qvariables) == 7  # q, k, v, out, 2 MLP, head
+  # Targets that match no module: an error before any step, not a float run.
+  with pytest.raises(ValueError, match="reached by qwix for targets='nothing/.*'"):
+    train_in_process(tfds_dir, tmp_path / "nothing", "vit_tiny_patch16_224", steps=6,
+                     image_size=16, patch_size=4, hidden_size=32, num_layers=1,
+                     num_heads=2, mlp_dim=64, config_overrides={
+                         "quantization.mode": "int8", "quantization.targets": "nothing/.*"})
 
 
 # ---------------------------------------------------------------- the contrastive trainer

@@ -115,7 +115,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- model and optimizer
   model_kwargs = {"num_classes": num_classes, **config.model.to_dict()}
   model = models.create(config.model_name, **model_kwargs)
-  model = quantization.from_config(model, config.get("quantization"))  # QAT
+  # QAT; settings that reach no weight are an error, checked on the input's shape
+  # (NaFlex models take patch dicts: not checked).
+  image_spec = jax.ShapeDtypeStruct(
+      models.input_shape(config.model_name, **config.model.to_dict()), jnp.float32)
+  model = quantization.from_config(
+      model, config.get("quantization"),
+      check_inputs=None if config.model.get("naflex") else (image_spec,))
   lora_config = config.get("lora")
   if lora_config and lora_config.get("rank"):
     model = lora.LoRA(base=model, rank=lora_config.rank, alpha=lora_config.alpha,
