@@ -7,8 +7,11 @@ r"""The digits demo ViT with outlier-robust attention, then int8 PTQ (docs/quant
 Clipped softmax (zeta 1, gamma -0.03) and gated attention (Quantizable Transformers;
 see vit_jax/models/robust_ops.py) in every block; everything else as
 configs/digits_vit.py. `:integer` instead runs I-ViT's integer ops (Shiftmax,
-ShiftGELU, I-LayerNorm; straight-through gradients). Measured numbers: see
-docs/quantization.md, "Outlier-robust attention".
+ShiftGELU, I-LayerNorm; straight-through gradients).
+
+Measured (1,000 steps, seed 0, 360 test digits, loaded 2-core CPU; docs/quantization.md,
+"Outlier-robust attention"): 98.89% float and 99.17% int8 PTQ (the plain model trained
+alike: 98.89% and 98.61%); `:integer` 98.89%, int8 PTQ 98.61%.
 """
 
 from vit_jax import config_files
