@@ -35,7 +35,10 @@ class MultiHeadDotProductAttention(nn.Module):
   the many timm models built with ``qkv_bias=False`` and a biased output projection.
   ``qk_norm`` normalises queries and keys per head (LayerNorm over ``head_dim``,
   scale only: ``query_ln``/``key_ln``, Flax's ``normalize_qk``), as ViT-22B and
-  vmoe's Soft MoE models do.
+  vmoe's Soft MoE models do. ``gate`` multiplies each head's output by a sigmoid gate
+  computed from the query token (``gate/{kernel,bias}``, ``[dim, heads]``): gated
+  attention of Bondarenko et al. 2023 ("Quantizable Transformers"), which lets a head
+  do nothing without pushing its softmax to outliers.
   """
   num_heads: int
   out_features: Optional[int] = None
@@ -48,6 +51,7 @@ class MultiHeadDotProductAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
   attention_fn: Callable = dot_product_attention
+  gate: bool = False
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None, *,
@@ -85,6 +89,11 @@ class MultiHeadDotProductAttention(nn.Module):
     else:  # Fused kernels cannot drop attention weights: use the reference.
       out = dot_product_attention(query, key, value, bias=bias, mask=mask,
                                   dropout_fn=dropout_fn)
+    if self.gate:  # [batch, q_len, heads]: one gate per token and head
+      gate = nn.DenseGeneral(features=self.num_heads, kernel_init=self.kernel_init,
+                             dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="gate")(inputs_q)
+      out = out * nn.sigmoid(gate)[..., None].astype(out.dtype)
     return nn.DenseGeneral(features=features, axis=(-2, -1), use_bias=self.use_bias,
                            kernel_init=self.kernel_init, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="out")(out)

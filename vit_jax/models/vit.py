@@ -88,6 +88,7 @@ inside the compact ``__call__``, so it may create submodules and parameters.
   (see ``moe``).
 """
 
+import functools
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -100,7 +101,7 @@ import numpy as np
 
 from vit_jax import kernels
 from vit_jax import sharding
-from vit_jax.models import layers, moe as moe_lib, token_reduction
+from vit_jax.models import layers, moe as moe_lib, robust_ops, token_reduction
 from vit_jax.models.convert import StateDict, register_timm_converter
 from vit_jax.models.registry import register_variant
 
@@ -218,10 +219,14 @@ class Encoder1DBlock(nn.Module):
   norm_epsilon: float = 1e-6
   qkv_bias: bool = True  # timm's qkv_bias=False drops only the query/key/value biases
   qk_norm: bool = False  # per-head LayerNorm of queries and keys (Soft MoE models)
+  ops: robust_ops.BlockOps = robust_ops.BlockOps()  # gate, ShiftGELU, I-LayerNorm
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def norm(self, name: str) -> nn.Module:
+    if self.ops.norm == "ilayernorm":
+      return robust_ops.ILayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name=name)
     return nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
                         param_dtype=self.param_dtype, name=name)
 
@@ -236,7 +241,7 @@ class Encoder1DBlock(nn.Module):
     return layers.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
         qkv_bias=self.qkv_bias, qk_norm=self.qk_norm,
-        attention_fn=attention_fn or self.attention_fn,
+        attention_fn=attention_fn or self.attention_fn, gate=self.ops.attention_gate,
         dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadDotProductAttention_1")(y, bias=bias, mask=mask, train=train)
 
@@ -248,7 +253,9 @@ class Encoder1DBlock(nn.Module):
   def mlp(self, y: Array, *, train: bool) -> Array:
     """The MLP branch on normed tokens (before drop path)."""
     return layers.MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                           gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+                           gelu_approximate=self.gelu_approximate,
+                           activation=robust_ops.activation_fn(self.ops.activation),
+                           dtype=self.dtype,
                            param_dtype=self.param_dtype, name="MlpBlock_3")(y, train=train)
 
   @nn.compact
@@ -362,6 +369,7 @@ class Encoder(nn.Module):
   norm_epsilon: float = 1e-6
   posemb_grid: Optional[tuple[int, int]] = None  # stored table's grid (then resampled)
   qk_norm: bool = False
+  ops: robust_ops.BlockOps = robust_ops.BlockOps()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -386,8 +394,8 @@ class Encoder(nn.Module):
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, drop_path_rate=drop_path_rate,
         gelu_approximate=self.gelu_approximate, attention_fn=self.attention_fn,
-        norm_epsilon=self.norm_epsilon, qk_norm=self.qk_norm, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name, **settings)
+        norm_epsilon=self.norm_epsilon, qk_norm=self.qk_norm, ops=self.ops,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name, **settings)
 
   def run_blocks(self, x: Array, *, mask: Optional[Array], train: bool) -> Array:
     """Every block in turn (or one ``nn.scan``), sowing ``block_{i}`` after each."""
@@ -419,13 +427,14 @@ class Encoder(nn.Module):
   def __call__(self, x: Array, *, mask: Optional[Array] = None, grid: Any = None,
                train: bool = False) -> Array:
     x = self.add_position_embedding(x, grid)
+    norm = robust_ops.ILayerNorm if self.ops.norm == "ilayernorm" else nn.LayerNorm
     if self.pre_norm:
-      x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="norm_pre")(x)
+      x = norm(epsilon=self.norm_epsilon, dtype=self.dtype,
+               param_dtype=self.param_dtype, name="norm_pre")(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     x = self.run_blocks(sharding.constrain_batch(x), mask=mask, train=train)
-    return nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="encoder_norm")(x)
+    return norm(epsilon=self.norm_epsilon, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="encoder_norm")(x)
 
 
 class TokenReductionEncoder(Encoder):
@@ -555,6 +564,15 @@ class VisionTransformer(nn.Module):
       its keep marks - rho**s)**2`` into the ``aux`` collection, which the
       classification trainer adds to the loss (as MoE's auxiliary losses).
     qk_norm: per-head LayerNorm of queries and keys (vmoe's Soft MoE models).
+    attention_softmax: "softmax" (the ViT), "clipped" (``clip((softmax_zeta -
+      softmax_gamma) * softmax + softmax_gamma, 0, 1)``, Quantizable Transformers) or
+      "shiftmax" (I-ViT's integer softmax); see ``robust_ops``. Needs the XLA
+      attention (``attention_impl="xla"``): the fused kernels have the plain softmax.
+    attention_gate: gated attention (Quantizable Transformers): each head's output
+      times a sigmoid gate from its token (``MultiHeadDotProductAttention_1/gate``).
+    mlp_activation: "gelu" or "shiftgelu" (I-ViT's integer GELU).
+    norm_type: "layernorm" or "ilayernorm" (I-ViT's integer LayerNorm, same
+      parameters) for every LayerNorm of the encoder.
     moe: mixture-of-experts MLPs, a mapping of ``moe_lib.MoeSettings`` fields
       (``layers``, ``num_experts``, ``router`` "soft" | "top1" | "top2",
       ``capacity_factor``, ``num_slots``, ...); None or empty ``layers``: dense.
@@ -593,6 +611,12 @@ class VisionTransformer(nn.Module):
   token_pruning_ratio_weight: float = 2.0
   qk_norm: bool = False
   moe: Optional[Mapping[str, Any]] = None
+  attention_softmax: str = "softmax"
+  softmax_zeta: float = 1.0
+  softmax_gamma: float = -0.03
+  attention_gate: bool = False
+  mlp_activation: str = "gelu"
+  norm_type: str = "layernorm"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -615,6 +639,13 @@ class VisionTransformer(nn.Module):
                          "attention_dropout_rate=0")
       return kernels.linear_attention_fn(self.attention_impl,
                                          feature_map=self.linear_feature_map)
+    if self.attention_softmax != "softmax":
+      if self.attention_impl != "xla":
+        raise ValueError(f"attention_softmax={self.attention_softmax!r} runs in the "
+                         "XLA attention only; set attention_impl='xla' (the fused "
+                         f"{self.attention_impl!r} kernels compute the plain softmax)")
+      return functools.partial(layers.dot_product_attention, softmax_fn=robust_ops.softmax_fn(
+          self.attention_softmax, zeta=self.softmax_zeta, gamma=self.softmax_gamma))
     if self.attention_impl == "xla":
       return layers.dot_product_attention  # exactly the original model
     if (self.attention_impl in ("pallas", "pallas_triton")
@@ -643,6 +674,11 @@ class VisionTransformer(nn.Module):
     if self.flexi_resize not in _resample().PATCH_KERNEL_METHODS:
       raise ValueError(f"flexi_resize must be one of {_resample().PATCH_KERNEL_METHODS}, "
                        f"got {self.flexi_resize!r}")
+    robust_ops.check_settings(
+        attention_softmax=self.attention_softmax, softmax_zeta=self.softmax_zeta,
+        softmax_gamma=self.softmax_gamma, mlp_activation=self.mlp_activation,
+        norm_type=self.norm_type, attention=self.attention,
+        attention_dropout_rate=self.attention_dropout_rate)
     token_reduction.check_settings(
         token_merging=self.token_merging, token_keep_rate=self.token_keep_rate,
         num_prefix_tokens=self.num_prefix_tokens, scan_layers=self.scan_layers,
@@ -656,6 +692,11 @@ class VisionTransformer(nn.Module):
       if any(np.atleast_1d(self.token_merging)) or self.token_keep_rate < 1.0 or self.token_pruning < 1.0:
         raise ValueError("moe cannot be combined with token_merging/token_keep_rate/token_pruning "
                          "(token reduction builds its own blocks)")
+
+  @property
+  def block_ops(self) -> robust_ops.BlockOps:
+    return robust_ops.BlockOps(attention_gate=bool(self.attention_gate),
+                               activation=self.mlp_activation, norm=self.norm_type)
 
   @property
   def moe_settings(self) -> Optional[moe_lib.MoeSettings]:
@@ -761,7 +802,7 @@ class VisionTransformer(nn.Module):
                    attention_fn=self._attention_fn(), remat_policy=self.remat_policy,
                    scan_layers=self.scan_layers, norm_epsilon=self.norm_epsilon,
                    posemb_grid=self.stored_posemb_grid, qk_norm=self.qk_norm,
-                   dtype=self.compute_dtype,
+                   ops=self.block_ops, dtype=self.compute_dtype,
                    param_dtype=self.storage_dtype, name="Transformer", **settings)
 
   @property

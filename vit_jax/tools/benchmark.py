@@ -4,6 +4,7 @@ r"""Speed, FLOPs, memory and MFU of the registered models, beside timm.
   python -m vit_jax.tools.benchmark --model=vit_base_patch16_224 --mode=train,infer \
       --batch=256 --dtype=bfloat16 --compare=timm
   python -m vit_jax.tools.benchmark --all --mode=infer --batch=8 --csv=bench.csv
+  python -m vit_jax.tools.benchmark --model=vit_small_patch16_224 --batch=8 --quantize=int8
 
 For each model and mode, on the current JAX backend:
 
@@ -37,6 +38,12 @@ timm) in timm in a worker process (``vit_jax.tools.benchmark_timm``): eager and
 (``--threads``, default: the CPUs this process may use), on the same device. Its
 repeats are interleaved with the JAX repeats (JAX, timm eager, timm compiled, JAX,
 ...), so a loaded machine slows all of them alike; the ratio ours/timm is printed.
+
+``--quantize=MODE`` (inference; a ``vit_jax.quantization.MODES`` name: int8, fp8, ...)
+also times the qwix post-training-quantized model (same weights, dynamic activation
+scales), its repeats interleaved with the float ones, and prints the speed ratio
+quantized / float: whether the quantized program is faster on this backend, whatever
+the answer.
 
 ``--model`` takes a comma-separated list; names that are not registered are skipped
 with a note (so one table command runs on any checkout, whatever it registers). ``--all``
@@ -125,6 +132,10 @@ class Row:
   timm_eager_ms_repeats: str = ""
   timm_compile_ms_repeats: str = ""
   timm_params: Optional[int] = None
+  quantize: str = ""
+  quantized_images_per_s: Optional[float] = None
+  quantized_ms_repeats: str = ""
+  ratio_quantized_vs_float: Optional[float] = None
   note: str = ""
 
 
@@ -295,11 +306,13 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
               warmup: int = 2, steps: int = 3, repeats: int = 5,
               threads: Optional[int] = None,
               peak: Optional[float] = None,
-              timm_kwargs: Optional[dict] = None) -> Row:
+              timm_kwargs: Optional[dict] = None,
+              quantize: Optional[str] = None) -> Row:
   """Benchmarks one model in one mode; see the module docstring.
 
   ``timm_kwargs``: with ``overrides``, the ``timm.create_model`` arguments that build
   the same architecture, so that timm is compared (the caller vouches for the match).
+  ``quantize``: a quantization mode timed beside the float model (inference only).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
@@ -324,6 +337,13 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
     step_flops = compiled_flops(compiled)
     if step_flops:
       row.step_gflops_per_image = step_flops / batch / 1e9
+
+  quantized = None
+  if quantize:
+    if mode != "infer":
+      raise ValueError(f"--quantize times inference; got mode={mode!r}")
+    quantized = _quantized_program(name, overrides, args, quantize)
+    row.quantize = quantize
 
   worker = None
   if compare == "timm":
@@ -350,11 +370,16 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
   try:
     for _ in range(warmup):
       _, args = time_repeat(step, args, mode, 1)
-    ours = []
+    ours, ours_quantized = [], []
+    if quantized is not None:
+      for _ in range(warmup):
+        time_repeat(*quantized, mode, 1)
     theirs = {impl: [] for impl in timm_impls}
     for _ in range(repeats):  # interleaved: ours, timm eager, timm compiled, ours, ...
       seconds, args = time_repeat(step, args, mode, steps)
       ours.append(seconds)
+      if quantized is not None:
+        ours_quantized.append(time_repeat(*quantized, mode, steps)[0])
       if worker is not None:
         for impl in timm_impls:
           theirs[impl].append(worker.time_repeat(impl))
@@ -366,6 +391,10 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
   row.step_ms = step_s * 1e3
   row.step_ms_repeats = " ".join(f"{s * 1e3:.1f}" for s in ours)
   row.images_per_s = batch / step_s
+  if ours_quantized:
+    row.quantized_images_per_s = batch / statistics.median(ours_quantized)
+    row.quantized_ms_repeats = " ".join(f"{s * 1e3:.1f}" for s in ours_quantized)
+    row.ratio_quantized_vs_float = row.quantized_images_per_s / row.images_per_s
   if worker is not None:
     for impl, times in theirs.items():
       ips = batch / statistics.median(times)
@@ -388,6 +417,19 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
     model_gflops = row.fwd_gflops_per_image * (3 if mode == "train" else 1)
     row.mfu = model_gflops * row.images_per_s / (peak * 1e3)
   return row
+
+
+def _quantized_program(name: str, overrides: dict, args: tuple, mode: str):
+  """``(compiled quantized forward, its args)`` for the float program's ``args``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import models, quantization  # pylint: disable=g-import-not-at-top
+  params, model_state, images = args
+  model = models.create(name, **overrides)
+  qmodel, qvariables = quantization.ptq(model, {"params": params, **model_state}, mode,
+                                        images[:1])
+  compiled = jax.jit(lambda v, x: qmodel.apply(v, x, train=False)).lower(
+      qvariables, images).compile()
+  return compiled, (qvariables, images)
 
 
 def _fmt(value, digits=1) -> str:
@@ -424,6 +466,10 @@ def print_row(row: Row) -> None:
       ratio = getattr(row, f"ratio_vs_timm_{impl}")
       print(f"  timm {impl:<8}       {_fmt(ips, 2)} images/s  -> ours/timm = {ratio:.2f}x  "
             f"(repeats: {getattr(row, f'timm_{impl}_ms_repeats')} ms)")
+  if row.quantized_images_per_s is not None:
+    print(f"  {row.quantize:<19} {_fmt(row.quantized_images_per_s, 2)} images/s  -> "
+          f"{row.quantize}/float = {row.ratio_quantized_vs_float:.2f}x  (repeats: "
+          f"{row.quantized_ms_repeats} ms)")
   if row.note:
     print(f"  note: {row.note}")
 
@@ -498,6 +544,8 @@ def define_flags() -> None:
       "markdown", None, "Write a Markdown table here (replacing the marked table if "
       "the file has one).")
   flags.DEFINE_string("json", None, "Write the rows (and the machine) as JSON.")
+  flags.DEFINE_string("quantize", None, "Also time the qwix-quantized model in this "
+                      "mode (int8, fp8, ...; inference) and print quantized/float.")
 
 
 def main(argv):
@@ -538,7 +586,7 @@ def main(argv):
                           compare=FLAGS.compare, timm_impls=FLAGS.timm_impls,
                           warmup=FLAGS.warmup, steps=FLAGS.steps,
                           repeats=FLAGS.repeats, threads=threads,
-                          peak=FLAGS.peak_tflops)
+                          peak=FLAGS.peak_tflops, quantize=FLAGS.quantize)
         except Exception as e:  # pylint: disable=broad-except
           if not (FLAGS.all or len(names) > 1):
             raise

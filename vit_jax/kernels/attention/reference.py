@@ -19,7 +19,8 @@ Array = jax.Array
 def attention_reference(query: Array, key: Array, value: Array, *,
                         bias: Optional[Array] = None, mask: Optional[Array] = None,
                         dropout_fn: Optional[Callable[[Array], Array]] = None,
-                        segment_ids: Optional[Array] = None) -> Array:
+                        segment_ids: Optional[Array] = None,
+                        softmax_fn: Optional[Callable[..., Array]] = None) -> Array:
   """Softmax attention over ``[batch, tokens, heads, head_dim]``.
 
   Args:
@@ -31,6 +32,9 @@ def attention_reference(query: Array, key: Array, value: Array, *,
     segment_ids: integer ``[batch, tokens]`` (self-attention: ``q_len == kv_len``);
       query ``i`` attends to key ``j`` only where ``segment_ids`` agree (combined
       with ``mask``). Padding is a segment of its own: it never reaches real tokens.
+    softmax_fn: ``f(logits, axis=-1)`` in place of ``jax.nn.softmax`` (the
+      outlier-robust and integer softmaxes of ``vit_jax.models.robust_ops``); masked
+      logits reach it as the float32 minimum.
   """
   if segment_ids is not None:
     segment_mask = segment_attention_mask(segment_ids, query.shape[1], key.shape[1])
@@ -41,7 +45,8 @@ def attention_reference(query: Array, key: Array, value: Array, *,
     logits = logits + bias.astype(logits.dtype)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+  softmax_fn = softmax_fn or jax.nn.softmax
+  weights = softmax_fn(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
   if dropout_fn is not None:
     weights = dropout_fn(weights)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
