@@ -54,6 +54,37 @@ def test_int8_program_computes_in_int8(vit):
   assert 0 < relative < 0.05, relative
 
 
+def test_static_scales_come_from_a_calibration_pass(vit):
+  """``Settings(static=True)``: the dense layers' input scales are fixed from the mean
+  per-position absmax over the calibration batches; dots still int8; the scales are
+  stored with the checkpoint's arrays."""
+  model, variables, images = vit
+  settings = quantization.Settings(mode="int8", static=True)
+  with pytest.raises(ValueError, match="calibration pass"):
+    quantization.ptq(model, variables, settings, images)
+  with pytest.raises(ValueError, match="weight-only"):
+    quantization.rules(quantization.Settings(mode="int4", static=True))
+  stats = quantization.calibrate(model, variables, settings, [images, -images[::-1]])
+  mlp_in = stats["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"][
+      "dot_general0_lhs"]
+  assert int(mlp_in["count"]) == 2 and mlp_in["sum_of_absmax"].shape == (1, 17, 1)
+  qmodel, qvariables = quantization.ptq(model, variables, settings, images, stats)
+  scale = qvariables["params"]["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"][
+      "dot_general0_lhs_scale"].array
+  # qwix maps the absmax to 127.5 (symmetric int8, rounding to nearest).
+  np.testing.assert_allclose(np.asarray(scale) * 127.5,
+                             np.asarray(mlp_in["sum_of_absmax"]) / 2, rtol=1e-5)
+  predict = jax.jit(lambda v, x: qmodel.apply(v, x, train=False))
+  dots = _operand_types(predict.lower(qvariables, images).compile().as_text(), "dot")
+  assert len(dots) == 9 and all(t == ("s8", "s8") for t in dots), dots
+  expected = model.apply(variables, images, train=False)
+  relative = jnp.abs(predict(qvariables, images) - expected).max() / jnp.abs(expected).max()
+  assert 0 < relative < 0.05, relative
+  abstract = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), images, train=False))
+  restored = quantization.from_storage(quantization.to_storage(qvariables), abstract)
+  np.testing.assert_array_equal(predict(restored, images), predict(qvariables, images))
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_checkpoint_round_trip_and_size(vit, mode, tmp_path):
   model, variables, images = vit

@@ -10,8 +10,12 @@ the sharding rules). Modes (``MODES``):
   fp8    weights and activations float8_e4m3fn
 
 qwix quantizes a convolution only when weights and activations share one type, so in
-int4 and w4a8 the convolutions (patch embeddings) stay float. Activations are scaled per token at run time (dynamic range), so PTQ needs no
-calibration data.
+int4 and w4a8 the convolutions (patch embeddings) stay float. By default activations
+are scaled per token at run time (dynamic range), so PTQ needs no calibration data.
+``Settings(static=True)`` gives the dense layers' inputs fixed scales instead, from a
+calibration pass (``calibrate``: the mean per-position absmax over a few batches; static
+range quantization), so the program computes no activation ranges at run time; the
+attention's activation-by-activation einsums keep dynamic scales.
 
   qmodel, qvariables = quantization.ptq(model, variables, "int8", sample_images)
   logits = qmodel.apply(qvariables, images, train=False)  # int8 dots in the program
@@ -22,7 +26,7 @@ checkpoints, resumes and is post-training quantized like any other.
 
 import dataclasses
 import re
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +50,7 @@ class Settings:
   mode: str = "int8"
   targets: str = ".*"
   exclude: Optional[str] = None
+  static: bool = False  # calibrated activation scales of the dense layers (see above)
 
   @classmethod
   def from_config(cls, config: Any) -> "Settings":
@@ -64,8 +69,36 @@ def rules(settings: Settings, *, training: bool = False) -> list:
     found.append(rule_type(module_path=settings.exclude))
   if kwargs.get("act_qtype") != kwargs["weight_qtype"]:  # see the module docstring
     found.append(rule_type(module_path=settings.targets, op_names=("conv_general_dilated",)))
+  if settings.static:
+    if "act_qtype" not in kwargs:
+      raise ValueError(f"quantization: static activation scales need a mode that "
+                       f"quantizes activations; {settings.mode!r} is weight-only")
+    found.append(rule_type(module_path=settings.targets, op_names=("dot_general",),
+                           act_static_scale=True, act_calibration_method="absmax",
+                           **kwargs))
   found.append(rule_type(module_path=settings.targets, **kwargs))
   return found
+
+
+def calibrate(model: nn.Module, variables: dict, settings: Settings,
+              batches: Iterable[Any]) -> dict:
+  """The activation statistics ``ptq`` needs for ``settings.static``: ``model``'s
+  inputs to each quantized dense layer over ``batches``, averaged (qwix's
+  ``quant_stats`` collection)."""
+  qmodel = qwix.quantize_model(model, qwix.QtProvider(rules(settings, training=True)))
+
+  @jax.jit
+  def step(stats, images):
+    _, updated = qmodel.apply({**variables, **stats}, images, train=False,
+                              mutable=["quant_stats"])
+    return updated
+
+  stats, count = {}, 0
+  for images in batches:
+    stats, count = step(stats, jnp.asarray(images)), count + 1
+  if not count:
+    raise ValueError("quantization.calibrate: no calibration batches")
+  return stats["quant_stats"]
 
 
 def quantized_count(variables: Any) -> int:
@@ -141,20 +174,26 @@ def from_config(model: nn.Module, config: Optional[Any],
   return qat_model(model, settings)
 
 
-def ptq(model: nn.Module, variables: dict, settings: Settings | str, sample: jax.Array
-        ) -> tuple[nn.Module, dict]:
+def ptq(model: nn.Module, variables: dict, settings: Settings | str, sample: jax.Array,
+        quant_stats: Optional[dict] = None) -> tuple[nn.Module, dict]:
   """Post-training quantization: ``(quantized model, quantized variables)``.
 
-  ``sample`` is an input batch of the right shape (its values are not used). Raises ValueError when the rules reach no weight of the model.
+  ``sample`` is an input batch of the right shape (its values are not used);
+  ``quant_stats`` (from ``calibrate``) is needed with ``settings.static``. Raises
+  ValueError when the rules reach no weight of the model.
   """
   if isinstance(settings, str):
     settings = Settings(mode=settings)
+  if settings.static and not quant_stats:
+    raise ValueError("quantization: static activation scales need the statistics of a "
+                     "calibration pass (quantization.calibrate)")
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules(settings)))
   sample = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
   abstract = _init(model, lambda: jax.eval_shape(
       lambda x: qmodel.init(jax.random.key(0), x, train=False), sample), settings)
-  params = qwix.quantize_params(variables["params"], abstract["params"])
-  others = {k: v for k, v in variables.items() if k != "params"}
+  params = qwix.quantize_params(variables["params"], abstract["params"],
+                                quant_stats or {})
+  others = {k: v for k, v in variables.items() if k not in ("params", "quant_stats")}
   _check_reached(model, quantized_count(params), settings)
   return qmodel, {"params": params, **others}
 
@@ -189,6 +228,8 @@ def from_storage(stored: Any, abstract: Any) -> Any:
     if not _with_aux(template):
       return value
     qarray = template.array
+    if not isinstance(qarray, qwix.QArray):  # a calibrated activation scale
+      return template.replace(array=jnp.asarray(value, qarray.dtype))
     qvalue = value["qvalue"]
     if qarray.qvalue.dtype == jnp.int4:
       qvalue = _unpack_int4(np.asarray(qvalue), qarray.qvalue.shape)

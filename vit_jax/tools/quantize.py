@@ -13,6 +13,7 @@ zero-shot evaluations of its config (``zero_shot/<name>/top1``).
 Modes: ``vit_jax.quantization.MODES``.
 """
 
+import dataclasses
 import json
 
 from absl import app, flags
@@ -28,9 +29,13 @@ def define_flags() -> None:
   flags.DEFINE_string("exclude", None, "Regex of module paths kept float.")
   flags.DEFINE_string("out", None, "Where to write (default <workdir>/quantized_<mode>).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("calibration_batches", 0, "Static activation scales for the dense "
+                       "layers from this many training batches (eval preprocessing); 0: "
+                       "scales computed at run time (dynamic). Classification runs.")
 
 
-def quantize_workdir(path: str, settings, out=None, step=None) -> dict:
+def quantize_workdir(path: str, settings, out=None, step=None,
+                     calibration_batches: int = 0) -> dict:
   """Quantizes and evaluates the run in ``path``; returns the numbers printed."""
   # Imported here: --help answers without starting JAX and TensorFlow.
   import jax  # pylint: disable=g-import-not-at-top
@@ -41,6 +46,10 @@ def quantize_workdir(path: str, settings, out=None, step=None) -> dict:
 
   path = checkpoint.absolute(path)
   if (path / workdir.MODEL_FILE).exists():
+    if calibration_batches:
+      raise ValueError("--calibration_batches: static scales are built for "
+                       "classification workdirs only; a contrastive run is quantized "
+                       "with dynamic scales (leave it 0)")
     return _quantize_contrastive(path, settings, out, step)
   config = json.loads((path / "config.json").read_text())
   variables, directory = workdir.read_variables(path, step)
@@ -62,13 +71,22 @@ def quantize_workdir(path: str, settings, out=None, step=None) -> dict:
 
   float_result, image_shape = evaluate(model, variables)
   sample = jnp.zeros((1,) + image_shape, jnp.float32)
-  qmodel, qvariables = quantization.ptq(model, variables, settings, sample)
+  quant_stats = None
+  if calibration_batches:  # static range: scales from the training split
+    settings = dataclasses.replace(settings, static=True)
+    dataset, _ = input_pipeline.make_eval_dataset(
+        builder, inputs["train_split"], preprocess_fn=preprocess.parse(inputs["pp_eval"]),
+        batch_size=inputs["batch_size"], cache=False)
+    batches = dataset.take(calibration_batches).as_numpy_iterator()
+    quant_stats = quantization.calibrate(model, variables, settings,
+                                         (batch["image"] for batch in batches))
+  qmodel, qvariables = quantization.ptq(model, variables, settings, sample, quant_stats)
   quant_result, _ = evaluate(qmodel, qvariables)
 
   out = _write(path, out, settings, qvariables, meta["model_name"], meta["model"],
                meta["step"])
   return {"step": meta["step"], "mode": settings.mode,
-          "float_top1": float_result["top1"], "quantized_top1": quant_result["top1"],
+          "static_activation_scales": settings.static, "float_top1": float_result["top1"], "quantized_top1": quant_result["top1"],
           "count": quant_result["count"], **_sizes(variables, qvariables, out)}
 
 
@@ -83,7 +101,8 @@ def _write(path, out, settings, qvariables, model_name, model_kwargs, step):
     checkpointer.wait_until_finished()
   (out / "quantization.json").write_text(json.dumps({
       "model_name": model_name, "model": model_kwargs, "step": step,
-      "mode": settings.mode, "targets": settings.targets, "exclude": settings.exclude}))
+      "mode": settings.mode, "targets": settings.targets, "exclude": settings.exclude,
+      "static": settings.static}))
   return out
 
 
@@ -146,7 +165,8 @@ def main(argv):
   from vit_jax import quantization  # pylint: disable=g-import-not-at-top
   settings = quantization.Settings(mode=FLAGS.mode, targets=FLAGS.targets,
                                    exclude=FLAGS.exclude)
-  print(json.dumps(quantize_workdir(FLAGS.workdir, settings, FLAGS.out, FLAGS.step)))
+  print(json.dumps(quantize_workdir(FLAGS.workdir, settings, FLAGS.out, FLAGS.step,
+                                    FLAGS.calibration_batches)))
 
 
 if __name__ == "__main__":
