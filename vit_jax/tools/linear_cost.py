@@ -115,6 +115,7 @@ def main(argv):
       print(_row(name, side, rows[name]), flush=True)
     if len(names) > 1:
       ratios.append(_ratio(side, rows, names[0], names[-1]))
+      print("  " + ratios[-1], flush=True)
   print("\n" + "\n".join(ratios))
   print(_load())
 
