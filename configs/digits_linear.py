@@ -9,8 +9,12 @@ Each is its family's registered tiny model shrunk to width 64, two blocks (RMT: 
 stages of one block), 4x4 patches of the 16x16 digits, trained 300 steps at batch 64
 (Vim: 16) with the demo's optimizer (AdamW 3e-3, warmup 30, cosine) and evaluated once at the end.
 The tests (`tests/test_linear_time_models.py`, `tests/test_rmt.py`: `-k trains`) run
-one-block versions for 30-60 steps; this is the longer run. Measured numbers: README
-(linear-time backbones) and the end of this docstring.
+one-block versions for 30-60 steps; this is the longer run.
+
+Measured (2026-12-07, shared 2-core CPU at load 20-40, seed 0, one run each; README,
+"Linear-time backbones"): test top-1 on the 360 held-out digits ViG 99.72%, RMT
+99.17%, Vim 91.39%, ViR 84.17%; train loss (label smoothing 0.1) from 2.1-2.4 at
+step 25 to 0.53 / 0.55 / 0.83 / 0.91 at step 300. 10-16 minutes each.
 """
 
 from vit_jax import config_files
