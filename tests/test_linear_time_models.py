@@ -14,13 +14,15 @@ official code: its check is the paper's parallel retention formula.
 """
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import intermediate_shapes, run_timm_reference, state_dict_of, train_in_process
+from helpers import (REPO, intermediate_shapes, run_timm_reference, state_dict_of,
+                     train_in_process)
 from vit_jax import models
 from vit_jax.models import convert, official, vir
 
@@ -214,3 +216,19 @@ def test_trains(tfds_dir, tmp_path, name):
         f"held-out loss {result['eval_loss']:.2f}")
   assert losses[-1] < losses[0], losses
   assert result["eval_loss"] < math.log(10) - margin, result
+
+
+def test_digits_linear_config_builds_each_family():
+  """configs/digits_linear.py (the README's 300-step runs): each variant names a
+  registered model whose settings build, with the parameter counts the README gives."""
+  from vit_jax import config_files  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, "configs", "digits_linear.py")
+  counts = {"vig": 158_282, "rmt": 104_026, "vim": 86_538, "vir": 105_226}
+  for family, count in counts.items():
+    config = config_files.sibling_config(path, "digits_linear.py", family)
+    assert config.total_steps == 300 and config.input.batch_size == (
+        16 if family == "vim" else 64)
+    assert models.param_count(config.model_name, num_classes=10,
+                              **config.model.to_dict()) == count, family
+  with pytest.raises(ValueError, match=r"takes one of \('vig'"):
+    config_files.sibling_config(path, "digits_linear.py", "mamba")

@@ -8,13 +8,16 @@ For each model and image side (tokens = (side / 16)^2: 1K, 4K, 16K, 64K) it prin
   memory analysis of the compiled step, nothing allocated): ``temp`` (the step's
   scratch, mostly the activations kept for the backward pass) and the total
   ``args + output + temp - alias``;
-- the CPU inference time at batch 1 (median of ``--repeats`` calls, the models
-  interleaved in one process), for programs whose forward pass XLA counts at no more
-  than ``--max_gflops`` (softmax attention at 16K+ tokens would take many minutes);
+- the CPU inference time at batch 1 (median of ``--repeats`` calls, or of one call for
+  programs above ``--single_call_gflops``; the models interleaved in one process), for
+  programs whose forward pass XLA counts at no more than ``--max_gflops`` (softmax
+  attention at 64K tokens, 41 TFLOPs, would take hours on a CPU);
 
-and, at ``--headline_side`` (1024), the ratios DeiT-T / ViG-T of both. The machine
-load (``os.getloadavg``) is printed before and after: the timings are from whatever
-else runs on the machine, and only their ratios inside one run mean anything.
+and, for every side, the ratios baseline / linear (the last model over the first) of
+both. Each side's rows print as soon as they are measured, so a run cut short keeps
+what it finished. The machine load (``os.getloadavg``) is printed before and after:
+the timings are from whatever else runs on the machine, and only their ratios inside
+one run mean anything.
 """
 
 import os
@@ -30,11 +33,12 @@ from vit_jax import models
 from vit_jax.tools import benchmark, memory
 
 _MODELS = flags.DEFINE_list("models", ["vig_tiny", "deit_tiny_patch16_224"],
-                            "Registered models: the linear one first, then the baseline.")
+                            "Registered models: the linear one first, the baseline last.")
 _SIDES = flags.DEFINE_list("sides", ["512", "1024", "2048", "4096"], "Image sides.")
-_HEADLINE = flags.DEFINE_integer("headline_side", 1024, "Side of the ratio line.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per program.")
-_MAX_GFLOPS = flags.DEFINE_float("max_gflops", 250.0,
+_SINGLE = flags.DEFINE_float("single_call_gflops", 500.0,
+                             "Programs above this many GFLOPs are timed with one call.")
+_MAX_GFLOPS = flags.DEFINE_float("max_gflops", 3000.0,
                                  "Time only forward passes of at most this many GFLOPs.")
 
 
@@ -52,47 +56,67 @@ def _forward(name: str, side: int):
   return lambda: run(variables, images).block_until_ready()
 
 
+def measure(name: str, side: int) -> dict:
+  """Training-step memory (MiB) and forward GFLOPs of ``name`` at ``side``."""
+  stats = memory.train_step_memory(name, 1, image_size=side)
+  total = stats["args"] + stats["output"] + stats["temp"] - stats["alias"]
+  return {"temp": stats["temp"] / 2**20, "total": total / 2**20,
+          "gflops": benchmark.forward_gflops_per_image(name, image_size=side),
+          "times": []}
+
+
+def time_side(rows: dict, names: list, side: int) -> None:
+  """Interleaved CPU inference times of the programs under ``--max_gflops``."""
+  timed = [n for n in names if rows[n]["gflops"] <= _MAX_GFLOPS.value]
+  calls = {name: _forward(name, side) for name in timed}
+  repeats = max(1 if rows[n]["gflops"] > _SINGLE.value else _REPEATS.value for n in timed)
+  for _ in range(repeats if timed else 0):
+    for name in timed:
+      if rows[name]["times"] and rows[name]["gflops"] > _SINGLE.value:
+        continue  # one call is enough for the big programs
+      start = time.perf_counter()
+      calls[name]()
+      rows[name]["times"].append(time.perf_counter() - start)
+
+
+def _row(name: str, side: int, r: dict) -> str:
+  if r["times"]:
+    t = f"{statistics.median(r['times']):.2f} ({len(r['times'])})"
+  else:
+    t = f"not run (> {_MAX_GFLOPS.value:g} GFLOPs)"
+  return (f"| {name} | {side}x{side} | {(side // 16) ** 2:,} | {r['temp']:,.0f} | "
+          f"{r['total']:,.0f} | {r['gflops']:,.1f} | {t} |")
+
+
+def _ratio(side: int, rows: dict, linear: str, baseline: str) -> str:
+  a, b = rows[linear], rows[baseline]
+  line = (f"{side}x{side} ({(side // 16) ** 2:,} tokens): {baseline} / {linear} "
+          f"training-step memory {b['total'] / a['total']:.1f}x (total), "
+          f"{b['temp'] / a['temp']:.1f}x (temp)")
+  if a["times"] and b["times"]:
+    line += (f"; CPU inference time "
+             f"{statistics.median(b['times']) / statistics.median(a['times']):.1f}x")
+  return line
+
+
 def main(argv):
   del argv
   names, sides = _MODELS.value, [int(s) for s in _SIDES.value]
   print(f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
-        f"{os.cpu_count()} CPUs; {_load()}")
-  rows = {}
-  for side in sides:
-    for name in names:
-      stats = memory.train_step_memory(name, 1, image_size=side)
-      total = stats["args"] + stats["output"] + stats["temp"] - stats["alias"]
-      gflops = benchmark.forward_gflops_per_image(name, image_size=side)
-      rows[name, side] = {"temp": stats["temp"] / 2**20, "total": total / 2**20,
-                          "gflops": gflops, "times": []}
-  # Time the programs under the budget, interleaving the models at each size.
-  for side in sides:
-    timed = [n for n in names if rows[n, side]["gflops"] <= _MAX_GFLOPS.value]
-    calls = {name: _forward(name, side) for name in timed}
-    for _ in range(_REPEATS.value):
-      for name in timed:
-        start = time.perf_counter()
-        calls[name]()
-        rows[name, side]["times"].append(time.perf_counter() - start)
-    del calls
-
+        f"{os.cpu_count()} CPUs; {_load()}", flush=True)
   print("\n| model | image | tokens | train step: temp MiB | train step: total MiB "
-        "| forward GFLOPs | CPU inference s |\n|---|---|---:|---:|---:|---:|---:|")
+        "| forward GFLOPs | CPU inference s (calls) |\n|---|---|---:|---:|---:|---:|---:|",
+        flush=True)
+  ratios = []
   for side in sides:
+    rows = {name: measure(name, side) for name in names}
+    time_side(rows, names, side)
     for name in names:
-      r = rows[name, side]
-      t = f"{statistics.median(r['times']):.2f}" if r["times"] else "not run"
-      print(f"| {name} | {side}x{side} | {(side // 16) ** 2:,} | {r['temp']:,.0f} | "
-            f"{r['total']:,.0f} | {r['gflops']:,.1f} | {t} |")
-  linear, baseline = names[0], names[-1]
-  a, b = rows[linear, _HEADLINE.value], rows[baseline, _HEADLINE.value]
-  line = (f"\nAt {_HEADLINE.value}x{_HEADLINE.value}: training-step memory "
-          f"{baseline} / {linear} = {b['total'] / a['total']:.1f}x (total), "
-          f"{b['temp'] / a['temp']:.1f}x (temp)")
-  if a["times"] and b["times"]:
-    speedup = statistics.median(b["times"]) / statistics.median(a["times"])
-    line += f"; CPU inference time {speedup:.1f}x"
-  print(line + ".")
+      print(_row(name, side, rows[name]), flush=True)
+    if len(names) > 1:
+      ratios.append(_ratio(side, rows, names[0], names[-1]))
+      print("  " + ratios[-1], flush=True)
+  print("\n" + "\n".join(ratios))
   print(_load())
 
 
