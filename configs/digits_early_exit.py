@@ -26,12 +26,25 @@ from ml_collections import config_dict
 
 
 def get_config(arg=None):
-  del arg
+  """``arg``: "lgvit" (default: LGViT's heads and both stages) or "plain" (plain heads,
+  stage 2 only: the first recipe, the baseline of the README's comparison)."""
+  arg = arg or "lgvit"
+  if arg not in ("lgvit", "plain"):
+    raise ValueError(f"configs/digits_early_exit.py:{arg}: use 'lgvit' or 'plain'")
   config = ml_collections.ConfigDict()
   config.exit_layers = (0, 1, 2)  # blocks (0-based) followed by an exit
-  config.steps = 300  # exit-head training steps (Adam, cosine decay)
+  # One head per exit: "plain", "local" (LGViT's local perception: depthwise conv on
+  # the token grid) or "global" (its global aggregation: attention pooling).
+  config.exit_heads = (("plain",) * 3 if arg == "plain" else ("local", "local", "global"))
+  # Stage 1: backbone and exits end to end (0 skips it); the loss weights the exits'
+  # cross-entropies by exit_weights (one per exit) beside the final head's.
+  config.stage1_steps = 0 if arg == "plain" else 150
+  config.backbone_learning_rate = 1e-4  # stage 1's, for the backbone (Adam, cosine)
+  config.exit_weights = (1.0, 1.0, 1.0)
+  # Stage 2: the exits alone, self-distilled from the final head, the backbone frozen.
+  config.steps = 300 if arg == "plain" else 150
   config.batch_size = 128
-  config.learning_rate = 3e-3
+  config.learning_rate = 3e-3  # the exits' (Adam, cosine decay), in both stages
   # A threshold above 1 never exits early: the full model's row.
   config.thresholds = (0.5, 0.6, 0.7, 0.72, 0.74, 0.76, 0.78, 0.8, 0.9, 0.95, 0.99, 1.01)
   config.data_dir = config_dict.placeholder(str)  # default: the workdir's run's
