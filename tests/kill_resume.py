@@ -145,7 +145,7 @@ def main():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if kills < args.kills:
       for line in proc.stdout:
-        if line.startswith(("step ", "exit heads step ")):  # compiled and running
+        if line.startswith(("step ", "exit heads stage ")):  # compiled and running
           break
       time.sleep(rng.uniform(0, args.max_delay))
       ckpt_dir = os.path.join(workdir, subdir, "checkpoints")
