@@ -149,13 +149,15 @@ def main():
           break
       time.sleep(rng.uniform(0, args.max_delay))
       ckpt_dir = os.path.join(workdir, subdir, "checkpoints")
-      in_flight = any("tmp" in e for e in os.listdir(ckpt_dir))
+      # (None yet while the exit tool is in its stage 1, under early_exit/stage1.)
+      listing = lambda: os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+      in_flight = any("tmp" in e for e in listing())
       proc.kill()
       proc.wait()
       if proc.returncode == -9:
         kills += 1
         mid_save += in_flight
-        done = sorted(int(e) for e in os.listdir(ckpt_dir) if e.isdigit())
+        done = sorted(int(e) for e in listing() if e.isdigit())
         print(f"kill {kills}: committed steps {done}, save in flight: {in_flight}",
               flush=True)
         continue
