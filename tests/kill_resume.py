@@ -10,7 +10,9 @@ r"""Repeated ``kill -9``: a training run killed at random moments ends bit-ident
 ``--config`` runs another config file of the trainer's family with its tiny settings
 (``--override`` adds or replaces flags, e.g. to fit MoE layers into its 2 blocks).
 ``early_exit`` first trains a tiny digits ViT (20 steps, not killed), then kills
-``python -m vit_jax.tools.early_exit``'s exit-head training on it.
+``python -m vit_jax.tools.early_exit`` on it: LGViT's stage 1 (20 steps, backbone and
+exits) and stage 2 (the exits); the final compare is stage 2's state, which depends on
+stage 1's result.
 
 Runs one uninterrupted reference run, then reruns the same command in a fresh workdir
 and SIGKILLs it ``--kills`` times, each at a random moment after the train step
@@ -62,7 +64,9 @@ TRAINERS = {
         "--config.keep_checkpoints=3"]),
     # Exit heads on a 3-block digits ViT (run_backbone trains it first).
     "early_exit": ("configs/digits_early_exit.py", [
-        "--config.exit_layers=(0,1)", "--config.batch_size=32",
+        "--config.exit_layers=(0,1)", "--config.exit_heads=('local','global')",
+        "--config.exit_weights=(1.0,1.0)", "--config.stage1_steps=20",
+        "--config.batch_size=32",
         "--config.checkpoint_every=1", "--config.keep_checkpoints=3",
         "--config.thresholds=(0.5,1.01)"]),
 }
@@ -141,17 +145,19 @@ def main():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if kills < args.kills:
       for line in proc.stdout:
-        if line.startswith(("step ", "exit heads step ")):  # compiled and running
+        if line.startswith(("step ", "exit heads stage ")):  # compiled and running
           break
       time.sleep(rng.uniform(0, args.max_delay))
       ckpt_dir = os.path.join(workdir, subdir, "checkpoints")
-      in_flight = any("tmp" in e for e in os.listdir(ckpt_dir))
+      # (None yet while the exit tool is in its stage 1, under early_exit/stage1.)
+      listing = lambda: os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+      in_flight = any("tmp" in e for e in listing())
       proc.kill()
       proc.wait()
       if proc.returncode == -9:
         kills += 1
         mid_save += in_flight
-        done = sorted(int(e) for e in os.listdir(ckpt_dir) if e.isdigit())
+        done = sorted(int(e) for e in listing() if e.isdigit())
         print(f"kill {kills}: committed steps {done}, save in flight: {in_flight}",
               flush=True)
         continue

@@ -8,8 +8,10 @@ by ``sharding.batch_sharding``, as the trainers do:
 
 - MAE: the trainer's loss (random masking from a step key, encoder on the visible
   patches, decoder, normalised-pixel MSE on the masked patches) and its gradients.
-- Early exits: stage 2's loss of the exit heads (``early_exit.exit_loss``) on the
-  frozen ViT's block tokens and final logits, and its gradients.
+- Early exits: LGViT's two losses on a 3-block ViT with a local-perception and a
+  global-aggregation exit: stage 1's (``early_exit.stage1_loss``, backbone and exits
+  end to end) plus stage 2's (``early_exit.exit_loss``, self-distillation from the
+  final head), and the gradients of the sum for the backbone and the exits.
 - QAT: the classification trainer's loss through an int8 fake-quantized ViT
   (``config.quantization``), on ``data=2 x fsdp=4`` (batch and parameters split).
 - MixPro: the classification trainer's MixPro loss (MaskMix from a step key, the last
@@ -37,7 +39,7 @@ from vit_jax.models import early_exit, mae  # noqa: E402
 # MAE encoder, a 2-block ViT with one exit.
 VIT = dict(num_classes=10, image_size=16, patch_size=4, hidden_size=32, num_layers=1,
            num_heads=2, mlp_dim=64)
-EXITS = (0,)
+EXITS = (0, 1)
 BATCH = 16
 MESHES = {"data8": {"data": 8}}
 QAT_MESHES = {"data2_fsdp4": {"data": 2, "fsdp": 4}}  # both axes, one compile
@@ -70,21 +72,25 @@ def mae_case():
 
 
 def exit_case():
-  vit = models.create("vit_tiny_patch16_224", **{**VIT, "num_layers": 2})
+  vit = models.create("vit_tiny_patch16_224", **{**VIT, "num_layers": 3})
   images = jax.random.normal(jax.random.key(5), (BATCH, 16, 16, 3))
   labels = jnp.arange(BATCH) % 10
-  backbone = perturbed(vit.init(jax.random.key(6), images[:1]), 9)
-  heads = early_exit.ExitHeads(EXITS, 10)
-  _, inter = models.forward_intermediates(vit, backbone, images[:1])
-  params = perturbed(heads.init(jax.random.key(7), early_exit.block_tokens(
+  backbone = perturbed(vit.init(jax.random.key(6), images[:1]), 9)["params"]
+  heads = early_exit.ExitHeads(EXITS, 10, kinds=("local", "global"), num_heads=2)
+  _, inter = models.forward_intermediates(vit, {"params": backbone}, images[:1])
+  exits = perturbed(heads.init(jax.random.key(7), early_exit.block_tokens(
       inter, EXITS))["params"], 10)
 
-  def loss_fn(params, backbone, images, labels):  # as tools/early_exit.py's step
-    final, inter = models.forward_intermediates(vit, backbone, images)
-    return early_exit.exit_loss(heads, params, early_exit.block_tokens(inter, EXITS),
-                                     final, labels)
+  def loss_fn(params, frozen, images, labels):  # as tools/early_exit.py's steps
+    del frozen
+    final, inter = models.forward_intermediates(vit, {"params": params["backbone"]},
+                                                images)
+    tokens = early_exit.block_tokens(inter, EXITS)
+    stage1 = early_exit.stage1_loss(heads.apply({"params": params["exits"]}, tokens),
+                                    final, labels, (0.5, 1.0))
+    return stage1 + early_exit.exit_loss(heads, params["exits"], tokens, final, labels)
 
-  return loss_fn, params, backbone, (images, labels)
+  return loss_fn, {"backbone": backbone, "exits": exits}, {}, (images, labels)
 
 
 def mixpro_case():
