@@ -49,6 +49,28 @@ def settings(merging: list[int], keep_rates: list[float],
   return out
 
 
+def rejected_settings(model: str, setting_overrides: dict[str, dict]) -> dict[str, str]:
+  """Setting label -> the model's error, for the settings ``model`` rejects (e.g. ToMe
+  r=16 on the 24 blocks of ViT-L/16, whose 196 patches cannot give 24 x 16 merges).
+
+  Checked by shape inference before any compile, so that a long run does not stop
+  halfway at its first bad setting.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  out = {}
+  for label, overrides in setting_overrides.items():
+    try:
+      net = models.create(model, **overrides)
+      shape = models.input_shape(model, batch=1, **overrides)
+      jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False),  # pylint: disable=cell-var-from-loop
+                     jnp.zeros(shape, jnp.float32))
+    except ValueError as e:
+      out[label] = str(e).splitlines()[0]
+  return out
+
+
 def run(model: str, setting_overrides: dict[str, dict], *, batch: int, dtype: str,
         warmup: int, steps: int, repeats: int) -> list[Result]:
   """Compiles every setting, then times them interleaved; returns one row each."""
@@ -104,15 +126,21 @@ def main(argv):
   chosen = settings([int(r) for r in FLAGS.merging],
                     [float(k) for k in FLAGS.keep_rates],
                    [float(p) for p in FLAGS.pruning])
+  rejected = {model: rejected_settings(model, chosen) for model in FLAGS.model}
   rows = []
   for model in FLAGS.model:
-    rows += run(model, chosen, batch=FLAGS.batch, dtype=FLAGS.dtype, warmup=FLAGS.warmup,
+    usable = {k: v for k, v in chosen.items() if k not in rejected[model]}
+    rows += run(model, usable, batch=FLAGS.batch, dtype=FLAGS.dtype, warmup=FLAGS.warmup,
                 steps=FLAGS.steps, repeats=FLAGS.repeats)
   load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
   device = jax.devices()[0]
   header = (f"{device.platform} ({device.device_kind}), batch {FLAGS.batch}, "
             f"{FLAGS.dtype}; uptime: {load}")
   table = markdown(rows)
+  notes = [f"{model} {label}: not run, the model rejects it ({message})"
+           for model, bad in rejected.items() for label, message in bad.items()]
+  if notes:
+    table += "\n\n" + "\n".join(f"* {n}" for n in notes)
   print(header)
   print(table)
   if FLAGS.markdown:
