@@ -14,8 +14,7 @@ by ``sharding.batch_sharding``, as the trainers do:
   block's class attention captured in the same forward, progressive attention labels,
   cross-entropy on them) and its gradients.
 - Token reduction (``token_reduction_results``): the classification loss of a ViT with
-  ToMe merging (``data=8`` and ``fsdp=8`` with every array sharded) and with
-  DynamicViT's training-mode Gumbel pruning plus its keep-ratio loss (``data=8``).
+  ToMe merging on a ``data=2, fsdp=4`` mesh with every array sharded.
 
 Writes, per loss and mesh, the largest differences from the one-device run.
 """
@@ -135,14 +134,15 @@ def token_reduction_case(**setting):
 
 
 def token_reduction_results(devices) -> dict:
-  """ToMe and DynamicViT losses and gradients on 8 devices against one; ToMe on an fsdp
-  mesh too, its arrays sharded whatever their size (``fsdp_min_size=0``). EViT's
-  top-k and gathers are ToMe's static-shape pattern, left out to save compiles."""
+  """ToMe's loss and gradients on 8 devices against one, its arrays sharded whatever
+  their size (``fsdp_min_size=0``). EViT's top-k and gathers are ToMe's static-shape
+  pattern, left out to save compiles."""
   out = {}
+  # One mesh with both axes (the batch is split over data and fsdp), one compile: each
+  # costs ~7 s here. DynamicViT's training mode (Gumbel keys) matched too (<= 1.6e-7,
+  # docs/token_reduction.md) but is left out to keep the suite's time.
   for name, setting, meshes in (
-      ("tome", dict(token_merging=4), {"data8": {"data": 8}, "fsdp8": {"fsdp": 8}}),
-      ("dynamicvit", dict(token_pruning=0.7, token_pruning_layers=(1,)),
-       {"data8": {"data": 8}})):
+      ("tome", dict(token_merging=4), {"data2_fsdp4": {"data": 2, "fsdp": 4}}),):
     case, tokens = token_reduction_case(**setting)
     loss1, grads1 = run(case, sharding.make_mesh({"data": 1}, devices=devices[:1]))
     for mesh_name, mesh_config in meshes.items():

@@ -1,8 +1,8 @@
 """MAE: masking, target and loss against numpy; the encoder sees only the visible
 patches; the trainer runs, writes a reconstruction picture, resumes exactly, and its
 checkpoint fine-tunes in the classification trainer (encoder kept, decoder dropped);
-MAE's, the early exits', MixPro's and token reduction's (ToMe, DynamicViT) losses and
-gradients on 8 virtual devices equal one device's."""
+MAE's, the early exits', MixPro's and ToMe's losses and gradients on 8 virtual devices
+equal one device's."""
 
 import json
 import os
@@ -176,22 +176,17 @@ def test_mae_resumes_exactly(mae_run, tmp_path, capsys):
 
 
 def test_mae_exit_and_mixpro_losses_on_8_devices_equal_one_device(eight_device_run):
-  """data=8 (and fsdp=8 for ToMe): loss and every gradient within 1e-5 of one device's,
-  for MAE, the early exits, MixPro and token reduction (ToMe, DynamicViT training)."""
+  """data=8 (data=2, fsdp=4 for ToMe): loss and every gradient within 1e-5 of one
+  device's, for MAE, the early exits, MixPro and ToMe token merging."""
   proc, out = eight_device_run
   _, stderr = proc.communicate(timeout=900)
   assert proc.returncode == 0, stderr[-3000:]
   with open(out) as f:
     results = json.load(f)
-  assert sorted(results) == ["dynamicvit/data8", "exits/data8", "mae/data8", "mixpro/data8",
-                             "tome/data8", "tome/fsdp8"]
+  assert sorted(results) == ["exits/data8", "mae/data8", "mixpro/data8", "tome/data2_fsdp4"]
   for name, result in results.items():
     assert result["loss_diff"] <= 1e-5 and result["grad_diff"] <= 1e-5, (name, result)
     assert result["grad_norm"] > 0.1, (name, result)  # not trivially zero gradients
   assert results["mae/data8"]["num_grads"] > 30 and results["exits/data8"]["num_grads"] == 4
   assert results["mixpro/data8"]["num_grads"] > 10
-  # Tokens after blocks 0 and 1 of 17: ToMe r=4 merges 4 per block; DynamicViT keeps
-  # int(0.7 * 16) = 11 of 16 patches before block 1 (at inference; Gumbel in training).
-  assert results["tome/fsdp8"]["tokens"] == [13, 9]
-  assert results["dynamicvit/data8"]["tokens"] == [17, 12]
-  assert results["dynamicvit/data8"]["num_grads"] > results["tome/data8"]["num_grads"]
+  assert results["tome/data2_fsdp4"]["tokens"] == [13, 9]  # 17 tokens, 4 merged per block
