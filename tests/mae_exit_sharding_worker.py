@@ -17,6 +17,8 @@ by ``sharding.batch_sharding``, as the trainers do:
 - MixPro: the classification trainer's MixPro loss (MaskMix from a step key, the last
   block's class attention captured in the same forward, progressive attention labels,
   cross-entropy on them) and its gradients.
+- Token reduction (``token_reduction_results``): the classification loss of a ViT with
+  ToMe merging on a ``data=2, fsdp=4`` mesh with every array sharded.
 
 Writes, per loss and mesh, the largest differences from the one-device run.
 """
@@ -34,6 +36,7 @@ import optax  # noqa: E402
 
 from vit_jax import finetune, models, quantization, sharding  # noqa: E402
 from vit_jax.models import early_exit, mae  # noqa: E402
+from vit_jax.trainers import common  # noqa: E402
 
 # The smallest models that exercise each path (compiles are the test's cost): a 1-block
 # MAE encoder, a 2-block ViT with one exit.
@@ -133,13 +136,62 @@ def qat_case():
   return loss_fn, params, {}, (images, labels)
 
 
-def run(case, mesh):
+def token_reduction_case(**setting):
+  """The classification trainer's loss (cross-entropy plus the ``aux`` losses that
+  DynamicViT sows) of a 2-block ViT with one token-reduction setting, in training mode
+  (dropout and DynamicViT's Gumbel keys)."""
+  vit = models.create("vit_tiny_patch16_224", **{**VIT, "num_layers": 2}, **setting)
+  images = jax.random.normal(jax.random.key(16), (BATCH, 16, 16, 3))
+  labels = jnp.arange(BATCH) % 10
+  variables = vit.init(jax.random.key(17), images[:1])
+  params = perturbed(variables["params"], 18)
+  inter = jax.eval_shape(lambda p, x: models.forward_intermediates(vit, {"params": p}, x)[1],
+                         params, images[:1])
+  tokens = [inter[f"Transformer/block_{i}"].shape[1] for i in range(2)]  # at inference
+
+  def loss_fn(params, frozen, images, labels):
+    del frozen
+    logits, state = vit.apply({"params": params}, images, train=True,
+                              rngs={"dropout": jax.random.key(19)},
+                              mutable=["intermediates", "aux"])
+    _, aux_loss, _ = common.split_auxiliary(state)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean() + aux_loss
+
+  return (loss_fn, params, {}, (images, labels)), tokens
+
+
+def token_reduction_results(devices) -> dict:
+  """ToMe's loss and gradients on 8 devices against one, its arrays sharded whatever
+  their size (``fsdp_min_size=0``). EViT's top-k and gathers are ToMe's static-shape
+  pattern, left out to save compiles."""
+  out = {}
+  # One mesh with both axes (the batch is split over data and fsdp), one compile: each
+  # costs ~7 s here. DynamicViT's training mode (Gumbel keys) matched too (<= 1.6e-7,
+  # docs/token_reduction.md) but is left out to keep the suite's time.
+  for name, setting, meshes in (
+      ("tome", dict(token_merging=4), {"data2_fsdp4": {"data": 2, "fsdp": 4}}),):
+    case, tokens = token_reduction_case(**setting)
+    loss1, grads1 = run(case, sharding.make_mesh({"data": 1}, devices=devices[:1]))
+    for mesh_name, mesh_config in meshes.items():
+      loss8, grads8 = run(case, sharding.make_mesh(mesh_config, devices=devices),
+                          {"fsdp_min_size": 0})
+      out[f"{name}/{mesh_name}"] = {
+          "loss_single": loss1, "loss": loss8, "loss_diff": abs(loss1 - loss8),
+          "grad_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(
+              jax.tree.leaves(grads1), jax.tree.leaves(grads8))),
+          "grad_norm": float(optax.tree.norm(grads1)),
+          "num_grads": len(jax.tree.leaves(grads1)), "tokens": tokens}
+  return out
+
+
+def run(case, mesh, sharding_config=None):
   """Loss and gradients with the trained params laid out by the trainers' rules, frozen
   ones replicated, the batch split."""
   loss_fn, params, frozen, batch = case
-  # fsdp_min_size 0: under fsdp=8 every array that can be split is (as in test_sharding).
-  params = jax.device_put(params, sharding.state_shardings(params, mesh,
-                                                           {"fsdp_min_size": 0}))
+  # fsdp_min_size 0 by default: under fsdp=8 every array that can be split is (as in
+  # test_sharding).
+  params = jax.device_put(params, sharding.state_shardings(
+      params, mesh, sharding_config or {"fsdp_min_size": 0}))
   frozen = jax.device_put(frozen, sharding.replicated(mesh))
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):
@@ -163,6 +215,7 @@ def main(out_path: str):
               jax.tree.leaves(grads1), jax.tree.leaves(grads8))),
           "grad_norm": float(optax.tree.norm(grads1)),
           "num_grads": len(jax.tree.leaves(grads1))}
+  out.update(token_reduction_results(devices))
   with open(out_path, "w") as f:
     json.dump(out, f, indent=1)
 

@@ -1,8 +1,8 @@
 """MAE: masking, target and loss against numpy; the encoder sees only the visible
 patches; the trainer runs, writes a reconstruction picture, resumes exactly, and its
 checkpoint fine-tunes in the classification trainer (encoder kept, decoder dropped);
-MAE's and the early exits' losses and gradients on 8 virtual devices equal one
-device's."""
+MAE's, the early exits', MixPro's and ToMe's losses and gradients on 8 virtual devices
+equal one device's."""
 
 import json
 import os
@@ -176,14 +176,15 @@ def test_mae_resumes_exactly(mae_run, tmp_path, capsys):
 
 
 def test_mae_exit_and_mixpro_losses_on_8_devices_equal_one_device(eight_device_run):
-  """data=8: loss and every gradient within 1e-5 of one device's."""
+  """data=8 (data=2, fsdp=4 for ToMe): loss and every gradient within 1e-5 of one
+  device's, for MAE, the early exits, MixPro and ToMe token merging."""
   proc, out = eight_device_run
   _, stderr = proc.communicate(timeout=900)
   assert proc.returncode == 0, stderr[-3000:]
   with open(out) as f:
     results = json.load(f)
   assert sorted(results) == ["exits/data8", "mae/data8", "mixpro/data8",
-                             "qat/data2_fsdp4"]
+                             "qat/data2_fsdp4", "tome/data2_fsdp4"]
   for name, result in results.items():
     assert result["grad_norm"] > 0.1, (name, result)  # not trivially zero gradients
     if name.startswith("qat/"):  # int8 rounding: a float-noise difference that moves a
@@ -194,3 +195,4 @@ def test_mae_exit_and_mixpro_losses_on_8_devices_equal_one_device(eight_device_r
     assert result["loss_diff"] <= 1e-5 and result["grad_diff"] <= 1e-5, (name, result)
   assert results["mae/data8"]["num_grads"] > 30 and results["exits/data8"]["num_grads"] == 87
   assert results["mixpro/data8"]["num_grads"] > 10
+  assert results["tome/data2_fsdp4"]["tokens"] == [13, 9]  # 17 tokens, 4 merged per block

@@ -6,6 +6,7 @@ algorithms on timm's ViT and distilled DeiT with random weights.
 """
 
 import io
+import os
 
 import jax
 import jax.numpy as jnp
@@ -254,3 +255,29 @@ def test_families_that_cannot_merge_say_so():
       models.create(name, token_merging=8)
   with pytest.raises(ValueError, match="token_keep_rate"):
     models.create("maxvit_tiny_tf_224", token_keep_rate=0.7)
+
+
+def test_token_merging_notebook_draws_the_merges(monkeypatch):
+  """colabs/token_merging.ipynb top to bottom (random weights: no workdir given): one
+  strip of merged regions per setting, the token counts ToMe and EViT promise."""
+  import nbformat  # pylint: disable=g-import-not-at-top
+  from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
+  from helpers import REPO  # pylint: disable=g-import-not-at-top
+  colabs = os.path.join(REPO, "colabs")
+  nb = nbformat.read(os.path.join(colabs, "token_merging.ipynb"), as_version=4)
+  index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+  nb.cells.insert(index + 1, nbformat.v4.new_code_cell('WEIGHTS = ""'))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  NotebookClient(nb, timeout=300, kernel_name="python3",
+                 resources={"metadata": {"path": colabs}}).execute()
+  text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+  assert "random weights" in text, text
+  # 65 tokens; ToMe r=8 merges 8 per block; EViT keeps ceil(0.5 * n) of the n patch
+  # tokens (the fused one among them) in blocks 1-3, plus a new fused and the class token.
+  assert "ToMe r=8: tokens after each block [57, 49, 41, 33]" in text, text
+  assert "EViT keep=0.5: tokens after each block [65, 34, 19, 11]" in text, text
+  pictures = [o for c in nb.cells for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+  assert len(pictures) == 2

@@ -1,10 +1,13 @@
-r"""Inference speed and FLOPs of ToMe and EViT settings, side by side in one run.
+r"""Inference speed and FLOPs of ToMe, EViT and DynamicViT settings, side by side in one run.
 
   python -m vit_jax.tools.token_reduction_bench --model=vit_base_patch16_224 \
-      --merging=0,8,16 --keep_rates=0.7,0.5 --batch=16 --markdown=docs/token_reduction.md
+      --merging=0,8,16 --keep_rates=0.7,0.5 --pruning=0.7 --batch=16 \
+      --markdown=docs/token_reduction.md
 
 For each model, every setting (the plain model, ToMe ``token_merging=r``, EViT
-``token_keep_rate=k`` at its default blocks) is compiled first; then the timed
+``token_keep_rate=k`` and DynamicViT ``token_pruning=rho`` at their default blocks;
+DynamicViT's predictors are randomly initialised, which does not change its token
+counts or cost) is compiled first; then the timed
 repeats are interleaved (plain, r=8, r=16, k=0.7, ..., plain, r=8, ...), so that a
 loaded machine slows each setting alike and the ratios to the plain model stay
 meaningful. Timing, FLOPs (XLA's cost analysis of the compiled forward pass) and the
@@ -36,11 +39,35 @@ class Result:
   repeats_ms: str
 
 
-def settings(merging: list[int], keep_rates: list[float]) -> dict[str, dict]:
+def settings(merging: list[int], keep_rates: list[float],
+             pruning: tuple[float, ...] = ()) -> dict[str, dict]:
   """Setting label -> model overrides; the plain model first."""
   out = {"plain": {}}
   out.update({f"ToMe r={r}": {"token_merging": r} for r in merging if r})
   out.update({f"EViT keep={k}": {"token_keep_rate": k} for k in keep_rates if k < 1})
+  out.update({f"DynamicViT rho={p}": {"token_pruning": p} for p in pruning if p < 1})
+  return out
+
+
+def rejected_settings(model: str, setting_overrides: dict[str, dict]) -> dict[str, str]:
+  """Setting label -> the model's error, for the settings ``model`` rejects (e.g. ToMe
+  r=16 on the 24 blocks of ViT-L/16, whose 196 patches cannot give 24 x 16 merges).
+
+  Checked by shape inference before any compile, so that a long run does not stop
+  halfway at its first bad setting.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  out = {}
+  for label, overrides in setting_overrides.items():
+    try:
+      net = models.create(model, **overrides)
+      shape = models.input_shape(model, batch=1, **overrides)
+      jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False),  # pylint: disable=cell-var-from-loop
+                     jnp.zeros(shape, jnp.float32))
+    except ValueError as e:
+      out[label] = str(e).splitlines()[0]
   return out
 
 
@@ -83,6 +110,7 @@ def define_flags():
   flags.DEFINE_list("merging", ["0", "8", "16"], "ToMe r values (0: the plain model).")
   flags.DEFINE_list("keep_rates", ["1.0", "0.7", "0.5"],
                     "EViT keep rates (1.0: the plain model).")
+  flags.DEFINE_list("pruning", [], "DynamicViT keep ratios rho (1.0: the plain model).")
   flags.DEFINE_integer("batch", 16, "Images per step.")
   flags.DEFINE_string("dtype", "float32", "Compute dtype.")
   flags.DEFINE_integer("warmup", 1, "Untimed steps per setting after compiling.")
@@ -96,16 +124,23 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   chosen = settings([int(r) for r in FLAGS.merging],
-                    [float(k) for k in FLAGS.keep_rates])
+                    [float(k) for k in FLAGS.keep_rates],
+                   [float(p) for p in FLAGS.pruning])
+  rejected = {model: rejected_settings(model, chosen) for model in FLAGS.model}
   rows = []
   for model in FLAGS.model:
-    rows += run(model, chosen, batch=FLAGS.batch, dtype=FLAGS.dtype, warmup=FLAGS.warmup,
+    usable = {k: v for k, v in chosen.items() if k not in rejected[model]}
+    rows += run(model, usable, batch=FLAGS.batch, dtype=FLAGS.dtype, warmup=FLAGS.warmup,
                 steps=FLAGS.steps, repeats=FLAGS.repeats)
   load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
   device = jax.devices()[0]
   header = (f"{device.platform} ({device.device_kind}), batch {FLAGS.batch}, "
             f"{FLAGS.dtype}; uptime: {load}")
   table = markdown(rows)
+  notes = [f"{model} {label}: not run, the model rejects it ({message})"
+           for model, bad in rejected.items() for label, message in bad.items()]
+  if notes:
+    table += "\n\n" + "\n".join(f"* {n}" for n in notes)
   print(header)
   print(table)
   if FLAGS.markdown:
