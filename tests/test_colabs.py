@@ -6,7 +6,8 @@ test``'s venv has ``pip install -e .``), and configs and data are found through 
 never relative to the working directory. Small settings replace the notebook's
 ``parameters`` cell (papermill's convention): a cell inserted after it overrides the
 values; nothing else in the notebook changes. ``zero_shot.ipynb`` needs a trained
-contrastive workdir, which tests/test_contrastive_train.py has: it runs there.
+contrastive workdir, which tests/test_contrastive_train.py has: it runs there, as
+``token_merging.ipynb`` runs in tests/test_token_reduction.py.
 """
 
 import glob
@@ -24,7 +25,8 @@ COLABS = os.path.join(REPO, "colabs")
 NOTEBOOKS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(COLABS, "*.ipynb")))
 
 # Notebooks that another test module executes with its own fixtures.
-EXECUTED_ELSEWHERE = {"zero_shot.ipynb": "tests/test_contrastive_train.py"}
+EXECUTED_ELSEWHERE = {"zero_shot.ipynb": "tests/test_contrastive_train.py",
+                      "token_merging.ipynb": "tests/test_token_reduction.py"}
 
 
 def settings(name, tfds_dir, pretrained, workdir):

@@ -257,22 +257,25 @@ def test_families_that_cannot_merge_say_so():
     models.create("maxvit_tiny_tf_224", token_keep_rate=0.7)
 
 
-def test_token_merging_notebook_draws_the_merges(monkeypatch):
-  """colabs/token_merging.ipynb top to bottom (random weights: no workdir given): one
+def test_token_merging_notebook_draws_the_merges(monkeypatch, tmp_path):
+  """colabs/token_merging.ipynb top to bottom as tests/test_colabs.py runs notebooks
+  (an empty directory, the installed package, no PYTHONPATH), random weights: one
   strip of merged regions per setting, the token counts ToMe and EViT promise."""
   import nbformat  # pylint: disable=g-import-not-at-top
   from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
   from helpers import REPO  # pylint: disable=g-import-not-at-top
-  colabs = os.path.join(REPO, "colabs")
-  nb = nbformat.read(os.path.join(colabs, "token_merging.ipynb"), as_version=4)
+  nb = nbformat.read(os.path.join(REPO, "colabs", "token_merging.ipynb"), as_version=4)
   index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
   nb.cells.insert(index + 1, nbformat.v4.new_code_cell('WEIGHTS = ""'))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  monkeypatch.delenv("PYTHONPATH", raising=False)
   NotebookClient(nb, timeout=300, kernel_name="python3",
-                 resources={"metadata": {"path": colabs}}).execute()
+                 resources={"metadata": {"path": str(tmp_path)}}).execute()
+  assert os.listdir(tmp_path) == []
   text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
+  imported = text.split("vit_jax ", 1)[1].split(" from ", 1)[1].split("\n", 1)[0]
+  assert os.path.realpath(imported) == os.path.realpath(os.path.join(REPO, "vit_jax"))
   assert "random weights" in text, text
   # 65 tokens; ToMe r=8 merges 8 per block; EViT keeps ceil(0.5 * n) of the n patch
   # tokens (the fused one among them) in blocks 1-3, plus a new fused and the class token.
