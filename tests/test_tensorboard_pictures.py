@@ -198,22 +198,23 @@ def test_wandb_writer_gets_what_tensorboard_gets(events):
 
 def test_wandb_is_off_by_default_and_a_clear_error_when_missing(tmp_path, monkeypatch):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax.trainers import wandb_writer  # pylint: disable=g-import-not-at-top
+  from vit_jax.trainers import common, wandb_writer  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({"wandb": {"project": "", "entity": "", "name": "",
                                                 "mode": ""}})
-  assert wandb_writer.from_config(config, tmp_path) is None
-  assert wandb_writer.from_config(ml_collections.ConfigDict(), tmp_path) is None
+  assert wandb_writer.from_config(config, tmp_path, common.write_text_atomic) is None
+  assert wandb_writer.from_config(ml_collections.ConfigDict(), tmp_path,
+                                   common.write_text_atomic) is None
   config.wandb.project = "p"
   monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
   with pytest.raises(ImportError, match=r"config.wandb.project='p' turns on the Weights "
                      r"& Biases writer, but wandb is not installed .*`pip install wandb`"):
-    wandb_writer.from_config(config, tmp_path)
+    wandb_writer.from_config(config, tmp_path, common.write_text_atomic)
   wandb = FakeWandb()
   monkeypatch.setitem(sys.modules, "wandb", wandb)
-  first = wandb_writer.from_config(config, tmp_path)
+  first = wandb_writer.from_config(config, tmp_path, common.write_text_atomic)
   first.write_scalars(3, {"train/loss": np.float32(0.5)})
   first.close()
-  wandb_writer.from_config(config, tmp_path).close()  # the resumed run
+  wandb_writer.from_config(config, tmp_path, common.write_text_atomic).close()  # the resumed run
   assert [r.id for r in wandb.runs] == ["id0", "id0"]
   assert wandb.runs[0].logged == [(3, {"train/loss": 0.5})]
   assert "entity" not in wandb.runs[0].kwargs  # empty settings are wandb's defaults

@@ -41,6 +41,7 @@ from vit_jax.models import rmt  # noqa: F401
 from vit_jax.models import vig  # noqa: F401
 from vit_jax.models import vim  # noqa: F401
 from vit_jax.models import vir  # noqa: F401
+from vit_jax.models import naflex
 
 
 def create(name: str, pretrained: Union[bool, str] = False, **overrides):
@@ -53,6 +54,11 @@ def create(name: str, pretrained: Union[bool, str] = False, **overrides):
   ``(module, variables)`` for training). Overrides replace the variant's defaults
   either way; with weights, a different ``num_classes`` gets a fresh head.
   """
+  if "naflex" in overrides and "naflex" not in registry.settings(name):
+    # NaFlex/NaViT (models/naflex.py): the same ViT over the naflex pp op's patches.
+    wanted = overrides.pop("naflex")
+    model = create(name, pretrained, **overrides)
+    return naflex.naflex(model) if wanted else model
   if pretrained is False or pretrained is None:
     return registry.create(name, **overrides)
   if pretrained is not True and not (isinstance(pretrained, str) and pretrained):

@@ -66,6 +66,12 @@ def model_info(name: str) -> ModelInfo:
   return _REGISTRY[name]
 
 
+def settings(name: str) -> set[str]:
+  """The settings (dataclass fields) a registered model takes."""
+  module = model_info(name).factory()
+  return {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+
+
 def create(name: str, **overrides) -> nn.Module:
   """Creates a registered model, e.g. ``create("vit_base_patch16_224", num_classes=10)``.
 
@@ -73,15 +79,7 @@ def create(name: str, **overrides) -> nn.Module:
   an error that names it.
   """
   info = model_info(name)
-  module = info.factory()
-  fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
-  if overrides.get("naflex") and "naflex" not in fields:
-    # NaFlex/NaViT (models/naflex.py): the same ViT over the naflex pp op's patches.
-    from vit_jax.models import naflex  # pylint: disable=g-import-not-at-top
-    return naflex.naflex(create(name, **{k: v for k, v in overrides.items()
-                                         if k != "naflex"}))
-  if "naflex" in overrides and "naflex" not in fields:
-    overrides = {k: v for k, v in overrides.items() if k != "naflex"}  # naflex=False
+  fields = settings(name)
   unknown = sorted(set(overrides) - fields)
   scoped = [key for key in unknown if key in _SETTING_SCOPES]
   if scoped:

@@ -104,7 +104,7 @@ def make_writer(logdir: epath.Path, config: Any = None) -> metric_writers.Metric
   if not is_main_process():
     return metric_writers.MultiWriter([])
   writers = [metric_writers.SummaryWriter(str(logdir))]
-  wandb = wandb_writer.from_config(config, epath.Path(logdir).parent)
+  wandb = wandb_writer.from_config(config, epath.Path(logdir).parent, write_text_atomic)
   if wandb is not None:
     writers.append(wandb)
   return metric_writers.AsyncWriter(metric_writers.MultiWriter(writers))

@@ -13,7 +13,7 @@ workdir, so a resumed run continues the same W&B run.
 """
 
 import importlib
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 from clu import metric_writers
@@ -92,8 +92,10 @@ class WandbWriter(metric_writers.MetricWriter):
     self._run.finish()
 
 
-def from_config(config: Any, workdir: epath.PathLike) -> Optional[WandbWriter]:
-  """The writer ``config.wandb`` asks for (None when off); call on the main process."""
+def from_config(config: Any, workdir: epath.PathLike,
+                write_text: Callable[[epath.Path, str], None]) -> Optional[WandbWriter]:
+  """The writer ``config.wandb`` asks for (None when off); call on the main process.
+  ``write_text(path, text)`` keeps the run id (``common.write_text_atomic``)."""
   if not enabled(config):
     return None
   settings = config.wandb
@@ -109,6 +111,5 @@ def from_config(config: Any, workdir: epath.PathLike) -> Optional[WandbWriter]:
                    config=config.to_dict() if hasattr(config, "to_dict") else None,
                    **kwargs)
   if not id_file.exists():
-    from vit_jax.trainers import common  # pylint: disable=g-import-not-at-top
-    common.write_text_atomic(id_file, run.id)
+    write_text(id_file, run.id)
   return WandbWriter(wandb, run)
