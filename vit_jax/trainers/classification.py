@@ -115,17 +115,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- model and optimizer
   model_kwargs = {"num_classes": num_classes, **config.model.to_dict()}
   model = models.create(config.model_name, **model_kwargs)
-  # QAT; settings that reach no weight are an error, checked on the input's shape
-  # (NaFlex models take patch dicts: not checked).
-  image_spec = jax.ShapeDtypeStruct(
-      models.input_shape(config.model_name, **config.model.to_dict()), jnp.float32)
-  model = quantization.from_config(
-      model, config.get("quantization"),
-      check_inputs=None if config.model.get("naflex") else (image_spec,))
-  lora_config = config.get("lora")
-  if lora_config and lora_config.get("rank"):
-    model = lora.LoRA(base=model, rank=lora_config.rank, alpha=lora_config.alpha,
-                      targets=lora_config.get("targets") or lora.VIT_ATTENTION_MLP)
   probe = input_pipeline.make_train_dataset(
       builder, config.input.train_split, preprocess_fn=pp_train, batch_size=1,
       seed=config.seed, shuffle_buffer=1, keep_labels=keep_labels)
@@ -146,6 +135,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return jax.tree.map(lambda s: jnp.zeros((1,) + tuple(s.shape[1:]),
                                             jnp.float32 if s.dtype.is_floating
                                             else s.dtype.as_numpy_dtype), image_spec)
+
+  # QAT; settings that reach no weight are an error (checked on one example's shape).
+  model = quantization.from_config(model, config.get("quantization"),
+                                   check_inputs=(example_inputs(),))
+  lora_config = config.get("lora")
+  if lora_config and lora_config.get("rank"):
+    model = lora.LoRA(base=model, rank=lora_config.rank, alpha=lora_config.alpha,
+                      targets=lora_config.get("targets") or lora.VIT_ATTENTION_MLP)
 
   def init_variables(key):
     return model.init({"params": key, "dropout": key}, example_inputs(), train=False)
