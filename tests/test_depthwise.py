@@ -1,6 +1,7 @@
 """The shared depthwise convolution: forward and gradients (input and weight) equal
 ``lax.conv_general_dilated`` with ``feature_group_count`` and its ``jax.grad`` on awkward
-shapes; ``DepthwiseConv`` keeps ``nn.Conv``'s parameters; bad settings name themselves."""
+shapes; ``DepthwiseConv`` keeps ``nn.Conv``'s parameters; ``layers.Conv`` (1x1 as matrix
+products) keeps ``nn.Conv``'s parameters, output and gradients; bad settings name themselves."""
 
 import flax.linen as nn
 import jax
@@ -106,6 +107,36 @@ def test_module_keeps_nn_conv_parameters_and_output():
   for a, b in zip(jax.tree.leaves(v_ours), jax.tree.leaves(v_plain)):
     np.testing.assert_array_equal(a, b)  # same names, shapes and initial values
   np.testing.assert_allclose(y_ours, y_plain, atol=1e-5)
+
+
+# layers.Conv: (kernel, strides, padding, groups); the 1x1 ones run as matrix products.
+CONV_CASES = [((1, 1), 1, "SAME", 1), ((1, 1), 1, ((0, 0), (0, 0)), 4),
+              ((1, 1), 2, "VALID", 1), ((3, 3), 1, "SAME", 2)]
+
+
+@pytest.mark.parametrize("kernel,strides,padding,groups", CONV_CASES)
+def test_conv_keeps_nn_conv_parameters_output_and_gradients(kernel, strides, padding,
+                                                             groups):
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 7, 8), np.float32))
+  kw = dict(kernel_size=kernel, strides=strides, padding=padding,
+            feature_group_count=groups, bias_init=nn.initializers.normal(1.0))
+  ours, plain = layers.Conv(12, **kw), nn.Conv(12, **kw)
+
+  @jax.jit
+  def init_apply_grad(key, x):
+    v = ours.init(key, x)
+    loss = lambda m: (lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))))
+    return (v, plain.init(key, x), ours.apply(v, x), plain.apply(v, x),
+            jax.grad(loss(ours), (0, 1))(v, x), jax.grad(loss(plain), (0, 1))(v, x))
+
+  v_ours, v_plain, y_ours, y_plain, g_ours, g_plain = init_apply_grad(
+      jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_plain)
+  for a, b in zip(jax.tree.leaves(v_ours), jax.tree.leaves(v_plain)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(y_ours, y_plain, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
 def test_bad_settings_name_themselves():

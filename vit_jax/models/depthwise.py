@@ -12,7 +12,9 @@ gradient 350 ms -> 16 ms, input gradient 205 ms -> 3 ms.
 (strided, dilated) slice of the padded input times that tap's per-channel weights,
 with a custom VJP whose weight gradient is one per-channel reduction per tap (over
 batch and space of the slice times the output gradient) and whose input gradient is
-the sum over taps of the gradient times the tap's weights, padded back into place.
+the same tap sum over the padded output gradient with the kernel flipped (stride 1) or
+the sum over taps of the gradient times the tap's weights, padded back into place
+(strided). The 1x1 convolutions beside them run as matrix products (``layers.Conv``).
 ``optimization_barrier`` keeps XLA from fusing a producer into each of the ``k*k``
 consumers (measured: without it the output gradient's producer was recomputed per
 tap, 5x slower). Low-precision inputs accumulate in float32.
@@ -97,9 +99,9 @@ def _out_shape(padded_spatial, kernel_shape, strides, dilation):
                for p, k, s, d in zip(padded_spatial, kernel_shape, strides, dilation))
 
 
-def _shift_forward(x, w, strides, pads, dilation):
-  ct = _compute_dtype(x.dtype)
-  xp = lax.optimization_barrier(_pad(x, pads))
+def _tap_sum(xp, w, strides, dilation):
+  """The convolution of the already padded ``xp``: the sum over taps of slice x weight."""
+  ct = _compute_dtype(xp.dtype)
   kernel_shape = w.shape[:-1]
   out_shape = _out_shape(xp.shape[1:-1], kernel_shape, strides, dilation)
   y = None
@@ -107,7 +109,12 @@ def _shift_forward(x, w, strides, pads, dilation):
     term = (_tap_slice(xp, tap, strides, dilation, out_shape).astype(ct)
             * w[tap].astype(ct))
     y = term if y is None else y + term
-  return lax.optimization_barrier(y.astype(x.dtype))
+  return y
+
+
+def _shift_forward(x, w, strides, pads, dilation):
+  xp = lax.optimization_barrier(_pad(x, pads))
+  return lax.optimization_barrier(_tap_sum(xp, w, strides, dilation).astype(x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -128,20 +135,35 @@ def _shift_conv_bwd(strides, pads, dilation, residuals, g):
   out_shape = g.shape[1:-1]
   reduce_axes = tuple(range(g.ndim - 1))
   gc = g.astype(ct)
-  dw, dxp = [], None
-  for tap in _taps(kernel_shape):
-    piece = _tap_slice(xp, tap, strides, dilation, out_shape).astype(ct)
-    dw.append(jnp.sum(piece * gc, axis=reduce_axes))  # per channel: no dense conv
-    # Scatter g * w[tap] back to the positions this tap read (interior pad = stride).
+  dw = [jnp.sum(_tap_slice(xp, tap, strides, dilation, out_shape).astype(ct) * gc,
+                axis=reduce_axes)  # per channel: no dense conv
+        for tap in _taps(kernel_shape)]
+  if all(s == 1 for s in strides):
+    # The input gradient is the convolution of g, padded, with the kernel flipped: each
+    # element gathers its taps and is written once (measured 1.2x faster at 7x7 and 5x5
+    # than scattering each tap's g * w back into place; 0.75x at stride 2, so strided
+    # convolutions keep the scatter).
     config = [(0, 0, 0)]
-    for t, d, s, o, size in zip(tap, dilation, strides, out_shape, xp.shape[1:-1]):
-      config.append((t * d, size - t * d - s * (o - 1) - 1, s - 1))
+    for k, d, n, o, (lo, _) in zip(kernel_shape, dilation, x.shape[1:-1], out_shape, pads):
+      left = (k - 1) * d - lo
+      config.append((left, n + (k - 1) * d - left - o, 0))
     config.append((0, 0, 0))
-    term = lax.pad(gc * w[tap].astype(ct), jnp.zeros((), ct), config)
-    dxp = term if dxp is None else dxp + term
-  index = (slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])),
-           slice(None))
-  dx = dxp[index].astype(x.dtype)
+    gp = lax.pad(gc, jnp.zeros((), ct), config)
+    flipped = w[tuple(slice(None, None, -1) for _ in kernel_shape)]
+    dx = _tap_sum(gp, flipped, strides, dilation).astype(x.dtype)
+  else:
+    dxp = None
+    for tap in _taps(kernel_shape):
+      # Scatter g * w[tap] back to the positions this tap read (interior pad = stride).
+      config = [(0, 0, 0)]
+      for t, d, s, o, size in zip(tap, dilation, strides, out_shape, xp.shape[1:-1]):
+        config.append((t * d, size - t * d - s * (o - 1) - 1, s - 1))
+      config.append((0, 0, 0))
+      term = lax.pad(gc * w[tap].astype(ct), jnp.zeros((), ct), config)
+      dxp = term if dxp is None else dxp + term
+    index = (slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])),
+             slice(None))
+    dx = dxp[index].astype(x.dtype)
   dw = jnp.stack(dw).reshape(w.shape).astype(w.dtype)
   return lax.optimization_barrier((dx, dw))
 

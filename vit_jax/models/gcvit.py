@@ -74,7 +74,7 @@ class MBConv(nn.Module):
     y = layers.squeeze_excite(y, layers.make_divisible(dim * 0.25, 8, round_limit=0.0),
                               act=gelu, conv_kernels=True, names=("se_fc1", "se_fc2"),
                               **kw)
-    return x + nn.Conv(dim, (1, 1), name="conv_pw", **kw)(y)
+    return x + layers.Conv(dim, (1, 1), name="conv_pw", **kw)(y)
 
 
 class Downsample(nn.Module):

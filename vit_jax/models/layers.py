@@ -364,14 +364,61 @@ class ConvEmbed(nn.Module):
                         param_dtype=self.param_dtype, name="norm")(x)
 
 
+class Conv(nn.Conv):
+  """``nn.Conv`` (same attributes, parameters and initialisation) whose 1x1 convolutions,
+  grouped or not, run as matrix products.
+
+  A 1x1 convolution is a matrix product over channels, but XLA:CPU lowers its weight
+  gradient as a convolution with both operands transposed: 2-3x slower than the product
+  at the pointwise shapes of EfficientViT/MaxViT, and for grouped 1x1 convolutions
+  (EfficientViT's multi-scale aggregation) about 100x (measured on this 2-core machine,
+  batch 8: ``[8,14,14,768]``, 48 groups, forward+backward 1,900 ms as a convolution,
+  8 ms as a batched product). Every other kernel size goes to ``nn.Conv``.
+  """
+
+  def _pointwise(self) -> bool:
+    ones = lambda v: v is None or all(i == 1 for i in (  # noqa: E731
+        (v,) if isinstance(v, int) else v))
+    padding = self.padding
+    zero_pad = (padding in ("SAME", "VALID") or padding == 0 or (
+        not isinstance(padding, (str, int)) and all(
+            p == 0 or p == (0, 0) for p in padding)))
+    return (ones(self.kernel_size) and ones(self.strides) and ones(self.input_dilation)
+            and zero_pad and self.mask is None and self.shared_weights)
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    if not self._pointwise():
+      return super().__call__(inputs)
+    ndim = len(self.kernel_size) if not isinstance(self.kernel_size, int) else 1
+    groups, in_features = self.feature_group_count, inputs.shape[-1]
+    if in_features % groups or self.features % groups:
+      raise ValueError(f"{self.name}: {in_features} input and {self.features} output "
+                       f"channels are not divisible by feature_group_count={groups}")
+    kernel = self.param("kernel", self.kernel_init,
+                        (1,) * ndim + (in_features // groups, self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    kernel = kernel.reshape(kernel.shape[-2:])
+    if groups == 1:
+      y = jnp.einsum("...i,io->...o", inputs, kernel, precision=self.precision)
+    else:  # output channels are grouped major: [groups, features / groups]
+      x = inputs.reshape(inputs.shape[:-1] + (groups, in_features // groups))
+      w = kernel.reshape(kernel.shape[0], groups, -1).transpose(1, 0, 2)
+      y = jnp.einsum("...gi,gio->...go", x, w, precision=self.precision)
+      y = y.reshape(inputs.shape[:-1] + (self.features,))
+    return y if bias is None else y + bias
+
+
 def grouped_conv(features: int, kernel_size: int, in_features: int, groups: int,
                  **kwargs) -> nn.Module:
-  """``nn.Conv`` with ``feature_group_count=groups``, or ``DepthwiseConv`` (the same
+  """``Conv`` with ``feature_group_count=groups``, or ``DepthwiseConv`` (the same
   parameters) when it is depthwise (one group per channel, width kept)."""
   if groups == in_features == features:
     return DepthwiseConv(features, (kernel_size, kernel_size), **kwargs)
-  return nn.Conv(features, (kernel_size, kernel_size), feature_group_count=groups,
-                 **kwargs)
+  return Conv(features, (kernel_size, kernel_size), feature_group_count=groups, **kwargs)
 
 
 class ConvBN(nn.Module):
@@ -422,7 +469,7 @@ def squeeze_excite(x: Array, rd_channels: int, *, act: Callable[[Array], Array] 
   ``[in, out]``; both compute the same.
   """
   kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
-  layer = ((lambda features, name: nn.Conv(features, (1, 1), name=name, **kw))
+  layer = ((lambda features, name: Conv(features, (1, 1), name=name, **kw))
            if conv_kernels else (lambda features, name: nn.Dense(features, name=name, **kw)))
   s = jnp.mean(x, axis=(1, 2), keepdims=True)
   s = layer(x.shape[-1], names[1])(act(layer(rd_channels, names[0])(s)))

@@ -85,16 +85,16 @@ class MBConv(nn.Module):
     if self.stride == 2:
       shortcut = nn.avg_pool(shortcut, (2, 2), strides=(2, 2), padding="SAME")
       if in_dim != self.out_dim:
-        shortcut = nn.Conv(self.out_dim, (1, 1), name="shortcut_expand", **kw)(shortcut)
+        shortcut = layers.Conv(self.out_dim, (1, 1), name="shortcut_expand", **kw)(shortcut)
     x = batch_norm("pre_norm", train, **kw)(x)
-    x = nn.Conv(mid, (1, 1), use_bias=False, name="conv1_1x1", **kw)(x)
+    x = layers.Conv(mid, (1, 1), use_bias=False, name="conv1_1x1", **kw)(x)
     x = _gelu(batch_norm("norm1", train, **kw)(x))
     x = layers.DepthwiseConv(mid, (3, 3), strides=(self.stride, self.stride), padding="SAME",
                              use_bias=False, name="conv2_kxk", **kw)(x)
     x = _gelu(batch_norm("norm2", train, **kw)(x))
     x = layers.SqueezeExcite(rd_channels=int(0.25 * self.out_dim), act=nn.silu,
                              conv_kernels=True, name="se", **kw)(x)
-    x = nn.Conv(self.out_dim, (1, 1), name="conv3_1x1", **kw)(x)
+    x = layers.Conv(self.out_dim, (1, 1), name="conv3_1x1", **kw)(x)
     return layers.DropPath(self.drop_path_rate)(x, train=train) + shortcut
 
 

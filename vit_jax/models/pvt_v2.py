@@ -119,8 +119,8 @@ class SpatialReduction(nn.Module):
       kernel = (1, 1)
     else:
       kernel = (self.sr_ratio, self.sr_ratio)
-    x = nn.Conv(dim, kernel, strides=kernel, padding="VALID", kernel_init=conv_init,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+    x = layers.Conv(dim, kernel, strides=kernel, padding="VALID", kernel_init=conv_init,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="norm")(x)
     return nn.gelu(x, approximate=False) if self.linear else x
