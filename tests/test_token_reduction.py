@@ -17,6 +17,7 @@ from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA c
 from helpers import run_timm_reference, state_dict_of
 from vit_jax import models, visualize
 from vit_jax.models import convert, token_reduction
+from vit_jax.tools import token_reduction_bench
 
 # 56 px, patch 8: 49 patches; three blocks keep the compiles small. r=16 merges 16, 16
 # and then (clamped to half of the 17 unprotected tokens left) 8. The schedule (24, 0,
@@ -169,6 +170,10 @@ def test_merging_clamps_each_block_as_tome_and_says_so_once(ours, images, caplog
   assert models.create("vit_tiny_patch16_224", token_merging=(8, 0, 12),
                        **OURS).effective_token_merging() == (8, 0, 12)
   assert model.effective_token_merging(112) == (24, 0, 30)  # 196 patches: in reach
+  notes = token_reduction_bench.clamped_settings("vit_large_patch16_224", {
+      "plain": {}, "ToMe r=4": {"token_merging": 4}, "ToMe r=16": {"token_merging": 16}})
+  assert list(notes) == ["ToMe r=16"]
+  assert notes["ToMe r=16"].endswith("197 tokens in, 2 after the last block")
   token_reduction._CLAMP_WARNED.clear()  # pylint: disable=protected-access
   with caplog.at_level("WARNING"):
     for _ in range(2):

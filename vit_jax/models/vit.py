@@ -547,7 +547,9 @@ class VisionTransformer(nn.Module):
     patch_bias: whether the patch embedding has a bias (CLIP's has none).
     norm_epsilon: epsilon of every LayerNorm in the encoder (1e-6; CLIP uses 1e-5).
     token_merging: ToMe's ``r``, tokens merged in every block (an int) or per block
-      (a tuple); 0 is the plain model. See ``token_reduction``.
+      (a tuple); 0 is the plain model. As in ToMe, a block merges at most half of
+      its unprotected tokens (``effective_token_merging`` says what each block
+      merges). See ``token_reduction``.
     token_keep_rate: EViT's fraction of patch tokens kept in ``token_keep_layers``
       (default: the blocks at 1/4, 1/2 and 3/4 depth); 1.0 is the plain model.
     flexi_patch_size: FlexiViT: run at this patch size. The ``embedding`` kernel stays
