@@ -17,16 +17,18 @@ from cheap_compiles import cheap_compiles  # noqa: F401  (autouse: cheaper XLA c
 from helpers import run_timm_reference, state_dict_of
 from vit_jax import models, visualize
 from vit_jax.models import convert, token_reduction
+from vit_jax.tools import token_reduction_bench
 
 # 56 px, patch 8: 49 patches; three blocks keep the compiles small. r=16 merges 16, 16
-# and then (clamped to half of the 17 unprotected tokens left) 8.
+# and then (clamped to half of the 17 unprotected tokens left) 8. The schedule (24, 0,
+# 30) asks for 54 merges of 49 patches, which ToMe runs: 24, 0, then clamped to 12.
 TIMM_KWARGS = dict(img_size=56, patch_size=8, depth=3, num_classes=10)
 OURS = dict(image_size=56, patch_size=8, num_layers=3, num_classes=10)
 CASES = {  # name: (timm model, our settings)
     "vit_r0": ("vit_tiny_patch16_224", dict(token_merging=0)),
     "vit_r4": ("vit_tiny_patch16_224", dict(token_merging=4)),
     "vit_r16": ("vit_tiny_patch16_224", dict(token_merging=16)),
-    "vit_schedule": ("vit_tiny_patch16_224", dict(token_merging=(8, 0, 12))),
+    "vit_schedule_clamped": ("vit_tiny_patch16_224", dict(token_merging=(24, 0, 30))),
     "deit_distilled_r16": ("deit_tiny_distilled_patch16_224", dict(token_merging=16)),
     "vit_evit": ("vit_tiny_patch16_224",
                  dict(token_keep_rate=0.7, token_keep_layers=(1, 2))),
@@ -152,6 +154,36 @@ def test_token_counts_sizes_and_sources_are_static_and_consistent(ours, images):
   assert len(colours) == 1 and len(rows) > 1
 
 
+def test_merging_clamps_each_block_as_tome_and_says_so_once(ours, images, caplog):
+  """More merges than patches run as ToMe runs them: each block merges at most half of
+  its unprotected tokens (the parity case above checks the numbers); the model states
+  the effective schedule and warns once with requested and effective r."""
+  model = models.create("vit_tiny_patch16_224", token_merging=(24, 0, 30), **OURS)
+  assert model.effective_token_merging() == (24, 0, 12)
+  run, params, _ = ours("vit_schedule_clamped")
+  _, inter = run(params, images)
+  assert [inter[f"Transformer/block_{i}"].shape[1] for i in range(3)] == [26, 26, 14]
+  # A 24-block ViT-L/16 at r=16 (the setting that prompted this) keeps the class token
+  # and one patch token; a schedule within reach is unchanged.
+  large = models.create("vit_large_patch16_224", token_merging=16)
+  assert large.effective_token_merging() == (16,) * 11 + (10, 5, 2, 1, 1) + (0,) * 8
+  assert models.create("vit_tiny_patch16_224", token_merging=(8, 0, 12),
+                       **OURS).effective_token_merging() == (8, 0, 12)
+  assert model.effective_token_merging(112) == (24, 0, 30)  # 196 patches: in reach
+  notes = token_reduction_bench.clamped_settings("vit_large_patch16_224", {
+      "plain": {}, "ToMe r=4": {"token_merging": 4}, "ToMe r=16": {"token_merging": 16}})
+  assert list(notes) == ["ToMe r=16"]
+  assert notes["ToMe r=16"].endswith("197 tokens in, 2 after the last block")
+  token_reduction._CLAMP_WARNED.clear()  # pylint: disable=protected-access
+  with caplog.at_level("WARNING"):
+    for _ in range(2):
+      jax.eval_shape(model.init, jax.random.key(0), images)
+  warnings = [r.getMessage() for r in caplog.records if "ToMe's clamp" in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert "requested r per block (24, 0, 30), effective (24, 0, 12)" in warnings[0]
+  assert "50 tokens in, 14 after the last block" in warnings[0]
+
+
 def test_pallas_falls_back_to_xla_and_clip_towers_merge(images):
   """Proportional attention needs a bias the flash kernel lacks: same numbers as XLA."""
   xla = models.create("vit_tiny_patch16_224", token_merging=4, **OURS)
@@ -225,7 +257,6 @@ def test_dynamic_pruning_trains_its_predictor_with_static_shapes(images):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(token_merging=20), "block 2 would merge 20 of the 9 patch tokens left"),
     (dict(token_merging=(4, 4)), "one r per block"),
     (dict(token_merging=-1), "token_merging must be >= 0"),
     (dict(token_keep_rate=0.0), r"token_keep_rate must be in \(0, 1\], got 0.0"),

@@ -36,6 +36,7 @@ token, 1 at the start) and, when intermediates are collected, ``source``
 import math
 from typing import Any, Optional, Sequence, Union
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -130,22 +131,43 @@ def check_settings(*, token_merging, token_keep_rate: float, num_prefix_tokens: 
                      f"{num_prefix_tokens}")
 
 
-def check_merge_schedule(schedule: Sequence[int], num_tokens: int,
-                         num_prefix_tokens: int) -> None:
-  """Raises when the requested merges would leave a block without patch tokens.
+def effective_merge_schedule(schedule: Sequence[int], num_tokens: int,
+                             num_prefix_tokens: int) -> tuple[int, ...]:
+  """The ``r`` each block actually merges, for ``num_tokens`` input tokens.
 
-  Each block merges at most half of its unprotected tokens (the matching pairs A with
-  B), as ToMe does; this check is on the requested ``r``, before that clamp.
+  ToMe's clamp, as its code applies it in every block: a block merges at most
+  ``(t - num_prefix_tokens) // 2`` of its ``t`` tokens (the A set holds about half of
+  the unprotected ones), so each block keeps at least half of its patch tokens and
+  none ever runs out. ``merge_tokens`` applies the same clamp; this states it ahead of
+  time (e.g. ViT-L/16 at r=16: the last blocks merge fewer than 16).
   """
-  patches = left = num_tokens - num_prefix_tokens
-  for i, r in enumerate(schedule):
-    if r >= left:
-      raise ValueError(
-          f"token_merging: block {i} would merge {r} of the {left} patch tokens left "
-          f"(of {patches}, after {patches - left} merged before it), leaving none; "
-          f"request at most {patches - 1} merges in total "
-          f"(e.g. r <= {(patches - 1) // len(schedule)} in every block)")
-    left -= r
+  effective, tokens = [], num_tokens
+  for r in schedule:
+    r = max(0, min(int(r), (tokens - num_prefix_tokens) // 2))
+    effective.append(r)
+    tokens -= r
+  return tuple(effective)
+
+
+_CLAMP_WARNED = set()  # (requested, tokens, prefix) already reported: say it once
+
+
+def clamp_merge_schedule(schedule: Sequence[int], num_tokens: int,
+                         num_prefix_tokens: int) -> tuple[int, ...]:
+  """``effective_merge_schedule``, with one warning per setting when the clamp
+  changes what was requested (a ToMe setting ported from a shallower model or a
+  larger image merges less than it says)."""
+  effective = effective_merge_schedule(schedule, num_tokens, num_prefix_tokens)
+  key = (tuple(schedule), num_tokens, num_prefix_tokens)
+  if effective != tuple(schedule) and key not in _CLAMP_WARNED:
+    _CLAMP_WARNED.add(key)
+    changed = [i for i, (a, b) in enumerate(zip(schedule, effective)) if a != b]
+    logging.warning(
+        "token_merging: a block merges at most half of its unprotected tokens (ToMe's "
+        "clamp), so blocks %s merge less than requested: requested r per block %s, "
+        "effective %s; %d tokens in, %d after the last block",
+        changed, tuple(schedule), effective, num_tokens, num_tokens - sum(effective))
+  return effective
 
 
 def bipartite_soft_matching(metric: Array, r: int, num_prefix_tokens: int

@@ -464,8 +464,8 @@ class TokenReductionEncoder(Encoder):
         **settings)
 
   def run_blocks(self, x: Array, *, mask: Optional[Array], train: bool) -> Array:
-    if any(self.token_merging):
-      token_reduction.check_merge_schedule(self.token_merging, x.shape[1],
+    if any(self.token_merging):  # the blocks clamp r themselves; this warns once
+      token_reduction.clamp_merge_schedule(self.token_merging, x.shape[1],
                                            self.num_prefix_tokens)
     pruning = {}  # DynamicViT: block index -> patch tokens kept before it
     if self.token_pruning < 1.0:
@@ -547,7 +547,9 @@ class VisionTransformer(nn.Module):
     patch_bias: whether the patch embedding has a bias (CLIP's has none).
     norm_epsilon: epsilon of every LayerNorm in the encoder (1e-6; CLIP uses 1e-5).
     token_merging: ToMe's ``r``, tokens merged in every block (an int) or per block
-      (a tuple); 0 is the plain model. See ``token_reduction``.
+      (a tuple); 0 is the plain model. As in ToMe, a block merges at most half of
+      its unprotected tokens (``effective_token_merging`` says what each block
+      merges). See ``token_reduction``.
     token_keep_rate: EViT's fraction of patch tokens kept in ``token_keep_layers``
       (default: the blocks at 1/4, 1/2 and 3/4 depth); 1.0 is the plain model.
     flexi_patch_size: FlexiViT: run at this patch size. The ``embedding`` kernel stays
@@ -697,6 +699,18 @@ class VisionTransformer(nn.Module):
   def block_ops(self) -> robust_ops.BlockOps:
     return robust_ops.BlockOps(attention_gate=bool(self.attention_gate),
                                activation=self.mlp_activation, norm=self.norm_type)
+
+  def effective_token_merging(self, image_size: Union[int, Sequence[int], None] = None
+                              ) -> tuple[int, ...]:
+    """ToMe's ``r`` per block as the blocks merge it for ``image_size`` inputs (default:
+    the model's): ``token_merging`` with each block clamped to half of its unprotected
+    tokens (``token_reduction.effective_merge_schedule``). The tokens left after the
+    last block are the input tokens minus the sum."""
+    height, width = layers.to_2tuple(image_size or self.image_size)
+    patches = (height // self.run_patch_size) * (width // self.run_patch_size)
+    return token_reduction.effective_merge_schedule(
+        token_reduction.merge_schedule(self.token_merging, self.num_layers),
+        patches + self.num_prefix_tokens, self.num_prefix_tokens)
 
   @property
   def moe_settings(self) -> Optional[moe_lib.MoeSettings]:

@@ -50,8 +50,8 @@ def settings(merging: list[int], keep_rates: list[float],
 
 
 def rejected_settings(model: str, setting_overrides: dict[str, dict]) -> dict[str, str]:
-  """Setting label -> the model's error, for the settings ``model`` rejects (e.g. ToMe
-  r=16 on the 24 blocks of ViT-L/16, whose 196 patches cannot give 24 x 16 merges).
+  """Setting label -> the model's error, for the settings ``model`` rejects (e.g. a
+  keep rate outside (0, 1], or DynamicViT's ``rho`` keeping no token in its last stage).
 
   Checked by shape inference before any compile, so that a long run does not stop
   halfway at its first bad setting.
@@ -68,6 +68,26 @@ def rejected_settings(model: str, setting_overrides: dict[str, dict]) -> dict[st
                      jnp.zeros(shape, jnp.float32))
     except ValueError as e:
       out[label] = str(e).splitlines()[0]
+  return out
+
+
+def clamped_settings(model: str, setting_overrides: dict[str, dict]) -> dict[str, str]:
+  """Setting label -> what ToMe's per-block clamp makes of it, for the ToMe settings
+  whose requested ``r`` some block of ``model`` cannot merge (ViT-L/16 at r=16)."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  out = {}
+  for label, overrides in setting_overrides.items():
+    if not overrides.get("token_merging"):
+      continue
+    net = models.create(model, **overrides)
+    height, width = models.input_shape(model, batch=1, **overrides)[1:3]
+    effective = net.effective_token_merging((height, width))
+    if effective != (overrides["token_merging"],) * len(effective):
+      tokens = ((height // net.run_patch_size) * (width // net.run_patch_size)
+                + net.num_prefix_tokens)
+      out[label] = (f"r per block {', '.join(map(str, effective))} (clamped to half "
+                    f"the unprotected tokens, as ToMe does): {tokens} tokens in, "
+                    f"{tokens - sum(effective)} after the last block")
   return out
 
 
@@ -139,6 +159,10 @@ def main(argv):
   table = markdown(rows)
   notes = [f"{model} {label}: not run, the model rejects it ({message})"
            for model, bad in rejected.items() for label, message in bad.items()]
+  notes += [f"{model} {label}: {message}" for model in FLAGS.model
+            for label, message in clamped_settings(
+                model, {k: v for k, v in chosen.items()
+                        if k not in rejected[model]}).items()]
   if notes:
     table += "\n\n" + "\n".join(f"* {n}" for n in notes)
   print(header)
