@@ -10,8 +10,8 @@ gradient 350 ms -> 16 ms, input gradient 205 ms -> 3 ms.
 
 ``impl="shift"`` computes it as what it is: the sum over the kernel taps of a
 (strided, dilated) slice of the padded input times that tap's per-channel weights,
-with a custom VJP whose weight gradient is one per-channel reduction per tap (over
-batch and space of the slice times the output gradient) and whose input gradient is
+with a custom VJP whose weight gradient is a per-channel reduction per tap (over
+batch and space of the slice times the output gradient; all taps in one variadic reduce) and whose input gradient is
 the same tap sum over the padded output gradient with the kernel flipped (stride 1) or
 the sum over taps of the gradient times the tap's weights, padded back into place
 (strided). The 1x1 convolutions beside them run as matrix products (``layers.Conv``).
@@ -133,11 +133,19 @@ def _shift_conv_bwd(strides, pads, dilation, residuals, g):
   xp = _pad(x, pads)
   kernel_shape = w.shape[:-1]
   out_shape = g.shape[1:-1]
-  reduce_axes = tuple(range(g.ndim - 1))
   gc = g.astype(ct)
-  dw = [jnp.sum(_tap_slice(xp, tap, strides, dilation, out_shape).astype(ct) * gc,
-                axis=reduce_axes)  # per channel: no dense conv
-        for tap in _taps(kernel_shape)]
+  # The weight gradient, per channel (no dense conv): one variadic reduction with every
+  # tap an operand, so that g and x are read in one pass, over the batch (up to 9 taps)
+  # or the batch and all spatial axes but the last (more taps: fewer partial sums to
+  # keep); then the sum over the axes left. Against a reduction per tap, measured at
+  # batch 8: 56x56x128 7x7 4.6x, 14x14x384 5x5 ~4x, 56x56x512 3x3 2.5x, 112x112x256 3x3
+  # 1.7x; reducing 7x7 over the batch alone was 4x slower, 3x3 over batch and rows 1.5-3x.
+  products = tuple(_tap_slice(xp, tap, strides, dilation, out_shape).astype(ct) * gc
+                   for tap in _taps(kernel_shape))
+  first = (0,) if len(products) <= 9 else tuple(range(g.ndim - 2))
+  partial = lax.reduce(products, tuple(jnp.zeros((), ct) for _ in products),
+                       lambda a, b: tuple(u + v for u, v in zip(a, b)), first)
+  dw = [jnp.sum(p, axis=tuple(range(p.ndim - 1))) for p in partial]
   if all(s == 1 for s in strides):
     # The input gradient is the convolution of g, padded, with the kernel flipped: each
     # element gathers its taps and is written once (measured 1.2x faster at 7x7 and 5x5
