@@ -1,6 +1,7 @@
 r"""The linear-time backbones (ViG, RMT, Vim, ViR) trained on the digits, tiny widths.
 
   python -m vit_jax.main --config=configs/digits_linear.py:vig --workdir=workdirs/digits_vig
+  python -m vit_jax.main --config=configs/digits_linear.py:vig_h --workdir=workdirs/digits_vig_h
   python -m vit_jax.main --config=configs/digits_linear.py:rmt --workdir=workdirs/digits_rmt
   python -m vit_jax.main --config=configs/digits_linear.py:vim --workdir=workdirs/digits_vim
   python -m vit_jax.main --config=configs/digits_linear.py:vir --workdir=workdirs/digits_vir
@@ -22,6 +23,8 @@ from vit_jax import config_files
 FAMILIES = {
     "vig": ("vig_tiny", dict(embed_dim=64, depth=2, num_heads=2, patch_size=4,
                              image_size=16)),
+    # ViG-H: its stride-4 stem (16x16 -> 4x4 tokens), two stages of one block.
+    "vig_h": ("vig_h_tiny", dict(embed_dims=(32, 64), depths=(1, 1), num_heads=(2, 2))),
     "vim": ("vim_tiny_patch16_224", dict(embed_dim=64, depth=2, patch_size=4,
                                          image_size=16)),
     # layer_scale 1: from ViR's 1e-5 the blocks barely move in a few hundred steps.
