@@ -1,4 +1,4 @@
-r"""The linear-time backbones (ViG, RMT, Vim, ViR) trained on the digits, tiny widths.
+r"""The linear-time backbones (ViG, ViG-H, RMT, Vim, ViR) trained on the digits, tiny widths.
 
   python -m vit_jax.main --config=configs/digits_linear.py:vig --workdir=workdirs/digits_vig
   python -m vit_jax.main --config=configs/digits_linear.py:vig_h --workdir=workdirs/digits_vig_h
@@ -6,8 +6,8 @@ r"""The linear-time backbones (ViG, RMT, Vim, ViR) trained on the digits, tiny w
   python -m vit_jax.main --config=configs/digits_linear.py:vim --workdir=workdirs/digits_vim
   python -m vit_jax.main --config=configs/digits_linear.py:vir --workdir=workdirs/digits_vir
 
-Each is its family's registered tiny model shrunk to width 64, two blocks (RMT: two
-stages of one block), 4x4 patches of the 16x16 digits, trained 300 steps at batch 64
+Each is its family's registered tiny model shrunk to width 64, two blocks (RMT, ViG-H:
+two stages of one block), 4x4 patches of the 16x16 digits, trained 300 steps at batch 64
 (Vim: 16) with the demo's optimizer (AdamW 3e-3, warmup 30, cosine) and evaluated once at the end.
 The tests (`tests/test_linear_time_models.py`, `tests/test_rmt.py`: `-k trains`) run
 one-block versions for 30-60 steps; this is the longer run.
@@ -15,7 +15,9 @@ one-block versions for 30-60 steps; this is the longer run.
 Measured (2026-12-07, shared 2-core CPU at load 20-40, seed 0, one run each; README,
 "Linear-time backbones"): test top-1 on the 360 held-out digits ViG 99.72%, RMT
 99.17%, Vim 91.39%, ViR 84.17%; train loss (label smoothing 0.1) from 2.1-2.4 at
-step 25 to 0.53 / 0.55 / 0.83 / 0.91 at step 300. 10-16 minutes each.
+step 25 to 0.53 / 0.55 / 0.83 / 0.91 at step 300. 10-16 minutes each. ViG-H (two
+stages of one block, widths 32 and 64; measured later, load ~10): 98.89%, train loss
+2.03 -> 0.55, 4 minutes.
 """
 
 from vit_jax import config_files

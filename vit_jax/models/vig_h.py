@@ -94,6 +94,7 @@ class HierViG(nn.Module):
 
   Attributes:
     num_classes: size of the head; 0 returns the pooled features.
+    image_size: the default resolution (any size works: no position embedding).
     embed_dims, depths, num_heads: per stage (GLA heads: ``dk = d / 2 / heads``,
       ``dv = d / heads``).
     mlp_ratio: SwiGLU hidden width ``2/3 * mlp_ratio * d``, rounded up to 32 (the
@@ -105,6 +106,7 @@ class HierViG(nn.Module):
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
   """
   num_classes: int = 1000
+  image_size: int = 224
   embed_dims: Sequence[int] = (96, 192, 384, 768)
   depths: Sequence[int] = (2, 2, 5, 2)
   num_heads: Sequence[int] = (3, 6, 12, 24)
