@@ -179,6 +179,7 @@ SPLIT_KERNELS = {
     "shvit": (r"ffn\d?/pw[12]/conv/kernel$",),
     "rmt": (r"retention/([qkv]|out)/kernel$", r"ffn/fc[12]/kernel$", r"retention/lepe/kernel$"),
     "vig": (r"attn/(g_proj|o_proj)/kernel$", r"mlp/down_proj/kernel$"),
+    "vig_h": (r"attn/(g_proj|o_proj)/kernel$", r"mlp/down_proj/kernel$"),
     "vim": (r"mixer/(out_proj|x_proj|dt_proj_b)/kernel$", r"mixer/conv1d(_b)?/kernel$"),
     "vir": (r"retention/out_proj/kernel$", _MLP),
     "two_tower": (_ATTENTION, _MLP),
@@ -194,6 +195,7 @@ WHOLE_KERNELS = {
     "shvit": r"mixer/(qkv|proj)/conv/kernel$",
     # Fused q|k|v, SwiGLU's a|b and Mamba's x|z projections.
     "vig": r"(attn/qkv_proj|mlp/gate_proj)/kernel$",
+    "vig_h": r"(attn/qkv_proj|mlp/gate_proj)/kernel$",
     "vim": r"mixer/in_proj/kernel$",
     "vir": r"retention/qkv/kernel$",
 }

@@ -62,6 +62,8 @@ ZOO = {
               48, ("qk_dims", (4, 4))),
     "vig": ("vig_tiny", dict(embed_dim=32, depth=2, num_heads=2, patch_size=8,
                              image_size=32), 32, None),
+    "vig_h": ("vig_h_tiny", dict(embed_dims=(16, 32), depths=(1, 1), num_heads=(2, 2)), 32,
+              ("num_heads", (2,))),
     "vim": ("vim_tiny_patch16_224", dict(embed_dim=32, depth=3, patch_size=8, image_size=32),
             32, None),
     "vir": ("vir_small_patch16_224", dict(embed_dim=32, depth=2, num_heads=2, patch_size=8,

@@ -39,6 +39,7 @@ from vit_jax.models import t2t_vit  # noqa: F401
 from vit_jax.models import tnt  # noqa: F401
 from vit_jax.models import rmt  # noqa: F401
 from vit_jax.models import vig  # noqa: F401
+from vit_jax.models import vig_h  # noqa: F401
 from vit_jax.models import vim  # noqa: F401
 from vit_jax.models import vir  # noqa: F401
 from vit_jax.models import naflex

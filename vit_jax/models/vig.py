@@ -39,7 +39,7 @@ Sown: ``block_{i}`` (each block's output as an NHWC token map) and ``features``.
 """
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -77,10 +77,11 @@ GATE_RANK = 16  # gk_proj's bottleneck
 GATE_LOGIT_NORMALIZER = 16
 
 
-def swiglu_width(dim: int, ratio: float = 4.0) -> int:
-  """fla's GLA MLP width: ``2/3 * ratio * dim`` rounded up to a multiple of 256."""
+def swiglu_width(dim: int, ratio: float = 4.0, multiple: int = 256) -> int:
+  """fla's GLA MLP width: ``2/3 * ratio * dim`` rounded up to a multiple of 256
+  (ViG-H's ``gMlp``: of 32)."""
   width = int(dim * ratio * 2 / 3)
-  return 256 * -(-width // 256)
+  return multiple * -(-width // multiple)
 
 
 # GLA's elementwise steps are recomputed in the backward pass (jax.checkpoint) and
@@ -160,6 +161,9 @@ class GatedLinearAttention(nn.Module):
   expand_v: float = 1.0
   conv_act: bool = True
   out_act: bool = False
+  # ViG's evaluation kernel halves the directions' mean again; ViG-H's forward does
+  # not (its ``o /= 2`` is commented out), so its factor is 1/2 in both modes.
+  eval_halves_again: bool = True
   attention_impl: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -192,7 +196,8 @@ class GatedLinearAttention(nn.Module):
     scan = lambda g, reverse: kernels.gated_scan(q, k, v, g, reverse=reverse,
                                                  impl=self.attention_impl)
     # Official: mean of the directions in training, half of it in evaluation.
-    out = (scan(forward_gate, False) + scan(reverse_gate, True)) * (0.5 if train else 0.25)
+    factor = 0.25 if self.eval_halves_again and not train else 0.5
+    out = (scan(forward_gate, False) + scan(reverse_gate, True)) * factor
     scale = lambda name: NormScale(value_dim // heads, self.param_dtype, name=name)()
     out = _inject_locality(out, split(local), split(dense(value_dim, "g_proj", bias=True)(local)),
                            scale("g_norm").astype(jnp.float32),
@@ -202,34 +207,50 @@ class GatedLinearAttention(nn.Module):
 
 
 class GLABlock(nn.Module):
+  """``x + GLA(norm(x))``, ``x + SwiGLU(norm(x))``.
+
+  ``norm``: "rms" (ViG: RMSNorm, eps 1e-6) or "layer" (ViG-H: LayerNorm, eps 1e-5).
+  """
   num_heads: int
   mlp_hidden: int
   conv_act: bool = True
   out_act: bool = False
+  eval_halves_again: bool = True
+  norm: str = "rms"
   drop_path_rate: float = 0.0
   attention_impl: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def make_norm(self, name: str) -> nn.Module:
+    if self.norm == "layer":
+      return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=name)
+    return rms_norm(name, self.dtype, self.param_dtype)
+
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     y = GatedLinearAttention(num_heads=self.num_heads, conv_act=self.conv_act,
-                             out_act=self.out_act, attention_impl=self.attention_impl,
+                             out_act=self.out_act, eval_halves_again=self.eval_halves_again,
+                             attention_impl=self.attention_impl,
                              dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
-                                 rms_norm("attn_norm", self.dtype, self.param_dtype)(x),
-                                 train=train)
+                                 self.make_norm("attn_norm")(x), train=train)
     x = x + layers.DropPath(self.drop_path_rate)(y, train=train)
     # Keeps the input and gate_proj's output; the product is recomputed.
     mlp = nn.remat(SwiGLU, policy=jax.checkpoint_policies.dots_saveable)
     y = mlp(self.mlp_hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="mlp")(rms_norm("mlp_norm", self.dtype, self.param_dtype)(x))
+            name="mlp")(self.make_norm("mlp_norm")(x))
     return x + layers.DropPath(self.drop_path_rate)(y, train=train)
 
 
 class ConvStem(nn.Module):
-  """ViG's ``V2PatchEmbed``: two strided convs with LayerNorms; stride ``patch_size``."""
+  """ViG's ``V2PatchEmbed``: two strided convs with LayerNorms; stride ``patch_size``.
+
+  ``act`` between them: SiLU (ViG) or exact GELU (ViG-H's ``_make_patch_embed_v2``).
+  """
   dim: int
   patch_size: int = 16
+  act: Callable[[Array], Array] = nn.silu
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -241,7 +262,7 @@ class ConvStem(nn.Module):
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
-    x = nn.silu(norm("norm_0")(conv(self.dim // 2, stride + 1, stride, "conv_0")(images)))
+    x = self.act(norm("norm_0")(conv(self.dim // 2, stride + 1, stride, "conv_0")(images)))
     return norm("norm_1")(conv(self.dim, 3, 2, "conv_1")(x))
 
 
