@@ -69,8 +69,9 @@ def time_side(rows: dict, names: list, side: int) -> None:
   """Interleaved CPU inference times of the programs under ``--max_gflops``."""
   timed = [n for n in names if rows[n]["gflops"] <= _MAX_GFLOPS.value]
   calls = {name: _forward(name, side) for name in timed}
-  repeats = max(1 if rows[n]["gflops"] > _SINGLE.value else _REPEATS.value for n in timed)
-  for _ in range(repeats if timed else 0):
+  repeats = max((1 if rows[n]["gflops"] > _SINGLE.value else _REPEATS.value
+                 for n in timed), default=0)  # --max_gflops=0: memory only
+  for _ in range(repeats):
     for name in timed:
       if rows[name]["times"] and rows[name]["gflops"] > _SINGLE.value:
         continue  # one call is enough for the big programs
