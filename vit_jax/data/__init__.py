@@ -8,6 +8,7 @@ import os
 # threads and twice the context switches (README, "Input pipeline speed"). Read when
 # TensorFlow's runtime starts (the first op), so this must come before any; a value
 # the user set is kept.
+USER_INTRAOP_THREADS = os.environ.get("TF_NUM_INTRAOP_THREADS")
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 from vit_jax.data import digits  # noqa: E402,F401  (registers the offline builders)
