@@ -197,7 +197,9 @@ def _start(tree: str, spec: dict) -> subprocess.Popen:
   env.pop("TF_NUM_INTRAOP_THREADS", None)
   if data.USER_INTRAOP_THREADS is not None:
     env["TF_NUM_INTRAOP_THREADS"] = data.USER_INTRAOP_THREADS
-  return subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env,
+  # -P: without it `python -c` puts the working directory first on the path, and run
+  # from a checkout, the baseline's worker would import that checkout's vit_jax.
+  return subprocess.Popen([sys.executable, "-P", "-c", code, json.dumps(spec)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
