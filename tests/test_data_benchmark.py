@@ -76,3 +76,10 @@ def test_bad_settings_are_one_clear_error(pool, tmp_path):
     benchmark.pipeline_spec(pp=PP)
   with pytest.raises(image_text.DataError, match="no shards match"):
     benchmark.pipeline_spec(shards=str(tmp_path / "none-*.tar"), tokenizer="t.json", pp=PP)
+
+
+def test_importing_the_data_package_sizes_tensorflows_intra_op_pool_to_one():
+  # tf.data's private threads are the pipelines' parallelism; a per-CPU intra-op pool
+  # beside them ran 2K busy threads on K CPUs (README, "Input pipeline speed").
+  import vit_jax.data  # pylint: disable=g-import-not-at-top
+  assert os.environ["TF_NUM_INTRAOP_THREADS"] == (vit_jax.data.USER_INTRAOP_THREADS or "1")
