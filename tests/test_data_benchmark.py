@@ -33,6 +33,7 @@ def test_a_measurement_runs_in_a_pinned_worker_and_stages_add_up(pool):
                               stages=False, log=lines.append)
   [run] = results["runs"][("this", 1)]
   assert run["samples_per_s"] > 0 and run["cpu_ms_per_sample"] > 0
+  assert run["busy_threads"] >= 1 and run["switches_per_sample"] >= 0
   assert lines[0].startswith("round 1/1: this     1 thread(s):")
   # The stages, measured here (the worker pins itself first; here there is no need).
   stages = benchmark._stages({**spec, "threads": 1})  # pylint: disable=protected-access
@@ -50,9 +51,21 @@ def test_report_gives_scaling_and_the_baseline_ratio():
                       ("baseline", 1): [run(50, 1.0), run(50, 1.0)],
                       ("baseline", 2): [run(55, 1.0), run(65, 1.0)]}}
   table = benchmark.report(results, [1, 2])
-  assert "| this | 1 | 110 | 1.00 | 1.0, 2.0 |" in table
+  assert "| this | 1 | 110 | 1.00 | - | - | 1.0, 2.0 |" in table
   assert "this: 2 vs 1 thread(s): 1.82x" in table
   assert "this / baseline at 2 thread(s): 3.33x" in table
+
+
+def test_report_gives_independent_processes_scaling_against_one_thread():
+  run = lambda rate, busy: {"samples_per_s": rate, "cpu_ms_per_sample": 2.0, "load": 1.0,
+                            "busy_threads": busy, "switches_per_sample": 4.0}
+  results = {"runs": {("this", 1): [run(100, 1)], ("this", 2): [run(150, 2)],
+                      ("independent", 2): [run(190, 2)]}}
+  table = benchmark.report(results, [1, 2])
+  assert "| this | 2 | 150 | 2.00 | 2 | 4.0 | 1.0 |" in table
+  assert "| independent | 2 processes x 1 | 190 | 2.00 | 2 | 4.0 | 1.0 |" in table
+  assert "this: 2 vs 1 thread(s): 1.50x" in table
+  assert "independent: 2 vs 1 thread(s): 1.90x" in table
 
 
 def test_bad_settings_are_one_clear_error(pool, tmp_path):
@@ -63,3 +76,10 @@ def test_bad_settings_are_one_clear_error(pool, tmp_path):
     benchmark.pipeline_spec(pp=PP)
   with pytest.raises(image_text.DataError, match="no shards match"):
     benchmark.pipeline_spec(shards=str(tmp_path / "none-*.tar"), tokenizer="t.json", pp=PP)
+
+
+def test_importing_the_data_package_sizes_tensorflows_intra_op_pool_to_one():
+  # tf.data's private threads are the pipelines' parallelism; a per-CPU intra-op pool
+  # beside them ran 2K busy threads on K CPUs (README, "Input pipeline speed").
+  import vit_jax.data  # pylint: disable=g-import-not-at-top
+  assert os.environ["TF_NUM_INTRAOP_THREADS"] == (vit_jax.data.USER_INTRAOP_THREADS or "1")

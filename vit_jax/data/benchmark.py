@@ -28,11 +28,25 @@ READER_DECODE_THREADS = 8
 
 # ---------------------------------------------------------------- worker (any tree)
 
-def _pin(threads: int) -> None:
+def _pin(threads: int, first: int = 0) -> None:
   cpus = sorted(os.sched_getaffinity(0))
-  if threads > len(cpus):
-    raise ValueError(f"threads={threads} but only {len(cpus)} CPUs are usable")
-  os.sched_setaffinity(0, cpus[:threads])
+  if first + threads > len(cpus):
+    raise ValueError(f"threads={threads} from CPU {first} but only {len(cpus)} CPUs are "
+                     "usable")
+  os.sched_setaffinity(0, cpus[first:first + threads])
+
+
+def _thread_cpu_ticks() -> dict[str, int]:
+  """CPU ticks (user + system) of each of this process's threads so far (Linux)."""
+  ticks = {}
+  for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+    try:
+      with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # the thread ended
+      continue
+    ticks[tid] = int(fields[11]) + int(fields[12])
+  return ticks
 
 
 def _image_text_batches(spec: dict):
@@ -72,12 +86,23 @@ def _throughput(spec: dict) -> dict:
   started = time.perf_counter()
   while time.perf_counter() - started < spec["warmup"]:
     next(batches)
-  samples, cpu0, t0 = 0, time.process_time(), time.perf_counter()
+  import resource  # pylint: disable=g-import-not-at-top
+  switches = lambda: (lambda r: r.ru_nvcsw + r.ru_nivcsw)(
+      resource.getrusage(resource.RUSAGE_SELF))
+  ticks0 = _thread_cpu_ticks()
+  samples, cpu0, t0, sw0 = 0, time.process_time(), time.perf_counter(), switches()
   while time.perf_counter() - t0 < spec["seconds"]:
     samples += size(next(batches))
   elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-  return {"samples_per_s": samples / elapsed, "cpu_ms_per_sample": 1e3 * cpu / samples,
-          "load": os.getloadavg()[0]}
+  result = {"samples_per_s": samples / elapsed, "cpu_ms_per_sample": 1e3 * cpu / samples,
+            "switches_per_sample": (switches() - sw0) / samples,
+            "load": os.getloadavg()[0]}
+  used = [t - ticks0.get(tid, 0) for tid, t in _thread_cpu_ticks().items()]
+  if sum(used) > 0:
+    # Threads that did at least a tenth of the work: more than the pinned CPUs means
+    # the pipeline's threads queue for them.
+    result["busy_threads"] = sum(u >= 0.1 * sum(used) for u in used)
+  return result
 
 
 def _cpu_per_sample(ds, count: int) -> float:
@@ -149,7 +174,7 @@ def _stages(spec: dict) -> dict[str, float]:
 def worker(spec_json: str) -> None:
   """Runs one measurement in this process and prints it as one JSON line."""
   spec = json.loads(spec_json)
-  _pin(spec["threads"])
+  _pin(spec["threads"], spec.get("first_cpu", 0))
   result = _stages(spec) if spec.get("stages") else _throughput(spec)
   print("RESULT " + json.dumps(result), flush=True)
   os._exit(0)  # tf.data's reading threads need not be joined
@@ -157,7 +182,7 @@ def worker(spec_json: str) -> None:
 
 # ---------------------------------------------------------------- driver
 
-def _run(tree: str, spec: dict) -> dict:
+def _start(tree: str, spec: dict) -> subprocess.Popen:
   code = ("import importlib.util, sys\n"
           f"spec = importlib.util.spec_from_file_location('data_benchmark', {THIS_FILE!r})\n"
           "module = importlib.util.module_from_spec(spec)\n"
@@ -166,13 +191,41 @@ def _run(tree: str, spec: dict) -> dict:
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [tree] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
              TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env,
-                        capture_output=True, text=True, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  # Importing vit_jax.data here set TensorFlow's intra-op threads; a baseline tree
+  # gets the user's setting, not this tree's.
+  from vit_jax import data  # pylint: disable=g-import-not-at-top
+  env.pop("TF_NUM_INTRAOP_THREADS", None)
+  if data.USER_INTRAOP_THREADS is not None:
+    env["TF_NUM_INTRAOP_THREADS"] = data.USER_INTRAOP_THREADS
+  # -P: without it `python -c` puts the working directory first on the path, and run
+  # from a checkout, the baseline's worker would import that checkout's vit_jax.
+  return subprocess.Popen([sys.executable, "-P", "-c", code, json.dumps(spec)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(tree: str, proc: subprocess.Popen) -> dict:
+  stdout, stderr = proc.communicate()
+  lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode != 0 or not lines:
     raise RuntimeError(f"the measurement in {tree} failed ({proc.returncode}):\n"
-                       f"{proc.stderr[-3000:]}")
+                       f"{stderr[-3000:]}")
   return json.loads(lines[-1][len("RESULT "):])
+
+
+def _run(tree: str, spec: dict) -> dict:
+  return _result(tree, _start(tree, spec))
+
+
+def _independent(spec: dict, n: int) -> dict:
+  """``n`` one-thread workers at once, each pinned to its own CPU: the machine's own
+  scaling for this pipeline, with no thread of one process waiting on another's."""
+  procs = [_start(THIS_TREE, {**spec, "threads": 1, "first_cpu": i}) for i in range(n)]
+  results = [_result(THIS_TREE, p) for p in procs]
+  return {"samples_per_s": sum(r["samples_per_s"] for r in results),
+          **{k: statistics.mean(r[k] for r in results)
+             for k in ("cpu_ms_per_sample", "switches_per_sample") if k in results[0]},
+          "busy_threads": sum(r.get("busy_threads", 0) for r in results),
+          "load": max(r["load"] for r in results)}
 
 
 def pipeline_spec(config=None, *, shards: Optional[str] = None,
@@ -211,19 +264,30 @@ def pipeline_spec(config=None, *, shards: Optional[str] = None,
 
 def measure(spec: dict, *, threads: list[int], seconds: float, warmup: float,
             repeats: int, baseline: Optional[str] = None, stages: bool = True,
-            log=print) -> dict:
-  """Interleaved measurements: ``{"runs": {(tree name, threads): [results]}, "stages"}``."""
+            independent: bool = False, log=print) -> dict:
+  """Interleaved measurements: ``{"runs": {(tree name, threads): [results]}, "stages"}``.
+
+  ``independent``: also, for each thread count K > 1, K one-thread processes of this
+  tree at once, pinned apart (tree name ``independent``).
+  """
   trees = [("this", THIS_TREE)] + ([("baseline", os.path.abspath(baseline))]
                                    if baseline else [])
   runs = {}
   for round_ in range(repeats):
     for n in threads:
-      for name, tree in trees:
-        result = _run(tree, {**spec, "threads": n, "seconds": seconds, "warmup": warmup})
+      measured = [(name, lambda tree=tree: _run(
+          tree, {**spec, "threads": n, "seconds": seconds, "warmup": warmup}))
+                  for name, tree in trees]
+      if independent and n > 1:
+        measured.append(("independent", lambda: _independent(
+            {**spec, "seconds": seconds, "warmup": warmup}, n)))
+      for name, run in measured:
+        result = run()
         runs.setdefault((name, n), []).append(result)
         log(f"round {round_ + 1}/{repeats}: {name:8s} {n} thread(s): "
             f"{result['samples_per_s']:8.1f} samples/s, "
-            f"{result['cpu_ms_per_sample']:.2f} CPU-ms/sample (load {result['load']:.2f})")
+            f"{result['cpu_ms_per_sample']:.2f} CPU-ms/sample, "
+            f"{result.get('busy_threads', '?')} busy thread(s) (load {result['load']:.2f})")
   out = {"runs": runs}
   if stages:
     out["stages"] = _run(THIS_TREE, {**spec, "threads": 1, "stages": True})
@@ -233,18 +297,28 @@ def measure(spec: dict, *, threads: list[int], seconds: float, warmup: float,
 def report(results: dict, threads: list[int]) -> str:
   runs = results["runs"]
   median = lambda key, field: statistics.median(r[field] for r in runs[key])
-  lines = ["| pipeline | threads | samples/s (median) | CPU-ms/sample | load (1 min) |",
-           "|---|---|---|---|---|"]
-  for (name, n) in sorted(runs, key=lambda k: (k[0] != "this", k[1])):
+
+  def optional(key, field, form):
+    values = [r[field] for r in runs[key] if field in r]
+    return form.format(statistics.median(values)) if values else "-"
+
+  lines = ["| pipeline | threads | samples/s (median) | CPU-ms/sample | busy threads | "
+           "context switches/sample | load (1 min) |", "|---|---|---|---|---|---|---|"]
+  order = {"this": 0, "independent": 1, "baseline": 2}
+  for (name, n) in sorted(runs, key=lambda k: (order.get(k[0], 3), k[1])):
     loads = ", ".join(f"{r['load']:.1f}" for r in runs[(name, n)])
-    lines.append(f"| {name} | {n} | {median((name, n), 'samples_per_s'):.0f} | "
-                 f"{median((name, n), 'cpu_ms_per_sample'):.2f} | {loads} |")
-  names = sorted({name for name, _ in runs})
+    label = f"{n} processes x 1" if name == "independent" else str(n)
+    lines.append(f"| {name} | {label} | {median((name, n), 'samples_per_s'):.0f} | "
+                 f"{median((name, n), 'cpu_ms_per_sample'):.2f} | "
+                 f"{optional((name, n), 'busy_threads', '{:g}')} | "
+                 f"{optional((name, n), 'switches_per_sample', '{:.1f}')} | {loads} |")
+  names = sorted({name for name, _ in runs}, key=lambda k: order.get(k, 3))
   lo, hi = min(threads), max(threads)
   for name in names:
-    if hi > lo:
+    base = "this" if name == "independent" else name
+    if hi > lo and (name, hi) in runs and (base, lo) in runs:
       lines.append(f"\n{name}: {hi} vs {lo} thread(s): "
-                   f"{median((name, hi), 'samples_per_s') / median((name, lo), 'samples_per_s'):.2f}x")
+                   f"{median((name, hi), 'samples_per_s') / median((base, lo), 'samples_per_s'):.2f}x")
   if "baseline" in names:
     for n in threads:
       lines.append(f"this / baseline at {n} thread(s): "

@@ -176,6 +176,7 @@ def dataset_options(threads: Optional[int] = None) -> tf.data.Options:
   options.deterministic = True
   options.threading.private_threadpool_size = threads or max(os.cpu_count() or 1, 2)
   # Parallelism comes from the maps' many examples; ops inside one stay on one thread.
+  # (This alone left work on TensorFlow's intra-op pool; vit_jax.data sizes it to one.)
   options.threading.max_intra_op_parallelism = 1
   return options
 

@@ -24,6 +24,13 @@ average seen by each run.
 ``git worktree add ../main main``) in the same rounds, with that tree first on the
 worker's path.
 
+``--independent`` also runs, for each K > 1 of ``--threads``, K one-thread workers at
+once, each pinned to its own CPU: their summed samples/s is what the machine gives this
+pipeline with no thread waiting on another process's, so K threads in one process that
+scale less than K independent processes lose the difference inside the process. Every
+run also counts the worker's threads that did at least a tenth of its CPU work (more
+than the pinned CPUs: they queue) and its context switches per sample.
+
 ``--stages`` (default on) then measures, on one thread, the CPU time per sample of
 each stage alone on cached inputs: read (the shard reader, or records read by index),
 decode, augment (the pp string on decoded images), tokenize (image-text) and batch
@@ -60,6 +67,9 @@ def define_flags() -> None:
   flags.DEFINE_string("baseline", None, "Another vit_jax checkout, measured in the same "
                       "rounds.")
   flags.DEFINE_bool("stages", True, "Also measure each stage alone.")
+  flags.DEFINE_bool("independent", False, "Also run K one-thread processes at once, "
+                    "pinned apart, for each K > 1 of --threads: the machine's own scaling "
+                    "for this pipeline.")
 
 
 def main(argv):
@@ -83,7 +93,8 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   results = benchmark.measure(spec, threads=threads, seconds=FLAGS.seconds,
                               warmup=FLAGS.warmup, repeats=FLAGS.repeats,
-                              baseline=FLAGS.baseline, stages=FLAGS.stages)
+                              baseline=FLAGS.baseline, stages=FLAGS.stages,
+                              independent=FLAGS.independent)
   print(benchmark.report(results, threads))
 
 
