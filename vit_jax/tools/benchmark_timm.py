@@ -42,6 +42,10 @@ def main(spec: dict) -> None:
   autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)
               ) if dtype == "bfloat16" else contextlib.nullcontext
 
+  if not timm.is_model(spec["model"]):  # timm's own registry says, not a guess
+    _emit({"error": f"not in timm {timm.__version__}'s registry: ours alone",
+           "missing": True})
+    return
   try:
     model = timm.create_model(spec["model"], pretrained=False,
                               num_classes=spec["num_classes"], **spec.get("kwargs", {}))
