@@ -92,6 +92,12 @@ def test_zoo_picks_one_smallest_model_per_family(monkeypatch):
   assert benchmark.smallest_model("tnt", count={"tnt_s_patch16_224": 23_768_584,
                                                 "tnt_b_patch16_224": 65_428_680}.get) \
       == "tnt_s_patch16_224"
+  # Preferring the names timm has: the smallest of those, else the smallest overall.
+  vits = models.list_models(family="vit")
+  assert benchmark.smallest_model("vit", count=len, prefer={vits[0], vits[1]}) == min(
+      vits[:2], key=lambda n: (len(n), n))
+  assert benchmark.smallest_model("tnt", count=len, prefer={"vit_tiny_patch16_224"}) \
+      == "tnt_b_patch16_224"  # no tnt preferred: all count; equal length, name first
   with pytest.raises(ValueError, match="no registered model of family 'nope'"):
     benchmark.smallest_model("nope")
 
@@ -120,7 +126,7 @@ def test_zoo_parts_merge_into_one_markdown_block(tmp_path):
 
   def run(part, families):
     return dict(families=families, command=f"cmd {part}", machine="m", started="s",
-                finished="f", elapsed_s=60.0)
+                finished="f", elapsed_s=60.0, select_s=6.0, rows_done=1, rows_total=1)
 
   benchmark.write_zoo(store, str(page), rows("b_fam", "b1", 1.0), "2/2", run("2/2", ["b_fam"]))
   benchmark.write_zoo(store, str(page), rows("a_fam", "a1", 2.0) + [benchmark.Row(

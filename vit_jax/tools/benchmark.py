@@ -60,7 +60,8 @@ timm has the model at all is asked of timm's registry (``timm.is_model``) in the
 worker; a model it lacks gets our numbers alone, with a note.
 
 ``--zoo`` benchmarks every registered family: its smallest model (fewest parameters,
-counted abstractly with ``models.param_count``), one row per mode and batch.
+counted abstractly with ``models.param_count``; with ``--compare=timm`` the smallest
+that timm's registry also has, where the family has one), one row per mode and batch.
 ``--zoo_part=K/N`` runs the K-th of N contiguous slices of the sorted families, so a
 2-core machine can run the zoo in pieces; after every row the part merges its rows
 into ``--zoo_json`` (a family it re-measures loses its old rows; other families'
@@ -604,8 +605,9 @@ def zoo_part(families: list[str], part: str) -> list[str]:
   return families[start:start + size + (1 if k <= extra else 0)]
 
 
-def smallest_model(family: str, count=None) -> str:
-  """The family's model with the fewest parameters (ties: the name first).
+def smallest_model(family: str, count=None, prefer=None) -> str:
+  """The family's model with the fewest parameters (ties: the name first), among
+  those in ``prefer`` (e.g. the names timm has) when the family has any.
 
   ``count(name) -> int`` defaults to ``models.param_count`` (abstract: ``eval_shape``
   of init, nothing allocated).
@@ -615,7 +617,18 @@ def smallest_model(family: str, count=None) -> str:
   names = models.list_models(family=family)
   if not names:
     raise ValueError(f"no registered model of family {family!r}")
+  names = [n for n in names if n in (prefer or ())] or names
   return min(names, key=lambda name: (count(name), name))
+
+
+def timm_known(names: list[str]) -> set[str]:
+  """Which of ``names`` timm's registry has, asked of timm in a subprocess (this
+  process must not import torch)."""
+  out = subprocess.run(
+      [sys.executable, "-m", "vit_jax.tools.benchmark_timm", "--known", json.dumps(names)],
+      capture_output=True, text=True, check=True, timeout=600).stdout
+  line = [l for l in out.splitlines() if l.startswith("@@")][-1]
+  return set(json.loads(line[2:])["known"])
 
 
 def merge_zoo_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -634,7 +647,8 @@ def zoo_markdown(store: dict) -> str:
   for part, run in sorted(store.get("runs", {}).items()):
     lines.append(f"- part {part} ({', '.join(run['families'])}): `{run['command']}`; "
                  f"{run['started']} to {run['finished']} ({run['elapsed_s'] / 60:.1f} "
-                 f"min); {run['machine']}")
+                 f"min, {run['rows_done']}/{run['rows_total']} rows, after "
+                 f"{run['select_s'] / 60:.1f} min choosing the models); {run['machine']}")
   lines += ["", "| family | model | params | mode | batch | ours img/s | timm eager img/s | "
             "timm compile img/s | ours / eager | ours / compile | our compile s | "
             "timm compile s | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -761,8 +775,15 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     print(f"zoo part {FLAGS.zoo_part}: {len(families)} families: {', '.join(families)}")
-    names = [smallest_model(f) for f in families]  # param counts: seconds per model
-    print("smallest of each: " + ", ".join(names))
+    select_start = time.time()
+    # With --compare=timm, each family's smallest model that timm also has (so the
+    # row compares), the smallest overall where timm has none of the family.
+    prefer = timm_known([n for f in families for n in models.list_models(family=f)]
+                        ) if FLAGS.compare == "timm" else None
+    names = [smallest_model(f, prefer=prefer) for f in families]  # seconds per model
+    select_s = time.time() - select_start
+    print(f"smallest of each ({select_s:.0f} s to count every "
+          f"model's parameters): " + ", ".join(names))
   else:
     names = models.list_models() if FLAGS.all else FLAGS.model
   if not names:
@@ -813,7 +834,8 @@ def main(argv):
       write_zoo(FLAGS.zoo_json, FLAGS.markdown, rows, FLAGS.zoo_part, dict(
           families=families, command=command, machine=_machine(), started=started,
           finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-          elapsed_s=time.time() - start_time, rows_done=len(rows), rows_total=len(jobs)))
+          elapsed_s=time.time() - start_time, select_s=select_s, rows_done=len(rows),
+          rows_total=len(jobs)))
   if FLAGS.zoo:
     print(f"\nzoo part {FLAGS.zoo_part} done: {len(rows)} rows in "
           f"{_duration(time.time() - start_time)}; merged into {FLAGS.zoo_json}")
