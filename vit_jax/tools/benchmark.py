@@ -797,8 +797,11 @@ def main(argv):
     if FLAGS.zoo or len(jobs) > 1:
       elapsed = time.time() - start_time
       left = f", about {_duration(elapsed / i * (len(jobs) - i))} left" if i else ""
+      # The load matters: under load PyTorch's OpenMP threads lose far more than
+      # XLA's pool, so ratios measured on a busy machine are not the quiet ones.
       print(f"\n[{i + 1}/{len(jobs)}] {name} {mode} batch {batch}: elapsed "
-            f"{_duration(elapsed)}{left}", flush=True)
+            f"{_duration(elapsed)}{left}; load average {os.getloadavg()[0]:.1f} on "
+            f"{len(os.sched_getaffinity(0))} CPUs", flush=True)
     timm_impls = list(FLAGS.timm_impls)
     skip_note = ""
     if (name, mode) in compile_timed_out and "compile" in timm_impls:
