@@ -13,6 +13,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO, subprocess_env
 from vit_jax.tools import benchmark
 from vit_jax import models
@@ -69,3 +71,81 @@ def test_vit_b16_forward_flops_match_published():
   count (which also includes softmax, GELU and LayerNorm) must agree within 5%."""
   gflops = benchmark.forward_gflops_per_image("vit_base_patch16_224")
   assert abs(gflops / (2 * 17.58) - 1) < 0.05, gflops
+
+
+# The whole-zoo table (--zoo): selection, parts and merging, on the real registry but
+# with a stand-in parameter counter (the name's length; the real one traces every
+# model, minutes).
+
+
+def test_zoo_picks_one_smallest_model_per_family(monkeypatch):
+  from vit_jax.models import registry
+  families = benchmark.zoo_families()
+  assert families == sorted({registry.model_info(n).family for n in models.list_models()})
+  counted = []
+  monkeypatch.setattr(models, "param_count", lambda n: counted.append(n) or len(n))
+  picks = {f: benchmark.smallest_model(f) for f in families}  # default: param_count
+  assert sorted(counted) == models.list_models()  # every model counted, none twice
+  for family, name in picks.items():
+    candidates = models.list_models(family=family)
+    assert name == min(candidates, key=lambda n: (len(n), n))
+  assert benchmark.smallest_model("tnt", count={"tnt_s_patch16_224": 23_768_584,
+                                                "tnt_b_patch16_224": 65_428_680}.get) \
+      == "tnt_s_patch16_224"
+  # Preferring the names timm has: the smallest of those, else the smallest overall.
+  vits = models.list_models(family="vit")
+  assert benchmark.smallest_model("vit", count=len, prefer={vits[0], vits[1]}) == min(
+      vits[:2], key=lambda n: (len(n), n))
+  assert benchmark.smallest_model("tnt", count=len, prefer={"vit_tiny_patch16_224"}) \
+      == "tnt_b_patch16_224"  # no tnt preferred: all count; equal length, name first
+  with pytest.raises(ValueError, match="no registered model of family 'nope'"):
+    benchmark.smallest_model("nope")
+
+
+def test_zoo_parts_cover_every_family_once():
+  families = benchmark.zoo_families()
+  for n in (1, 2, 5, 6, len(families), len(families) + 3):
+    parts = [benchmark.zoo_part(families, f"{k}/{n}") for k in range(1, n + 1)]
+    assert [f for part in parts for f in part] == families  # in order, each once
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+  for bad in ("0/3", "4/3", "3", "a/b"):
+    with pytest.raises(ValueError, match="--zoo_part"):
+      benchmark.parse_part(bad)
+
+
+def test_zoo_parts_merge_into_one_markdown_block(tmp_path):
+  page, store = tmp_path / "page.md", str(tmp_path / "zoo.json")
+  page.write_text(f"# Page\n\n{benchmark.ZOO_BEGIN}\nnot yet run\n{benchmark.ZOO_END}\n"
+                  "\nAfter.\n")
+
+  def rows(family, model, ips):
+    return [benchmark.Row(model, mode, batch, "float32", family=family, params=10,
+                          images_per_s=ips, compile_s=1.0)
+            for mode in ("train", "infer") for batch in (8, 32)]
+
+  def run(part, families):
+    return dict(families=families, command=f"cmd {part}", machine="m", started="s",
+                finished="f", elapsed_s=60.0, select_s=6.0, rows_done=1, rows_total=1)
+
+  benchmark.write_zoo(store, str(page), rows("b_fam", "b1", 1.0), "2/2", run("2/2", ["b_fam"]))
+  benchmark.write_zoo(store, str(page), rows("a_fam", "a1", 2.0) + [benchmark.Row(
+      "a2", "train", 8, "float32", family="c_fam", note="failed: OOM")], "1/2",
+                      run("1/2", ["a_fam", "c_fam"]))
+  text = page.read_text()
+  assert text.startswith("# Page") and text.rstrip().endswith("After.")
+  assert "not yet run" not in text and text.count(benchmark.ZOO_BEGIN) == 1
+  table = [l for l in text.splitlines() if l.startswith("| ") and "_fam" in l]
+  assert [l.split(" | ")[:5] for l in table][:5] == [
+      ["| a_fam", "a1", "10", "train", "8"], ["| a_fam", "a1", "10", "train", "32"],
+      ["| a_fam", "a1", "10", "infer", "8"], ["| a_fam", "a1", "10", "infer", "32"],
+      ["| b_fam", "b1", "10", "train", "8"]]
+  assert len(table) == 9 and "failed: OOM" in table[-1]
+  assert "`cmd 1/2`" in text and "`cmd 2/2`" in text
+  # A re-run of part 2 replaces its family's rows (here: batch 8 only, new numbers).
+  benchmark.write_zoo(store, str(page), rows("b_fam", "b1", 5.0)[:1], "2/2",
+                      run("2/2", ["b_fam"]))
+  stored = json.load(open(store))["rows"]
+  assert [(r["model"], r["images_per_s"]) for r in stored if r["family"] == "b_fam"] == [
+      ("b1", 5.0)]
+  assert len(stored) == 6

@@ -50,7 +50,25 @@ with a note (so one table command runs on any checkout, whatever it registers). 
 benchmarks every registered model. ``--csv`` writes every row; ``--markdown``
 writes the rows as a Markdown table, or replaces the table between
 ``<!-- benchmark-table:begin -->`` and ``<!-- benchmark-table:end -->`` in an
-existing file (how ``docs/benchmarks.md`` is regenerated).
+existing file (how ``docs/benchmarks.md`` is regenerated). ``--batch`` takes a list
+(``--batch=8,32``: every model and mode at each).
+
+timm runs one worker process per variant (eager, compiled). ``torch.compile`` may take
+many minutes on a small CPU: ``--compile_timeout_s`` bounds the wait for its warm-up;
+past it the worker is killed and the row keeps timm eager only, with a note. Whether
+timm has the model at all is asked of timm's registry (``timm.is_model``) in the
+worker; a model it lacks gets our numbers alone, with a note.
+
+``--zoo`` benchmarks every registered family: its smallest model (fewest parameters,
+counted abstractly with ``models.param_count``; with ``--compare=timm`` the smallest
+that timm's registry also has, where the family has one), one row per mode and batch.
+``--zoo_part=K/N`` runs the K-th of N contiguous slices of the sorted families, so a
+2-core machine can run the zoo in pieces; after every row the part merges its rows
+into ``--zoo_json`` (a family it re-measures loses its old rows; other families'
+rows stay) and rewrites the block between ``<!-- zoo-table:begin -->`` and
+``<!-- zoo-table:end -->`` of ``--markdown`` from that JSON. A model that fails (an
+exception, torch.compile past its time, timm lacking it) becomes a row saying why;
+the run goes on. Progress (row i/N, elapsed, estimate left) is printed per row.
 """
 
 import ast
@@ -59,11 +77,13 @@ import dataclasses
 import json
 import os
 import platform
+import queue
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Optional
 
@@ -112,6 +132,7 @@ class Row:
   mode: str
   batch: int
   dtype: str
+  family: str = ""
   backend: str = ""
   device: str = ""
   overrides: str = ""
@@ -132,6 +153,7 @@ class Row:
   timm_eager_ms_repeats: str = ""
   timm_compile_ms_repeats: str = ""
   timm_params: Optional[int] = None
+  timm_compile_s: Optional[float] = None  # torch.compile + warm-up steps
   quantize: str = ""
   quantized_images_per_s: Optional[float] = None
   quantized_ms_repeats: str = ""
@@ -153,21 +175,43 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 class TimmWorker:
-  """The timm worker process (see ``vit_jax.tools.benchmark_timm``)."""
+  """The timm worker process (see ``vit_jax.tools.benchmark_timm``).
 
-  def __init__(self, spec: dict):
+  ``ready_timeout``: seconds to wait for the worker's warm-up (``torch.compile`` can
+  take many minutes on a small CPU); past it the worker is killed and TimeoutError
+  raised. A reader thread feeds a queue so the wait can time out.
+  """
+
+  def __init__(self, spec: dict, ready_timeout: Optional[float] = None):
     # stderr goes to a file: PyTorch's compile warnings could fill a pipe and block.
     self.stderr = tempfile.TemporaryFile(mode="w+")
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "vit_jax.tools.benchmark_timm", json.dumps(spec)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
         text=True, bufsize=1)
-    self.info = self._read()
+    self.lines: queue.Queue = queue.Queue()
+    threading.Thread(target=self._pump, daemon=True).start()
+    try:
+      self.info = self._read(ready_timeout)
+    except TimeoutError:
+      self.proc.kill()
+      self.proc.wait()
+      self.stderr.close()
+      raise
 
-  def _read(self) -> dict:
+  def _pump(self):
     for line in self.proc.stdout:
       if line.startswith("@@"):
-        return json.loads(line[2:])
+        self.lines.put(line)
+    self.lines.put(None)  # end of output
+
+  def _read(self, timeout: Optional[float] = None) -> dict:
+    try:
+      line = self.lines.get(timeout=timeout)
+    except queue.Empty:
+      raise TimeoutError(f"timm worker not ready in {timeout:.0f} s") from None
+    if line is not None:
+      return json.loads(line[2:])
     code = self.proc.wait()
     self.stderr.seek(0)
     err = self.stderr.read()
@@ -307,12 +351,15 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
               threads: Optional[int] = None,
               peak: Optional[float] = None,
               timm_kwargs: Optional[dict] = None,
-              quantize: Optional[str] = None) -> Row:
+              quantize: Optional[str] = None,
+              compile_timeout_s: Optional[float] = None) -> Row:
   """Benchmarks one model in one mode; see the module docstring.
 
   ``timm_kwargs``: with ``overrides``, the ``timm.create_model`` arguments that build
   the same architecture, so that timm is compared (the caller vouches for the match).
   ``quantize``: a quantization mode timed beside the float model (inference only).
+  ``compile_timeout_s``: how long timm's ``torch.compile`` (with its warm-up steps)
+  may take; past it the row has no compiled timm numbers, and a note says so.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
@@ -324,7 +371,8 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
   if attention_impl:
     overrides["attention_impl"] = attention_impl
   device = jax.devices()[0]
-  row = Row(name, mode, batch, dtype, backend=jax.default_backend(),
+  row = Row(name, mode, batch, dtype, family=models.model_info(name).family,
+            backend=jax.default_backend(),
             device=device.device_kind,
             overrides=",".join(f"{k}={v}" for k, v in sorted(overrides.items())))
 
@@ -345,47 +393,60 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
     quantized = _quantized_program(name, overrides, args, quantize)
     row.quantize = quantize
 
-  worker = None
-  if compare == "timm":
-    if user_overrides and timm_kwargs is None:
-      row.note = "timm not compared: model overrides have no timm equivalent"
-    elif row.backend not in ("cpu", "gpu"):
-      row.note = f"timm not compared: PyTorch does not run on {row.backend}"
-    else:
-      image_size = models.input_shape(name, **user_overrides)[1]
-      worker = TimmWorker(dict(
-          model=name, mode=mode, batch=batch, dtype=dtype, image_size=image_size,
-          num_classes=getattr(models.create(name, **user_overrides), "num_classes", 1000),
-          kwargs=timm_kwargs or {},
-          threads=threads or len(os.sched_getaffinity(0)), impls=list(timm_impls),
-          warmup=warmup, steps=steps,
-          device="cuda" if row.backend == "gpu" else "cpu"))
-      if "error" in worker.info:
-        row.note = worker.info["error"]
-        worker.close()
-        worker = None
-      else:
-        row.timm_params = worker.info["params"]
-
+  workers: dict[str, TimmWorker] = {}  # one process per timm variant
+  notes = []
   try:
+    if compare == "timm":
+      if user_overrides and timm_kwargs is None:
+        notes.append("timm not compared: model overrides have no timm equivalent")
+      elif row.backend not in ("cpu", "gpu"):
+        notes.append(f"timm not compared: PyTorch does not run on {row.backend}")
+      else:
+        image_size = models.input_shape(name, **user_overrides)[1]
+        spec = dict(
+            model=name, mode=mode, batch=batch, dtype=dtype, image_size=image_size,
+            num_classes=getattr(models.create(name, **user_overrides), "num_classes",
+                                1000),
+            kwargs=timm_kwargs or {},
+            threads=threads or len(os.sched_getaffinity(0)),
+            warmup=warmup, steps=steps,
+            device="cuda" if row.backend == "gpu" else "cpu")
+        # Eager first: if timm lacks the model, torch.compile is not tried.
+        for impl in sorted(timm_impls, key=lambda i: i != "eager"):
+          try:
+            worker = TimmWorker({**spec, "impls": [impl]},
+                                ready_timeout=compile_timeout_s if impl == "compile"
+                                else None)
+          except TimeoutError:
+            notes.append(f"torch.compile did not finish in {compile_timeout_s:.0f} s")
+            continue
+          if "error" in worker.info:
+            notes.append(worker.info["error"])
+            worker.close()
+            break
+          workers[impl] = worker
+          row.timm_params = worker.info["params"]
+          if impl == "compile":
+            row.timm_compile_s = worker.info["warmup_s"]["compile"]
+
     for _ in range(warmup):
       _, args = time_repeat(step, args, mode, 1)
     ours, ours_quantized = [], []
     if quantized is not None:
       for _ in range(warmup):
         time_repeat(*quantized, mode, 1)
-    theirs = {impl: [] for impl in timm_impls}
+    theirs = {impl: [] for impl in workers}
     for _ in range(repeats):  # interleaved: ours, timm eager, timm compiled, ours, ...
       seconds, args = time_repeat(step, args, mode, steps)
       ours.append(seconds)
       if quantized is not None:
         ours_quantized.append(time_repeat(*quantized, mode, steps)[0])
-      if worker is not None:
-        for impl in timm_impls:
-          theirs[impl].append(worker.time_repeat(impl))
+      for impl, worker in workers.items():
+        theirs[impl].append(worker.time_repeat(impl))
   finally:
-    if worker is not None:
+    for worker in workers.values():
       worker.close()
+  row.note = "; ".join(notes)
 
   step_s = statistics.median(ours)
   row.step_ms = step_s * 1e3
@@ -395,12 +456,11 @@ def benchmark(name: str, mode: str, *, batch: int, dtype: str = "float32",
     row.quantized_images_per_s = batch / statistics.median(ours_quantized)
     row.quantized_ms_repeats = " ".join(f"{s * 1e3:.1f}" for s in ours_quantized)
     row.ratio_quantized_vs_float = row.quantized_images_per_s / row.images_per_s
-  if worker is not None:
-    for impl, times in theirs.items():
-      ips = batch / statistics.median(times)
-      setattr(row, f"timm_{impl}_ms_repeats", " ".join(f"{t * 1e3:.1f}" for t in times))
-      setattr(row, f"timm_{impl}_images_per_s", ips)
-      setattr(row, f"ratio_vs_timm_{impl}", row.images_per_s / ips)
+  for impl, times in theirs.items():
+    ips = batch / statistics.median(times)
+    setattr(row, f"timm_{impl}_ms_repeats", " ".join(f"{t * 1e3:.1f}" for t in times))
+    setattr(row, f"timm_{impl}_images_per_s", ips)
+    setattr(row, f"ratio_vs_timm_{impl}", row.images_per_s / ips)
 
   if row.backend == "cpu":
     row.peak_mem_mib, row.mem_source = _memory_mib(compiled), "compiled"
@@ -512,13 +572,149 @@ def write_markdown(path: str, rows: list[Row], command: str) -> None:
     f.write(text)
 
 
+# ---------------------------------------------------------------------------------
+# The whole zoo: one row set per registered family (its smallest model), run in parts.
+
+ZOO_BEGIN = "<!-- zoo-table:begin -->"
+ZOO_END = "<!-- zoo-table:end -->"
+ZOO_MODE_ORDER = {"train": 0, "infer": 1}
+
+
+def zoo_families() -> list[str]:
+  """Every registered family, sorted (the order parts are cut from)."""
+  from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
+  return sorted({registry.model_info(n).family for n in registry.list_models()})
+
+
+def parse_part(part: str) -> tuple[int, int]:
+  """``"K/N"`` -> (K, N) with 1 <= K <= N, or a ValueError naming ``--zoo_part``."""
+  try:
+    k, n = (int(x) for x in part.split("/"))
+  except ValueError:
+    raise ValueError(f"--zoo_part expects K/N (e.g. 2/5), got {part!r}") from None
+  if not 1 <= k <= n:
+    raise ValueError(f"--zoo_part={part}: need 1 <= K <= N")
+  return k, n
+
+
+def zoo_part(families: list[str], part: str) -> list[str]:
+  """Part K of N: the K-th of N contiguous, near-equal slices of ``families``."""
+  k, n = parse_part(part)
+  size, extra = divmod(len(families), n)
+  start = (k - 1) * size + min(k - 1, extra)
+  return families[start:start + size + (1 if k <= extra else 0)]
+
+
+def smallest_model(family: str, count=None, prefer=None) -> str:
+  """The family's model with the fewest parameters (ties: the name first), among
+  those in ``prefer`` (e.g. the names timm has) when the family has any.
+
+  ``count(name) -> int`` defaults to ``models.param_count`` (abstract: ``eval_shape``
+  of init, nothing allocated).
+  """
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  count = count or models.param_count
+  names = models.list_models(family=family)
+  if not names:
+    raise ValueError(f"no registered model of family {family!r}")
+  names = [n for n in names if n in (prefer or ())] or names
+  return min(names, key=lambda name: (count(name), name))
+
+
+def timm_known(names: list[str]) -> set[str]:
+  """Which of ``names`` timm's registry has, asked of timm in a subprocess (this
+  process must not import torch)."""
+  out = subprocess.run(
+      [sys.executable, "-m", "vit_jax.tools.benchmark_timm", "--known", json.dumps(names)],
+      capture_output=True, text=True, check=True, timeout=600).stdout
+  line = [l for l in out.splitlines() if l.startswith("@@")][-1]
+  return set(json.loads(line[2:])["known"])
+
+
+def merge_zoo_rows(old: list[dict], new: list[dict]) -> list[dict]:
+  """The zoo's rows after a (partial) run: a family the new rows cover loses all its
+  old rows (a re-run replaces them); the rest stay. Sorted by family, mode, batch."""
+  covered = {r["family"] for r in new}
+  rows = [r for r in old if r["family"] not in covered] + list(new)
+  return sorted(rows, key=lambda r: (r["family"], r["model"],
+                                     ZOO_MODE_ORDER.get(r["mode"], 9), r["batch"]))
+
+
+def zoo_markdown(store: dict) -> str:
+  """The zoo block (between the zoo markers) from the merged JSON store."""
+  ratio = lambda x: f"{x:.2f}x" if x is not None else "—"
+  lines = [ZOO_BEGIN, ""]
+  for part, run in sorted(store.get("runs", {}).items()):
+    lines.append(f"- part {part} ({', '.join(run['families'])}): `{run['command']}`; "
+                 f"{run['started']} to {run['finished']} ({run['elapsed_s'] / 60:.1f} "
+                 f"min, {run['rows_done']}/{run['rows_total']} rows, after "
+                 f"{run['select_s'] / 60:.1f} min choosing the models); {run['machine']}")
+  lines += ["", "| family | model | params | mode | batch | ours img/s | timm eager img/s | "
+            "timm compile img/s | ours / eager | ours / compile | our compile s | "
+            "timm compile s | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in store.get("rows", []):
+    lines.append(
+        f"| {r['family']} | {r['model']} | {_fmt(r['params'])} | {r['mode']} | "
+        f"{r['batch']} | {_fmt(r['images_per_s'], 2)} | "
+        f"{_fmt(r['timm_eager_images_per_s'], 2)} | "
+        f"{_fmt(r['timm_compile_images_per_s'], 2)} | {ratio(r['ratio_vs_timm_eager'])} | "
+        f"{ratio(r['ratio_vs_timm_compile'])} | {_fmt(r['compile_s'])} | "
+        f"{_fmt(r.get('timm_compile_s'))} | {r['note']} |")
+  return "\n".join(lines + ["", ZOO_END])
+
+
+def write_zoo(json_path: str, markdown_path: Optional[str], rows: list[Row],
+              part: str, run: dict) -> dict:
+  """Merges ``rows`` into the JSON store and rewrites the zoo block of the markdown."""
+  store = {"rows": [], "runs": {}}
+  if os.path.exists(json_path):
+    with open(json_path) as f:
+      store = json.load(f)
+  store["rows"] = merge_zoo_rows(store["rows"], [dataclasses.asdict(r) for r in rows])
+  # A run whose families this part re-measured no longer describes any row.
+  store["runs"] = {k: v for k, v in store.get("runs", {}).items()
+                   if k == part or not set(v["families"]) <= set(run["families"])}
+  store["runs"][part] = run
+  os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+  with open(json_path + ".tmp", "w") as f:
+    json.dump(store, f, indent=1)
+  os.replace(json_path + ".tmp", json_path)  # a killed run leaves the old file whole
+  if markdown_path:
+    text = open(markdown_path).read() if os.path.exists(markdown_path) else ""
+    block = zoo_markdown(store)
+    if ZOO_BEGIN in text and ZOO_END in text:
+      head, rest = text.split(ZOO_BEGIN, 1)
+      text = head + block + rest.split(ZOO_END, 1)[1]
+    else:  # never overwrite a page that lacks the markers: append the block
+      text = text + ("\n" if text else "") + block + "\n"
+    with open(markdown_path, "w") as f:
+      f.write(text)
+  return store
+
+
+def _duration(seconds: float) -> str:
+  return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 \
+      else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so that importing
   this module never clashes with other absl programs' flags such as ``--model``)."""
   flags.DEFINE_list("model", [], "Registered model name(s), comma-separated.")
   flags.DEFINE_bool("all", False, "Benchmark every registered model.")
+  flags.DEFINE_bool(
+      "zoo", False, "Benchmark every registered family: its smallest model (fewest "
+      "parameters). Rows are merged into --zoo_json and the zoo block of --markdown.")
+  flags.DEFINE_string("zoo_part", "1/1", "With --zoo: run part K of N (families "
+                      "sorted, cut into N contiguous slices), e.g. 2/5.")
+  flags.DEFINE_string("zoo_json", "docs/benchmarks_zoo.json", "With --zoo: the JSON "
+                      "store every part merges its rows into (a re-run replaces them).")
+  flags.DEFINE_float(
+      "compile_timeout_s", 600.0, "Longest wait for timm's torch.compile (with its "
+      "warm-up steps) per row; past it the row has timm eager only, and with --zoo "
+      "larger batches of that model and mode skip torch.compile.")
   flags.DEFINE_list("mode", ["infer"], "infer, train, or both (infer,train).")
-  flags.DEFINE_integer("batch", 8, "Batch size (global, one device).")
+  flags.DEFINE_list("batch", ["8"], "Batch size(s) (global, one device), e.g. 8,32.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                     "Compute dtype (parameters stay float32).")
   flags.DEFINE_string(
@@ -567,37 +763,86 @@ def main(argv):
   for mode in modes:
     if mode not in ("infer", "train"):
       raise app.UsageError(f"--mode must be infer, train or both; got {mode!r}")
-  names = models.list_models() if FLAGS.all else FLAGS.model
-  if not names:
-    raise app.UsageError("give --model=NAME[,NAME...] or --all")
-  overrides = _parse_overrides(FLAGS.set)
-  rows = []
-  for name in names:
-    for mode in modes:
-      try:
-        models.model_info(name)
-      except ValueError:
-        row = Row(name, mode, FLAGS.batch, FLAGS.dtype,
-                  note="skipped: not registered in this checkout")
-      else:
-        try:
-          row = benchmark(name, mode, batch=FLAGS.batch, dtype=FLAGS.dtype,
-                          attention_impl=FLAGS.attention_impl, overrides=overrides,
-                          compare=FLAGS.compare, timm_impls=FLAGS.timm_impls,
-                          warmup=FLAGS.warmup, steps=FLAGS.steps,
-                          repeats=FLAGS.repeats, threads=threads,
-                          peak=FLAGS.peak_tflops, quantize=FLAGS.quantize)
-        except Exception as e:  # pylint: disable=broad-except
-          if not (FLAGS.all or len(names) > 1):
-            raise
-          row = Row(name, mode, FLAGS.batch, FLAGS.dtype,
-                    note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-      rows.append(row)
-      print_row(row)
-      sys.stdout.flush()
-
+  try:
+    batches = [int(b) for b in FLAGS.batch]
+  except ValueError:
+    raise app.UsageError(f"--batch expects integers, got {FLAGS.batch}") from None
   command = "python -m vit_jax.tools.benchmark " + " ".join(
       a for a in sys.argv[1:] if not a.startswith(("--markdown", "--csv", "--json")))
+  if FLAGS.zoo:
+    try:
+      families = zoo_part(zoo_families(), FLAGS.zoo_part)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    print(f"zoo part {FLAGS.zoo_part}: {len(families)} families: {', '.join(families)}")
+    select_start = time.time()
+    # With --compare=timm, each family's smallest model that timm also has (so the
+    # row compares), the smallest overall where timm has none of the family.
+    prefer = timm_known([n for f in families for n in models.list_models(family=f)]
+                        ) if FLAGS.compare == "timm" else None
+    names = [smallest_model(f, prefer=prefer) for f in families]  # seconds per model
+    select_s = time.time() - select_start
+    print(f"smallest of each ({select_s:.0f} s to count every "
+          f"model's parameters): " + ", ".join(names))
+  else:
+    names = models.list_models() if FLAGS.all else FLAGS.model
+  if not names:
+    raise app.UsageError("give --model=NAME[,NAME...], --all or --zoo")
+  overrides = _parse_overrides(FLAGS.set)
+  jobs = [(name, mode, batch) for name in names for mode in modes for batch in batches]
+  started, start_time = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+  compile_timed_out = {}  # (name, mode) -> batch: skip torch.compile at larger batches
+  rows = []
+  for i, (name, mode, batch) in enumerate(jobs):
+    if FLAGS.zoo or len(jobs) > 1:
+      elapsed = time.time() - start_time
+      left = f", about {_duration(elapsed / i * (len(jobs) - i))} left" if i else ""
+      # The load matters: under load PyTorch's OpenMP threads lose far more than
+      # XLA's pool, so ratios measured on a busy machine are not the quiet ones.
+      print(f"\n[{i + 1}/{len(jobs)}] {name} {mode} batch {batch}: elapsed "
+            f"{_duration(elapsed)}{left}; load average {os.getloadavg()[0]:.1f} on "
+            f"{len(os.sched_getaffinity(0))} CPUs", flush=True)
+    timm_impls = list(FLAGS.timm_impls)
+    skip_note = ""
+    if (name, mode) in compile_timed_out and "compile" in timm_impls:
+      timm_impls.remove("compile")
+      skip_note = (f"torch.compile not tried: it did not finish in "
+                   f"{FLAGS.compile_timeout_s:.0f} s at batch {compile_timed_out[name, mode]}")
+    try:
+      family = models.model_info(name).family
+    except ValueError:
+      row = Row(name, mode, batch, FLAGS.dtype,
+                note="skipped: not registered in this checkout")
+    else:
+      try:
+        row = benchmark(name, mode, batch=batch, dtype=FLAGS.dtype,
+                        attention_impl=FLAGS.attention_impl, overrides=overrides,
+                        compare=FLAGS.compare, timm_impls=timm_impls,
+                        warmup=FLAGS.warmup, steps=FLAGS.steps,
+                        repeats=FLAGS.repeats, threads=threads,
+                        peak=FLAGS.peak_tflops, quantize=FLAGS.quantize,
+                        compile_timeout_s=FLAGS.compile_timeout_s)
+      except Exception as e:  # pylint: disable=broad-except  # one row says why
+        if not (FLAGS.all or FLAGS.zoo or len(names) > 1):
+          raise
+        row = Row(name, mode, batch, FLAGS.dtype, family=family,
+                  note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      if "torch.compile did not finish" in row.note:
+        compile_timed_out.setdefault((name, mode), batch)
+      row.note = "; ".join(n for n in (row.note, skip_note) if n)
+    rows.append(row)
+    print_row(row)
+    sys.stdout.flush()
+    if FLAGS.zoo:  # after every row: a killed part keeps what it measured
+      write_zoo(FLAGS.zoo_json, FLAGS.markdown, rows, FLAGS.zoo_part, dict(
+          families=families, command=command, machine=_machine(), started=started,
+          finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+          elapsed_s=time.time() - start_time, select_s=select_s, rows_done=len(rows),
+          rows_total=len(jobs)))
+  if FLAGS.zoo:
+    print(f"\nzoo part {FLAGS.zoo_part} done: {len(rows)} rows in "
+          f"{_duration(time.time() - start_time)}; merged into {FLAGS.zoo_json}")
+
   if FLAGS.csv:
     with open(FLAGS.csv, "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Row)])
@@ -608,7 +853,7 @@ def main(argv):
     with open(FLAGS.json, "w") as f:
       json.dump({"command": command, "machine": _machine(),
                  "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
-  if FLAGS.markdown:
+  if FLAGS.markdown and not FLAGS.zoo:
     write_markdown(FLAGS.markdown, rows, command)
 
 

@@ -16,6 +16,9 @@ backward and an AdamW update (``torch.optim.AdamW``, its CPU/GPU default
 implementation); ``torch.compile`` compiles the model (as timm's ``benchmark.py``
 does), the optimizer step stays eager. Inference runs under ``torch.inference_mode``.
 
+``python -m vit_jax.tools.benchmark_timm --known '<json list of names>'`` prints which
+of the names timm's registry has (how ``--zoo`` prefers models timm can compare).
+
 Output lines the parent reads start with ``@@`` followed by JSON; everything else
 (PyTorch warnings) is ignored.
 """
@@ -42,6 +45,10 @@ def main(spec: dict) -> None:
   autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)
               ) if dtype == "bfloat16" else contextlib.nullcontext
 
+  if not timm.is_model(spec["model"]):  # timm's own registry says, not a guess
+    _emit({"error": f"not in timm {timm.__version__}'s registry: ours alone",
+           "missing": True})
+    return
   try:
     model = timm.create_model(spec["model"], pretrained=False,
                               num_classes=spec["num_classes"], **spec.get("kwargs", {}))
@@ -103,5 +110,14 @@ def main(spec: dict) -> None:
     _emit({"impl": impl, "step_s": (time.perf_counter() - start) / spec["steps"]})
 
 
+def known(names: list[str]) -> None:
+  """Prints which of ``names`` timm's registry has (``--known '<json list>'``)."""
+  import timm  # pylint: disable=g-import-not-at-top
+  _emit({"known": [n for n in names if timm.is_model(n)], "timm": timm.__version__})
+
+
 if __name__ == "__main__":
-  main(json.loads(sys.argv[1]))
+  if sys.argv[1] == "--known":
+    known(json.loads(sys.argv[2]))
+  else:
+    main(json.loads(sys.argv[1]))
