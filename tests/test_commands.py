@@ -99,3 +99,29 @@ def test_every_command_answers_help_with_its_documented_flags():
     for flag in sorted(flags):
       assert re.search(rf"--(\[no\])?{flag}\b", text), (
           f"python -m {module} has no --{flag}, which the documentation uses:\n{text}")
+
+
+IMPORTER = """
+import importlib, json, sys
+from absl import flags
+for module in json.loads(sys.argv[1]):
+  importlib.import_module(module)
+print("@@" + json.dumps(sorted(
+    f"{flags.FLAGS.find_module_defining_flag(n, '')}: --{n}" for n in flags.FLAGS
+    if flags.FLAGS.find_module_defining_flag(n, "").startswith("vit_jax"))))
+"""
+
+
+def test_importing_a_command_defines_no_flags():
+  """Commands define their flags when run (``define_flags()`` under ``__main__``), not
+  when imported: the tests import tools (and xdist workers collect every test file)
+  in processes that then run other commands in-process, and a flag name claimed at
+  import (--mode, --batch, --workdir) made the next command fail with
+  DuplicateFlagError. The trainer (``vit_jax.main``) is only ever run, never imported."""
+  modules = sorted(({forwarded_to(m) for m in documented_commands()} | tools())
+                   - {"vit_jax.main"})
+  env = subprocess_env(PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, "-c", IMPORTER, json.dumps(modules)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.split("@@", 1)[1]) == []

@@ -18,7 +18,6 @@ import functools
 
 from absl import app
 from absl import flags
-from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -411,10 +410,16 @@ def test_vit_attention_options():
 # -----------------------------------------------------------------------------
 
 def _bench(argv):
-  """``python -m vit_jax.kernels.bench ARGV`` in this process; flags restored after."""
-  with flagsaver.flagsaver():
+  """``python -m vit_jax.kernels.bench ARGV`` in this process; its flags are defined
+  for the call and removed after (as ``helpers.run_command`` does for commands)."""
+  before = set(flags.FLAGS)
+  bench.define_flags()
+  try:
     flags.FLAGS(["bench"] + argv)
     return bench.run(bench.config_from_flags())
+  finally:
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
 
 
 def test_benchmark_runs_and_reports_positive_numbers(tmp_path, capsys):

@@ -254,38 +254,14 @@ def _print_row(row: Row, cfg) -> None:
         f"{_fmt(row.temp_mib, '.1f')} | {row.note} |", flush=True)
 
 
-_OPS = flags.DEFINE_list("ops", list(OPS), f"operations: {', '.join(OPS)}")
-_IMPLS = flags.DEFINE_list("impls", ["xla", "pallas", "cudnn"],
-                           "implementations (those that do not exist for an op on this "
-                           "platform are left out): xla, pallas, pallas_triton, cudnn")
-_PASSES = flags.DEFINE_list("passes", list(PASSES), "fwd and/or fwd+bwd")
-_TOKENS = flags.DEFINE_list("tokens", ["196", "1024", "4096", "16384"],
-                            "token counts for global and linear attention")
-_BATCH = flags.DEFINE_integer("batch", 1, "batch for global and linear attention")
-_HEADS = flags.DEFINE_integer("heads", 4, "heads for global and linear attention")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "head dim for global and linear attention")
-_WINDOWS = flags.DEFINE_list("windows", list(WINDOW_CONFIGS),
-                             f"window shape sets: {', '.join(WINDOW_CONFIGS)}")
-_WINDOW_BATCH = flags.DEFINE_integer("window_batch", 8, "batch for window attention")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                           "input dtype")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per row (median)")
-_MAX_GIB = flags.DEFINE_float("max_gib", 2.0, "compile but do not run rows whose peak "
-                              "memory exceeds this")
-_INTERPRET = flags.DEFINE_bool("interpret", False, "run Pallas rows in interpret mode on "
-                               "CPU (not a speed measurement)")
-_QUICK = flags.DEFINE_bool("quick", False, "tiny shapes (a smoke test)")
-_JSON = flags.DEFINE_string("json", None, "also write the rows to this file")
-
-
 def config_from_flags() -> SimpleNamespace:
   """The parsed flags as one settings object; one clear error for a bad value."""
   cfg = SimpleNamespace(
-      ops=_OPS.value, impls=_IMPLS.value, passes=_PASSES.value,
-      tokens=[int(t) for t in _TOKENS.value], batch=_BATCH.value, heads=_HEADS.value,
-      head_dim=_HEAD_DIM.value, windows=_WINDOWS.value, window_batch=_WINDOW_BATCH.value,
-      dtype=_DTYPE.value, repeats=_REPEATS.value, max_gib=_MAX_GIB.value,
-      interpret=_INTERPRET.value, quick=_QUICK.value, json=_JSON.value, json_only=False)
+      ops=FLAGS.ops, impls=FLAGS.impls, passes=FLAGS.passes,
+      tokens=[int(t) for t in FLAGS.tokens], batch=FLAGS.batch, heads=FLAGS.heads,
+      head_dim=FLAGS.head_dim, windows=FLAGS.windows, window_batch=FLAGS.window_batch,
+      dtype=FLAGS.dtype, repeats=FLAGS.repeats, max_gib=FLAGS.max_gib,
+      interpret=FLAGS.interpret, quick=FLAGS.quick, json=FLAGS.json, json_only=False)
   for name, values, allowed in (("ops", cfg.ops, OPS), ("passes", cfg.passes, PASSES),
                                 ("impls", cfg.impls, kernels.IMPLEMENTATIONS[:-1] + ("cudnn",)),
                                 ("windows", cfg.windows, tuple(WINDOW_CONFIGS))):
@@ -317,6 +293,36 @@ def run(cfg) -> list[Row]:
   return rows
 
 
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module (tests, other
+  tools) must not claim flag names other commands define."""
+  flags.DEFINE_list("ops", list(OPS), f"operations: {', '.join(OPS)}")
+  flags.DEFINE_list("impls", ["xla", "pallas", "cudnn"],
+                    "implementations (those that do not exist for an op on this "
+                    "platform are left out): xla, pallas, pallas_triton, cudnn")
+  flags.DEFINE_list("passes", list(PASSES), "fwd and/or fwd+bwd")
+  flags.DEFINE_list("tokens", ["196", "1024", "4096", "16384"],
+                    "token counts for global and linear attention")
+  flags.DEFINE_integer("batch", 1, "batch for global and linear attention")
+  flags.DEFINE_integer("heads", 4, "heads for global and linear attention")
+  flags.DEFINE_integer("head_dim", 64, "head dim for global and linear attention")
+  flags.DEFINE_list("windows", list(WINDOW_CONFIGS),
+                    f"window shape sets: {', '.join(WINDOW_CONFIGS)}")
+  flags.DEFINE_integer("window_batch", 8, "batch for window attention")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                    "input dtype")
+  flags.DEFINE_integer("repeats", 5, "timed runs per row (median)")
+  flags.DEFINE_float("max_gib", 2.0, "compile but do not run rows whose peak "
+                     "memory exceeds this")
+  flags.DEFINE_bool("interpret", False, "run Pallas rows in interpret mode on "
+                    "CPU (not a speed measurement)")
+  flags.DEFINE_bool("quick", False, "tiny shapes (a smoke test)")
+  flags.DEFINE_string("json", None, "also write the rows to this file")
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -324,4 +330,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -68,12 +68,6 @@ from vit_jax.kernels.linear_attention import reference as linear_reference
 from vit_jax.kernels.window_attention import pallas as window_pallas
 from vit_jax.kernels.window_attention import reference as window_reference
 
-_OUT = flags.DEFINE_string("out", None, "directory for device_check.json/.md and "
-                           "auto_table.json", required=True)
-_TINY = flags.DEFINE_bool("tiny", None, "tiny sizes, timm eager (default: on CPU)")
-_BUDGET_S = flags.DEFINE_float("budget_s", 480.0, "time box of the whole run, seconds")
-_STAGES = flags.DEFINE_list("stages", ["correctness", "kernels", "training", "inference"],
-                            "stages to run")
 
 STAGES = ("correctness", "kernels", "training", "inference")
 STAGE_SHARE = {"correctness": 0.15, "kernels": 0.30, "training": 0.30, "inference": 0.25}
@@ -387,14 +381,29 @@ def run(out: pathlib.Path, tiny: Optional[bool], budget_s: float, stages) -> dic
   return report
 
 
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module (tests, other
+  tools) must not claim flag names other commands define."""
+  flags.DEFINE_string("out", None, "directory for device_check.json/.md and "
+                      "auto_table.json", required=True)
+  flags.DEFINE_bool("tiny", None, "tiny sizes, timm eager (default: on CPU)")
+  flags.DEFINE_float("budget_s", 480.0, "time box of the whole run, seconds")
+  flags.DEFINE_list("stages", ["correctness", "kernels", "training", "inference"],
+                    "stages to run")
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  bad = sorted(set(_STAGES.value) - set(STAGES))
+  bad = sorted(set(FLAGS.stages) - set(STAGES))
   if bad:
     raise app.UsageError(f"unknown --stages {', '.join(bad)}; choose from {', '.join(STAGES)}")
-  run(pathlib.Path(_OUT.value), _TINY.value, _BUDGET_S.value, _STAGES.value)
+  run(pathlib.Path(FLAGS.out), FLAGS.tiny, FLAGS.budget_s, FLAGS.stages)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

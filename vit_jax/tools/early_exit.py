@@ -36,10 +36,6 @@ import optax
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A classification trainer's workdir (a ViT).")
-config_flags.DEFINE_config_file(
-    "config", None, "The exits and their training: configs/digits_early_exit.py; "
-    "--config.FIELD=V overrides a field.")
 
 
 class ExitRun(NamedTuple):
@@ -305,6 +301,16 @@ def markdown(result: dict) -> str:
   return "\n".join(lines)
 
 
+def define_flags() -> None:
+  """The command's flags, defined when it runs: the tests import this module beside
+  the trainer, whose --workdir and --config it would otherwise claim."""
+  flags.DEFINE_string("workdir", None, "A classification trainer's workdir (a ViT).")
+  config_flags.DEFINE_config_file(
+      "config", None, "The exits and their training: configs/digits_early_exit.py; "
+      "--config.FIELD=V overrides a field.")
+  flags.mark_flags_as_required(["workdir", "config"])
+
+
 def main(argv):
   del argv
   config = FLAGS.config
@@ -322,5 +328,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "config"])
+  define_flags()
   app.run(main)

@@ -32,15 +32,6 @@ from absl import app, flags
 from vit_jax import models
 from vit_jax.tools import benchmark, memory
 
-_MODELS = flags.DEFINE_list("models", ["vig_tiny", "deit_tiny_patch16_224"],
-                            "Registered models: the linear one first, the baseline last.")
-_SIDES = flags.DEFINE_list("sides", ["512", "1024", "2048", "4096"], "Image sides.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per program.")
-_SINGLE = flags.DEFINE_float("single_call_gflops", 500.0,
-                             "Programs above this many GFLOPs are timed with one call.")
-_MAX_GFLOPS = flags.DEFINE_float("max_gflops", 3000.0,
-                                 "Time only forward passes of at most this many GFLOPs.")
-
 
 def _load() -> str:
   return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -67,13 +58,13 @@ def measure(name: str, side: int) -> dict:
 
 def time_side(rows: dict, names: list, side: int) -> None:
   """Interleaved CPU inference times of the programs under ``--max_gflops``."""
-  timed = [n for n in names if rows[n]["gflops"] <= _MAX_GFLOPS.value]
+  timed = [n for n in names if rows[n]["gflops"] <= FLAGS.max_gflops]
   calls = {name: _forward(name, side) for name in timed}
-  repeats = max((1 if rows[n]["gflops"] > _SINGLE.value else _REPEATS.value
+  repeats = max((1 if rows[n]["gflops"] > FLAGS.single_call_gflops else FLAGS.repeats
                  for n in timed), default=0)  # --max_gflops=0: memory only
   for _ in range(repeats):
     for name in timed:
-      if rows[name]["times"] and rows[name]["gflops"] > _SINGLE.value:
+      if rows[name]["times"] and rows[name]["gflops"] > FLAGS.single_call_gflops:
         continue  # one call is enough for the big programs
       start = time.perf_counter()
       calls[name]()
@@ -84,7 +75,7 @@ def _row(name: str, side: int, r: dict) -> str:
   if r["times"]:
     t = f"{statistics.median(r['times']):.2f} ({len(r['times'])})"
   else:
-    t = f"not run (> {_MAX_GFLOPS.value:g} GFLOPs)"
+    t = f"not run (> {FLAGS.max_gflops:g} GFLOPs)"
   return (f"| {name} | {side}x{side} | {(side // 16) ** 2:,} | {r['temp']:,.0f} | "
           f"{r['total']:,.0f} | {r['gflops']:,.1f} | {t} |")
 
@@ -100,9 +91,25 @@ def _ratio(side: int, rows: dict, linear: str, baseline: str) -> str:
   return line
 
 
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module (tests, other
+  tools) must not claim flag names other commands define."""
+  flags.DEFINE_list("models", ["vig_tiny", "deit_tiny_patch16_224"],
+                    "Registered models: the linear one first, the baseline last.")
+  flags.DEFINE_list("sides", ["512", "1024", "2048", "4096"], "Image sides.")
+  flags.DEFINE_integer("repeats", 3, "Timed calls per program.")
+  flags.DEFINE_float("single_call_gflops", 500.0,
+                     "Programs above this many GFLOPs are timed with one call.")
+  flags.DEFINE_float("max_gflops", 3000.0,
+                     "Time only forward passes of at most this many GFLOPs.")
+
+
 def main(argv):
   del argv
-  names, sides = _MODELS.value, [int(s) for s in _SIDES.value]
+  names, sides = FLAGS.models, [int(s) for s in FLAGS.sides]
   print(f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
         f"{os.cpu_count()} CPUs; {_load()}", flush=True)
   print("\n| model | image | tokens | train step: temp MiB | train step: total MiB "
@@ -122,4 +129,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -26,14 +26,20 @@ from typing import Optional
 from absl import app
 from absl import flags
 
-_MODEL = flags.DEFINE_string("model", None, "Registered model name.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "infer"], "Which program.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
-_SET = flags.DEFINE_multi_string("set", [], "Model override KEY=VALUE (repeatable).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untraced steps after compilation.")
-_STEPS = flags.DEFINE_integer("steps", 2, "Traced steps (times are per step).")
-_TOP = flags.DEFINE_integer("top", 25, "How many ops to list.")
-_HLO = flags.DEFINE_string("hlo", None, "Write the compiled module's HLO text here.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined by the command only: importing this module (the tests do, in a process
+  that imports other tools) must not claim flag names such as --mode or --batch."""
+  flags.DEFINE_string("model", None, "Registered model name.")
+  flags.DEFINE_enum("mode", "train", ["train", "infer"], "Which program.")
+  flags.DEFINE_integer("batch", 8, "Batch size.")
+  flags.DEFINE_multi_string("set", [], "Model override KEY=VALUE (repeatable).")
+  flags.DEFINE_integer("warmup", 2, "Untraced steps after compilation.")
+  flags.DEFINE_integer("steps", 2, "Traced steps (times are per step).")
+  flags.DEFINE_integer("top", 25, "How many ops to list.")
+  flags.DEFINE_string("hlo", None, "Write the compiled module's HLO text here.")
 
 
 def op_times(trace_dir: str, steps: int) -> dict[str, float]:
@@ -106,18 +112,19 @@ def report(seconds: float, times: dict[str, float], hlo_text: str, top: int) -> 
 
 def main(argv):
   del argv
-  if not _MODEL.value:
+  if not FLAGS.model:
     raise app.UsageError("--model is required (a registered model name)")
   from vit_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
-  overrides = benchmark._parse_overrides(_SET.value)  # pylint: disable=protected-access
+  overrides = benchmark._parse_overrides(FLAGS.set)  # pylint: disable=protected-access
   seconds, times, hlo_text, compile_s = profile(
-      _MODEL.value, _MODE.value, _BATCH.value, overrides, _WARMUP.value, _STEPS.value)
-  print(f"{_MODEL.value} {_MODE.value} batch {_BATCH.value}: compiled in {compile_s:.1f} s")
-  print(report(seconds, times, hlo_text, _TOP.value))
-  if _HLO.value:
-    with open(_HLO.value, "w") as f:
+      FLAGS.model, FLAGS.mode, FLAGS.batch, overrides, FLAGS.warmup, FLAGS.steps)
+  print(f"{FLAGS.model} {FLAGS.mode} batch {FLAGS.batch}: compiled in {compile_s:.1f} s")
+  print(report(seconds, times, hlo_text, FLAGS.top))
+  if FLAGS.hlo:
+    with open(FLAGS.hlo, "w") as f:
       f.write(hlo_text)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
