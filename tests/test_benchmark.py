@@ -149,3 +149,19 @@ def test_zoo_parts_merge_into_one_markdown_block(tmp_path):
   assert [(r["model"], r["images_per_s"]) for r in stored if r["family"] == "b_fam"] == [
       ("b1", 5.0)]
   assert len(stored) == 6
+
+
+def test_train_step_of_a_two_tower_model():
+  """The zoo's two-tower row: a model whose output is (image, text, extras), not logits,
+  still gets a train step (it failed with a TypeError in the first whole-zoo run)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  step, args, *_ = benchmark.build_programs(
+      "clip_vit_base_patch32_224", "train", 2,
+      {"image": {"num_layers": 1}, "text": {"num_layers": 1}})
+  before = jax.tree.map(np.asarray, args[0])  # the step donates its state
+  after = jax.tree.map(np.asarray, step(*args)[0])
+  changed = [bool(np.any(a != b)) for a, b in zip(jax.tree.leaves(after),
+                                                  jax.tree.leaves(before))]
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(after))
+  assert sum(changed) > len(changed) // 2

@@ -312,10 +312,10 @@ def build_programs(name: str, mode: str, batch: int, overrides: dict):
                         rngs={"dropout": jax.random.key(1)},
                         mutable=mutable or False)
       logits, new_state = out if mutable else (out, {})
-      if num_classes:
+      if num_classes and isinstance(logits, jax.Array):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      else:  # a features-only model: any scalar of the output
-        loss = jnp.mean(jnp.square(logits))
+      else:  # features only, or a two-tower model's (image, text, extras): any scalar
+        loss = sum(jnp.mean(jnp.square(x)) for x in jax.tree.leaves(logits))
       return loss, new_state
 
     grads, new_state = jax.grad(loss_fn, has_aux=True)(params)
