@@ -99,10 +99,10 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = layers.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm_0")(x)
     return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="Dense_0")(nn.gelu(x, approximate=False))
+                    name="Dense_0")(layers.gelu(x))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -116,7 +116,7 @@ class CrossAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+    y = layers.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm_0")(x)
     y = layers.MultiHeadDotProductAttention(
         num_heads=self.num_heads, attention_dropout_rate=self.attention_dropout_rate,
@@ -290,7 +290,7 @@ class CrossViT(nn.Module):
           param_dtype=param_dtype, name=f"block_{i}")(xs, train=train)
       start += span
 
-    cls = [nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+    cls = [layers.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
                         name=f"norm_{b}")(x[:, 0]) for b, x in enumerate(xs)]
     self.sow("intermediates", "features", jnp.concatenate(cls, axis=-1))
     if not self.num_classes:

@@ -114,7 +114,7 @@ class CSWinBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     batch, height, width, dim = x.shape
-    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
+    norm = lambda name: layers.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     dense = lambda features, name: nn.Dense(
         features, kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -251,7 +251,7 @@ class CSWinTransformer(nn.Module):
       start += self.depths[i]
       self.sow("intermediates", f"stage_{i}", x)
 
-    x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+    x = layers.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(x)
     return layers.classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes,
                                   kernel_init=dense_init, dtype=dtype,

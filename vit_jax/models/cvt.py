@@ -132,14 +132,14 @@ class CvTBlock(nn.Module):
   def __call__(self, x: Array, height: int, width: int, *, train: bool = False) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dim = x.shape[-1]
-    y = nn.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
+    y = layers.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
     y = ConvAttention(self.num_heads, qkv_bias=self.qkv_bias,
                       with_cls_token=self.with_cls_token,
                       attention_dropout_rate=self.attention_dropout_rate,
                       dropout_rate=self.dropout_rate, name="attention", **kw)(
                           y, height, width, train=train)
     x = x + layers.DropPath(self.drop_path_rate)(y, train=train)
-    y = nn.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(x)
+    y = layers.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(x)
     # The official MLP: QuickGELU, PyTorch's default Linear init (LeCun-like, zero bias).
     y = layers.MlpBlock(int(dim * self.mlp_ratio), dropout_rate=self.dropout_rate,
                         activation=layers.quick_gelu,
@@ -243,7 +243,7 @@ class CvT(nn.Module):
       self.sow("intermediates", f"stage_{s}", x)
 
     pooled = cls if cls is not None else x.reshape(x.shape[0], -1, x.shape[-1])
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name="norm")(
+    x = layers.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name="norm")(
         pooled)
     if cls is None:
       x = jnp.mean(x, axis=1)

@@ -114,23 +114,28 @@ def _tap_sum(xp, w, strides, dilation):
 
 def _shift_forward(x, w, strides, pads, dilation):
   xp = lax.optimization_barrier(_pad(x, pads))
-  return lax.optimization_barrier(_tap_sum(xp, w, strides, dilation).astype(x.dtype))
+  return lax.optimization_barrier(_tap_sum(xp, w, strides, dilation).astype(x.dtype)), xp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _shift_conv(x, w, strides, pads, dilation):
-  return _shift_forward(x, w, strides, pads, dilation)
+  return _shift_forward(x, w, strides, pads, dilation)[0]
 
 
 def _shift_conv_fwd(x, w, strides, pads, dilation):
-  return _shift_forward(x, w, strides, pads, dilation), (x, w)
+  # The backward reads the padded input: keeping it rather than x means x itself (often
+  # a bias add or norm feeding only this conv) is never written out (PVT v2's MLP: one
+  # 8x56x56x256 pass less per block, forward and backward).
+  y, xp = _shift_forward(x, w, strides, pads, dilation)
+  return y, (xp, w)
 
 
 def _shift_conv_bwd(strides, pads, dilation, residuals, g):
-  x, w = residuals
+  xp, w = residuals
   ct = _compute_dtype(g.dtype)
-  x, g = lax.optimization_barrier((x, g))
-  xp = _pad(x, pads)
+  xp, g = lax.optimization_barrier((xp, g))
+  x_shape = (xp.shape[0], *(n - lo - hi for n, (lo, hi) in zip(xp.shape[1:-1], pads)),
+             xp.shape[-1])
   kernel_shape = w.shape[:-1]
   out_shape = g.shape[1:-1]
   gc = g.astype(ct)
@@ -152,13 +157,13 @@ def _shift_conv_bwd(strides, pads, dilation, residuals, g):
     # than scattering each tap's g * w back into place; 0.75x at stride 2, so strided
     # convolutions keep the scatter).
     config = [(0, 0, 0)]
-    for k, d, n, o, (lo, _) in zip(kernel_shape, dilation, x.shape[1:-1], out_shape, pads):
+    for k, d, n, o, (lo, _) in zip(kernel_shape, dilation, x_shape[1:-1], out_shape, pads):
       left = (k - 1) * d - lo
       config.append((left, n + (k - 1) * d - left - o, 0))
     config.append((0, 0, 0))
     gp = lax.pad(gc, jnp.zeros((), ct), config)
     flipped = w[tuple(slice(None, None, -1) for _ in kernel_shape)]
-    dx = _tap_sum(gp, flipped, strides, dilation).astype(x.dtype)
+    dx = _tap_sum(gp, flipped, strides, dilation).astype(xp.dtype)
   else:
     dxp = None
     for tap in _taps(kernel_shape):
@@ -169,9 +174,9 @@ def _shift_conv_bwd(strides, pads, dilation, residuals, g):
       config.append((0, 0, 0))
       term = lax.pad(gc * w[tap].astype(ct), jnp.zeros((), ct), config)
       dxp = term if dxp is None else dxp + term
-    index = (slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])),
+    index = (slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x_shape[1:-1])),
              slice(None))
-    dx = dxp[index].astype(x.dtype)
+    dx = dxp[index].astype(xp.dtype)
   dw = jnp.stack(dw).reshape(w.shape).astype(w.dtype)
   return lax.optimization_barrier((dx, dw))
 

@@ -71,7 +71,7 @@ class LocalPerceptionHead(nn.Module):
     if side * side != tokens - self.num_prefix_tokens:
       raise ValueError(f"exit_heads 'local' needs a square token grid, got "
                        f"{tokens - self.num_prefix_tokens} patch tokens")
-    grid = nn.LayerNorm(epsilon=1e-6, name="norm")(
+    grid = layers.LayerNorm(epsilon=1e-6, name="norm")(
         x[:, self.num_prefix_tokens:].reshape(batch, side, side, dim))
     y = nn.gelu(nn.Dense(dim, name="pointwise_in")(grid))
     y = nn.gelu(layers.DepthwiseConv(dim, (self.kernel_size,) * 2, name="depthwise")(y))
@@ -95,13 +95,13 @@ class ExitHeads(nn.Module):
     for i, kind in zip(self.exit_layers, kinds):
       x = block_tokens[i]
       if kind == "plain":  # the names of the first plain-only heads, kept
-        x = nn.LayerNorm(epsilon=1e-6, name=f"exit_{i}_norm")(x)
+        x = layers.LayerNorm(epsilon=1e-6, name=f"exit_{i}_norm")(x)
         x = x[:, 0] if self.pool == "token" else jnp.mean(x, axis=1)
       elif kind == "local":
         x = LocalPerceptionHead(prefix, name=f"exit_{i}_local")(x)
-        x = nn.LayerNorm(epsilon=1e-6, name=f"exit_{i}_norm")(x)
+        x = layers.LayerNorm(epsilon=1e-6, name=f"exit_{i}_norm")(x)
       else:
-        x = nn.LayerNorm(epsilon=1e-6, name=f"exit_{i}_norm")(x)
+        x = layers.LayerNorm(epsilon=1e-6, name=f"exit_{i}_norm")(x)
         x = layers.MAPHead(self.num_heads, name=f"exit_{i}_global")(x)
       logits.append(nn.Dense(self.num_classes, kernel_init=layers.head_init(True),
                              name=f"exit_{i}_head")(x).astype(jnp.float32))

@@ -393,7 +393,7 @@ class _Head(nn.Module):
     x = ConvNormAct(self.widths[0], 1, act=self.act, name="in_conv", **kw)(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.widths[1], use_bias=False, name="classifier_0", **kw)(x)
-    x = nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, name="classifier_1",
+    x = layers.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, name="classifier_1",
                      **kw)(x)
     features = _activation(self.act)(x)
     if not self.num_classes:

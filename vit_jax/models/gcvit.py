@@ -68,7 +68,7 @@ class MBConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
     dim = x.shape[-1]
-    gelu = lambda t: nn.gelu(t, approximate=False)
+    gelu = layers.gelu
     y = gelu(layers.DepthwiseConv(dim, (3, 3), padding=((1, 1), (1, 1)), name="conv_dw",
                                   **kw)(x))
     y = layers.squeeze_excite(y, layers.make_divisible(dim * 0.25, 8, round_limit=0.0),
@@ -86,11 +86,11 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
+    x = layers.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
     x = MBConv(name="conv_block", **kw)(x)
     x = nn.Conv(self.out_dim, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                 use_bias=False, name="reduction", **kw)(x)
-    return nn.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(x)
+    return layers.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(x)
 
 
 def _max_pool(x: Array) -> Array:
@@ -158,7 +158,7 @@ class GCViTBlock(nn.Module):
                           if self.layer_scale is not None else (lambda y: y))
     bias = layers.RelativePositionBias(self.window, self.num_heads, self.param_dtype,
                                        name="relative_position_bias")()
-    y = nn.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
+    y = layers.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
     if self.use_global:
       y = GlobalQueryAttention(self.num_heads, self.window, self.attention_impl,
                                name="attn", **kw)(y, global_query, bias=bias)
@@ -169,7 +169,7 @@ class GCViTBlock(nn.Module):
           num_heads=self.num_heads, attention_fn=attention_fn, name="attn", **kw)(
               y, bias=bias)
     x = x + layers.DropPath(self.drop_path_rate)(scale("ls1")(y), train=train)
-    y = nn.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(x)
+    y = layers.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(x)
     y = layers.MlpBlock(mlp_dim=int(dim * self.mlp_ratio), name="mlp", **kw)(y)
     return x + layers.DropPath(self.drop_path_rate)(scale("ls2")(y), train=train)
 
@@ -213,7 +213,7 @@ class GCViTStage(nn.Module):
                      attention_impl=self.attention_impl, name=f"blocks_{j}", **kw)(
                          x, g, train=train)
     if self.final_norm:
-      x = nn.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(x)
+      x = layers.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(x)
     return x
 
 

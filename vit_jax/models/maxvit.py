@@ -114,7 +114,7 @@ class PartitionAttention(nn.Module):
     if dim % self.dim_head:
       raise ValueError(f"MaxViT width {dim} is not a multiple of dim_head={self.dim_head}")
     heads = dim // self.dim_head
-    norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
+    norm = lambda name: layers.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     bias = layers.RelativePositionBias(self.window, heads, self.param_dtype, layout="tf",
                                        name="relative_position_bias")()
@@ -245,7 +245,7 @@ class MaxViT(nn.Module):
       self.sow("intermediates", f"stage_{i}", x)
 
     # timm's NormMlpClassifierHead: average pool, LayerNorm, tanh pre-logits layer.
-    x = nn.LayerNorm(epsilon=LN_EPS, name="head_norm", **kw)(jnp.mean(x, axis=(1, 2)))
+    x = layers.LayerNorm(epsilon=LN_EPS, name="head_norm", **kw)(jnp.mean(x, axis=(1, 2)))
     x = jnp.tanh(nn.Dense(self.head_hidden_size, name="pre_logits", **kw)(x))
     return layers.classifier_head(self, x, self.num_classes,
                                   kernel_init=layers.head_init(self.head_zeroinit), **kw)

@@ -68,7 +68,7 @@ class StarReLU(nn.Module):
 
 def _activation(name: str, dtype, param_dtype):
   if name == "gelu":  # torch's nn.GELU is the exact (erf) GELU
-    return lambda x: nn.gelu(x, approximate=False)
+    return layers.gelu
   if name == "star_relu":
     return StarReLU(dtype=dtype, param_dtype=param_dtype, name="act")
   raise ValueError(f"unknown MetaFormer activation {name!r}; use 'gelu' or 'star_relu'")
@@ -85,11 +85,11 @@ def _norm(kind: Optional[str], dtype, param_dtype, name: str):
   if kind is None:
     return lambda x: x
   if kind in ("group", "group_nobias"):
-    return nn.GroupNorm(num_groups=1, epsilon=1e-5 if kind == "group" else 1e-6,
+    return layers.GroupNorm(num_groups=1, epsilon=1e-5 if kind == "group" else 1e-6,
                         use_bias=kind == "group", use_fast_variance=False, dtype=dtype,
                         param_dtype=param_dtype, name=name)
   if kind in ("layer", "layer_nobias"):
-    return nn.LayerNorm(epsilon=1e-6, use_bias=kind == "layer", use_fast_variance=False,
+    return layers.LayerNorm(epsilon=1e-6, use_bias=kind == "layer", use_fast_variance=False,
                         dtype=dtype, param_dtype=param_dtype, name=name)
   raise ValueError(f"unknown MetaFormer norm {kind!r}; use 'group', 'group_nobias', "
                    "'layer' or 'layer_nobias'")
@@ -231,7 +231,7 @@ class MlpHead(nn.Module):
     kw = dict(kernel_init=_init, dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Dense(4 * x.shape[-1], name="fc1", **kw)(x)
     x = jnp.square(nn.relu(x))
-    x = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+    x = layers.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="norm")(x)
     return nn.Dense(self.num_classes, name="fc2", **kw)(x)
 
@@ -311,7 +311,7 @@ class MetaFormer(nn.Module):
       self.sow("intermediates", f"stage_{i}", x)
 
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name="head_norm", **kw)(x)
+    x = layers.LayerNorm(epsilon=1e-6, use_fast_variance=False, name="head_norm", **kw)(x)
     x = nn.Dropout(self.head_dropout_rate)(x, deterministic=not train)
     if self.mlp_head and self.num_classes:
       self.sow("intermediates", "features", x)

@@ -104,7 +104,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, grid: tuple[int, int], *, train: bool = False) -> Array:
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
+    norm = lambda name: layers.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     y = spatial_reduction_attention(
         norm("norm1")(x), grid, num_heads=self.num_heads, sr_ratio=self.sr_ratio,
@@ -246,7 +246,7 @@ class PyramidVisionTransformer(nn.Module):
           tokens.shape[0], height, width, self.embed_dims[i])
       self.sow("intermediates", f"stage_{i}", x)
 
-    x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+    x = layers.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(tokens)[:, 0]
     return layers.classifier_head(self, x, self.num_classes, kernel_init=dense_init,
                                   dtype=dtype, param_dtype=param_dtype)

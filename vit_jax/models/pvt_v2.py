@@ -121,9 +121,9 @@ class SpatialReduction(nn.Module):
       kernel = (self.sr_ratio, self.sr_ratio)
     x = layers.Conv(dim, kernel, strides=kernel, padding="VALID", kernel_init=conv_init,
                     dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="norm")(x)
-    return nn.gelu(x, approximate=False) if self.linear else x
+    return layers.gelu(x) if self.linear else x
 
 
 def spatial_reduction_attention(x: Array, grid: tuple[int, int], *, num_heads: int,
@@ -175,7 +175,7 @@ class MlpWithDepthwiseConv(nn.Module):
         self.hidden_dim, (3, 3), padding=((1, 1), (1, 1)),
         kernel_init=nn.initializers.normal(math.sqrt(2.0 / 9)), dtype=self.dtype,
         param_dtype=self.param_dtype, name="dwconv")(x)
-    x = nn.gelu(x, approximate=False)
+    x = layers.gelu(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     x = dense(dim, "Dense_1")(x)
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
@@ -196,7 +196,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     batch, height, width, dim = x.shape
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
+    norm = lambda name: layers.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     y = norm("norm1")(x).reshape(batch, height * width, dim)
     y = spatial_reduction_attention(
@@ -239,7 +239,7 @@ class Stage(nn.Module):
                 attention_dropout_rate=self.attention_dropout_rate,
                 drop_path_rate=self.drop_path_rates[j], dtype=self.dtype,
                 param_dtype=self.param_dtype, name=f"blocks_{j}")(x, train=train)
-    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+    return layers.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="norm")(x)
 
 

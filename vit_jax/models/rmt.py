@@ -222,7 +222,7 @@ class FeedForward(nn.Module):
     dense = lambda features, name: nn.Dense(
         features, kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
-    h = nn.gelu(dense(self.hidden_dim, "fc1")(x), approximate=False)
+    h = layers.gelu(dense(self.hidden_dim, "fc1")(x))
     h = h + depthwise_conv(self.hidden_dim, 3, "dwconv", self.dtype, self.param_dtype)(h)
     return dense(x.shape[-1], "fc2")(h)
 
@@ -243,7 +243,7 @@ class RMTBlock(nn.Module):
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     dim = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, name=name, **kw)
+    norm = lambda name: layers.LayerNorm(epsilon=1e-6, name=name, **kw)
 
     def scaled(y, name):
       if self.layer_scale is None:
@@ -287,7 +287,7 @@ class PatchEmbed(nn.Module):
     widths = (self.dim // 2, self.dim // 2, self.dim, self.dim)
     for i, (width, stride) in enumerate(zip(widths, (2, 1, 2, 1))):
       if i:
-        x = nn.gelu(x, approximate=False)
+        x = layers.gelu(x)
       x = nn.Conv(width, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
                   kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype,
                   name=f"conv_{i}")(x)

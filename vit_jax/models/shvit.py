@@ -57,7 +57,7 @@ class SingleHeadAttention(nn.Module):
       raise ValueError(f"SHViT attention: partial_dim={self.partial_dim} must be in "
                        f"(0, {dim}]")
     x1, x2 = x[..., :self.partial_dim], x[..., self.partial_dim:]
-    x1 = nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False,
+    x1 = layers.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False,
                       name="pre_norm", **kw)(x1)
     qkv = layers.ConvBN(2 * self.qk_dim + self.partial_dim, name="qkv", **kw)(
         x1, train=train)

@@ -100,7 +100,7 @@ class SwinBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     _, height, width, dim = x.shape
-    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
+    norm = lambda name: layers.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     y = norm("norm1")(x)
     shifted = any(self.shift)
@@ -144,7 +144,7 @@ class PatchMerging(nn.Module):
     # Channel order (col offset, row offset, c): x[0::2, 0::2], x[1::2, 0::2], ...
     x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
     x = x.reshape(b, h // 2, w // 2, 4 * c)
-    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="norm")(x)
     return nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="reduction")(x)
@@ -232,7 +232,7 @@ class SwinTransformer(nn.Module):
                 strides=(self.patch_size, self.patch_size), padding="VALID",
                 dtype=dtype, param_dtype=param_dtype, name="patch_embed")(
                     images.astype(dtype))
-    x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+    x = layers.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
                      name="patch_norm")(x)
     rates = layers.stochastic_depth_rates(self.drop_path_rate, sum(self.depths))
     for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
@@ -245,7 +245,7 @@ class SwinTransformer(nn.Module):
                     param_dtype=param_dtype, name=f"stages_{i}")(x, train=train)
       self.sow("intermediates", f"stage_{i}", x)
 
-    x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name="norm")(x)
+    x = layers.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name="norm")(x)
     return layers.classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes,
                                   kernel_init=layers.head_init(self.head_zeroinit),
                                   dtype=dtype, param_dtype=param_dtype)

@@ -88,7 +88,7 @@ class T2TMlp(nn.Module):
     dim = x.shape[-1]
     y = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_0")(x)
     y = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="Dense_1")(nn.gelu(y, approximate=False))
+                 name="Dense_1")(layers.gelu(y))
     return nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
 
 
@@ -109,7 +109,7 @@ class TokenPerformer(nn.Module):
         lambda: jax.nn.initializers.orthogonal(scale=math.sqrt(m))(
             self.make_rng("params"), (m, emb), jnp.float32)).value
 
-    x = nn.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
+    x = layers.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
     k, q, v = jnp.split(nn.Dense(3 * emb, name="kqv", **kw)(x), 3, axis=-1)
 
     def features(t):  # exp(w.t - |t|^2 / 2) / sqrt(m), in float32 as the official code
@@ -123,7 +123,7 @@ class TokenPerformer(nn.Module):
     y = (jnp.einsum("btm,bnm->btn", qp, kv) / (normaliser + 1e-8)).astype(self.dtype)
     y = nn.Dense(emb, name="proj", **kw)(y)
     y = v + nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
-    z = nn.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(y)
+    z = layers.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(y)
     return y + T2TMlp(self.dropout_rate, name="mlp", **kw)(z, train=train)
 
 
@@ -137,7 +137,7 @@ class TokenTransformer(nn.Module):
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     in_dim = x.shape[-1]
-    x = nn.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
+    x = layers.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
     q, k, v = jnp.split(nn.Dense(3 * self.features, use_bias=False, name="qkv", **kw)(x),
                         3, axis=-1)
     # The official scale uses the input width, not the (single) head's width.
@@ -145,7 +145,7 @@ class TokenTransformer(nn.Module):
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     y = nn.Dense(self.features, name="proj", **kw)(jnp.einsum("bqk,bkd->bqd", weights, v))
     y = v + y
-    z = nn.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(y)
+    z = layers.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(y)
     return y + T2TMlp(0.0, name="mlp", **kw)(z, train=train)
 
 
@@ -230,7 +230,7 @@ class T2TViT(nn.Module):
           param_dtype=param_dtype, name=f"encoderblock_{i}")(x, train=train)
       self.sow("intermediates", f"block_{i}", x)
 
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
+    x = layers.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(x)[:, 0]
     return layers.classifier_head(self, x, self.num_classes, dtype=dtype,
                                   param_dtype=param_dtype)

@@ -61,9 +61,9 @@ class TNTBlock(nn.Module):
 
     batch, num_tokens = patches.shape[:2]
     y = pixels.reshape(batch, num_tokens - 1, -1)
-    y = nn.LayerNorm(epsilon=LN_EPS, name="norm1_proj", **kw)(y)
+    y = layers.LayerNorm(epsilon=LN_EPS, name="norm1_proj", **kw)(y)
     y = nn.Dense(outer_dim, use_bias=False, name="proj", **kw)(y)
-    y = nn.LayerNorm(epsilon=LN_EPS, name="norm2_proj", **kw)(y)
+    y = layers.LayerNorm(epsilon=LN_EPS, name="norm2_proj", **kw)(y)
     patches = jnp.concatenate([patches[:, :1], patches[:, 1:] + y], axis=1)
     patches = block(outer_dim, self.outer_heads, self.mlp_ratio, "outer")(patches,
                                                                           train=train)
@@ -129,9 +129,9 @@ class TNT(nn.Module):
                                                   self.inner_dim)
 
     patches = pixels.reshape(batch, num_patches, -1)
-    patches = nn.LayerNorm(epsilon=LN_EPS, name="norm1_proj", **kw)(patches)
+    patches = layers.LayerNorm(epsilon=LN_EPS, name="norm1_proj", **kw)(patches)
     patches = nn.Dense(self.hidden_size, name="proj", **kw)(patches)
-    patches = nn.LayerNorm(epsilon=LN_EPS, name="norm2_proj", **kw)(patches)
+    patches = layers.LayerNorm(epsilon=LN_EPS, name="norm2_proj", **kw)(patches)
     cls = self.param("cls", nn.initializers.normal(stddev=0.02), (1, 1, self.hidden_size),
                      param_dtype)
     patches = jnp.concatenate([jnp.tile(cls.astype(dtype), [batch, 1, 1]), patches], axis=1)
@@ -150,7 +150,7 @@ class TNT(nn.Module):
           name=f"encoderblock_{i}", **kw)(pixels, patches, train=train)
       self.sow("intermediates", f"block_{i}", patches)
 
-    x = nn.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(patches)[:, 0]
+    x = layers.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(patches)[:, 0]
     return layers.classifier_head(self, x, self.num_classes, **kw)
 
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models import registry
+from vit_jax.models import layers, registry
 
 Array = jax.Array
 
@@ -299,16 +299,16 @@ class ScorePredictor(nn.Module):
     dim = x.shape[-1]
     dense = lambda features, name: nn.Dense(features, dtype=self.dtype,
                                             param_dtype=self.param_dtype, name=name)
-    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm_0")(x)
-    x = nn.gelu(dense(dim, "Dense_0")(x), approximate=False)
+    x = layers.gelu(dense(dim, "Dense_0")(x))
     weight = policy.astype(x.dtype)[..., None]
     local, whole = x[..., :dim // 2], x[..., dim // 2:]
     whole = (whole * weight).sum(axis=1, keepdims=True) / weight.sum(axis=1, keepdims=True)
     x = jnp.concatenate([local, jnp.broadcast_to(whole, local.shape[:2] + whole.shape[2:])],
                         axis=-1)
-    x = nn.gelu(dense(dim // 2, "Dense_1")(x), approximate=False)
-    x = nn.gelu(dense(dim // 4, "Dense_2")(x), approximate=False)
+    x = layers.gelu(dense(dim // 2, "Dense_1")(x))
+    x = layers.gelu(dense(dim // 4, "Dense_2")(x))
     return jax.nn.log_softmax(dense(2, "Dense_3")(x).astype(jnp.float32), axis=-1)
 
 

@@ -224,7 +224,7 @@ class GLABlock(nn.Module):
 
   def make_norm(self, name: str) -> nn.Module:
     if self.norm == "layer":
-      return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+      return layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                           name=name)
     return rms_norm(name, self.dtype, self.param_dtype)
 
@@ -260,7 +260,7 @@ class ConvStem(nn.Module):
     conv = lambda features, kernel, s, name: nn.Conv(
         features, (kernel, kernel), strides=(s, s), padding=((1, 1), (1, 1)),
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
+    norm = lambda name: layers.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     x = self.act(norm("norm_0")(conv(self.dim // 2, stride + 1, stride, "conv_0")(images)))
     return norm("norm_1")(conv(self.dim, 3, 2, "conv_1")(x))

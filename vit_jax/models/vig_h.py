@@ -31,7 +31,6 @@ Sown: ``stage_{i}`` (each stage's blocks' output, NHWC, before the downsampling,
 the official ``Backbone_HierViG`` takes it without its extra norms) and ``features``.
 """
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -59,7 +58,7 @@ VARIANTS = {
                        num_heads=(4, 8, 16, 32)),
 }
 
-_gelu = functools.partial(nn.gelu, approximate=False)  # torch's nn.GELU()
+_gelu = layers.gelu  # torch's nn.GELU()
 
 
 class Stage(nn.Module):
@@ -141,14 +140,14 @@ class HierViG(nn.Module):
       if i:  # the official stage i - 1 ends with it
         x = nn.Conv(dim, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                     name=f"downsamples_{i - 1}_conv", **kw)(x)
-        x = nn.LayerNorm(epsilon=1e-5, name=f"downsamples_{i - 1}_norm", **kw)(x)
+        x = layers.LayerNorm(epsilon=1e-5, name=f"downsamples_{i - 1}_norm", **kw)(x)
       x = Stage(depth=depth, num_heads=self.num_heads[i], mlp_hidden=swiglu_width(
           dim, self.mlp_ratio, multiple=32), drop_path_rates=rates[start:start + depth],
                 attention_impl=self.attention_impl, remat_policy=self.remat_policy,
                 name=f"stages_{i}", **kw)(x, train=train)
       start += depth
       self.sow("intermediates", f"stage_{i}", x)
-    x = jnp.mean(nn.LayerNorm(epsilon=1e-5, name="norm", **kw)(x), axis=(1, 2))
+    x = jnp.mean(layers.LayerNorm(epsilon=1e-5, name="norm", **kw)(x), axis=(1, 2))
     return layers.classifier_head(self, x, self.num_classes, **kw)
 
 

@@ -106,7 +106,7 @@ class ViRBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
+    norm = lambda name: layers.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     y = Retention(self.num_heads, attention_impl=self.attention_impl, dtype=self.dtype,
                   param_dtype=self.param_dtype, name="retention")(norm("norm1")(x))
@@ -178,7 +178,7 @@ class ViR(nn.Module):
                    attention_impl=self.attention_impl, dtype=dtype,
                    param_dtype=param_dtype, name=f"blocks_{i}")(x, train=train)
       self.sow("intermediates", f"block_{i}", x[:, :-1].reshape(batch, side, side, dim))
-    x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+    x = layers.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
                      name="norm")(x)[:, -1]
     return layers.classifier_head(self, x, self.num_classes, dtype=dtype,
                                   param_dtype=param_dtype)

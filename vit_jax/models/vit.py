@@ -227,7 +227,7 @@ class Encoder1DBlock(nn.Module):
     if self.ops.norm == "ilayernorm":
       return robust_ops.ILayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name=name)
-    return nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
+    return layers.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype,
                         param_dtype=self.param_dtype, name=name)
 
   def attend(self, y: Array, *, mask: Optional[Array], train: bool,
@@ -427,7 +427,7 @@ class Encoder(nn.Module):
   def __call__(self, x: Array, *, mask: Optional[Array] = None, grid: Any = None,
                train: bool = False) -> Array:
     x = self.add_position_embedding(x, grid)
-    norm = robust_ops.ILayerNorm if self.ops.norm == "ilayernorm" else nn.LayerNorm
+    norm = robust_ops.ILayerNorm if self.ops.norm == "ilayernorm" else layers.LayerNorm
     if self.pre_norm:
       x = norm(epsilon=self.norm_epsilon, dtype=self.dtype,
                param_dtype=self.param_dtype, name="norm_pre")(x)
