@@ -137,9 +137,11 @@ def gelu(x: Array, approximate: bool = False) -> Array:
 
   ``jax.nn.gelu(approximate=False)`` goes through ``erfc``, which XLA:CPU expands into
   a much longer polynomial than ``erf``: on ``[8,56,56,256]`` (PVT v2's MLP), forward
-  3.1 -> 1.2 ms and forward+backward 4.9 -> 3.3 ms on the 2-core machine, values within
-  1e-6. ``approximate=True`` is the tanh form (``jax.nn.gelu``'s default, note: not
-  this function's).
+  3.4 -> 1.4 ms and forward+backward 5.4 -> 3.5 ms on the 2-core machine, values within
+  1e-6 (``python -m vit_jax.tools.layers_ab --layers --swap=gelu``). Whole steps gain
+  less (``--model=M --swap=gelu``): train 1.01-1.03x (ViT-Ti, PVT v2-b0, GC ViT-XXT),
+  PVT v2-b0 inference 0.93x. ``approximate=True`` is the tanh form (``jax.nn.gelu``'s
+  default, note: not this function's).
   """
   if approximate:
     return nn.gelu(x, approximate=True)

@@ -182,7 +182,8 @@ def main(argv):
   if FLAGS.layers:
     if "depthwise" in FLAGS.swap:
       time_layers(FLAGS.repeats)
-    time_shared_layers(FLAGS.swap, FLAGS.repeats)
+    if set(FLAGS.swap) - {"depthwise"}:
+      time_shared_layers(FLAGS.swap, FLAGS.repeats)
     return
   from vit_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
 
