@@ -56,6 +56,18 @@ def test_norm_forward_and_gradients_equal_flax(ours, flax_norm, shape):
     _close(a, b, 2e-2 if bf16 else 1e-5)
 
 
+@pytest.mark.parametrize("module,fast", [
+    (layers.LayerNorm(), True), (layers.LayerNorm(use_fast_variance=False), True),
+    (layers.GroupNorm(num_groups=1), True), (layers.GroupNorm(num_groups=2), False),
+    (layers.LayerNorm(dtype=jnp.bfloat16), False)])
+def test_fast_path_is_taken_where_it_applies(module, fast):
+  """Equal numbers alone would not notice a norm that always fell back to Flax."""
+  x = jnp.ones((2, 4, 4, 8))
+  params = module.init(jax.random.PRNGKey(0), x)
+  program = str(jax.make_jaxpr(module.apply)(params, x))
+  assert ("custom_vjp_call" in program) == fast
+
+
 def test_norm_under_jit_has_no_nan_on_a_constant_map():
   x = jnp.full((2, 4, 4, 8), 3.0)
   module = layers.GroupNorm(num_groups=1)

@@ -12,8 +12,10 @@ reading them again); the closed-form gradient
 is two reductions and one elementwise pass. What it buys is small and only shows in
 whole steps (one process, interleaved, batch 8, 2-core machine: ``python -m
 vit_jax.tools.layers_ab --model=M --mode=train --swap=norms``): PoolFormer v2-S12's
-train step 1.04-1.07x, ViT-Ti 1.02x, PVT v2-b0 1.00-1.07x, GC ViT-XXT 1.00x. One
-norm alone (``--layers``) is not faster, 0.58-1.18x: XLA fuses an isolated norm well.
+train step 1.04-1.07x, ViT-Ti 1.02x, PVT v2-b0 1.00-1.07x, GC ViT-XXT 1.00x. One norm
+alone (``--layers --swap=norms``), forward + backward: LayerNorm 1.15-1.39x, the
+one-group GroupNorm 0.65x (XLA fuses that one well on its own; inside PoolFormer's step
+it still gains).
 
 The variance is taken as Flax's would be: in one pass with ``use_fast_variance`` (Flax's
 default, ``mean(x^2) - mean^2``), else in two (``mean((x - mean)^2)``, as PyTorch; the
