@@ -57,6 +57,8 @@ def test_benchmark_command_tiny(tmp_path):
   assert md.startswith("# Title") and md.rstrip().endswith("Footer.")
   assert "old table" not in md and f"| {MODEL} | train | 2 |" in md
   assert "skipped: not registered" in md
+  # The host is named (ratios to timm differ between CPUs of the same count).
+  assert f"({benchmark.cpu_model()})" in md and f"host: {benchmark.cpu_model()}" in proc.stdout
 
 
 def test_peak_table():

@@ -89,26 +89,29 @@ def test_gelu_equals_jax_exact_gelu(dtype, tol):
 
 
 def test_layers_ab_swaps_back_what_was_replaced_and_restores_it():
-  from vit_jax.models import depthwise
+  from vit_jax.models import depthwise, linear
   from vit_jax.tools import layers_ab
-  ours = (layers.LayerNorm, layers.GroupNorm, layers.gelu,
-          depthwise._shift_conv)  # pylint: disable=protected-access
+  current = lambda: (layers.LayerNorm, layers.GroupNorm, layers.gelu, layers.Dense,
+                     layers.DenseGeneral, linear.dot_general,
+                     depthwise._shift_conv)  # pylint: disable=protected-access
+  ours = current()
 
   class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
       x = layers.GroupNorm(num_groups=1)(layers.LayerNorm()(x))
-      return layers.gelu(layers.DepthwiseConv(x.shape[-1], (3, 3))(x))
+      x = layers.gelu(layers.DepthwiseConv(x.shape[-1], (3, 3))(x))
+      return layers.Conv(4, (1, 1))(layers.Dense(6)(x))
 
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 8))
   params = Block().init(jax.random.PRNGKey(1), x)
   y = Block().apply(params, x)
   with layers_ab.swapped(layers_ab.SWAPS):
     assert layers.LayerNorm is nn.LayerNorm and layers.GroupNorm is nn.GroupNorm
-    assert layers.gelu is not ours[2] and depthwise._shift_conv is not ours[3]
+    assert layers.Dense is nn.Dense and layers.DenseGeneral is nn.DenseGeneral
+    assert all(a is not b for a, b in zip(current(), ours))
     y_before = Block().apply(params, x)
-  assert (layers.LayerNorm, layers.GroupNorm, layers.gelu,
-          depthwise._shift_conv) == ours  # pylint: disable=protected-access
+  assert current() == ours
   _close(y, y_before, 1e-5)
   with pytest.raises(ValueError, match="unknown \\['gelus'\\]"):
     with layers_ab.swapped(["gelus"]):

@@ -101,7 +101,7 @@ class Projection(nn.Module):
   def __call__(self, x: Array) -> Array:
     x = layers.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm_0")(x)
-    return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+    return layers.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="Dense_0")(layers.gelu(x))
 
 
@@ -295,7 +295,7 @@ class CrossViT(nn.Module):
     self.sow("intermediates", "features", jnp.concatenate(cls, axis=-1))
     if not self.num_classes:
       return jnp.concatenate(cls, axis=-1).astype(jnp.float32)
-    logits = [nn.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype,
+    logits = [layers.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype,
                        name=f"head_{b}")(x).astype(jnp.float32) for b, x in enumerate(cls)]
     return sum(logits) / num_branches
 

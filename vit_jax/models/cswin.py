@@ -116,7 +116,7 @@ class CSWinBlock(nn.Module):
     batch, height, width, dim = x.shape
     norm = lambda name: layers.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
-    dense = lambda features, name: nn.Dense(
+    dense = lambda features, name: layers.Dense(
         features, kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
     qkv = dense(3 * dim, "qkv")(norm("norm1")(x))

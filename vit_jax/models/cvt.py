@@ -99,7 +99,7 @@ class ConvAttention(nn.Module):
                          **kw)(spatial, train=train)
       if self.with_cls_token:
         y = jnp.concatenate([cls, y], axis=1)
-      y = nn.Dense(dim, use_bias=self.qkv_bias, name=f"proj_{name}", **kw)(y)
+      y = layers.Dense(dim, use_bias=self.qkv_bias, name=f"proj_{name}", **kw)(y)
       return y.reshape(batch, -1, self.num_heads, dim // self.num_heads)
 
     q = project("q", self.stride_q, self.padding_q)
@@ -112,7 +112,7 @@ class ConvAttention(nn.Module):
       dropout = nn.Dropout(rate=self.attention_dropout_rate)
       dropout_fn = lambda w: dropout(w, deterministic=False)
     y = layers.dot_product_attention(q, k, v, dropout_fn=dropout_fn)
-    y = nn.Dense(dim, name="proj", **kw)(y.reshape(batch, -1, dim))
+    y = layers.Dense(dim, name="proj", **kw)(y.reshape(batch, -1, dim))
     return nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
 
 

@@ -64,7 +64,7 @@ class DistilledVisionTransformer(vit.VisionTransformer):
     if not self.num_classes:
       return layers.classifier_head(self, (x_cls + x_dist) / 2, 0)
     self.sow("intermediates", "features", (x_cls + x_dist) / 2)
-    head = lambda name: nn.Dense(self.num_classes,
+    head = lambda name: layers.Dense(self.num_classes,
                                  kernel_init=layers.head_init(self.head_zeroinit),
                                  dtype=self.compute_dtype, param_dtype=self.storage_dtype,
                                  name=name)

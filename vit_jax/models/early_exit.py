@@ -73,9 +73,9 @@ class LocalPerceptionHead(nn.Module):
                        f"{tokens - self.num_prefix_tokens} patch tokens")
     grid = layers.LayerNorm(epsilon=1e-6, name="norm")(
         x[:, self.num_prefix_tokens:].reshape(batch, side, side, dim))
-    y = nn.gelu(nn.Dense(dim, name="pointwise_in")(grid))
+    y = nn.gelu(layers.Dense(dim, name="pointwise_in")(grid))
     y = nn.gelu(layers.DepthwiseConv(dim, (self.kernel_size,) * 2, name="depthwise")(y))
-    y = nn.Dense(dim, name="pointwise_out")(y)
+    y = layers.Dense(dim, name="pointwise_out")(y)
     return jnp.mean(grid + y, axis=(1, 2))
 
 
@@ -103,7 +103,7 @@ class ExitHeads(nn.Module):
       else:
         x = layers.LayerNorm(epsilon=1e-6, name=f"exit_{i}_norm")(x)
         x = layers.MAPHead(self.num_heads, name=f"exit_{i}_global")(x)
-      logits.append(nn.Dense(self.num_classes, kernel_init=layers.head_init(True),
+      logits.append(layers.Dense(self.num_classes, kernel_init=layers.head_init(True),
                              name=f"exit_{i}_head")(x).astype(jnp.float32))
     return jnp.stack(logits)
 

@@ -392,14 +392,14 @@ class _Head(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = ConvNormAct(self.widths[0], 1, act=self.act, name="in_conv", **kw)(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.widths[1], use_bias=False, name="classifier_0", **kw)(x)
+    x = layers.Dense(self.widths[1], use_bias=False, name="classifier_0", **kw)(x)
     x = layers.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, name="classifier_1",
                      **kw)(x)
     features = _activation(self.act)(x)
     if not self.num_classes:
       return features, features
     x = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
-    return features, nn.Dense(self.num_classes, name="classifier_4", **kw)(x)
+    return features, layers.Dense(self.num_classes, name="classifier_4", **kw)(x)
 
 
 class EfficientViT(nn.Module):

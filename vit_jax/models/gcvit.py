@@ -125,7 +125,7 @@ class GlobalQueryAttention(nn.Module):
   def __call__(self, x: Array, global_query: Array, *, bias: Array) -> Array:
     b, h, w, dim = x.shape
     head_dim = dim // self.num_heads
-    projection = lambda name: nn.DenseGeneral(
+    projection = lambda name: layers.DenseGeneral(
         (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
     key, value = projection("key")(x), projection("value")(x)
@@ -134,7 +134,7 @@ class GlobalQueryAttention(nn.Module):
     query = query.reshape(b, h, w, self.num_heads, head_dim)
     out = kernels.window_attention(query, key, value, window=self.window, mode="block",
                                    bias=bias, impl=self.attention_impl)
-    return nn.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype,
+    return layers.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype,
                            param_dtype=self.param_dtype, name="out")(out)
 
 

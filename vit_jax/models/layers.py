@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.kernels.attention.reference import attention_reference
+from vit_jax.models import linear
 from vit_jax.models.depthwise import DepthwiseConv, depthwise_conv  # noqa: F401
+from vit_jax.models.linear import Dense, DenseGeneral  # noqa: F401
 from vit_jax.models.norms import GroupNorm, LayerNorm, normalize  # noqa: F401
 
 Dtype = Any
@@ -69,7 +71,7 @@ class MultiHeadDotProductAttention(nn.Module):
     qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
 
     def projection(name):
-      return nn.DenseGeneral(features=(self.num_heads, head_dim), axis=-1,
+      return DenseGeneral(features=(self.num_heads, head_dim), axis=-1,
                              use_bias=qkv_bias, kernel_init=self.kernel_init,
                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
@@ -91,11 +93,11 @@ class MultiHeadDotProductAttention(nn.Module):
       out = dot_product_attention(query, key, value, bias=bias, mask=mask,
                                   dropout_fn=dropout_fn)
     if self.gate:  # [batch, q_len, heads]: one gate per token and head
-      gate = nn.DenseGeneral(features=self.num_heads, kernel_init=self.kernel_init,
+      gate = DenseGeneral(features=self.num_heads, kernel_init=self.kernel_init,
                              dtype=self.dtype, param_dtype=self.param_dtype,
                              name="gate")(inputs_q)
       out = out * nn.sigmoid(gate)[..., None].astype(out.dtype)
-    return nn.DenseGeneral(features=features, axis=(-2, -1), use_bias=self.use_bias,
+    return DenseGeneral(features=features, axis=(-2, -1), use_bias=self.use_bias,
                            kernel_init=self.kernel_init, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="out")(out)
 
@@ -119,7 +121,7 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool = False) -> Array:
     out_dim = self.out_dim or inputs.shape[-1]
-    dense = lambda features: nn.Dense(
+    dense = lambda features: Dense(
         features, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=self.kernel_init, bias_init=self.bias_init)
     x = dense(self.mlp_dim)(inputs)
@@ -224,7 +226,7 @@ def classifier_head(module: nn.Module, features: Array, num_classes: int, *,
   module.sow("intermediates", "features", features)
   if not num_classes:
     return features.astype(jnp.float32)
-  logits = nn.Dense(num_classes, use_bias=use_bias, kernel_init=kernel_init, dtype=dtype,
+  logits = Dense(num_classes, use_bias=use_bias, kernel_init=kernel_init, dtype=dtype,
                     param_dtype=param_dtype, name=name)(features)
   return logits.astype(jnp.float32)
 
@@ -420,11 +422,13 @@ class Conv(nn.Conv):
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     kernel = kernel.reshape(kernel.shape[-2:])
     if groups == 1:
-      y = jnp.einsum("...i,io->...o", inputs, kernel, precision=self.precision)
+      y = linear.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                             precision=self.precision)
     else:  # output channels are grouped major: [groups, features / groups]
-      x = inputs.reshape(inputs.shape[:-1] + (groups, in_features // groups))
+      # One leading axis: the weight gradient then contracts one axis (see linear.py).
+      x = inputs.reshape(-1, groups, in_features // groups)
       w = kernel.reshape(kernel.shape[0], groups, -1).transpose(1, 0, 2)
-      y = jnp.einsum("...gi,gio->...go", x, w, precision=self.precision)
+      y = jnp.einsum("ngi,gio->ngo", x, w, precision=self.precision)
       y = y.reshape(inputs.shape[:-1] + (self.features,))
     return y if bias is None else y + bias
 
@@ -487,7 +491,7 @@ def squeeze_excite(x: Array, rd_channels: int, *, act: Callable[[Array], Array] 
   """
   kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
   layer = ((lambda features, name: Conv(features, (1, 1), name=name, **kw))
-           if conv_kernels else (lambda features, name: nn.Dense(features, name=name, **kw)))
+           if conv_kernels else (lambda features, name: Dense(features, name=name, **kw)))
   s = jnp.mean(x, axis=(1, 2), keepdims=True)
   s = layer(x.shape[-1], names[1])(act(layer(rd_channels, names[0])(s)))
   return x * jax.nn.sigmoid(s)
@@ -526,7 +530,7 @@ class NormLinear(nn.Module):
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     x = batch_norm(train, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    return nn.Dense(self.features, kernel_init=nn.initializers.truncated_normal(0.02),
+    return Dense(self.features, kernel_init=nn.initializers.truncated_normal(0.02),
                     dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(x)
 
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models import vit
+from vit_jax.models import layers, vit
 
 Array = Any
 ENCODER = "encoder/"
@@ -167,7 +167,7 @@ class MaskedAutoencoder(nn.Module):
     latent = encoder(images, train=train)  # [B, prefix + keep, D]
     prefix = encoder.num_prefix_tokens
     dtype = encoder.compute_dtype
-    x = nn.Dense(self.decoder_width, dtype=dtype, name="decoder_embed")(latent)
+    x = layers.Dense(self.decoder_width, dtype=dtype, name="decoder_embed")(latent)
     batch, num_patches = mask.shape
     mask_token = self.param("mask_token", nn.initializers.normal(0.02),
                             (1, 1, self.decoder_width))
@@ -180,7 +180,7 @@ class MaskedAutoencoder(nn.Module):
                     num_heads=self.decoder_heads, dtype=dtype, name="decoder")(
                         x, train=train)
     p, channels = encoder.patch_size, images.shape[-1]
-    pred = nn.Dense(p * p * channels, dtype=dtype, name="decoder_pred")(x[:, prefix:])
+    pred = layers.Dense(p * p * channels, dtype=dtype, name="decoder_pred")(x[:, prefix:])
     return pred.astype(jnp.float32), mask
 
 

@@ -246,7 +246,7 @@ class MaxViT(nn.Module):
 
     # timm's NormMlpClassifierHead: average pool, LayerNorm, tanh pre-logits layer.
     x = layers.LayerNorm(epsilon=LN_EPS, name="head_norm", **kw)(jnp.mean(x, axis=(1, 2)))
-    x = jnp.tanh(nn.Dense(self.head_hidden_size, name="pre_logits", **kw)(x))
+    x = jnp.tanh(layers.Dense(self.head_hidden_size, name="pre_logits", **kw)(x))
     return layers.classifier_head(self, x, self.num_classes,
                                   kernel_init=layers.head_init(self.head_zeroinit), **kw)
 

@@ -121,12 +121,12 @@ class SepConv(nn.Module):
     mid = int(self.expansion_ratio * dim)
     kw = dict(use_bias=False, kernel_init=_init, dtype=self.dtype,
               param_dtype=self.param_dtype)
-    x = nn.Dense(mid, name="pwconv1", **kw)(x)  # a 1x1 conv is a Dense over channels
+    x = layers.Dense(mid, name="pwconv1", **kw)(x)  # a 1x1 conv is a Dense over channels
     x = StarReLU(dtype=self.dtype, param_dtype=self.param_dtype, name="act1")(x)
     pad = self.kernel_size // 2
     x = layers.DepthwiseConv(mid, (self.kernel_size, self.kernel_size),
                              padding=((pad, pad), (pad, pad)), name="dwconv", **kw)(x)
-    return nn.Dense(dim, name="pwconv2", **kw)(x)
+    return layers.Dense(dim, name="pwconv2", **kw)(x)
 
 
 class Attention(nn.Module):
@@ -166,7 +166,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     dim = x.shape[-1]
-    dense = lambda f, name: nn.Dense(f, use_bias=self.use_bias, kernel_init=_init,
+    dense = lambda f, name: layers.Dense(f, use_bias=self.use_bias, kernel_init=_init,
                                      dtype=self.dtype, param_dtype=self.param_dtype,
                                      name=name)
     x = dense(self.hidden_dim, "fc1")(x)
@@ -229,11 +229,11 @@ class MlpHead(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     kw = dict(kernel_init=_init, dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Dense(4 * x.shape[-1], name="fc1", **kw)(x)
+    x = layers.Dense(4 * x.shape[-1], name="fc1", **kw)(x)
     x = jnp.square(nn.relu(x))
     x = layers.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="norm")(x)
-    return nn.Dense(self.num_classes, name="fc2", **kw)(x)
+    return layers.Dense(self.num_classes, name="fc2", **kw)(x)
 
 
 # Settings that take one value per stage, or one value for every stage.

@@ -164,7 +164,7 @@ class MlpWithDepthwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     dim = x.shape[-1]
-    dense = lambda features, name: nn.Dense(
+    dense = lambda features, name: layers.Dense(
         features, kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
     x = dense(self.hidden_dim, "Dense_0")(x)

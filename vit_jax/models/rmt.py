@@ -198,7 +198,7 @@ class Retention(nn.Module):
   def __call__(self, x: Array) -> Array:
     batch, height, width, dim = x.shape
     head_dim = dim // self.num_heads
-    dense = lambda name: nn.Dense(dim, kernel_init=dense_init, dtype=self.dtype,
+    dense = lambda name: layers.Dense(dim, kernel_init=dense_init, dtype=self.dtype,
                                   param_dtype=self.param_dtype, name=name)
     query, key, value = dense("q")(x), dense("k")(x), dense("v")(x)
     lepe = depthwise_conv(dim, 5, "lepe", self.dtype, self.param_dtype)(value)
@@ -219,7 +219,7 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    dense = lambda features, name: nn.Dense(
+    dense = lambda features, name: layers.Dense(
         features, kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
     h = layers.gelu(dense(self.hidden_dim, "fc1")(x))
@@ -391,7 +391,7 @@ class RMT(nn.Module):
       start += depth
       self.sow("intermediates", f"stage_{i}", x)
 
-    x = nn.Dense(self.projection, kernel_init=dense_init, name="proj", **kw)(x)
+    x = layers.Dense(self.projection, kernel_init=dense_init, name="proj", **kw)(x)
     x = layers.batch_norm(train, name="proj_norm", **kw)(x)
     return layers.classifier_head(self, jnp.mean(nn.swish(x), axis=(1, 2)),
                                   self.num_classes, kernel_init=dense_init, **kw)

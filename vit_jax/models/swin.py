@@ -146,7 +146,7 @@ class PatchMerging(nn.Module):
     x = x.reshape(b, h // 2, w // 2, 4 * c)
     x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="norm")(x)
-    return nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
+    return layers.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="reduction")(x)
 
 

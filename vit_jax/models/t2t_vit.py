@@ -86,8 +86,8 @@ class T2TMlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     dim = x.shape[-1]
-    y = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_0")(x)
-    y = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
+    y = layers.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_0")(x)
+    y = layers.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="Dense_1")(layers.gelu(y))
     return nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
 
@@ -110,7 +110,7 @@ class TokenPerformer(nn.Module):
             self.make_rng("params"), (m, emb), jnp.float32)).value
 
     x = layers.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
-    k, q, v = jnp.split(nn.Dense(3 * emb, name="kqv", **kw)(x), 3, axis=-1)
+    k, q, v = jnp.split(layers.Dense(3 * emb, name="kqv", **kw)(x), 3, axis=-1)
 
     def features(t):  # exp(w.t - |t|^2 / 2) / sqrt(m), in float32 as the official code
       t = t.astype(jnp.float32)
@@ -121,7 +121,7 @@ class TokenPerformer(nn.Module):
     normaliser = jnp.einsum("btm,bm->bt", qp, kp.sum(axis=1))[..., None]
     kv = jnp.einsum("bin,bim->bnm", v.astype(jnp.float32), kp)
     y = (jnp.einsum("btm,bnm->btn", qp, kv) / (normaliser + 1e-8)).astype(self.dtype)
-    y = nn.Dense(emb, name="proj", **kw)(y)
+    y = layers.Dense(emb, name="proj", **kw)(y)
     y = v + nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
     z = layers.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(y)
     return y + T2TMlp(self.dropout_rate, name="mlp", **kw)(z, train=train)
@@ -138,12 +138,12 @@ class TokenTransformer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     in_dim = x.shape[-1]
     x = layers.LayerNorm(epsilon=LN_EPS, name="norm1", **kw)(x)
-    q, k, v = jnp.split(nn.Dense(3 * self.features, use_bias=False, name="qkv", **kw)(x),
+    q, k, v = jnp.split(layers.Dense(3 * self.features, use_bias=False, name="qkv", **kw)(x),
                         3, axis=-1)
     # The official scale uses the input width, not the (single) head's width.
     logits = jnp.einsum("bqd,bkd->bqk", q * in_dim ** -0.5, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    y = nn.Dense(self.features, name="proj", **kw)(jnp.einsum("bqk,bkd->bqd", weights, v))
+    y = layers.Dense(self.features, name="proj", **kw)(jnp.einsum("bqk,bkd->bqd", weights, v))
     y = v + y
     z = layers.LayerNorm(epsilon=LN_EPS, name="norm2", **kw)(y)
     return y + T2TMlp(0.0, name="mlp", **kw)(z, train=train)
@@ -174,7 +174,7 @@ class TokensToToken(nn.Module):
       else:
         layer = TokenTransformer(self.token_dim, name=f"attention{i + 1}", **kw)
       x = layer(tokens, train=train).reshape(batch, height, width, self.token_dim)
-    return nn.Dense(self.hidden_size, name="project", **kw)(tokens)
+    return layers.Dense(self.hidden_size, name="project", **kw)(tokens)
 
 
 class T2TViT(nn.Module):

@@ -62,7 +62,7 @@ class TNTBlock(nn.Module):
     batch, num_tokens = patches.shape[:2]
     y = pixels.reshape(batch, num_tokens - 1, -1)
     y = layers.LayerNorm(epsilon=LN_EPS, name="norm1_proj", **kw)(y)
-    y = nn.Dense(outer_dim, use_bias=False, name="proj", **kw)(y)
+    y = layers.Dense(outer_dim, use_bias=False, name="proj", **kw)(y)
     y = layers.LayerNorm(epsilon=LN_EPS, name="norm2_proj", **kw)(y)
     patches = jnp.concatenate([patches[:, :1], patches[:, 1:] + y], axis=1)
     patches = block(outer_dim, self.outer_heads, self.mlp_ratio, "outer")(patches,
@@ -130,7 +130,7 @@ class TNT(nn.Module):
 
     patches = pixels.reshape(batch, num_patches, -1)
     patches = layers.LayerNorm(epsilon=LN_EPS, name="norm1_proj", **kw)(patches)
-    patches = nn.Dense(self.hidden_size, name="proj", **kw)(patches)
+    patches = layers.Dense(self.hidden_size, name="proj", **kw)(patches)
     patches = layers.LayerNorm(epsilon=LN_EPS, name="norm2_proj", **kw)(patches)
     cls = self.param("cls", nn.initializers.normal(stddev=0.02), (1, 1, self.hidden_size),
                      param_dtype)

@@ -297,7 +297,7 @@ class ScorePredictor(nn.Module):
   @nn.compact
   def __call__(self, x: Array, policy: Array) -> Array:
     dim = x.shape[-1]
-    dense = lambda features, name: nn.Dense(features, dtype=self.dtype,
+    dense = lambda features, name: layers.Dense(features, dtype=self.dtype,
                                             param_dtype=self.param_dtype, name=name)
     x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm_0")(x)

@@ -90,7 +90,7 @@ class TwoTower(nn.Module):
       raise ValueError(f"the text tower has no setting {', '.join(hints)}. Its settings "
                        f"are: {', '.join(sorted(_text_fields()))}.")
     self.txt = TextTransformer(**{**dtypes, **text, "num_classes": 0})
-    dense = lambda: nn.Dense(self.embed_dim, use_bias=self.projection_bias,
+    dense = lambda: layers.Dense(self.embed_dim, use_bias=self.projection_bias,
                              dtype=layers.canonical_dtype(self.dtype),
                              param_dtype=layers.canonical_dtype(self.param_dtype))
     self.img_projection = dense()

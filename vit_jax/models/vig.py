@@ -143,10 +143,10 @@ class SwiGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    gate, y = jnp.split(nn.Dense(2 * self.hidden, use_bias=False, dtype=self.dtype,
+    gate, y = jnp.split(layers.Dense(2 * self.hidden, use_bias=False, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="gate_proj")(x), 2,
                         axis=-1)
-    return nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype,
+    return layers.Dense(x.shape[-1], use_bias=False, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="down_proj")(nn.silu(gate) * y)
 
 
@@ -177,7 +177,7 @@ class GatedLinearAttention(nn.Module):
       raise ValueError(f"GLA needs widths divisible by num_heads={heads} and expand_v=1 "
                        f"(the locality branch mixes the input with the values); got "
                        f"embed_dim={dim}, expand_k={self.expand_k}, expand_v={self.expand_v}")
-    dense = lambda features, name, bias=False: nn.Dense(
+    dense = lambda features, name, bias=False: layers.Dense(
         features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     local = layers.DepthwiseConv(dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                                  dtype=self.dtype, param_dtype=self.param_dtype,

@@ -103,7 +103,7 @@ class Mamba(nn.Module):
   def _direction(self, x: Array, z: Array, suffix: str, rank: int) -> Array:
     """One direction's conv, projections and selective scan: ``y * silu(z)``."""
     inner = x.shape[-1]
-    dense = lambda features, name, bias=False, **kw: nn.Dense(
+    dense = lambda features, name, bias=False, **kw: layers.Dense(
         features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name + suffix, **kw)
     x = nn.silu(layers.DepthwiseConv(inner, (self.d_conv,), padding=((self.d_conv - 1, 0),),
@@ -134,13 +134,13 @@ class Mamba(nn.Module):
   def __call__(self, tokens: Array) -> Array:
     dim = tokens.shape[-1]
     rank = -(-dim // 16)  # Mamba's dt_rank="auto"
-    xz = nn.Dense(2 * self.expand * dim, use_bias=False, dtype=self.dtype,
+    xz = layers.Dense(2 * self.expand * dim, use_bias=False, dtype=self.dtype,
                   param_dtype=self.param_dtype, name="in_proj")(tokens)
     x, z = jnp.split(xz, 2, axis=-1)
     flip = lambda t: jnp.flip(t, axis=1)
     out = (self._direction(x, z, "", rank)
            + flip(self._direction(flip(x), flip(z), "_b", rank))) / 2
-    return nn.Dense(dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+    return layers.Dense(dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="out_proj")(out)
 
 

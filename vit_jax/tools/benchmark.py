@@ -550,10 +550,23 @@ def markdown_table(rows: list[Row]) -> str:
   return "\n".join(lines)
 
 
+def cpu_model() -> str:
+  """The CPU's model name: ratios to timm differ between hosts with the same
+  number of CPUs (matrix-product libraries tune per vendor and vector width)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
 def _machine() -> str:
   import jax  # pylint: disable=g-import-not-at-top
   load = os.getloadavg()
-  return (f"{platform.machine()} CPU, "
+  return (f"{platform.machine()} CPU ({cpu_model()}), "
           f"{len(os.sched_getaffinity(0))} CPUs usable, JAX {jax.__version__} "
           f"({jax.default_backend()}: {jax.devices()[0].device_kind}); load average at "
           f"the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)")
@@ -791,6 +804,7 @@ def main(argv):
   overrides = _parse_overrides(FLAGS.set)
   jobs = [(name, mode, batch) for name in names for mode in modes for batch in batches]
   started, start_time = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
+  print(f"host: {cpu_model()}, {len(os.sched_getaffinity(0))} CPUs usable")
   compile_timed_out = {}  # (name, mode) -> batch: skip torch.compile at larger batches
   rows = []
   for i, (name, mode, batch) in enumerate(jobs):

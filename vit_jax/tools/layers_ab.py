@@ -13,7 +13,10 @@ swapped (``SWAPS``):
   (``feature_group_count``), the code before issue 25;
 - ``norms``: ``layers.LayerNorm`` / ``GroupNorm`` (``models/norms.py``, the
   hand-written backward) -> Flax's;
-- ``gelu``: ``layers.gelu`` (erf) -> ``jax.nn.gelu`` (erfc).
+- ``gelu``: ``layers.gelu`` (erf) -> ``jax.nn.gelu`` (erfc);
+- ``dense``: ``layers.Dense`` / ``DenseGeneral`` and the ungrouped 1x1 ``layers.Conv``
+  (``models/linear.py``, 2-D products on CPU) -> Flax's ``lax.dot_general`` on the
+  unflattened operands.
 
 The swap happens when the model is traced, by rebinding the names the families look up
 then; a family that bound one of them at import (ViG-H's stem GELU) keeps ours.
@@ -92,6 +95,12 @@ SHARED_LAYERS = [
      "group_norm"),
     ("gelu", "GELU, PVT v2-b0 MLP stage 1", (8, 56, 56, 256), "gelu"),
     ("gelu", "GELU, ViT-Ti MLP", (8, 197, 768), "gelu"),
+    ("dense", "Dense 192->768, ViT-Ti MLP", (8, 197, 192), "dense:768"),
+    ("dense", "Dense 768->192, ViT-Ti MLP", (8, 197, 768), "dense:192"),
+    ("dense", "attention output, ViT-Ti (3 heads x 64)", (8, 197, 3, 64), "out:192"),
+    ("dense", "Dense 32->256, PVT v2-b0 MLP stage 1", (8, 3136, 32), "dense:256"),
+    ("dense", "Dense 96->384, Swin-T MLP stage 1", (8, 56, 56, 96), "dense:384"),
+    ("dense", "1x1 conv 64->256, EfficientViT-B0 stage 2", (8, 28, 28, 64), "conv1x1:256"),
 ]
 
 
@@ -102,9 +111,22 @@ def _shared_layer(what: str):
   if what == "gelu":
     gelu = layers.gelu
     return lambda v, x: gelu(x), None
+  if ":" in what:  # dense:N, out:N (axes -2, -1), conv1x1:N
+    kind, features = what.split(":")
+    module = {"dense": lambda: layers.Dense(int(features)),
+              "out": lambda: layers.DenseGeneral(int(features), axis=(-2, -1)),
+              "conv1x1": lambda: layers.Conv(int(features), (1, 1))}[kind]()
+    return module.apply, module.init
   module = (layers.LayerNorm(epsilon=1e-6) if what == "layer_norm"
             else layers.GroupNorm(num_groups=1, epsilon=1e-6))
   return module.apply, module.init
+
+
+def _traced_within(names, f):
+  def traced(*args):
+    with swapped(names):
+      return f(*args)
+  return traced
 
 
 def time_shared_layers(swaps, repeats: int) -> None:
@@ -121,21 +143,25 @@ def time_shared_layers(swaps, repeats: int) -> None:
     x = jnp.asarray(rng.standard_normal(shape, np.float32) * 2 + 1)
     fns, variables = {}, {}
     for version in ("ours", "before"):
-      with swapped((swap,) if version == "before" else ()):
+      names = (swap,) if version == "before" else ()
+      with swapped(names):
         f, init = _shared_layer(what)
+      f = _traced_within(names, f)  # 1x1 convs look the product up when traced
       variables[version] = init(jax.random.PRNGKey(0), x) if init else {}
-      weights = jnp.asarray(rng.standard_normal(jax.eval_shape(
+      # The output's cotangent is an argument: a constant one lets XLA transpose it
+      # while compiling, hiding the layout copies a real backward pays.
+      cotangent = jnp.asarray(rng.standard_normal(jax.eval_shape(
           f, variables[version], x).shape, np.float32))
-      fns[version, "fwd"] = jax.jit(f)
+      fns[version, "fwd"] = jax.jit(lambda v, x, g, f=f: f(v, x))
       fns[version, "bwd"] = jax.jit(jax.grad(
-          lambda v, x, f=f, w=weights: jnp.sum(f(v, x) * w), (0, 1)))
+          lambda v, x, g, f=f: jnp.sum(f(v, x) * g), (0, 1)))
     for (version, _), fn in fns.items():
-      jax.block_until_ready(fn(variables[version], x))
+      jax.block_until_ready(fn(variables[version], x, cotangent))
     times = {key: [] for key in fns}
     for _ in range(repeats):  # interleaved
       for (version, part), fn in fns.items():
         start = time.perf_counter()
-        jax.block_until_ready(fn(variables[version], x))
+        jax.block_until_ready(fn(variables[version], x, cotangent))
         times[version, part].append(time.perf_counter() - start)
     ms = {key: statistics.median(v) * 1e3 for key, v in times.items()}
     cell = lambda p: (f"{ms['before', p]:.2f} / {ms['ours', p]:.2f} "
@@ -149,14 +175,15 @@ def _flax_gelu(x, approximate=False):
   return nn.gelu(x, approximate=approximate)
 
 
-SWAPS = ("depthwise", "norms", "gelu")
+SWAPS = ("depthwise", "norms", "gelu", "dense")
 
 
 @contextlib.contextmanager
 def swapped(names):
   """Inside: the named shared layers are what they replaced (see the module doc)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from vit_jax.models import depthwise, layers  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import depthwise, layers, linear  # pylint: disable=g-import-not-at-top
 
   unknown = sorted(set(names) - set(SWAPS))
   if unknown:
@@ -164,7 +191,9 @@ def swapped(names):
   targets = {"depthwise": [(depthwise, "_shift_conv", depthwise._xla_conv)],  # pylint: disable=protected-access
              "norms": [(layers, "LayerNorm", nn.LayerNorm),
                        (layers, "GroupNorm", nn.GroupNorm)],
-             "gelu": [(layers, "gelu", _flax_gelu)]}
+             "gelu": [(layers, "gelu", _flax_gelu)],
+             "dense": [(layers, "Dense", nn.Dense), (layers, "DenseGeneral", nn.DenseGeneral),
+                       (linear, "dot_general", lax.dot_general)]}
   saved = []
   try:
     for name in names:
