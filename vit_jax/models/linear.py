@@ -6,9 +6,11 @@ two contracting axes by transposing one operand (on XLA:CPU a ``copy_bitcast_fus
 of the output gradient before every weight-gradient product: 4-14% of the train steps
 profiled for issue 25). Reshaping the input to ``[batch * tokens, channels]`` first,
 free for a row-major array, leaves one contracting axis in both products and no copy.
-Measured on the 2-core CPU, batch 8, float32, forward + both gradients of one layer,
-interleaved (``docs/benchmarks.md``, "Dense layers on two-dimensional views"):
-``[8,197,192] -> 768`` 1.24x, ``768 -> 192`` 1.13x, ``[8,3136,32] -> 256`` 2.67x.
+Measured on the 2-core CPU, batch 8, float32, one process, interleaved
+(``python -m vit_jax.tools.layers_ab``; ``docs/benchmarks.md``, "Dense layers on
+two-dimensional views"): forward + both gradients of one layer ``[8,197,192] -> 768``
+1.17x, ``[8,3136,32] -> 256`` 2.21x, ``[8,56,56,96] -> 384`` 1.73x; whole train steps
+1.02x (ViT-Ti) to 1.23x (EfficientViT-B1).
 
 Only CPU takes the reshape: on TPU, merging a token axis that is not a multiple of 8
 into the batch is a relayout copy, and neither accelerator was measured. Nor does a
