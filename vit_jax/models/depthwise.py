@@ -31,6 +31,7 @@ checkpoints and converters are unaffected.
 
 import functools
 import itertools
+import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -130,6 +131,9 @@ def _shift_conv_fwd(x, w, strides, pads, dilation):
   return y, (xp, w)
 
 
+_SMALL_MAP = 28 * 28  # output positions; see the weight gradient below
+
+
 def _shift_conv_bwd(strides, pads, dilation, residuals, g):
   xp, w = residuals
   ct = _compute_dtype(g.dtype)
@@ -145,11 +149,21 @@ def _shift_conv_bwd(strides, pads, dilation, residuals, g):
   # keep); then the sum over the axes left. Against a reduction per tap, measured at
   # batch 8: 56x56x128 7x7 4.6x, 14x14x384 5x5 ~4x, 56x56x512 3x3 2.5x, 112x112x256 3x3
   # 1.7x; reducing 7x7 over the batch alone was 4x slower, 3x3 over batch and rows 1.5-3x.
+  # Maps up to 28x28 with more taps (ConvFormer's 7x7 in stages 2-4) reduce over the
+  # batch, one kernel row of taps per reduction: there XLA:CPU's time follows the number
+  # of taps x partial sums, not the work (batch 8, 7x7: 7x7x1024 32.5 -> 4.9 ms, 14x14x640
+  # 12.2 -> 4.8, 28x28x256 35 -> 29; 56x56x128 would be 38 -> 47, so it stays).
   products = tuple(_tap_slice(xp, tap, strides, dilation, out_shape).astype(ct) * gc
                    for tap in _taps(kernel_shape))
-  first = (0,) if len(products) <= 9 else tuple(range(g.ndim - 2))
-  partial = lax.reduce(products, tuple(jnp.zeros((), ct) for _ in products),
-                       lambda a, b: tuple(u + v for u, v in zip(a, b)), first)
+  few = len(products) <= 9
+  by_row = not few and math.prod(out_shape) <= _SMALL_MAP
+  first = (0,) if few or by_row else tuple(range(g.ndim - 2))
+  size = kernel_shape[-1] if by_row else len(products)
+  partial = []
+  for start in range(0, len(products), size):
+    group = products[start:start + size]
+    partial += lax.reduce(group, tuple(jnp.zeros((), ct) for _ in group),
+                          lambda a, b: tuple(u + v for u, v in zip(a, b)), first)
   dw = [jnp.sum(p, axis=tuple(range(p.ndim - 1))) for p in partial]
   if all(s == 1 for s in strides):
     # The input gradient is the convolution of g, padded, with the kernel flipped: each
