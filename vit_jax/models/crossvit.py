@@ -102,7 +102,7 @@ class Projection(nn.Module):
     x = layers.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm_0")(x)
     return layers.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="Dense_0")(layers.gelu(x))
+                        name="Dense_0")(layers.gelu(x))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -296,7 +296,7 @@ class CrossViT(nn.Module):
     if not self.num_classes:
       return jnp.concatenate(cls, axis=-1).astype(jnp.float32)
     logits = [layers.Dense(self.num_classes, dtype=dtype, param_dtype=param_dtype,
-                       name=f"head_{b}")(x).astype(jnp.float32) for b, x in enumerate(cls)]
+                           name=f"head_{b}")(x).astype(jnp.float32) for b, x in enumerate(cls)]
     return sum(logits) / num_branches
 
 

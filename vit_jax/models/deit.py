@@ -65,9 +65,9 @@ class DistilledVisionTransformer(vit.VisionTransformer):
       return layers.classifier_head(self, (x_cls + x_dist) / 2, 0)
     self.sow("intermediates", "features", (x_cls + x_dist) / 2)
     head = lambda name: layers.Dense(self.num_classes,
-                                 kernel_init=layers.head_init(self.head_zeroinit),
-                                 dtype=self.compute_dtype, param_dtype=self.storage_dtype,
-                                 name=name)
+                                     kernel_init=layers.head_init(self.head_zeroinit),
+                                     dtype=self.compute_dtype, param_dtype=self.storage_dtype,
+                                     name=name)
     logits = head("head")(x_cls).astype(jnp.float32)
     logits_dist = head("head_dist")(x_dist).astype(jnp.float32)
     if train and self.distilled_training:

@@ -104,7 +104,7 @@ class ExitHeads(nn.Module):
         x = layers.LayerNorm(epsilon=1e-6, name=f"exit_{i}_norm")(x)
         x = layers.MAPHead(self.num_heads, name=f"exit_{i}_global")(x)
       logits.append(layers.Dense(self.num_classes, kernel_init=layers.head_init(True),
-                             name=f"exit_{i}_head")(x).astype(jnp.float32))
+                                 name=f"exit_{i}_head")(x).astype(jnp.float32))
     return jnp.stack(logits)
 
 

@@ -135,7 +135,7 @@ class GlobalQueryAttention(nn.Module):
     out = kernels.window_attention(query, key, value, window=self.window, mode="block",
                                    bias=bias, impl=self.attention_impl)
     return layers.DenseGeneral(dim, axis=(-2, -1), dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="out")(out)
+                               param_dtype=self.param_dtype, name="out")(out)
 
 
 class GCViTBlock(nn.Module):

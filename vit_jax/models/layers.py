@@ -72,8 +72,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
     def projection(name):
       return DenseGeneral(features=(self.num_heads, head_dim), axis=-1,
-                             use_bias=qkv_bias, kernel_init=self.kernel_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                          use_bias=qkv_bias, kernel_init=self.kernel_init,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     query = projection("query")(inputs_q)
     key = projection("key")(inputs_kv)
@@ -94,12 +94,12 @@ class MultiHeadDotProductAttention(nn.Module):
                                   dropout_fn=dropout_fn)
     if self.gate:  # [batch, q_len, heads]: one gate per token and head
       gate = DenseGeneral(features=self.num_heads, kernel_init=self.kernel_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="gate")(inputs_q)
+                          dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="gate")(inputs_q)
       out = out * nn.sigmoid(gate)[..., None].astype(out.dtype)
     return DenseGeneral(features=features, axis=(-2, -1), use_bias=self.use_bias,
-                           kernel_init=self.kernel_init, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="out")(out)
+                        kernel_init=self.kernel_init, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="out")(out)
 
 
 class MlpBlock(nn.Module):
@@ -227,7 +227,7 @@ def classifier_head(module: nn.Module, features: Array, num_classes: int, *,
   if not num_classes:
     return features.astype(jnp.float32)
   logits = Dense(num_classes, use_bias=use_bias, kernel_init=kernel_init, dtype=dtype,
-                    param_dtype=param_dtype, name=name)(features)
+                 param_dtype=param_dtype, name=name)(features)
   return logits.astype(jnp.float32)
 
 
@@ -531,7 +531,7 @@ class NormLinear(nn.Module):
     x = batch_norm(train, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return Dense(self.features, kernel_init=nn.initializers.truncated_normal(0.02),
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(x)
+                 dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(x)
 
 
 # ---------------------------------------------------------------- timm layouts

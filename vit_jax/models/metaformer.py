@@ -167,8 +167,8 @@ class Mlp(nn.Module):
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     dim = x.shape[-1]
     dense = lambda f, name: layers.Dense(f, use_bias=self.use_bias, kernel_init=_init,
-                                     dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name=name)
+                                         dtype=self.dtype, param_dtype=self.param_dtype,
+                                         name=name)
     x = dense(self.hidden_dim, "fc1")(x)
     x = _activation(self.act, self.dtype, self.param_dtype)(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)

@@ -398,7 +398,7 @@ class Router(nn.Module):
                  "dispatch_weights_max": jnp.mean(jnp.max(dispatch, axis=1))}
       return dispatch, combine, jnp.zeros((), jnp.float32), metrics
     logits = layers.Dense(s.num_experts, use_bias=False, dtype=jnp.float32,
-                      param_dtype=self.param_dtype, name="dense")(x)
+                          param_dtype=self.param_dtype, name="dense")(x)
     gates = jax.nn.softmax(logits)
     importance = importance_loss(gates)
     aux = s.importance_loss_weight * importance

@@ -199,7 +199,7 @@ class Retention(nn.Module):
     batch, height, width, dim = x.shape
     head_dim = dim // self.num_heads
     dense = lambda name: layers.Dense(dim, kernel_init=dense_init, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
+                                      param_dtype=self.param_dtype, name=name)
     query, key, value = dense("q")(x), dense("k")(x), dense("v")(x)
     lepe = depthwise_conv(dim, 5, "lepe", self.dtype, self.param_dtype)(value)
     sin, cos = rotary_tables(height, width, head_dim)

@@ -147,7 +147,7 @@ class PatchMerging(nn.Module):
     x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="norm")(x)
     return layers.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="reduction")(x)
+                        param_dtype=self.param_dtype, name="reduction")(x)
 
 
 class SwinStage(nn.Module):

@@ -88,7 +88,7 @@ class T2TMlp(nn.Module):
     dim = x.shape[-1]
     y = layers.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_0")(x)
     y = layers.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="Dense_1")(layers.gelu(y))
+                     name="Dense_1")(layers.gelu(y))
     return nn.Dropout(rate=self.dropout_rate)(y, deterministic=not train)
 
 

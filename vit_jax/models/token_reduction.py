@@ -298,7 +298,7 @@ class ScorePredictor(nn.Module):
   def __call__(self, x: Array, policy: Array) -> Array:
     dim = x.shape[-1]
     dense = lambda features, name: layers.Dense(features, dtype=self.dtype,
-                                            param_dtype=self.param_dtype, name=name)
+                                                param_dtype=self.param_dtype, name=name)
     x = layers.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm_0")(x)
     x = layers.gelu(dense(dim, "Dense_0")(x))

@@ -91,8 +91,8 @@ class TwoTower(nn.Module):
                        f"are: {', '.join(sorted(_text_fields()))}.")
     self.txt = TextTransformer(**{**dtypes, **text, "num_classes": 0})
     dense = lambda: layers.Dense(self.embed_dim, use_bias=self.projection_bias,
-                             dtype=layers.canonical_dtype(self.dtype),
-                             param_dtype=layers.canonical_dtype(self.param_dtype))
+                                 dtype=layers.canonical_dtype(self.dtype),
+                                 param_dtype=layers.canonical_dtype(self.param_dtype))
     self.img_projection = dense()
     self.txt_projection = dense()
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(

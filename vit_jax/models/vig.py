@@ -144,10 +144,10 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     gate, y = jnp.split(layers.Dense(2 * self.hidden, use_bias=False, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name="gate_proj")(x), 2,
+                                     param_dtype=self.param_dtype, name="gate_proj")(x), 2,
                         axis=-1)
     return layers.Dense(x.shape[-1], use_bias=False, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="down_proj")(nn.silu(gate) * y)
+                        param_dtype=self.param_dtype, name="down_proj")(nn.silu(gate) * y)
 
 
 def rms_norm(name: str, dtype, param_dtype, eps: float = 1e-6) -> RMSNorm:

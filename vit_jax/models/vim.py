@@ -135,13 +135,13 @@ class Mamba(nn.Module):
     dim = tokens.shape[-1]
     rank = -(-dim // 16)  # Mamba's dt_rank="auto"
     xz = layers.Dense(2 * self.expand * dim, use_bias=False, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="in_proj")(tokens)
+                      param_dtype=self.param_dtype, name="in_proj")(tokens)
     x, z = jnp.split(xz, 2, axis=-1)
     flip = lambda t: jnp.flip(t, axis=1)
     out = (self._direction(x, z, "", rank)
            + flip(self._direction(flip(x), flip(z), "_b", rank))) / 2
     return layers.Dense(dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="out_proj")(out)
+                        name="out_proj")(out)
 
 
 class Block(nn.Module):

@@ -73,14 +73,14 @@ class Retention(nn.Module):
     batch, length, dim = x.shape
     heads = self.num_heads
     qkv = layers.Dense(3 * dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="qkv")(x).reshape(batch, length, 3, heads, dim // heads)
+                       name="qkv")(x).reshape(batch, length, 3, heads, dim // heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     log_decay = jnp.asarray(np.log(decay_rates(heads)), jnp.float32)
     g = jnp.broadcast_to(log_decay[:, None], (batch, length, heads, 1))
     out = kernels.gated_scan(q * (dim // heads) ** -0.5, k, v, g,
                              impl=self.attention_impl)
     return layers.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="out_proj")(out.reshape(batch, length, dim))
+                        name="out_proj")(out.reshape(batch, length, dim))
 
 
 class LayerScale(nn.Module):

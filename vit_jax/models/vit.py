@@ -849,7 +849,7 @@ class VisionTransformer(nn.Module):
     x = self.pool(x)
     if self.representation_size is not None:
       x = jnp.tanh(layers.Dense(self.representation_size, dtype=self.compute_dtype,
-                            param_dtype=self.storage_dtype, name="pre_logits")(x))
+                                param_dtype=self.storage_dtype, name="pre_logits")(x))
     return layers.classifier_head(self, x, self.num_classes,
                                   kernel_init=layers.head_init(self.head_zeroinit),
                                   dtype=self.compute_dtype, param_dtype=self.storage_dtype)
