@@ -167,3 +167,15 @@ def test_train_step_of_a_two_tower_model():
                                                   jax.tree.leaves(before))]
   assert all(np.isfinite(a).all() for a in jax.tree.leaves(after))
   assert sum(changed) > len(changed) // 2
+
+
+def test_cpu_model_names_family_and_model_where_cpuinfo_has_them(tmp_path):
+  # Two processors' blocks: the first one is read.
+  block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+           "model name\t: AMD EPYC\nflags\t\t: fpu avx512f\n\n")
+  info = tmp_path / "cpuinfo"
+  info.write_text(block.format(n=0) + block.format(n=1).replace("26", "25"))
+  assert benchmark.cpu_model(str(info)) == "AMD EPYC, family 26 model 2"
+  # Without family numbers (e.g. ARM's cpuinfo), the name alone.
+  info.write_text("processor\t: 0\nmodel name\t: Neoverse-V2\n\n")
+  assert benchmark.cpu_model(str(info)) == "Neoverse-V2"

@@ -550,17 +550,26 @@ def markdown_table(rows: list[Row]) -> str:
   return "\n".join(lines)
 
 
-def cpu_model() -> str:
-  """The CPU's model name: ratios to timm differ between hosts with the same
-  number of CPUs (matrix-product libraries tune per vendor and vector width)."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU's model name, with its family and model numbers where it has them:
+  ratios to timm differ between hosts with the same number of CPUs (matrix-product
+  libraries tune per vendor, generation and vector width), and virtual machines
+  often name only the vendor ("AMD EPYC" was a Zen 4 one night and a Zen 5 the next,
+  with XLA's products 1x and 2x PyTorch's)."""
+  fields = {}
   try:
-    with open("/proc/cpuinfo") as f:
+    with open(cpuinfo) as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        if not line.strip():
+          break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
   except OSError:
     pass
-  return platform.processor() or "unknown"
+  name = fields.get("model name") or platform.processor() or "unknown"
+  if "cpu family" in fields and "model" in fields:
+    name += f", family {fields['cpu family']} model {fields['model']}"
+  return name
 
 
 def _machine() -> str:
