@@ -68,6 +68,17 @@ def test_fast_path_is_taken_where_it_applies(module, fast):
   assert ("custom_vjp_call" in program) == fast
 
 
+@pytest.mark.parametrize("module", [layers.LayerNorm(), layers.GroupNorm(num_groups=1)])
+def test_backward_takes_its_channel_means_as_products_with_scale(module):
+  """The speed of the backward on CPU rests on it (XLA:CPU otherwise writes scale and
+  rstd out at full size); equal numbers alone would not notice the path gone."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+  params = module.init(jax.random.PRNGKey(1), x)
+  program = str(jax.make_jaxpr(lambda p, x: _apply_and_grads(module, p, x))(params, x))
+  # The forward has no product; the backward two: mean(g * scale), mean(g * scale * x_hat).
+  assert program.count("dot_general") == 2, program
+
+
 def test_norm_under_jit_has_no_nan_on_a_constant_map():
   x = jnp.full((2, 4, 4, 8), 3.0)
   module = layers.GroupNorm(num_groups=1)
