@@ -1,12 +1,21 @@
 """vit_jax.tools.matmul_ab: XLA's and PyTorch's dense-layer products side by side."""
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from helpers import run_command
+from helpers import REPO, subprocess_env
 from vit_jax.tools import matmul_ab
+
+
+def run(*args):
+  # Its own process: this one has imported the module (runpy would warn running it here).
+  proc = subprocess.run([sys.executable, "-m", "vit_jax.tools.matmul_ab", *args], cwd=REPO,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_parse_shapes():
@@ -26,9 +35,8 @@ def test_products_are_a_dense_layers_forward_and_gradients():
 
 
 def test_command_times_both_sides_for_every_shape_and_product():
-  code, out = run_command("vit_jax.tools.matmul_ab", "--shapes=64x16x32,40x8x24",
-                          "--repeats=2", "--threads=1")
-  assert code == 0, out
+  code, out, err = run("--shapes=64x16x32,40x8x24", "--repeats=2", "--threads=1")
+  assert code == 0, err[-3000:]
   assert out.startswith("host: ") and "on 1 threads" in out
   rows = re.findall(r"^\s+(\d+x\d+x\d+)\s+(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
                     r"([\d.]+)\s+([\d.]+)x$", out, re.M)
@@ -39,5 +47,5 @@ def test_command_times_both_sides_for_every_shape_and_product():
 
 
 def test_bad_shapes_are_a_usage_error():
-  code, out = run_command("vit_jax.tools.matmul_ab", "--shapes=64x16")
-  assert code != 0
+  code, _, err = run("--shapes=64x16")
+  assert code != 0 and "--shapes: expected MxKxN" in err, err[-3000:]
