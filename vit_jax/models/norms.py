@@ -79,8 +79,7 @@ def _normalize_bwd(axes, epsilon, fast_variance, residuals, g):
     # size (LayerNorm's forward + backward alone 1.3-1.8x faster at the zoo's shapes).
     count = math.prod(x.shape[a] for a in axes)
     others = tuple(a for a in axes if a != x.ndim - 1)
-    channel_mean = lambda v: jnp.sum(jnp.matmul(v, scale), others, keepdims=True)[
-        ..., None] / count
+    channel_mean = lambda v: jnp.sum(v @ scale, others, keepdims=True)[..., None] / count
     dx = rstd * (g * scale - channel_mean(g) - x_hat * channel_mean(g * x_hat))
     return dx, d_scale, d_bias
   g = g if scale is None else g * scale

@@ -554,8 +554,8 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
   """The CPU's model name, with its family and model numbers where it has them:
   ratios to timm differ between hosts with the same number of CPUs (matrix-product
   libraries tune per vendor, generation and vector width), and virtual machines
-  often name only the vendor ("AMD EPYC" was a Zen 4 one night and a Zen 5 the next,
-  with XLA's products 1x and 2x PyTorch's)."""
+  often name only the vendor ("AMD EPYC" one night ran XLA's products at PyTorch's
+  speed, and a Zen 5 under the same name the next at twice it)."""
   fields = {}
   try:
     with open(cpuinfo) as f:
