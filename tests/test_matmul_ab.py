@@ -38,12 +38,19 @@ def test_command_times_both_sides_for_every_shape_and_product():
   code, out, err = run("--shapes=64x16x32,40x8x24", "--repeats=2", "--threads=1")
   assert code == 0, err[-3000:]
   assert out.startswith("host: ") and "on 1 threads" in out
-  rows = re.findall(r"^\s+(\d+x\d+x\d+)\s+(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
-                    r"([\d.]+)\s+([\d.]+)x$", out, re.M)
+  num = r"([\d.eE+-]+)"
+  rows = re.findall(rf"^\s+(\d+x\d+x\d+)\s+(\w+)\s+{num}\s+{num}\s+{num}\s+{num}\s+{num}x$",
+                    out, re.M)
   assert [(r[0], r[1]) for r in rows] == [
       (s, p) for s in ("64x16x32", "40x8x24") for p in matmul_ab.PRODUCTS]
-  for row in rows:
-    assert all(float(v) > 0 for v in row[2:]), row
+  for shape, _, *values in rows:
+    xla_ms, torch_ms, xla_gflops, torch_gflops, ratio = map(float, values)
+    flop = 2 * np.prod([int(d) for d in shape.split("x")])
+    assert xla_ms > 0 and torch_ms > 0, (shape, values)
+    # Columns printed to 4 significant digits (3 for the ratio) agree with each other.
+    np.testing.assert_allclose(xla_gflops, flop / xla_ms / 1e6, rtol=2e-3)
+    np.testing.assert_allclose(torch_gflops, flop / torch_ms / 1e6, rtol=2e-3)
+    np.testing.assert_allclose(ratio, torch_ms / xla_ms, rtol=1e-2)
 
 
 def test_bad_shapes_are_a_usage_error():

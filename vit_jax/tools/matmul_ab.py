@@ -129,9 +129,10 @@ def main(argv):
   for (m, k, n), a, b in zip(shapes, ours, theirs["ms"]):
     flop = 2 * m * k * n
     for name in PRODUCTS:
-      print(f"{f'{m}x{k}x{n}':>18}  {name:<12} {a[name]:8.3f} {b[name]:9.3f} "
-            f"{flop / a[name] / 1e6:12.1f} {flop / b[name] / 1e6:14.1f} "
-            f"{b[name] / a[name]:14.2f}x")
+      # Significant digits, not decimals: a tiny shape on a busy machine must not print 0.
+      print(f"{f'{m}x{k}x{n}':>18}  {name:<12} {a[name]:8.4g} {b[name]:9.4g} "
+            f"{flop / a[name] / 1e6:12.4g} {flop / b[name] / 1e6:14.4g} "
+            f"{b[name] / a[name]:14.3g}x")
 
 
 if __name__ == "__main__":
