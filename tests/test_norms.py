@@ -99,11 +99,21 @@ def test_gelu_equals_jax_exact_gelu(dtype, tol):
                                 jax.nn.gelu(x, approximate=True))
 
 
+def test_gelu_is_kept_out_of_the_next_products_fusion_on_cpu_only(monkeypatch):
+  x = jnp.ones((2, 5, 8))
+  # A new function each time: make_jaxpr caches traces by function.
+  primitives = lambda: {e.primitive.name
+                        for e in jax.make_jaxpr(lambda v: layers.gelu(v))(x).eqns}
+  assert jax.default_backend() == "cpu" and "optimization_barrier" in primitives()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert "optimization_barrier" not in primitives()
+
+
 def test_layers_ab_swaps_back_what_was_replaced_and_restores_it():
   from vit_jax.models import depthwise, linear
   from vit_jax.tools import layers_ab
   current = lambda: (layers.LayerNorm, layers.GroupNorm, layers.gelu, layers.Dense,
-                     layers.DenseGeneral, linear.dot_general,
+                     layers.DenseGeneral, linear.dot_general, layers.outside_product_fusion,
                      depthwise._shift_conv)  # pylint: disable=protected-access
   ours = current()
 

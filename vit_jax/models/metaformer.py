@@ -63,7 +63,8 @@ class StarReLU(nn.Module):
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", nn.initializers.ones, (1,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (1,), self.param_dtype)
-    return scale.astype(self.dtype) * jnp.square(nn.relu(x)) + bias.astype(self.dtype)
+    y = scale.astype(self.dtype) * jnp.square(nn.relu(x)) + bias.astype(self.dtype)
+    return layers.outside_product_fusion(y)  # relu's 0 would be written out at full size
 
 
 def _activation(name: str, dtype, param_dtype):

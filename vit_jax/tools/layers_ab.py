@@ -14,6 +14,8 @@ swapped (``SWAPS``):
 - ``norms``: ``layers.LayerNorm`` / ``GroupNorm`` (``models/norms.py``, the
   hand-written backward) -> Flax's;
 - ``gelu``: ``layers.gelu`` (erf) -> ``jax.nn.gelu`` (erfc);
+- ``fusion_barrier``: GELU's ``layers.outside_product_fusion`` -> nothing (XLA:CPU fuses
+  GELU into the next matrix product again);
 - ``dense``: ``layers.Dense`` / ``DenseGeneral`` and the ungrouped 1x1 ``layers.Conv``
   (``models/linear.py``, 2-D products on CPU) -> Flax's ``lax.dot_general`` on the
   unflattened operands.
@@ -175,7 +177,7 @@ def _flax_gelu(x, approximate=False):
   return nn.gelu(x, approximate=approximate)
 
 
-SWAPS = ("depthwise", "norms", "gelu", "dense")
+SWAPS = ("depthwise", "norms", "gelu", "fusion_barrier", "dense")
 
 
 @contextlib.contextmanager
@@ -192,6 +194,7 @@ def swapped(names):
              "norms": [(layers, "LayerNorm", nn.LayerNorm),
                        (layers, "GroupNorm", nn.GroupNorm)],
              "gelu": [(layers, "gelu", _flax_gelu)],
+             "fusion_barrier": [(layers, "outside_product_fusion", lambda y: y)],
              "dense": [(layers, "Dense", nn.Dense), (layers, "DenseGeneral", nn.DenseGeneral),
                        (linear, "dot_general", lax.dot_general)]}
   saved = []
@@ -209,6 +212,9 @@ def swapped(names):
 def main(argv):
   del argv
   if FLAGS.layers:
+    if "fusion_barrier" in FLAGS.swap:
+      raise app.UsageError("--swap=fusion_barrier changes how XLA fuses whole programs; "
+                           "time it with --model, not --layers")
     if "depthwise" in FLAGS.swap:
       time_layers(FLAGS.repeats)
     if set(FLAGS.swap) - {"depthwise"}:
