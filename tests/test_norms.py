@@ -99,6 +99,16 @@ def test_gelu_equals_jax_exact_gelu(dtype, tol):
                                 jax.nn.gelu(x, approximate=True))
 
 
+def test_gelu_derivative_is_written_out_and_differentiates_again():
+  x = (jnp.linspace(-12, 12, 4001) ** 3 / 100).astype(jnp.float32)
+  # The linear part is one product with the derivative the forward computed.
+  _, tangent_fn = jax.linearize(layers.exact_gelu, x)
+  eqns = jax.make_jaxpr(tangent_fn)(x).eqns
+  assert [e.primitive.name for e in eqns] == ["mul"], eqns
+  second = lambda f: jax.grad(lambda v: jnp.sum(jax.grad(lambda u: jnp.sum(f(u)))(v)))(x)
+  _close(second(layers.exact_gelu), second(lambda v: jax.nn.gelu(v, approximate=False)), 1e-5)
+
+
 def test_gelu_is_kept_out_of_the_next_products_fusion_on_cpu_only(monkeypatch):
   x = jnp.ones((2, 5, 8))
   # A new function each time: make_jaxpr caches traces by function.
@@ -114,6 +124,7 @@ def test_layers_ab_swaps_back_what_was_replaced_and_restores_it():
   from vit_jax.tools import layers_ab
   current = lambda: (layers.LayerNorm, layers.GroupNorm, layers.gelu, layers.Dense,
                      layers.DenseGeneral, linear.dot_general, layers.outside_product_fusion,
+                     layers.exact_gelu,
                      depthwise._shift_conv)  # pylint: disable=protected-access
   ours = current()
 

@@ -147,7 +147,36 @@ def gelu(x: Array, approximate: bool = False) -> Array:
   """
   if approximate:
     return nn.gelu(x, approximate=True)
-  return outside_product_fusion(x * 0.5 * (1 + jax.lax.erf(x * 0.7071067811865476)))
+  return outside_product_fusion(exact_gelu(x))
+
+
+def _exact_gelu(x: Array) -> Array:
+  return x * 0.5 * (1 + jax.lax.erf(x * 0.7071067811865476))
+
+
+@jax.custom_jvp
+def exact_gelu(x: Array) -> Array:
+  """``x/2 * (1 + erf(x/sqrt(2)))`` whose derivative is written out: ``cdf + x * pdf``.
+
+  Differentiated automatically, XLA keeps both factors of the product and takes erf's
+  derivative ``exp(-u**2)`` at its highest accuracy (a split square and a correction
+  polynomial): ViT-Ti's GELU backward was 8% of its train step on the 2-core CPU. Written
+  out, the forward computes the derivative beside the value and the backward is one
+  product; gradients within 1.2e-7 of ``jax.nn.gelu``'s on [-17, 17]. Train steps, one
+  process, interleaved (``python -m vit_jax.tools.layers_ab --model=M --mode=train
+  --swap=gelu_derivative``, 2-core Intel Xeon): ViT-Ti 1.01x, PVT v2-b0 1.03x, Swin-T
+  1.01x, GC ViT-XXT 1.01x (an earlier scratch run 1.03x / 1.05x / 1.03x / 1.02x);
+  inference unchanged.
+  """
+  return _exact_gelu(x)
+
+
+@exact_gelu.defjvp
+def _exact_gelu_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  cdf = 0.5 * (1 + jax.lax.erf(x * 0.7071067811865476))
+  pdf = jnp.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
+  return x * cdf, t * (cdf + x * pdf)
 
 
 def outside_product_fusion(y: Array) -> Array:

@@ -14,6 +14,8 @@ swapped (``SWAPS``):
 - ``norms``: ``layers.LayerNorm`` / ``GroupNorm`` (``models/norms.py``, the
   hand-written backward) -> Flax's;
 - ``gelu``: ``layers.gelu`` (erf) -> ``jax.nn.gelu`` (erfc);
+- ``gelu_derivative``: ``layers.exact_gelu``'s written-out derivative -> the one
+  ``jax.grad`` derives;
 - ``fusion_barrier``: GELU's ``layers.outside_product_fusion`` -> nothing (XLA:CPU fuses
   GELU into the next matrix product again);
 - ``dense``: ``layers.Dense`` / ``DenseGeneral`` and the ungrouped 1x1 ``layers.Conv``
@@ -177,7 +179,7 @@ def _flax_gelu(x, approximate=False):
   return nn.gelu(x, approximate=approximate)
 
 
-SWAPS = ("depthwise", "norms", "gelu", "fusion_barrier", "dense")
+SWAPS = ("depthwise", "norms", "gelu", "gelu_derivative", "fusion_barrier", "dense")
 
 
 @contextlib.contextmanager
@@ -194,6 +196,7 @@ def swapped(names):
              "norms": [(layers, "LayerNorm", nn.LayerNorm),
                        (layers, "GroupNorm", nn.GroupNorm)],
              "gelu": [(layers, "gelu", _flax_gelu)],
+             "gelu_derivative": [(layers, "exact_gelu", layers._exact_gelu)],  # pylint: disable=protected-access
              "fusion_barrier": [(layers, "outside_product_fusion", lambda y: y)],
              "dense": [(layers, "Dense", nn.Dense), (layers, "DenseGeneral", nn.DenseGeneral),
                        (linear, "dot_general", lax.dot_general)]}
@@ -212,8 +215,9 @@ def swapped(names):
 def main(argv):
   del argv
   if FLAGS.layers:
-    if "fusion_barrier" in FLAGS.swap:
-      raise app.UsageError("--swap=fusion_barrier changes how XLA fuses whole programs; "
+    whole_program = sorted({"fusion_barrier", "gelu_derivative"} & set(FLAGS.swap))
+    if whole_program:
+      raise app.UsageError(f"--swap={','.join(whole_program)}: measured in whole programs; "
                            "time it with --model, not --layers")
     if "depthwise" in FLAGS.swap:
       time_layers(FLAGS.repeats)
