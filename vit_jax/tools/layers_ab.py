@@ -16,8 +16,8 @@ swapped (``SWAPS``):
 - ``gelu``: ``layers.gelu`` (erf) -> ``jax.nn.gelu`` (erfc);
 - ``gelu_derivative``: ``layers.exact_gelu``'s written-out derivative -> the one
   ``jax.grad`` derives;
-- ``fusion_barrier``: GELU's ``layers.outside_product_fusion`` -> nothing (XLA:CPU fuses
-  GELU into the next matrix product again);
+- ``fusion_barrier``: ``layers.outside_product_fusion`` after GELU and StarReLU ->
+  nothing (XLA:CPU fuses them into the next matrix product again);
 - ``dense``: ``layers.Dense`` / ``DenseGeneral`` and the ungrouped 1x1 ``layers.Conv``
   (``models/linear.py``, 2-D products on CPU) -> Flax's ``lax.dot_general`` on the
   unflattened operands.
