@@ -389,7 +389,9 @@ def test_remat_and_scan_reduce_vit_b16_memory():
   # Remat stores less for the backward pass: only block inputs ("full"), or the
   # matmul outputs too ("dots_saveable"); scanning stores the same as unrolled.
   assert kept["remat full"] < 0.1 * kept["default"]
-  assert kept["remat full"] < kept["remat dots_saveable"] < 0.5 * kept["default"]
+  # (GELU's written-out derivative keeps one array per block where autodiff kept two:
+  # "default" 630 -> 475 MB, so "dots_saveable" went from 41% to 55% of it.)
+  assert kept["remat full"] < kept["remat dots_saveable"] < 0.6 * kept["default"]
   assert kept["scan"] == pytest.approx(kept["default"], rel=1e-6)  # + loop scalars
   assert kept["scan + remat full"] == pytest.approx(kept["remat full"], rel=1e-6)
   temp = {k: memory.train_step_memory(name, batch, num_layers=depth, **memory.OPTIONS[k]
